@@ -1,0 +1,95 @@
+"""Overview: who is champion, how it got there (logs -> dataset -> train -> eval -> gate -> Modelfile), and the
+last run of every stage."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import store, ui
+
+st.title("Flywheel")
+st.caption("Rated chat logs → datasets → LoRA adapters → evaluated, gated and published models.")
+
+# ------------------------------------------------------------------------------------------- champion
+st.header("Champion")
+champions = store.champions()
+if not champions:
+    ui.empty_state("champion model", "flywheel demo",
+                   "A champion exists once `flywheel gate --promote` passes a candidate "
+                   "(the demo registers `flywheel-demo`).")
+for version in champions:
+    tags = version["tags"]
+    ui.metrics_row([
+        ("Model", version["name"]),
+        ("Version", f"v{version['version']}"),
+        ("Champion since", tags.get("flywheel.champion_since", "-")[:19].replace("T", " ")),
+        ("Base model", tags.get("flywheel.base_model", tags.get("base_model", "-"))),
+    ])
+    hops = store.lineage(version)
+    st.subheader(f"Lineage of `models:/{version['name']}@champion`")
+    cols = st.columns(6)
+    with cols[0]:
+        st.markdown("**Logs**")
+        st.caption(hops["logs"] or "unknown")
+    with cols[1]:
+        st.markdown("**Dataset**")
+        st.caption(f"version `{(hops['dataset_version'] or 'unknown')[:12]}`")
+        ui.run_link("mine run", "datasets", (hops["mine"] or {}).get("run_id"))
+    with cols[2]:
+        st.markdown("**Training**")
+        ui.run_link("train run", "training", (hops["train"] or {}).get("run_id"))
+    with cols[3]:
+        st.markdown("**Evaluation**")
+        ui.run_link("eval run", "prompts", (hops["eval"] or {}).get("run_id"))
+    with cols[4]:
+        st.markdown("**Gate**")
+        gate = hops["gate"]
+        if gate:
+            st.caption(f"decision: **{gate['tags'].get('flywheel.gate.decision', '?')}**")
+        ui.run_link("gate run", "gate", (gate or {}).get("run_id"))
+    with cols[5]:
+        st.markdown("**Modelfile**")
+        publish = hops["publish"]
+        if publish:
+            st.caption(f"`{publish['tags'].get('flywheel.modelfile_path', '?')}`")
+        ui.run_link("publish run", "gate", (publish or {}).get("run_id"))
+
+# ------------------------------------------------------------------------------------------- stages
+st.header("Last run of each stage")
+STAGE_VIEW = [
+    ("mine", "datasets", "flywheel mine LOGS --out DIR", ["kept", "split.train", "split.eval"]),
+    ("train", "training", "flywheel train --config configs/train/smollm2-lora.yaml", ["loss", "eval_loss"]),
+    ("embeddings", "embeddings", "flywheel bench-embeddings --config configs/embeddings.yaml", []),
+    ("prompts", "prompts", "flywheel eval --config configs/eval/<suite>.yaml", []),
+    ("ab", "ab", "flywheel ab analyze LOGS", []),
+    ("gate", "gate", "flywheel gate --candidate URI --config configs/gate.yaml", []),
+    ("publish", "gate", "flywheel publish MODEL_URI", []),
+]
+rows = []
+for stage, page, command, keys in STAGE_VIEW:
+    run = store.latest(stage)
+    if run is None:
+        rows.append({"stage": stage, "run": "-", "started": "-", "status": "never run", "summary": f"run `{command}`",
+                     "run_id": None, "page": page})
+        continue
+    summary = ", ".join(f"{k}={ui.num(run['metrics'][k])}" for k in keys if k in run["metrics"])
+    if stage == "gate":
+        summary = f"decision={run['tags'].get('flywheel.gate.decision', '?')}"
+    elif stage == "ab":
+        summary = f"SRM={run['tags'].get('flywheel.ab.srm_status', '?')}; " + ", ".join(
+            f"{k.rsplit('.', 1)[-1]}: {v}" for k, v in run["tags"].items() if k.startswith("flywheel.ab.verdict."))
+    elif stage == "mine":
+        summary = f"dataset {run['tags'].get('flywheel.dataset_version', '?')[:12]}; " + summary
+    rows.append({"stage": stage, "run": run["run_name"], "started": ui.when(run["start_time"]),
+                 "status": run["status"], "summary": summary, "run_id": run["run_id"], "page": page})
+
+st.dataframe(pd.DataFrame(rows).drop(columns=["run_id", "page"]), hide_index=True, width="stretch")
+links = st.columns(len(rows))
+for col, row in zip(links, rows):
+    with col:
+        if row["run_id"]:
+            st.page_link(ui.PAGES[row["page"]], label=row["stage"], query_params={"run": row["run_id"]},
+                         icon=":material/open_in_new:")
+if all(r["run_id"] is None for r in rows):
+    ui.empty_state("runs in this store", "flywheel demo", f"Store: `{store.uri()}`")

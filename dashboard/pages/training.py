@@ -1,0 +1,90 @@
+"""Training: loss and eval-loss curves of several runs overlaid, tokens/s, and the loss-mask audit."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from dashboard import store, ui
+
+st.title("Training")
+runs = store.runs("train", parents_only=True)
+if not runs:
+    ui.empty_state("training runs", "flywheel train --config configs/train/smollm2-lora.yaml",
+                   "`flywheel demo` trains a few CPU steps on the demo dataset.")
+    st.stop()
+
+chosen = ui.pick_run(runs, "Runs to overlay", key="training_runs", multi=True, default_n=3)
+if not chosen:
+    st.caption("Pick at least one run.")
+    st.stop()
+
+CURVES = ["loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s"]
+rows = []
+for run in chosen:
+    for key in CURVES:
+        for point in store.metric_history(run["run_id"], key):
+            rows.append({"run": ui.run_label(run), "metric": key, "step": point["step"], "value": point["value"]})
+curves = pd.DataFrame(rows, columns=["run", "metric", "step", "value"])
+
+summary = []
+for run in chosen:
+    c = curves[curves["run"] == ui.run_label(run)]
+    tps = c[c["metric"] == "tokens_per_s"]["value"]
+    summary.append({
+        "run": run["run_name"], "started": ui.when(run["start_time"]), "status": run["status"],
+        "base model": run["tags"].get("flywheel.base_model", "-"),
+        "dataset": run["tags"].get("flywheel.input.dataset_version", "-")[:12],
+        "backend": run["tags"].get("flywheel.backend", "-"), "device": run["tags"].get("flywheel.device", "-"),
+        "steps": int(c[c["metric"] == "loss"]["step"].max()) if (c["metric"] == "loss").any() else None,
+        "final loss": run["metrics"].get("loss"), "final eval loss": run["metrics"].get("eval_loss"),
+        "tokens/s (mean)": float(tps.mean()) if len(tps) else None,
+    })
+st.dataframe(pd.DataFrame(summary), hide_index=True, width="stretch")
+
+loss = curves[curves["metric"].isin(["loss", "eval_loss"])]
+if loss.empty:
+    st.caption("These runs logged no loss curve.")
+else:
+    fig = px.line(loss, x="step", y="value", color="run", line_dash="metric", markers=True,
+                  labels={"value": "loss"}, title="Train loss (solid) and eval loss (dashed)")
+    fig.update_layout(height=420, legend=dict(orientation="h", y=-0.25))
+    st.plotly_chart(fig, width="stretch")
+
+cols = st.columns(3)
+for col, key, title in zip(cols, ["tokens_per_s", "learning_rate", "grad_norm"],
+                           ["Tokens per second", "Learning rate", "Gradient norm"]):
+    part = curves[curves["metric"] == key]
+    with col:
+        if part.empty:
+            st.caption(f"No `{key}` logged.")
+            continue
+        fig = px.line(part, x="step", y="value", color="run", title=title)
+        fig.update_layout(height=280, showlegend=False, margin=dict(l=10, r=10, t=40, b=10))
+        st.plotly_chart(fig, width="stretch")
+
+# ------------------------------------------------------------------------------------------- audit
+st.subheader("Loss-mask audit")
+run = chosen[0] if len(chosen) == 1 else ui.pick_run(chosen, "Audit of", key="training_audit")
+audit = store.artifact_json(run["run_id"], "audit.json")
+if not isinstance(audit, dict):
+    st.caption("No `audit.json` on this run.")
+else:
+    scalars = [(k.replace("_", " "), v) for k, v in audit.items() if isinstance(v, (int, float, bool, str))]
+    for i in range(0, len(scalars), 5):
+        ui.metrics_row([(k, str(v) if isinstance(v, (bool, str)) else v) for k, v in scalars[i:i + 5]])
+    nested = {k: v for k, v in audit.items() if not isinstance(v, (int, float, bool, str))}
+    if nested:
+        with st.expander("Full audit"):
+            st.json(nested, expanded=False)
+
+generations = store.table_artifact(run["run_id"], "generations.json")
+if generations is not None:
+    st.subheader("Generations: base vs adapter")
+    st.dataframe(generations, hide_index=True, width="stretch")
+
+adapter_meta = store.artifact_json(run["run_id"], "adapter/flywheel_adapter.json")
+if isinstance(adapter_meta, dict):
+    with st.expander("Adapter identity (`adapter/flywheel_adapter.json`)"):
+        st.json({k: v for k, v in adapter_meta.items() if k != "chat_template"}, expanded=True)
