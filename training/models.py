@@ -242,3 +242,18 @@ def _resolve_hub(hub_id: str) -> BaseModelInfo:
         raise InputError(f"base model {hub_id!r}: not a catalog name ({', '.join(sorted(CATALOG))}), not a local "
                          f"directory, and not in the local Hugging Face cache ({type(e).__name__})") from None
     return BaseModelInfo(hub_id, path, weights_sha256(path), "hub")
+
+
+def linear_module_names(model_dir: str | Path) -> set[str]:
+    """Leaf names of the Linear layers (`q_proj`, `down_proj`, ...), from the config on the meta device.
+
+    Builds the architecture without allocating or reading weights (~0.1 s), so a LoRA target typo is caught
+    before the model loads.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
