@@ -1,0 +1,166 @@
+"""Gate rules over hand-written results.json: thresholds, significance, guardrails, and failing closed."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from evals import gate as g
+
+
+def results(nll=(2.0, 1.6), nll_ci=(-0.5, -0.3), nll_p=0.001, rouge=(0.30, 0.31), rouge_ci=(-0.01, 0.03),
+            n=40, variant="concise"):
+    """Two targets (base, candidate), one variant; shaped like the eval stage's results.json."""
+    def cell(target, metric, mean, direction):
+        return {"variant": variant, "target": target, "metric": metric, "mean": mean, "ci_low": mean - 0.1,
+                "ci_high": mean + 0.1, "n": n, "direction": direction}
+
+    def comp(metric, est, ci, p, direction):
+        return {"variant": f"candidate/{variant}", "control": f"champion/{variant}", "metric": metric,
+                "test": "paired_t", "estimate": est, "ci_low": ci[0], "ci_high": ci[1], "p_value": p,
+                "p_adjusted": p, "n": n, "control_target": "champion", "treatment_target": "candidate",
+                "control_variant": variant, "treatment_variant": variant, "direction": direction}
+
+    return {
+        "cells": [cell("champion", "nll", nll[0], "lower"), cell("candidate", "nll", nll[1], "lower"),
+                  cell("champion", "rouge_l", rouge[0], "higher"), cell("candidate", "rouge_l", rouge[1], "higher")],
+        "comparisons": [comp("nll", nll[1] - nll[0], nll_ci, nll_p, "lower"),
+                        comp("rouge_l", rouge[1] - rouge[0], rouge_ci, 0.4, "higher")],
+    }
+
+
+def rules(**kw):
+    primary = kw.pop("primary", g.PrimaryRule("nll", min_relative_change=0.05))
+    guard = kw.pop("guardrails", [g.GuardrailRule("rouge_l", margin=0.02)])
+    return g.GateRules(primary=primary, guardrails=guard, min_cases=kw.pop("min_cases", 20), **kw)
+
+
+def run(res, r=None, **kw):
+    return g.evaluate(res, r or rules(), baseline="champion", candidate="candidate", **kw)
+
+
+def test_clear_improvement_passes():
+    out = run(results())
+    assert out["decision"] == "pass" and out["exit_code"] == 0 and out["reasons"] == []
+    primary = out["checks"][0]
+    assert primary["difference"] == pytest.approx(-0.4) and primary["status"] == "pass"
+
+
+def test_direction_comes_from_the_eval_stage_or_the_config():
+    # Same numbers, but told greater is better: a lower NLL is now a regression.
+    out = run(results(), rules(primary=g.PrimaryRule("nll", greater_is_better=True, min_absolute_change=0.1)))
+    assert out["decision"] == "fail"
+
+
+@pytest.mark.parametrize("kw,expect", [
+    ({"min_absolute_change": 0.39}, "pass"),
+    ({"min_absolute_change": 0.41}, "fail"),
+    ({"min_relative_change": 0.2}, "pass"),    # 0.4 / 2.0 = 20 % exactly: MLflow's >= passes
+    ({"min_relative_change": 0.21}, "fail"),
+    ({"threshold": 1.6}, "pass"),              # lower is better: candidate <= threshold
+    ({"threshold": 1.5}, "fail"),
+])
+def test_metric_threshold_semantics(kw, expect):
+    out = run(results(), rules(primary=g.PrimaryRule("nll", **kw)))
+    assert out["decision"] == expect, out["reasons"]
+
+
+def test_zero_baseline_relative_rule_falls_back_to_strictly_better():
+    res = results(nll=(0.0, 0.0), nll_ci=(-0.01, 0.01), nll_p=0.9)
+    out = run(res, rules(primary=g.PrimaryRule("nll", min_relative_change=0.1, require_significance=False)))
+    assert out["decision"] == "fail" and "needs at least 1e-10" in out["reasons"][0]
+
+
+def test_big_but_not_significant_fails():
+    out = run(results(nll_ci=(-0.9, 0.1), nll_p=0.2))
+    assert out["decision"] == "fail"
+    assert any("not significant" in r for r in out["reasons"])
+
+
+def test_significant_in_the_wrong_direction_fails():
+    out = run(results(nll=(1.6, 2.0), nll_ci=(0.3, 0.5), nll_p=0.001),
+              rules(primary=g.PrimaryRule("nll")))
+    assert out["decision"] == "fail" and any("wrong direction" in r for r in out["reasons"])
+
+
+def test_gate_corrects_again_when_eval_did_not():
+    res = results(nll_p=0.03)
+    del res["comparisons"][0]["p_adjusted"]
+    out = run(res, rules(correction="bonferroni"))
+    assert out["checks"][0]["p_adjusted"] == pytest.approx(0.03)  # family of one
+    assert out["decision"] == "pass"
+
+
+def test_guardrail_non_inferiority():
+    assert run(results(rouge_ci=(-0.019, 0.03)))["decision"] == "pass"
+    out = run(results(rouge_ci=(-0.05, 0.03)))
+    assert out["decision"] == "fail" and any("rouge_l: may have got worse" in r for r in out["reasons"])
+    # relative margin: 20 % of a 0.30 baseline = 0.06 covers -0.05
+    out = run(results(rouge_ci=(-0.05, 0.03)), rules(guardrails=[g.GuardrailRule("rouge_l", relative_margin=0.2)]))
+    assert out["decision"] == "pass"
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda r: r["cells"][1].update(mean=float("nan")), "not a finite number"),
+    (lambda r: r["comparisons"][0].update(p_value=None), "p_value missing"),
+    (lambda r: r["comparisons"][0].update(ci_low=float("inf")), "ci_low"),
+    (lambda r: r["comparisons"].pop(0), "no paired comparison"),
+    (lambda r: r["cells"].pop(1), "no result for candidate"),
+    (lambda r: [c.update(n=5) for c in r["comparisons"]], "fewer than the minimum 20"),
+    (lambda r: r["comparisons"].pop(1), "rouge_l: no paired comparison"),
+])
+def test_fails_closed(mutate, needle):
+    res = results()
+    mutate(res)
+    out = run(res)
+    assert out["decision"] == "error" and out["exit_code"] == 2
+    assert any(needle in r for r in out["reasons"]), out["reasons"]
+
+
+def test_missing_results_and_upstream_problems_are_errors():
+    assert run(None)["exit_code"] == 2
+    out = run(results(), problems=["champion models:/x@champion unreadable"])
+    assert out["decision"] == "error" and "champion" in out["reasons"][0]
+
+
+def test_unknown_direction_is_an_error():
+    res = results()
+    for c in res["cells"]:
+        c.pop("direction")
+    out = run(res, rules(guardrails=[]))
+    assert out["decision"] == "error" and "direction unknown" in out["reasons"][0]
+
+
+def test_several_variants_need_a_choice():
+    res = results()
+    other = copy.deepcopy(results(variant="grounded"))
+    res["cells"] += other["cells"]
+    res["comparisons"] += other["comparisons"]
+    assert run(res)["decision"] == "error"
+    out = run(res, variant="grounded")
+    assert out["decision"] == "pass" and out["variant"] == "grounded"
+
+
+def test_ab_verdict_required():
+    r = rules(require_ab_verdict=True)
+    assert run(results(), r, ab_verdict="ship")["decision"] == "pass"
+    assert run(results(), r, ab_verdict="don't ship")["decision"] == "fail"
+    assert run(results(), r)["decision"] == "error"
+
+
+def test_label_only_comparisons_are_understood():
+    res = results()
+    for c in res["comparisons"]:
+        for k in ("control_target", "treatment_target", "control_variant", "treatment_variant"):
+            c.pop(k)
+    assert run(res)["decision"] == "pass"
+
+
+def test_report_markdown_lists_every_check():
+    out = run(results(rouge_ci=(-0.05, 0.03)))
+    md = g.report_markdown(out, baseline_label="base smollm2", candidate_label="runs:/abc/adapter")
+    assert md.startswith("## Flywheel gate: **FAIL** (exit 1)")
+    assert "| primary | nll | 2 | 1.6 | -0.4 |" in md and "| guardrail | rouge_l |" in md
+    assert "Reasons:" in md and math.isfinite(out["checks"][0]["p_adjusted"])
