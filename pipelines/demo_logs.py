@@ -226,22 +226,25 @@ def generate_demo_records(n: int = 300, seed: int = 0, dirty: bool = True) -> tu
             planted.append({"kind": kind, "value": value, "conversation_id": rec["conversation_id"]})
         rows.append(rec)
         if dirty and k > 10 and rng.random() < 0.05:  # a user re-asked: same text, new id, another rating
-            src = json.loads(json.dumps(rows[rng.randrange(len(rows) - 1)]))
-            if isinstance(src, dict):
+            # Duplicate a well-rated conversation, so both copies survive the rating filter and dedupe
+            # (not the threshold) has to choose; the copy's rating flips 4 <-> 5, so sometimes it wins.
+            good = [r for r in rows[:-1] if r["rating"] >= 4 and not r["conversation_id"].endswith(("-dup", "-near"))]
+            if good:
+                src = json.loads(json.dumps(rng.choice(good)))
                 src["conversation_id"] = f"demo-{k:05d}-dup"
                 src["messages"][0]["content"] = "  " + src["messages"][0]["content"].upper() + " "
-                src["rating"] = 1 + (src["rating"] + 1) % 5
+                src["rating"] = 9 - src["rating"]
                 rows.append(src)
                 dupes += 1
         if dirty and k > 10 and rng.random() < 0.05:  # same answer with one word swapped
-            cands = [r for r in rows[:-1] if isinstance(r, dict) and not r["conversation_id"].endswith("-dup")]
-            src = json.loads(json.dumps(rng.choice(cands)))
+            cands = [r for r in rows[:-1] if r["rating"] >= 4 and not r["conversation_id"].endswith(("-dup", "-near"))]
+            src = json.loads(json.dumps(rng.choice(cands or rows[:-1])))
             words = src["messages"][1]["content"].split(" ")
             j = rng.randrange(1, len(words))
             words[j] = rng.choice(["really", "quite", "very", "also"])
             src["messages"][1]["content"] = " ".join(words)
             src["conversation_id"] = f"demo-{k:05d}-near"
-            src["rating"] = 1 + (src["rating"] + 2) % 5
+            src["rating"] = 9 - src["rating"] if src["rating"] >= 4 else src["rating"]
             rows.append(src)
             near += 1
     malformed: list[Any] = []

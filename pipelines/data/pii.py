@@ -1,0 +1,126 @@
+"""PII redaction: emails, phone numbers, card numbers, IBANs and IP addresses become typed placeholders.
+
+Why regexes and not presidio/scrubadub: measured on real oasst text with planted PII (see
+`/work/shared/notes/offline-models.md`), compiled regexes whose candidates are *confirmed* by a checksum or a
+parser (Luhn for cards, ISO 13616 mod-97 for IBANs, `ipaddress` for IPs, `phonenumbers` for phones) gave
+recall 1.00 / precision 1.00 at ~26k records/s, while presidio's defaults reached precision 0.64 at ~600/s and
+needs a spaCy model that is not on PyPI. The confirmation step is what keeps versions (3.11.7), dates, prices,
+ISBNs and non-Luhn digit runs out of the placeholders.
+
+Order matters: IBANs and cards contain long digit runs a phone pattern would also match, so they go first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+
+EMAIL = "<EMAIL>"
+PHONE = "<PHONE>"
+CARD = "<CARD>"
+IBAN = "<IBAN>"
+IP = "<IP>"
+PLACEHOLDERS = (EMAIL, PHONE, CARD, IBAN, IP)
+
+_EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b")
+_IBAN_RE = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
+_CARD_RE = re.compile(r"(?<![\d.,])\d(?:[ -]?\d){12,18}(?![\d.,]?\d)")
+_IPV4_RE = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.]*\d)")
+_IPV6_RE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+# Phone candidates: optional +country, optional (area), then 2-4 digit groups with separators. The candidate
+# is then checked by libphonenumber, so this pattern is deliberately loose.
+_PHONE_RE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,5}){1,4}(?![\w])")
+_HAS_DIGITS = re.compile(r"\d\d")
+DEFAULT_REGION = "US"  # for phone numbers written without +country; the mine stage sets it from its config
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def iban_ok(candidate: str) -> bool:
+    s = candidate.replace(" ", "")
+    if not 15 <= len(s) <= 34:
+        return False
+    rearranged = s[4:] + s[:4]
+    try:
+        return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+    except ValueError:
+        return False
+
+
+def _phone_ok(candidate: str, default_region: str) -> bool:
+    import phonenumbers  # imported on first phone candidate only
+
+    digits = sum(c.isdigit() for c in candidate)
+    if not 7 <= digits <= 15:
+        return False
+    # Bare digit runs without any separator are too ambiguous (order numbers, timestamps): require structure.
+    if candidate.isdigit():
+        return False
+    try:
+        num = phonenumbers.parse(candidate, None if candidate.startswith("+") else default_region)
+    except phonenumbers.NumberParseException:
+        return False
+    return phonenumbers.is_valid_number(num)
+
+
+def redact(text: str, counts: Counter | None = None, default_region: str | None = None) -> str:
+    """Replace PII in `text` by typed placeholders; add what was found to `counts` (keys: email, phone, ...)."""
+    if not text:
+        return text
+    default_region = default_region or DEFAULT_REGION
+    has_at = "@" in text
+    has_digits = _HAS_DIGITS.search(text) is not None
+    if not has_at and not has_digits and ":" not in text:
+        return text  # the cheap prefilter: most chat text has none of these
+
+    def sub(pattern: re.Pattern, placeholder: str, kind: str, check, s: str) -> str:
+        def repl(m: re.Match) -> str:
+            if check(m.group(0)):
+                if counts is not None:
+                    counts[kind] += 1
+                return placeholder
+            return m.group(0)
+        return pattern.sub(repl, s)
+
+    if has_at:
+        text = sub(_EMAIL_RE, EMAIL, "email", lambda _: True, text)
+    if has_digits:
+        text = sub(_IBAN_RE, IBAN, "iban", iban_ok, text)
+        text = sub(_CARD_RE, CARD, "card", lambda c: 13 <= len(d := re.sub(r"\D", "", c)) <= 19 and luhn_ok(d),
+                   text)
+        text = sub(_IPV4_RE, IP, "ip", _ip_ok, text)
+    if ":" in text:
+        text = sub(_IPV6_RE, IP, "ip", _ipv6_ok, text)
+    if has_digits:
+        text = sub(_PHONE_RE, PHONE, "phone", lambda c: _phone_ok(c, default_region), text)
+    return text
+
+
+def _ip_ok(candidate: str) -> bool:
+    try:
+        ip = ipaddress.IPv4Address(candidate)
+    except ValueError:
+        return False
+    # 1.2.3.4-style version numbers are valid addresses too; a real address rarely starts with 0.
+    return not candidate.startswith("0.")
+
+
+def _ipv6_ok(candidate: str) -> bool:
+    if candidate.count(":") < 2 or not any(c.isdigit() or c in "abcdefABCDEF" for c in candidate):
+        return False
+    try:
+        ipaddress.IPv6Address(candidate)
+    except ValueError:
+        return False
+    return True
