@@ -28,6 +28,12 @@ for run in chosen:
             rows.append({"run": ui.run_label(run), "metric": key, "step": point["step"], "value": point["value"]})
 curves = pd.DataFrame(rows, columns=["run", "metric", "step", "value"])
 
+
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
 summary = []
 for run in chosen:
     c = curves[curves["run"] == ui.run_label(run)]
@@ -38,8 +44,8 @@ for run in chosen:
         "dataset": run["tags"].get("flywheel.input.dataset_version", "-")[:12],
         "backend": run["tags"].get("flywheel.backend", "-"), "device": run["tags"].get("flywheel.device", "-"),
         "steps": int(c[c["metric"] == "loss"]["step"].max()) if (c["metric"] == "loss").any() else None,
-        "final loss": run["metrics"].get("loss"), "final eval loss": run["metrics"].get("eval_loss"),
-        "tokens/s (mean)": float(tps.mean()) if len(tps) else None,
+        "final loss": _round(run["metrics"].get("loss")), "final eval loss": _round(run["metrics"].get("eval_loss")),
+        "tokens/s (mean)": _round(float(tps.mean()), 1) if len(tps) else None,
     })
 st.dataframe(pd.DataFrame(summary), hide_index=True, width="stretch")
 

@@ -1,0 +1,150 @@
+"""Every dashboard page rendered by Streamlit's AppTest on a real, filled MLflow store (and on an empty one)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+PAGES = ["overview", "datasets", "training", "embeddings", "prompt_eval", "ab", "gate"]
+
+
+def render(page: str, run: str | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=120)
+    if run:
+        at.query_params["run"] = run
+    at.run()
+    if page != "overview":
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(at) -> str:
+    """Everything a reader sees as text: markdown, captions, metrics, code, titles, tables."""
+    parts = []
+    for kind in ("markdown", "caption", "code", "title", "header", "subheader", "info", "warning", "text"):
+        parts += [str(e.value) for e in at.get(kind)]
+    parts += [f"{m.label}={m.value}" for m in at.metric]
+    parts += [e.value.to_csv() for e in at.dataframe]
+    return "\n".join(parts)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    import streamlit as st
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+
+
+@pytest.mark.slow
+def test_overview_shows_champion_and_lineage(dash_store):
+    exp = dash_store["expected"]["gate"]
+    at = render("overview")
+    shown = texts(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Model"] == "flywheel-demo" and metrics["Version"] == "v2"
+    assert "oasst1-en-validation" in shown  # logs, from the mine run's manifest
+    assert "a1b2c3d4e5f6" in shown  # dataset version
+    links = {(p.proto.label, p.proto.page) for p in at.get("page_link")}
+    assert any("train run" == label for label, _ in links)
+    assert "never run" not in shown  # every stage has a last run
+    assert "decision: **pass**" in shown
+    assert exp["gate_run"]
+
+
+@pytest.mark.slow
+def test_datasets_funnel_and_samples(dash_store):
+    exp = dash_store["expected"]["mine"]
+    at = render("datasets")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Read"] == f"{exp['read']:,}" and metrics["Kept"] == f"{exp['kept']:,}"
+    shown = texts(at)
+    assert "deleted" in shown and str(exp["deleted"]) in shown
+    assert ":orange-background[**&lt;EMAIL&gt;**]" in shown  # the PII placeholder is highlighted, escaped
+    assert len(at.get("plotly_chart")) == 1  # the funnel
+
+
+@pytest.mark.slow
+def test_training_overlays_runs_and_shows_audit(dash_store):
+    at = render("training")
+    shown = texts(at)
+    assert "0.61" in shown and "0.92" in shown  # both default-selected runs' final losses
+    assert len(at.get("plotly_chart")) == 4  # loss + tokens/s + lr + grad norm
+    assert {m.label for m in at.metric} >= {"examples", "zero trained examples", "eot trained"}
+    assert "Tofu is" in shown  # generations table
+
+
+@pytest.mark.slow
+def test_embeddings_leaderboard_and_drilldown(dash_store):
+    exp = dash_store["expected"]["embeddings"]
+    at = render("embeddings")
+    shown = texts(at)
+    assert exp["best"] in shown and str(exp["spearman"]) in shown
+    assert "★ significant" in shown
+    assert len(at.get("plotly_chart")) >= 3  # bars, quality vs speed, per-query A vs B
+    assert "shared queries: B better on" in shown
+
+
+@pytest.mark.slow
+def test_prompt_eval_matrix_comparisons_cases(dash_store):
+    at = render("prompt_eval")
+    shown = texts(at)
+    assert "0.34" in shown and "★ significant" in shown
+    assert "v1-adapter says kale is great" in shown and "v2-base says kale is great" in shown
+    assert {m.label: m.value for m in at.metric}["Variants"] == "2"
+
+
+@pytest.mark.slow
+def test_ab_report(dash_store):
+    exp = dash_store["expected"]["ab"]
+    at = render("ab")
+    shown = texts(at)
+    assert "SRM ok" in shown and exp["variant"] in shown and exp["control"] in shown
+    assert f"{exp['estimate']:.3f}"[:4] in shown
+    assert "not a p-value" in shown and "90.0%" in shown  # Bayesian block, labelled apart
+    assert "keep running" in shown and "not significant after Holm" in shown
+
+
+@pytest.mark.slow
+def test_gate_history_registry_and_modelfile(dash_store):
+    at = render("gate")
+    shown = texts(at)
+    assert {m.label: m.value for m in at.metric} == {"Decisions": "3", "pass": "2", "fail": "1", "error": "0"}
+    assert "Gate: FAIL" in shown or "Gate: PASS" in shown
+    assert "2026-11-25T09:00:00+00:00" in shown  # alias history
+    assert 'PARAMETER stop "<|im_end|>"' in shown
+
+
+@pytest.mark.slow
+def test_query_param_preselects_run(dash_store):
+    gate_run = dash_store["expected"]["gate"]["gate_run"]
+    at = render("gate", run=gate_run)
+    assert "Gate: PASS" in texts(at)
+
+
+@pytest.mark.slow
+def test_pages_do_not_write_to_the_store(dash_store):
+    db = Path(dash_store["home"]) / "mlflow.db"
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    for page in PAGES:
+        render(page)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+COMMANDS = {"overview": "flywheel demo", "datasets": "flywheel mine", "training": "flywheel train",
+            "embeddings": "flywheel bench-embeddings", "prompt_eval": "flywheel eval", "ab": "flywheel ab analyze",
+            "gate": "flywheel gate"}
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_empty_store_names_the_command(empty_store, page):
+    at = render(page)
+    codes = " ".join(c.value for c in at.code)
+    assert COMMANDS[page] in codes
