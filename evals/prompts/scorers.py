@@ -15,7 +15,7 @@ import json
 import re
 import string
 from collections import Counter
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from pipelines.errors import InputError
 
@@ -257,36 +257,33 @@ def _own_pii(text: str) -> list[str]:
 
 
 def find_pii(text: str) -> list[str]:
-    """Kinds of PII found in `text` (empty list: none).
+    """Kinds of PII found in `text` (empty list: none), e.g. ["email", "phone"].
 
-    The mine stage's detector (`pipelines.data.pii`) is the project's reference one; when it is importable we
-    use it so mining and eval agree on what PII is. Otherwise the small stdlib detector above.
+    The mine stage's redactor (`pipelines.data.pii.redact`) is the project's reference detector (checksum- and
+    parser-confirmed candidates); we count what it would redact, so mining and eval agree on what PII is. The
+    small detector above is the fallback when that module is absent.
     """
-    detector = _mine_detector()
-    if detector is not None:
-        try:
-            found = detector(text)
-            return sorted({str(getattr(f, "kind", None) or (f[0] if isinstance(f, tuple) else f)) for f in found})
-        except Exception:  # noqa: BLE001 - an interface mismatch must not hide PII: fall back
-            pass
+    redact = _mine_redact()
+    if redact is not None and text:
+        counts: Counter = Counter()
+        redact(text, counts)
+        return sorted(k for k, v in counts.items() if v)
     return _own_pii(text or "")
 
 
-_DETECTOR: Any = False
+_REDACT: Any = False
 
 
-def _mine_detector() -> Callable[[str], Iterable[Any]] | None:
-    global _DETECTOR
-    if _DETECTOR is False:
-        _DETECTOR = None
+def _mine_redact() -> Callable[..., str] | None:
+    global _REDACT
+    if _REDACT is False:
         try:
-            import importlib
+            from pipelines.data.pii import redact
 
-            mod = importlib.import_module("pipelines.data.pii")
-            _DETECTOR = getattr(mod, "find_pii", None) or getattr(mod, "detect", None)
+            _REDACT = redact
         except ImportError:
-            pass
-    return _DETECTOR
+            _REDACT = None
+    return _REDACT
 
 
 # -- repeats --------------------------------------------------------------------------------------------------
