@@ -3,7 +3,8 @@ in a fixed order on reader events, redacts PII, and computes the dedupe keys. It
 
 Order (the first failing filter names the drop, so every record is counted exactly once):
 reader flags (`deleted`, `review_failed`, `spam`) -> `no_rating` -> `no_assistant_reply` -> `too_short` ->
-`too_long` -> `language` -> [redact; rating-gap preference candidate] -> `low_rating` -> (dedupe, in the parent).
+`too_long` -> `language` -> [redact; rating-gap preference candidate] -> `low_rating` -> (dedupe, in the parent:
+exact on the normalised conversation, near on the MinHash of the normalised assistant reply).
 `low_rating` comes after redaction on purpose: a low-rated answer is useless for SFT but is exactly the
 `rejected` side of a rating-gap preference pair.
 """
@@ -148,8 +149,11 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
         if cand["rating"] < s["min_rating"]:
             out.append(("filtered", line, "low_rating", gap))
             continue
-        text = dedupe_text(cand)
-        out.append(("cand", line, cand, exact_key(text), text if s["near_dedupe"] else None, gap))
+        # Exact dedupe on the whole conversation; near-dedupe on the assistant reply alone. With the history
+        # in the shingles, two *different* replies to one long oasst thread look 90% alike and would be
+        # merged; near-identical replies are what duplicates a training signal.
+        reply = normalise(cand["messages"][-1]["content"]) if s["near_dedupe"] else None
+        out.append(("cand", line, cand, exact_key(dedupe_text(cand)), reply, gap))
         if s["near_dedupe"]:
             pending.append(len(out) - 1)
     if pending:

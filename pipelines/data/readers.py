@@ -375,7 +375,7 @@ def oasst_thread_events(path_nodes: list[dict], siblings: list[dict], source: st
         "id": str(node.get("message_id")), "group": group or str(node.get("message_tree_id") or path_nodes[0].get("message_id")),
         "messages": [{"role": _role(n), "content": n["text"]} for n in path_nodes], "context": None,
         "rating": oasst_rating(node, labels, n_ranked, mode), "source": source, "prompt_variant": None,
-        "model": node.get("model_name"), "lang": node.get("lang"), "flags": flags,
+        "model": node.get("model_name"), "lang": node.get("lang") or path_nodes[0].get("lang"), "flags": flags,
     }
     return ("cand", line_no, cand)
 
