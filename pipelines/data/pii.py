@@ -25,6 +25,9 @@ PLACEHOLDERS = (EMAIL, PHONE, CARD, IBAN, IP)
 
 _EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b")
 _IBAN_RE = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
+# Cards as people write them (4-4-4-4, 4-4-4-3, Amex 4-6-5) first, so a grouped number next to other digits
+# ("... 4111 1111 1111 1111 6 1945") is still found; then any 13-19 digit run.
+_CARD_GROUPED_RE = re.compile(r"(?<![\d.,])(?:\d{4}([ -])\d{4}\1\d{4}\1\d{3,4}|\d{4}([ -])\d{6}\2\d{5})(?!\d)")
 _CARD_RE = re.compile(r"(?<![\d.,])\d(?:[ -]?\d){12,18}(?![\d.,]?\d)")
 _IPV4_RE = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.]*\d)")
 _IPV6_RE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
@@ -97,6 +100,7 @@ def redact(text: str, counts: Counter | None = None, default_region: str | None 
         text = sub(_EMAIL_RE, EMAIL, "email", lambda _: True, text)
     if has_digits:
         text = sub(_IBAN_RE, IBAN, "iban", iban_ok, text)
+        text = sub(_CARD_GROUPED_RE, CARD, "card", lambda c: luhn_ok(re.sub(r"\D", "", c)), text)
         text = sub(_CARD_RE, CARD, "card", lambda c: 13 <= len(d := re.sub(r"\D", "", c)) <= 19 and luhn_ok(d),
                    text)
         text = sub(_IPV4_RE, IP, "ip", _ip_ok, text)
