@@ -9,7 +9,8 @@ the dirt production has, so every filter of `flywheel mine` has something to do:
   assert none of them reaches an output;
 - exact duplicates (same text, new conversation id, whitespace/case changed) and near-duplicates (one word of the
   answer swapped), each planted with a different rating so "keep the best-rated member" is observable;
-- malformed lines: truncated JSON, invalid UTF-8, rating "five", rating 11, a missing `messages`, a non-object.
+- malformed lines: truncated JSON, invalid UTF-8, rating "five", rating 11, a missing `messages`, a non-object;
+- regenerated answers to the same prompt with a very different rating (rating-gap preference pairs).
 
 Prompt variants `v1`/`v2` are assigned ~50/50 *by user* (a hash of the user id), as a real A/B test would, and
 `v2` carries a planted rating effect (`V2_RATING_EFFECT`, on the latent 1-5 scale) so `flywheel ab` has a true
@@ -247,6 +248,25 @@ def generate_demo_records(n: int = 300, seed: int = 0, dirty: bool = True) -> tu
             src["rating"] = 9 - src["rating"] if src["rating"] >= 4 else src["rating"]
             rows.append(src)
             near += 1
+    # Regenerations: the same user prompt answered again (retry button) and rated again, so answers to one
+    # prompt differ in rating and `flywheel mine` can mine rating-gap preference pairs. A separate RNG stream
+    # keeps the base conversations identical to what they were before this was added.
+    regen = 0
+    if dirty:
+        rng2 = random.Random(seed + 7919)
+        for k2 in rng2.sample(range(len(rows)), max(1, len(rows) // 15)):
+            src = rows[k2]
+            if src["conversation_id"].endswith(("-dup", "-near")):
+                continue
+            other = "v1" if src["prompt_variant"] == "v2" else "v2"
+            again, _ = _conversation(rng2, k2, src["user_id"], other)
+            again["messages"][0] = dict(src["messages"][0])
+            again["retrieved_context"] = src["retrieved_context"]
+            again["conversation_id"] = src["conversation_id"] + "-regen"
+            again["prompt_variant"] = src["prompt_variant"]  # same user => same arm
+            again["rating"] = 1 if src["rating"] >= 4 else 5
+            rows.insert(rows.index(src) + 1, again)
+            regen += 1
     malformed: list[Any] = []
     if dirty:
         good = json.dumps(rows[0], ensure_ascii=False)
@@ -265,7 +285,7 @@ def generate_demo_records(n: int = 300, seed: int = 0, dirty: bool = True) -> tu
         # Spread them through the file, deterministically.
         for m_i, m in enumerate(malformed):
             rows.insert(min(len(rows), 17 + m_i * (len(rows) // len(malformed))), m)
-    summary = {"n_lines": len(rows), "base": n, "duplicates": dupes, "near_duplicates": near,
+    summary = {"n_lines": len(rows), "base": n, "duplicates": dupes, "near_duplicates": near, "regenerated": regen,
                "malformed": len(malformed), "pii": planted, "v2_rating_effect": V2_RATING_EFFECT}
     return rows, summary
 
