@@ -47,6 +47,15 @@ def _client(tracking: str, registry: str):
     return MlflowClient(tracking_uri=tracking, registry_uri=registry)
 
 
+def store_missing(tracking: str | None = None) -> bool:
+    """True when the embedded sqlite store does not exist yet: nothing to show, and opening it would create
+    it (MLflow writes its schema on first connect), which a read-only dashboard must not do."""
+    tracking = tracking or uri()
+    if tracking.startswith("sqlite:///"):
+        return not Path(tracking[len("sqlite:///"):]).exists()
+    return False
+
+
 def client():
     tracking = uri()
     return _client(tracking, os.environ.get("MLFLOW_REGISTRY_URI") or tracking)
@@ -75,6 +84,8 @@ def _run_dict(run: Any, experiment: str = "") -> dict:
 @st.cache_data(ttl=TTL, show_spinner=False)
 def experiment_ids(_uri: str) -> dict[str, str]:
     """{stage: experiment_id} for the `flywheel/<stage>` experiments that exist (one search, not eight gets)."""
+    if store_missing(_uri):
+        return {}
     exps = client().search_experiments(filter_string="name LIKE 'flywheel/%'", max_results=1000)
     return {e.name.split("/", 1)[1]: e.experiment_id for e in exps}
 
@@ -115,6 +126,8 @@ def latest(stage: str, parents_only: bool = True) -> dict | None:
 def _get_run(_uri: str, run_id: str) -> dict | None:
     from mlflow.exceptions import MlflowException
 
+    if store_missing(_uri):
+        return None
     try:
         return _run_dict(client().get_run(run_id))
     except MlflowException:
@@ -313,6 +326,8 @@ def _version_dict(v: Any) -> dict:
 def _registered_models(_uri: str) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
+    if store_missing(_uri):
+        return []
     try:
         models = client().search_registered_models(max_results=1000)
     except MlflowException:

@@ -250,10 +250,11 @@ def dash_store(tmp_path_factory):
 
 @pytest.fixture
 def empty_store(tmp_path, monkeypatch):
+    """A FLYWHEEL_HOME where nothing has run yet (no mlflow.db: the dashboard must not create one)."""
     home = tmp_path / ".flywheel"
-    home.mkdir()
     uri = f"sqlite:///{home / 'mlflow.db'}"
     monkeypatch.setenv("FLYWHEEL_HOME", str(home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+    yield uri
+    assert not (home / "mlflow.db").exists(), "the dashboard created the store it should only read"
 
