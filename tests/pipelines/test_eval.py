@@ -1,0 +1,155 @@
+"""`flywheel eval` end to end on real oasst1 cases: SmolLM2 base vs a LoRA adapter, two prompt variants.
+
+The adapter is a random-init LoRA made with PEFT in the test (seconds, and its effect on NLL is certain), logged
+as a run artifact so the target resolves through `runs:/<id>/adapter` like a trained one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from pipelines.errors import InputError
+from pipelines.eval import EvalConfig, register, run_eval
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = str(ROOT / "configs" / "prompts")
+
+
+@pytest.fixture(scope="module")
+def base():
+    from training.models import resolve_base_model
+
+    return resolve_base_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(base, tmp_path_factory):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(str(out))
+    (out / "flywheel_adapter.json").write_text(json.dumps({
+        "base_model": "smollm2-135m-instruct", "base_model_sha256": base.sha256, "dataset_version": "test",
+        "mine_run_id": None, "train_run_id": None, "chat_template": None, "eos_tokens": ["<|im_end|>"]}))
+    return out
+
+
+def _cfg(tmp_path, cases, adapter_uri, **kw) -> EvalConfig:
+    data = dict(name="it", cases=str(cases), limit=5, variants=["concise", "grounded"], prompts_dir=PROMPTS,
+                targets=[{"name": "base", "base": "smollm2-135m-instruct"}, {"name": "adapter", "adapter": adapter_uri}],
+                out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
+                generation={"max_new_tokens": 12, "batch_size": 8},
+                assertions=[{"type": "max-length", "value": 4000}])
+    data.update(kw)
+    return EvalConfig.model_validate(data)
+
+
+@pytest.mark.slow
+def test_eval_base_vs_adapter_on_oasst(mlflow_store, shared_data, tmp_path, adapter_dir):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    cases = shared_data("oasst1-en-validation", "messages.jsonl")
+    with mlflow.start_run(run_name="fake-train") as train_run:
+        mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+    uri = f"runs:/{train_run.info.run_id}/adapter"
+
+    res = run_eval(_cfg(tmp_path, cases, uri), show_progress=False)
+    results = json.loads(Path(res["results_path"]).read_text())
+    assert results == json.loads(json.dumps(res["results"]))  # what was returned is what the gate reads
+    n = results["cases"]["n"]
+    assert n == 5 and results["cases"]["kind"] == "oasst"
+
+    # the matrix: every variant x target x metric, NLL direction explicit
+    cells = {(c["variant"], c["target"], c["metric"]): c for c in results["cells"]}
+    for v in ("concise", "grounded"):
+        for t in ("base", "adapter"):
+            nll = cells[(v, t, "nll")]
+            assert {"mean", "ci_low", "ci_high", "n"} <= set(nll) and 1 <= nll["n"] <= n
+            assert 0 < nll["mean"] < 20 and nll["ci_low"] <= nll["mean"] <= nll["ci_high"]
+            for m in ("rouge_l", "embedding_similarity", "pass_rate", "error_rate", "generated_tokens"):
+                assert cells[(v, t, m)]["n"] >= 1, m
+    assert results["metrics"]["nll"]["direction"] == "lower" and results["primary_metric"] == "nll"
+    # a random LoRA moves the reference NLL
+    assert cells[("concise", "adapter", "nll")]["mean"] != pytest.approx(cells[("concise", "base", "nll")]["mean"])
+
+    # paired comparisons on the same cases, adapter vs base per variant and grounded vs concise per target
+    comps = [c for c in results["comparisons"] if c["metric"] == "nll"]
+    assert {(c["control"], c["variant"]) for c in comps} == {
+        ("base/concise", "base/grounded"), ("adapter/concise", "adapter/grounded"),
+        ("base/concise", "adapter/concise"), ("base/grounded", "adapter/grounded")}
+    for c in comps:
+        assert c["p_adjusted"] >= c["p_value"] and c["n"] == cells[("concise", "base", "nll")]["n"]
+        assert {"test", "estimate", "ci_low", "ci_high", "direction", "outcome"} <= set(c)
+
+    # per-case table, nothing dropped
+    rows = [json.loads(x) for x in (Path(res["out"]) / "cases.jsonl").read_text().splitlines()]
+    assert len(rows) == n * 4 and results["failures"] == 0
+
+    # MLflow: parent + one child per cell, prompt versions linked, lineage to the adapter's run
+    client = MlflowClient()
+    parent = client.get_run(res["run_id"])
+    assert parent.info.experiment_id == client.get_experiment_by_name("flywheel/prompts").experiment_id
+    assert parent.data.tags["flywheel.input.train_run"] == train_run.info.run_id
+    assert "results.json" in {a.path for a in client.list_artifacts(res["run_id"])}
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{res['run_id']}'")
+    assert len(children) == 4
+    for ch in children:
+        assert {"variant", "target", "prompt_version", "prompt_uri"} <= set(ch.data.params)
+        assert ch.data.params["prompt_uri"].startswith(f"prompts:/flywheel-{ch.data.params['variant']}/")
+        assert "nll" in ch.data.metrics
+        assert "cases.json" in {a.path for a in client.list_artifacts(ch.info.run_id)}
+    assert client.search_prompt_versions("flywheel-grounded")[0].tags["flywheel.version"] == "1"
+
+    # second run: served from the cache, same numbers, no new prompt version
+    res2 = run_eval(_cfg(tmp_path, cases, uri), show_progress=False)
+    r2 = res2["results"]
+    assert r2["generated"] == 0 and r2["cache"]["misses"] == 0 and r2["cache"]["hits"] > 0
+    assert [c["mean"] for c in r2["cells"] if c["metric"] == "nll"] == \
+        [c["mean"] for c in results["cells"] if c["metric"] == "nll"]
+    assert len(client.search_prompt_versions("flywheel-concise")) == 1
+
+
+@pytest.mark.slow
+def test_adapter_on_another_base_is_refused_before_generation(mlflow_store, tmp_path, adapter_dir, base):
+    import shutil
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(adapter_dir, wrong)
+    meta = json.loads((wrong / "flywheel_adapter.json").read_text())
+    meta["base_model_sha256"] = "0" * 64
+    (wrong / "flywheel_adapter.json").write_text(json.dumps(meta))
+    cfg = _cfg(tmp_path, ROOT / "evals" / "prompts" / "demo_cases.yaml", str(wrong))
+    with pytest.raises(InputError, match=r"target 'adapter': adapter .* was trained on base .*000000000000"):
+        run_eval(cfg, show_progress=False)
+    assert not (tmp_path / "cache").exists()  # nothing was generated
+
+
+def test_cli_errors_are_one_line(tmp_path, mlflow_store):
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def noop() -> None:  # a second command keeps typer from collapsing the app into `eval`
+        pass
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", "limt=3"])
+    assert isinstance(r.exception, Exception) and "limt: unknown key" in str(r.exception)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: broken\nversion: 1\nuser: '{{ question }} {{ audiense }}'\n")
+    r = runner.invoke(app, ["eval", f"variants=[{broken}]", f"out={tmp_path / 'o'}"])
+    assert isinstance(r.exception, InputError) and "'audiense'" in str(r.exception)
+    assert not (tmp_path / "o").exists()
