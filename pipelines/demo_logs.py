@@ -254,8 +254,9 @@ def generate_demo_records(n: int = 300, seed: int = 0, dirty: bool = True) -> tu
     regen = 0
     if dirty:
         rng2 = random.Random(seed + 7919)
-        for k2 in rng2.sample(range(len(rows)), max(1, len(rows) // 15)):
-            src = rows[k2]
+        snapshot = list(rows)
+        for k2 in sorted(rng2.sample(range(len(snapshot)), max(1, len(snapshot) // 15))):
+            src = snapshot[k2]
             if src["conversation_id"].endswith(("-dup", "-near")):
                 continue
             other = "v1" if src["prompt_variant"] == "v2" else "v2"
@@ -265,7 +266,7 @@ def generate_demo_records(n: int = 300, seed: int = 0, dirty: bool = True) -> tu
             again["conversation_id"] = src["conversation_id"] + "-regen"
             again["prompt_variant"] = src["prompt_variant"]  # same user => same arm
             again["rating"] = 1 if src["rating"] >= 4 else 5
-            rows.insert(rows.index(src) + 1, again)
+            rows.insert(next(j for j, r in enumerate(rows) if r is src) + 1, again)
             regen += 1
     malformed: list[Any] = []
     if dirty:
