@@ -158,8 +158,8 @@ def bootstrap_diff_buckets(sums_c, counts_c, sums_t, counts_t, *, alpha: float =
     for sums, counts in ((sums_c, counts_c), (sums_t, counts_t)):
         sums, counts = np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)
         k = sums.size
-        w = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot).astype(float)
-        means.append((w @ sums) / (w @ counts))
+        idx = rng.integers(0, k, size=(n_boot, k))  # k buckets drawn with replacement, n_boot times
+        means.append(sums[idx].sum(axis=1) / counts[idx].sum(axis=1))
     d = means[1] - means[0]
     return float(np.quantile(d, alpha / 2)), float(np.quantile(d, 1 - alpha / 2))
 
