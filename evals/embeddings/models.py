@@ -304,6 +304,8 @@ def resolve_model(name_or_path: str) -> ModelInfo:
             raise InputError(f"embedding model {name_or_path!r}: is a file, expected a sentence-transformers "
                              "directory")
         return ModelInfo(name_or_path, str(p.resolve()), "local", f"local|{p.resolve()}|{_dir_fingerprint(p)}")
+    if name_or_path.startswith(("/", "./", "../", "~")):
+        raise InputError(f"embedding model {name_or_path!r}: path does not exist")
     return ModelInfo(name_or_path, name_or_path, "hub", f"hub|{name_or_path}")
 
 
