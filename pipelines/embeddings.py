@@ -403,6 +403,7 @@ def _plot(path: Path, results: list[dict], tasks) -> None:
             ax.annotate(r["model"], (r["texts_per_s"], r[metric]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
         ax.set_xscale("log")
+        ax.margins(x=0.3, y=0.15)  # room for the labels
         ax.set_xlabel("texts/s (encode, batch; log)")
         ax.set_ylabel(metric)
         ax.set_title(task.name, fontsize=9)
@@ -482,6 +483,8 @@ def _print_leaderboard(rows: list[dict], out: Path, run_id: str, elapsed: float)
     for r in rows:
         table.add_row(*[_fmt(r.get(c), 1 if c in ("texts_per_s", "latency_p50_ms") else 3) for c in cols])
     console = Console()
+    if not console.is_terminal:  # piped into a log: do not squeeze the table to 80 columns
+        console = Console(width=160)
     console.print(table)
     console.print(f"{out}/leaderboard.csv  (mlflow run {run_id}, experiment flywheel/embeddings)  {elapsed:.1f}s")
 

@@ -1,0 +1,106 @@
+"""Speed targets of `flywheel bench-embeddings`, measured side by side in one run.
+
+1. Overhead of the benchmark's encode path (cache lookup + hashing + shard write, cold cache) over a raw
+   `model.encode` on the same texts, same model, same batch size. Target <= 1.1x.
+2. Warm/cold: the same benchmark run twice end to end (fresh vector cache, then warm). Target >= 10x, with an
+   identical leaderboard.
+
+    python bench/bench_embeddings.py [--model all-MiniLM-L6-v2] [--n 512] [--repeats 3]
+
+Writes bench/results/embeddings.json. On a shared 2-core machine absolute numbers wander; the ratios are what
+matter, which is why both sides are measured interleaved in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def overhead(model_name: str, n: int, repeats: int, batch_size: int) -> dict:
+    import numpy as np
+
+    from evals.embeddings.cache import EmbeddingCache
+    from evals.embeddings.models import load_with_info
+    from evals.embeddings.tasks import load_beir
+
+    task = load_beir(ROOT.parent / "shared" / "data" / "medline-beir")
+    texts = list(task.corpus.values())[:n]
+    model, info = load_with_info(model_name)
+    model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up, excluded
+    raw_t, ours_t = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        raw = model.encode(texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+        raw_t.append(time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory() as d:  # cold cache each time: the path a first run takes
+            cache = EmbeddingCache(info.identity, root=Path(d))
+            t0 = time.perf_counter()
+            ours, _ = cache.encode(texts, lambda ts: model.encode(ts, batch_size=batch_size,
+                                                                   show_progress_bar=False, convert_to_numpy=True))
+            ours_t.append(time.perf_counter() - t0)
+        assert np.allclose(raw, ours, atol=1e-5)
+    return {"model": info.name, "texts": len(texts), "batch_size": batch_size, "repeats": repeats,
+            "raw_encode_s": raw_t, "bench_encode_s": ours_t,
+            "ratio_median": float(np.median(ours_t) / np.median(raw_t)), "target": "<= 1.1"}
+
+
+def warm_cold(models: list[str], tasks: list[str]) -> dict:
+    from pipelines.embeddings import EmbeddingsConfig, run_bench_embeddings
+
+    with tempfile.TemporaryDirectory() as d:
+        os.environ["FLYWHEEL_HOME"] = str(Path(d) / "home")
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        cfg = EmbeddingsConfig(models=models, tasks=tasks, out=str(Path(d) / "out"), cache_dir=str(Path(d) / "cache"))
+        cold = run_bench_embeddings(cfg, quiet=True)
+        lb_cold = (Path(cfg.out) / "leaderboard.csv").read_bytes()
+        warm = run_bench_embeddings(cfg, quiet=True)
+        lb_warm = (Path(cfg.out) / "leaderboard.csv").read_bytes()
+    return {"models": models, "tasks": tasks, "cold_s": cold["elapsed_s"], "warm_s": warm["elapsed_s"],
+            "ratio": cold["elapsed_s"] / warm["elapsed_s"], "identical_leaderboard": lb_cold == lb_warm,
+            "target": ">= 10"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="all-MiniLM-L6-v2")
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--models", default="static-64,paraphrase-MiniLM-L3-v2,all-MiniLM-L6-v2")
+    ap.add_argument("--tasks", default="medline,stsb")
+    args = ap.parse_args()
+    ov = overhead(args.model, args.n, args.repeats, args.batch_size)
+    print(f"encode overhead ({ov['model']}, {ov['texts']} medline docs): raw model.encode "
+          f"{min(ov['raw_encode_s']):.2f}s vs benchmark path {min(ov['bench_encode_s']):.2f}s (min of "
+          f"{args.repeats}); median ratio {ov['ratio_median']:.3f}x (target <= 1.1x)")
+    wc = warm_cold(args.models.split(","), args.tasks.split(","))
+    print(f"warm/cold ({','.join(wc['models'])} x {','.join(wc['tasks'])}): cold {wc['cold_s']:.1f}s, warm "
+          f"{wc['warm_s']:.1f}s -> {wc['ratio']:.1f}x (target >= 10x); identical leaderboard: "
+          f"{wc['identical_leaderboard']}")
+    result = {"overhead": ov, "warm_cold": wc,
+              "machine": {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "python": platform.python_version(),
+                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = ROOT / "bench" / "results" / "embeddings.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out.relative_to(ROOT)}")
+    ok = ov["ratio_median"] <= 1.1 and wc["ratio"] >= 10 and wc["identical_leaderboard"]
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
