@@ -7,12 +7,14 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipelines.config import ConfigError, load_config
 from pipelines.embeddings import COLUMNS, EmbeddingsConfig, run_bench_embeddings
 
+ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = ["model", "task", "ndcg@10", "mrr@10", "map@100", "recall@1", "recall@5", "recall@10", "recall@100",
             "spearman", "pearson", "texts_per_s", "latency_p50_ms", "latency_p95_ms", "dims"]
 
@@ -102,7 +104,12 @@ def test_bench_end_to_end_mlflow_and_warm_rerun(data, mlflow_store, tmp_path):
     assert {c.data.params["speed_cached"] for c in children2} == {"True"}
 
 
-def test_config_errors():
+def test_config_errors(tmp_path):
+    from pipelines.embeddings import demo_config
+
+    cfg = demo_config(tmp_path / "ds", tmp_path / "out")
+    assert cfg.models == ["static-64", "paraphrase-MiniLM-L3-v2"] and cfg.tasks[0] == str(tmp_path / "ds")
+    assert load_config(EmbeddingsConfig, ROOT / "configs" / "embeddings.yaml").models[2] == "all-mpnet-base-v2"
     with pytest.raises(ConfigError, match="modles: unknown key"):
         load_config(EmbeddingsConfig, None, ["modles=[x]"])
     with pytest.raises(ConfigError, match="duplicates"):
