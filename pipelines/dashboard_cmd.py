@@ -23,7 +23,7 @@ def command(port: int = 8501, host: str = "127.0.0.1") -> list[str]:
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-        "--theme.base", "light",
+        "--theme.base", "light", "--client.toolbarMode", "viewer",
     ]
 
 

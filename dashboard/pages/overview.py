@@ -20,13 +20,14 @@ if not champions:
                    "(the demo registers `flywheel-demo`).")
 for version in champions:
     tags = version["tags"]
-    ui.metrics_row([
-        ("Model", version["name"]),
-        ("Version", f"v{version['version']}"),
-        ("Champion since", tags.get("flywheel.champion_since", "-")[:19].replace("T", " ")),
-        ("Base model", tags.get("flywheel.base_model", tags.get("base_model", "-"))),
-    ])
+    since = tags.get("flywheel.champion_since", "")[:16].replace("T", " ")
     hops = store.lineage(version)
+    base = (tags.get("flywheel.base_model") or (hops["train"] or {}).get("tags", {}).get("flywheel.base_model")
+            or tags.get("flywheel.base_model_sha256", "")[:12] or "unknown")
+    with st.container(border=True):
+        st.markdown(f"### :material/trophy: `{version['name']}` v{version['version']}")
+        st.markdown(f"champion since **{since or 'unknown'}** · base model **{base}** · "
+                    f"registered {ui.when(version['creation_timestamp'])}")
     st.subheader(f"Lineage of `models:/{version['name']}@champion`")
     cols = st.columns(6)
     with cols[0]:
