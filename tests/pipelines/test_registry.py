@@ -10,6 +10,13 @@ from pipelines import registry, tracking
 from pipelines.errors import InputError
 
 
+@pytest.fixture(autouse=True)
+def _own_registry(monkeypatch):
+    """mlflow.set_registry_uri exports MLFLOW_REGISTRY_URI, and tracking.setup prefers that variable: without
+    this, a test would read the previous test's registry."""
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+
 def fake_adapter(path, **meta):
     """A dummy adapter folder: enough for the registry (real weights are tested in test_publish)."""
     path.mkdir(parents=True)

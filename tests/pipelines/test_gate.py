@@ -1,0 +1,181 @@
+"""`flywheel gate` shell: decisions and exit codes, reports, MLflow run + tags, promotion, real eval end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines import registry, tracking
+from pipelines.gate import GateConfig, run_gate
+
+
+@pytest.fixture(autouse=True)
+def _own_registry(monkeypatch):
+    """mlflow.set_registry_uri exports MLFLOW_REGISTRY_URI, and tracking.setup prefers that variable: without
+    this, a test would read the previous test's registry."""
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+
+def results_file(tmp_path, est=-0.4, ci=(-0.5, -0.3), p=0.001, n=30, nan=False):
+    def cell(target, mean):
+        return {"variant": "concise", "target": target, "metric": "nll", "mean": mean, "ci_low": mean - 0.1,
+                "ci_high": mean + 0.1, "n": n, "direction": "lower"}
+
+    res = {"run_id": "e" * 32,
+           "variants": [{"name": "concise", "source": "configs/prompts/concise.yaml"}],
+           "cells": [cell("champion", 2.0), cell("candidate", float("nan") if nan else 2.0 + est)],
+           "comparisons": [{"variant": "candidate/concise", "control": "champion/concise", "metric": "nll",
+                            "test": "paired_t", "estimate": est, "ci_low": ci[0], "ci_high": ci[1],
+                            "p_value": p, "p_adjusted": p, "n": n, "control_target": "champion",
+                            "treatment_target": "candidate", "control_variant": "concise",
+                            "treatment_variant": "concise", "direction": "lower"}]}
+    path = tmp_path / f"results-{est}-{p}-{n}-{nan}.json"
+    path.write_text(json.dumps(res))  # json writes NaN as NaN, like a careless producer would
+    return str(path)
+
+
+def fake_adapter_run(tmp_path):
+    import mlflow
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text("{}")
+    (d / "adapter_model.safetensors").write_bytes(b"\0")
+    (d / "flywheel_adapter.json").write_text(json.dumps({"base_model": "smollm2-135m-instruct",
+                                                         "dataset_version": "ds1"}))
+    with tracking.start_run("train") as run:
+        mlflow.log_artifacts(str(d), "adapter")
+    return run.info.run_id
+
+
+@pytest.mark.parametrize("kw,decision,code", [
+    ({}, "pass", 0),
+    ({"p": 0.3, "ci": (-0.9, 0.1)}, "fail", 1),
+    ({"est": 0.2, "ci": (0.1, 0.3)}, "fail", 1),
+    ({"n": 5}, "error", 2),
+    ({"nan": True}, "error", 2),
+])
+def test_decisions_from_results(mlflow_store, tmp_path, kw, decision, code):
+    cfg = GateConfig(results=results_file(tmp_path, **kw), out=str(tmp_path / "gate"))
+    out = run_gate(cfg, "candidate")
+    assert (out["decision"], out["exit_code"]) == (decision, code)
+    gate = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    assert gate["decision"] == decision and gate["eval_run_id"] == "e" * 32
+    report = (tmp_path / "gate" / "gate_report.md").read_text()
+    assert f"**{decision.upper()}**" in report and "| primary | nll |" in report
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient().get_run(out["run_id"])
+    assert run.data.tags["flywheel.gate.decision"] == decision
+    assert run.data.tags["flywheel.stage"] == "gate"
+    assert run.data.tags["flywheel.input.candidate"] == "candidate"
+    assert run.data.tags["flywheel.input.eval_run"] == "e" * 32
+    arts = {a.path for a in MlflowClient().list_artifacts(out["run_id"])}
+    assert {"gate.json", "gate_report.md"} <= arts
+
+
+def test_missing_results_and_unreadable_candidate_are_errors(mlflow_store, tmp_path):
+    out = run_gate(GateConfig(results=str(tmp_path / "nope.json"), out=str(tmp_path / "g1")), "candidate")
+    assert out["exit_code"] == 2 and "no such file" in out["gate"]["reasons"][0]
+    out = run_gate(GateConfig(out=str(tmp_path / "g2")), "runs:/" + "1" * 32 + "/adapter")
+    assert out["exit_code"] == 2 and "candidate" in out["gate"]["reasons"][0]
+
+
+def test_unreadable_champion_is_an_error_not_no_champion(mlflow_store, tmp_path):
+    """A champion whose artifacts vanished must stop the gate, never make it compare against the base."""
+    import shutil
+
+    run_id = fake_adapter_run(tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    v = registry.register_adapter("flywheel-demo", registry.resolve_model(run_id))
+    registry.promote("flywheel-demo", v, None)
+    shutil.rmtree(MlflowClient().get_run(run_id).info.artifact_uri.replace("file://", ""))
+    out = run_gate(GateConfig(out=str(tmp_path / "g")), str(tmp_path / "adapter"))
+    assert out["decision"] == "error" and "champion" in " ".join(out["gate"]["reasons"])
+
+
+def test_promote_on_pass_only(mlflow_store, tmp_path):
+    run_id = fake_adapter_run(tmp_path)
+    bad = run_gate(GateConfig(results=results_file(tmp_path, p=0.5, ci=(-1, 0.2)), out=str(tmp_path / "g0")),
+                   run_id, promote=True)
+    assert bad["exit_code"] == 1 and bad["promoted_version"] is None
+    assert registry.champion("flywheel-demo") is None
+
+    out = run_gate(GateConfig(results=results_file(tmp_path), out=str(tmp_path / "g1")), run_id, promote=True)
+    assert out["exit_code"] == 0 and out["promoted_version"] == "1"
+    champ = registry.champion("flywheel-demo")
+    assert str(champ.version) == "1"
+    assert champ.tags[registry.TAG_BY_GATE] == out["run_id"]
+    assert champ.tags["flywheel.input.gate_run"] == out["run_id"]
+    assert champ.tags["flywheel.input.eval_run"] == "e" * 32
+    assert champ.tags["flywheel.dataset_version"] == "ds1"
+    assert champ.tags["flywheel.prompt_variant"] == "concise"
+    assert "nutrition assistant" in champ.tags["flywheel.system_prompt"]
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient().get_run(out["run_id"]).data.tags["flywheel.promoted_version"] == "1"
+    assert "is now `@champion`" in open(out["report_path"]).read()
+
+
+def test_cli_exit_codes(mlflow_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    ok = CliRunner().invoke(app, ["gate", "--candidate", "c", "--results", results_file(tmp_path),
+                                  f"out={tmp_path / 'a'}"])
+    assert ok.exit_code == 0, ok.output
+    assert "gate pass" in ok.output
+    bad = CliRunner().invoke(app, ["gate", "--candidate", "c", "--results", results_file(tmp_path, n=3),
+                                   f"out={tmp_path / 'b'}"])
+    assert bad.exit_code == 2 and "fewer than the minimum" in bad.output
+    typo = CliRunner().invoke(app, ["gate", "--candidate", "c", "min_casez=3"])
+    assert typo.exit_code != 0
+
+
+# -- the real thing: eval on SmolLM2 with a deliberately harmful adapter ------------------------------------
+
+@pytest.fixture(scope="module")
+def harmful_adapter(tmp_path_factory):
+    """Random-init LoRA on the real base, B scaled up so it hurts: a candidate the gate must refuse."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.models import resolve_base_model
+
+    info = resolve_base_model("smollm2-135m-instruct")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(info.path), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("harmful") / "adapter"
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(info.path)).save_pretrained(str(out))
+    (out / "flywheel_adapter.json").write_text(json.dumps({
+        "base_model": info.name, "base_model_sha256": info.sha256, "dataset_version": "harmful"}))
+    return out
+
+
+@pytest.mark.slow
+def test_real_eval_refuses_a_harmful_adapter(mlflow_store, tmp_path, harmful_adapter):
+    cfg = GateConfig(out=str(tmp_path / "gate"), min_cases=4,
+                     eval={"limit": 6, "variants": ["concise"], "cache_dir": str(tmp_path / "cache"),
+                           "register_prompts": False})
+    out = run_gate(cfg, str(harmful_adapter), promote=True)
+    assert out["decision"] == "fail" and out["exit_code"] == 1, out["gate"]["reasons"]
+    primary = out["gate"]["checks"][0]
+    assert primary["metric"] == "nll" and primary["difference"] > 0  # NLL went up: worse
+    assert primary["n"] == 6 and out["eval_run_id"]
+    assert out["gate"]["baseline"].startswith("base model smollm2-135m-instruct")
+    assert registry.champion("flywheel-demo") is None  # refused: nothing promoted
+    assert (tmp_path / "gate" / "eval" / "results.json").exists()
