@@ -77,7 +77,7 @@ def _settings(cfg: MineConfig) -> dict:
             "gap_prefs": cfg.preferences.from_rating_gap, "near_dedupe": cfg.dedupe.near,
             "num_perm": cfg.dedupe.num_perm, "shingle": cfg.dedupe.shingle, "region": cfg.phone_region,
             "oasst_rating": cfg.oasst_rating, "max_line_bytes": cfg.max_line_bytes,
-            "max_rank_pairs": cfg.preferences.max_rank_pairs}
+            "max_rank_pairs": cfg.preferences.max_rank_pairs, "system_template": cfg.system_template}
 
 
 def _work(task: tuple) -> tuple[list[tuple], Counter]:
@@ -150,14 +150,6 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=False)
 
 
-def _output_record(cand: dict, cluster_id: str, cfg: MineConfig) -> dict:
-    msgs = list(cand["messages"])
-    if cand.get("context"):
-        msgs = [{"role": "system", "content": cfg.system_template.format(context=cand["context"])}] + msgs
-    return {"id": cand["id"], "messages": msgs, "rating": cand["rating"], "source": cand["source"],
-            "prompt_variant": cand.get("prompt_variant"), "context": cand.get("context"), "cluster": cluster_id}
-
-
 def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig) -> dict:
     """Steps 1-5 (no MLflow): write the dataset dir atomically, return the manifest."""
     from pipelines.data import readers
@@ -199,52 +191,54 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig) -> d
             pref_f = open(tmp / "preferences.jsonl", "w", encoding="utf-8")
             seq = 0
 
-            def write_pref(p: dict) -> None:
+            def write_pref(pid: str, line: str) -> None:
                 nonlocal n_prefs
-                pid = p["id"]
                 if pid not in seen_prefs:
                     seen_prefs.add(pid)
-                    pref_f.write(dumps(p) + "\n")
+                    pref_f.write(line + "\n")
                     n_prefs += 1
 
             for i, (f, fmt) in enumerate(zip(files, fmts)):
                 c = per_input[i]
+                filtered = c["filtered"]
                 task = bar.add_task(f"mine {c['path']}", total=f.stat().st_size)
                 tasks = _tasks(f, fmt, cfg, s, lambda n, t=task: bar.advance(t, n))
                 for events, pc in _ordered(pool, _work, tasks, depth=2 * workers):
                     pii_counts.update(pc)
                     for ev in events:
                         kind = ev[0]
-                        if kind == "pref":  # derived (oasst sibling ranks): not a record of its own
-                            write_pref(ev[2])
+                        if kind != "pref":  # derived preferences are not records; everything else is one
+                            c["read"] += 1
+                        if kind == "cand":  # place it in a dedupe cluster now, decide who wins at the end
+                            seq += 1
+                            cl, _how = dedup.add(seq, ev[3], ev[4], ev[6], ev[7], ev[8])
+                            spill.write(f"{seq}\t{i}\t{cl}\t{ev[3].hex()}\t{ev[2]}\n")
+                            if ev[5] is not None:
+                                gaps.add(*ev[5])
                             continue
-                        c["read"] += 1
-                        if kind == "reject":
+                        if kind == "pref":  # derived (oasst sibling ranks): not a record of its own
+                            write_pref(ev[2], ev[3])
+                            continue
+                        if kind == "filtered":
+                            filtered[ev[2]] += 1
+                            if len(ev) > 3 and ev[3] is not None:
+                                gaps.add(*ev[3])
+                        elif kind == "reject":
                             c["rejected"] += 1
                             rej_f.write(dumps({"file": c["path"], "line": ev[1], "reason": ev[2], "raw": ev[3]})
                                         + "\n")
-                        elif kind == "filtered":
-                            c["filtered"][ev[2]] += 1
-                            if len(ev) > 3 and ev[3] is not None:
-                                gaps.add(ev[3])
                         elif kind == "pair":
-                            if ev[2]["id"] in seen_prefs:
-                                c["filtered"]["duplicate"] += 1
+                            if ev[2] in seen_prefs:
+                                filtered["duplicate"] += 1
                             else:
                                 c["kept"] += 1
-                                write_pref(ev[2])
-                        else:  # "cand": place it in a dedupe cluster now, decide who wins at the end
-                            _, line, cand, key, sig, gap = ev
-                            seq += 1
-                            cl, _how = dedup.add(seq, key, sig, cand["rating"], cand["id"], cand["group"])
-                            spill.write(json.dumps([seq, i, cl, key.hex(), cand], ensure_ascii=False) + "\n")
-                            if gap is not None:
-                                gaps.add(gap)
+                                write_pref(ev[2], ev[3])
                 bar.update(task, completed=f.stat().st_size)
             spill.close()
             rej_f.close()
 
-            # Second pass: each cluster's winner goes to its split; the others are counted as duplicates.
+            # Second pass: each cluster's winner goes to its split; the others are counted as duplicates. The
+            # records were serialised by the workers; only the cluster id is spliced in ("cluster" sorts first).
             split_task = bar.add_task("split + write", total=(work / "candidates.jsonl").stat().st_size)
             splits = {"train": 0, "eval": 0}
             samples: list[dict] = []
@@ -253,19 +247,20 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig) -> d
                     open(tmp / "eval.jsonl", "w", encoding="utf-8") as ev_f:
                 for line in sp:
                     bar.advance(split_task, len(line))
-                    sq, i, cl, key_hex, cand = json.loads(line)
-                    if dedup.winner(cl) != sq:
+                    sq, i, cl, key_hex, rec = line.split("\t", 4)
+                    i, cl = int(i), int(cl)
+                    if dedup.winner(cl) != int(sq):
                         per_input[i]["filtered"][dedup.duplicate_reason(cl, bytes.fromhex(key_hex))] += 1
                         continue
                     per_input[i]["kept"] += 1
                     which = split_of(dedup.rep_group[cl], cfg.eval_fraction, cfg.split_salt)
-                    rec = _output_record(cand, dedup.rep_id[cl], cfg)
-                    (tr if which == "train" else ev_f).write(dumps(rec) + "\n")
+                    out_line = '{"cluster":' + dumps(dedup.rep_id[cl]) + "," + rec[1:]
+                    (tr if which == "train" else ev_f).write(out_line)
                     splits[which] += 1
                     if which == "train" and len(samples) < 20:
-                        samples.append(rec)
+                        samples.append(json.loads(out_line))
             for p in gaps.mine():
-                write_pref(p)
+                write_pref(p["id"], dumps(p))
             gaps.close()
             pref_f.close()
             shutil.rmtree(work)
@@ -300,7 +295,8 @@ def _manifest(tmp: Path, per_input: list[dict], pii_counts: Counter, splits: dic
     inputs = []
     total = {"read": 0, "kept": 0, "rejected": 0, "filtered": Counter()}
     for c in per_input:
-        assert c["read"] == c["kept"] + c["rejected"] + sum(c["filtered"].values()), c  # the invariant
+        if c["read"] != c["kept"] + c["rejected"] + sum(c["filtered"].values()):  # the invariant: a bug if not
+            raise RuntimeError(f"record accounting does not reconcile for {c['path']}: {c}")
         inputs.append({**c, "filtered": dict(sorted(c["filtered"].items()))})
         for k in ("read", "kept", "rejected"):
             total[k] += c[k]

@@ -17,6 +17,15 @@ from typing import Any
 
 from pipelines.data import pii
 
+try:
+    import orjson
+
+    def dumps(obj: Any) -> str:
+        """Canonical JSON (sorted keys, compact, UTF-8 kept), same bytes as `pipelines.io.dumps`, ~5x faster."""
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode("utf-8")
+except ImportError:  # pragma: no cover
+    from pipelines.io import dumps
+
 FLAG_ORDER = ("orphan", "deleted", "review_failed", "spam")
 
 
@@ -114,21 +123,34 @@ def signatures(texts: list[str], num_perm: int, k: int) -> list[Any]:
     return [np.asarray(m.hashvalues, dtype=np.uint32) for m in mhs]
 
 
+def output_record(cand: dict, system_template: str) -> dict:
+    """The SFT record (README "Dataset format") minus `cluster`, which only the parent process knows."""
+    msgs = list(cand["messages"])
+    if cand.get("context"):
+        msgs = [{"role": "system", "content": system_template.format(context=cand["context"])}] + msgs
+    return {"id": cand["id"], "messages": msgs, "rating": cand["rating"], "source": cand["source"],
+            "prompt_variant": cand.get("prompt_variant"), "context": cand.get("context")}
+
+
 def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
     """Reader events -> curated events (see module doc). `s` holds plain settings (picklable).
 
-    Returns the events and the PII counts by kind. Output event shapes:
-      ("cand", line, cand, exact_key, signature|None, gap_item|None)
-      ("filtered", line, reason, gap_item|None)
-      ("reject", line, reason, raw) / ("pair", line, pref) / ("pref", line, pref)
+    The heavy lifting (redaction, hashing, MinHash, JSON serialisation) happens here, in the workers, so the
+    parent only routes small tuples and pre-serialised lines. Output event shapes:
+      ("cand", line, record_json_without_cluster, exact_key, signature|None, gap|None, rating, id, group)
+      ("filtered", line, reason, gap|None)
+      ("reject", line, reason, raw) / ("pair", line, pref_id, pref_json) / ("pref", line, pref_id, pref_json)
+    where gap = (prompt_key_hex, json line) for rating-gap preference mining.
     """
     counts: Counter = Counter()
     out: list[tuple] = []
     pending: list[int] = []  # indices in `out` of candidates that still need a MinHash signature
+    replies: list[str] = []
     for ev in events:
         kind = ev[0]
         if kind in ("pair", "pref"):
-            out.append((kind, ev[1], redact_preference(ev[2], counts) if s["redact"] else ev[2]))
+            pref = redact_preference(ev[2], counts) if s["redact"] else ev[2]
+            out.append((kind, ev[1], pref["id"], dumps(pref)))
             continue
         if kind != "cand":
             out.append(ev)
@@ -144,21 +166,23 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
             cand = redact_candidate(cand, counts)
         gap = None
         if s["gap_prefs"]:
-            gap = (prompt_key(cand), cand["rating"], cand["id"], cand["source"], cand["messages"][:-1],
-                   cand.get("context"), cand["messages"][-1]["content"])
+            key = prompt_key(cand)
+            gap = (key, dumps([key, cand["rating"], cand["id"], cand["source"], cand["messages"][:-1],
+                               cand.get("context"), cand["messages"][-1]["content"]]))
         if cand["rating"] < s["min_rating"]:
             out.append(("filtered", line, "low_rating", gap))
             continue
-        # Exact dedupe on the whole conversation; near-dedupe on the assistant reply alone. With the history
-        # in the shingles, two *different* replies to one long oasst thread look 90% alike and would be
-        # merged; near-identical replies are what duplicates a training signal.
-        reply = normalise(cand["messages"][-1]["content"]) if s["near_dedupe"] else None
-        out.append(("cand", line, cand, exact_key(dedupe_text(cand)), reply, gap))
+        rec = dumps(output_record(cand, s["system_template"]))
+        out.append(("cand", line, rec, exact_key(dedupe_text(cand)), None, gap, cand["rating"], cand["id"],
+                    cand["group"]))
         if s["near_dedupe"]:
+            # Exact dedupe on the whole conversation; near-dedupe on the assistant reply alone. With the history
+            # in the shingles, two *different* replies to one long oasst thread look 90% alike and would be
+            # merged; near-identical replies are what duplicates a training signal.
             pending.append(len(out) - 1)
+            replies.append(normalise(cand["messages"][-1]["content"]))
     if pending:
-        sigs = signatures([out[i][4] for i in pending], s["num_perm"], s["shingle"])
-        for i, sig in zip(pending, sigs):
+        for i, sig in zip(pending, signatures(replies, s["num_perm"], s["shingle"])):
             ev = out[i]
-            out[i] = (ev[0], ev[1], ev[2], ev[3], sig, ev[5])
+            out[i] = ev[:4] + (sig,) + ev[5:]
     return out, counts

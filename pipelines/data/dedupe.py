@@ -8,15 +8,20 @@ Records arrive one at a time (in input order, so results are deterministic). A r
 - a new cluster of its own (`new`), whose signature is inserted into the LSH.
 
 Only representatives enter the LSH, so memory is O(clusters), not O(records): a 12-byte key per distinct text,
-a uint32[num_perm] signature and the LSH band keys per cluster. Who wins is decided at the end (`winner`):
-highest rating, then the earliest record, so the same input always keeps the same member.
+a uint32[num_perm] signature and the LSH band keys per cluster.
+
+The signatures are datasketch MinHashes (computed in the worker processes); the banding uses datasketch's own
+parameter search, weighted towards recall (false negatives cost 4x false positives) because the stored
+signatures verify every candidate anyway. The band index itself is a dict per band in this process:
+datasketch's `MinHashLSH` wraps every query in a `LeanMinHash` and was the bottleneck of the whole stage.
+
+Who wins is decided at the end (`winner`): highest rating, then the earliest record, so the same input always
+keeps the same member.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-SCHEME = "affine32"  # datasketch 2.x default MinHash scheme (uint32 hash values); signatures come from it
 
 
 class Deduper:
@@ -31,11 +36,13 @@ class Deduper:
         self.rep_id: list[str] = []
         self.rep_group: list[str] = []
         self.sigs: list[Any] = []
-        self._lsh = None
+        self._bands: list[dict[bytes, list[int]]] = []
+        self._r = 0
         if near:
-            from datasketch import MinHashLSH
+            from datasketch.lsh import _optimal_param
 
-            self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+            b, self._r = _optimal_param(threshold, num_perm, 0.2, 0.8)
+            self._bands = [{} for _ in range(b)]
 
     def __len__(self) -> int:
         return len(self.best_seq)
@@ -44,8 +51,9 @@ class Deduper:
         """Place record `seq`; returns (cluster index, how it joined: 'new' | 'exact' | 'near')."""
         c = self.by_key.get(key)
         how = "exact"
-        if c is None and self._lsh is not None and sig is not None:
-            c = self._query(sig)
+        if c is None and self._bands and sig is not None:
+            keys = self._band_keys(sig)
+            c = self._query(sig, keys)
             how = "near"
             if c is not None:
                 self.by_key[key] = c  # later exact copies of this variant land in the same cluster directly
@@ -57,11 +65,10 @@ class Deduper:
             self.best_key.append(key)
             self.rep_id.append(rec_id)
             self.rep_group.append(group)
-            if self._lsh is not None and sig is not None:
-                from datasketch import LeanMinHash
-
+            if self._bands and sig is not None:
                 self.sigs.append(sig)
-                self._lsh.insert(c, LeanMinHash(seed=1, hashvalues=sig, scheme=SCHEME), check_duplication=False)
+                for table, k in zip(self._bands, keys):
+                    table.setdefault(k, []).append(c)
             else:
                 self.sigs.append(None)
             return c, "new"
@@ -71,10 +78,16 @@ class Deduper:
             self.best_key[c] = key
         return c, how
 
-    def _query(self, sig: Any) -> int | None:
-        from datasketch import LeanMinHash
+    def _band_keys(self, sig: Any) -> list[bytes]:
+        r = self._r
+        return [sig[i * r:(i + 1) * r].tobytes() for i in range(len(self._bands))]
 
-        cands = self._lsh.query(LeanMinHash(seed=1, hashvalues=sig, scheme=SCHEME))
+    def _query(self, sig: Any, keys: list[bytes]) -> int | None:
+        cands: set[int] = set()
+        for table, k in zip(self._bands, keys):
+            hit = table.get(k)
+            if hit:
+                cands.update(hit)
         best, best_j = None, self.threshold
         for c in sorted(cands):
             j = float((self.sigs[c] == sig).mean())

@@ -56,9 +56,9 @@ class GapMiner:
         self.n = buckets
         self.files = [open(self.dir / f"gap-{i:03d}.jsonl", "w", encoding="utf-8") for i in range(buckets)]
 
-    def add(self, item: tuple) -> None:
-        b = int(item[0][:8], 16) % self.n
-        self.files[b].write(json.dumps(item, ensure_ascii=False) + "\n")
+    def add(self, key: str, line: str) -> None:
+        """`line`: the JSON list (key, rating, id, source, prompt messages, context, answer)."""
+        self.files[int(key[:8], 16) % self.n].write(line + "\n")
 
     def mine(self) -> Iterator[dict]:
         for f in self.files:

@@ -1,9 +1,10 @@
+import json
 from collections import Counter
 
 from pipelines.data import curate
 
 S = {"min_rating": 4, "min_chars": 2, "max_chars": 200, "languages": ["en"], "redact": True, "gap_prefs": True,
-     "near_dedupe": True, "num_perm": 64, "shingle": 3}
+     "near_dedupe": True, "num_perm": 64, "shingle": 3, "system_template": "ctx: {context}"}
 
 
 def cand(**kw):
@@ -29,8 +30,11 @@ def test_each_filter_names_its_reason():
     got = [e[2] for e in out[:-1]]
     assert got == list(cases)
     last = out[-1]
-    assert last[0] == "cand" and last[2]["messages"][0]["content"] == "mail me at <EMAIL>"
-    assert len(last[3]) == 12 and last[4] is not None and last[5][1] == 5  # exact key, signature, gap item
+    rec = json.loads(last[2])  # the output record, serialised by the worker (no `cluster` yet)
+    assert last[0] == "cand" and rec["messages"][0]["content"] == "mail me at <EMAIL>"
+    assert set(rec) == {"id", "messages", "rating", "source", "prompt_variant", "context"}
+    assert len(last[3]) == 12 and last[4] is not None and last[6:] == (5, "c", "c")  # key, signature, meta
+    assert json.loads(last[5][1])[1] == 5  # rating-gap item
     assert out[-2][3] is not None  # low-rated answers still feed rating-gap preferences
     assert counts == Counter({"email": 2})
 

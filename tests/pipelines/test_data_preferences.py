@@ -1,3 +1,5 @@
+import json
+
 from pipelines.data.preferences import GapMiner, best_vs_worst
 
 
@@ -22,9 +24,9 @@ def test_gap_miner_groups_across_buckets(tmp_path):
     g = GapMiner(tmp_path, min_gap=2, buckets=4)
     keys = [f"{i:024x}" for i in range(0, 40, 3)]
     for k in keys:
-        g.add(_item(k, 5, "a" + k, "good " + k))
-        g.add(_item(k, 1, "b" + k, "bad " + k))
-    g.add(_item("f" * 24, 5, "lonely", "only one answer"))
+        g.add(k, json.dumps(_item(k, 5, "a" + k, "good " + k)))
+        g.add(k, json.dumps(_item(k, 1, "b" + k, "bad " + k)))
+    g.add("f" * 24, json.dumps(_item("f" * 24, 5, "lonely", "only one answer")))
     prefs = list(g.mine())
     assert len(prefs) == len(keys)
     assert all(p["chosen"][0]["content"].startswith("good") for p in prefs)
