@@ -95,6 +95,7 @@ class EvalConfig(StageConfig):
     judge: JudgeSection = JudgeSection()
     compare: CompareSection = CompareSection()
     nll_batch_size: int = Field(4, ge=1)
+    nll_max_length: int = Field(384, ge=16)  # prompt + reference tokens; long references are cut at the end
     cache: bool = True
     cache_dir: Optional[str] = None         # default: <FLYWHEEL_HOME>/cache/eval
     register_prompts: bool = True
@@ -170,14 +171,22 @@ def build_targets(cfg: EvalConfig, scratch: Path) -> tuple[list[Any], dict[str, 
     return targets, lineage
 
 
-def _embedder(name: str):
-    """(outputs, references) -> cosine similarities, with the embeddings stage's offline loader."""
-    from evals.embeddings.models import load_embedding_model
+class _LazyEmbedder:
+    """(outputs, references) -> cosine similarities. Loads the model (via the embeddings stage's offline loader)
+    on the first call only, so a run whose similarities are all cached never imports sentence-transformers."""
 
-    from evals.prompts.scorers import embedding_similarity
+    def __init__(self, name: str):
+        self.name = name
+        self._model = None
 
-    model = load_embedding_model(name)
-    return lambda outs, refs: embedding_similarity(model, outs, refs)
+    def __call__(self, outputs, references):  # noqa: ANN001
+        from evals.prompts.scorers import embedding_similarity
+
+        if self._model is None:
+            from evals.embeddings.models import load_embedding_model
+
+            self._model = load_embedding_model(self.name)
+        return embedding_similarity(self._model, outputs, references)
 
 
 def _judge(cfg: EvalConfig):
@@ -276,7 +285,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                     pv = register_prompt(v)
                     MlflowClient().link_prompt_version_to_run(parent.info.run_id, pv)
                     prompt_versions[v.name] = pv
-            embedder = _embedder(cfg.embedding_model) if "embedding_similarity" in cfg.metrics else None
+            embedder = _LazyEmbedder(cfg.embedding_model) if "embedding_similarity" in cfg.metrics else None
 
             # 2. the matrix
             total = len(targets) * len(variants) * len(caseset.cases) * g.repeat
@@ -286,7 +295,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                 matrix = harness.run_matrix(
                     caseset.cases, variants, targets, params=params, cache=cache, metrics=cfg.metrics,
                     suite_assertions=cfg.assertions, repeat=g.repeat, embedder=embedder, judge=judge,
-                    nll_batch_size=cfg.nll_batch_size,
+                    nll_batch_size=cfg.nll_batch_size, nll_max_length=cfg.nll_max_length,
                     progress=lambda phase, n: bar.update(task, advance=n if phase == "generate" else 0,
                                                          description=phase))
             rows = matrix["rows"]

@@ -273,10 +273,10 @@ class HFTarget:
         return gens
 
     def nll(self, prompts: Sequence[Messages], references: Sequence[str], cache: DiskCache,
-            batch_size: int = 4, progress: Progress | None = None) -> list[float | None]:
+            batch_size: int = 4, max_length: int = 384, progress: Progress | None = None) -> list[float | None]:
         from evals.prompts.nll import reference_nll
 
-        keys = [cache.key("nll", self.identity, m, r) for m, r in zip(prompts, references)]
+        keys = [cache.key("nll", self.identity, m, r, max_length) for m, r in zip(prompts, references)]
         out: list[float | None] = [None] * len(prompts)
         todo = []
         for i, k in enumerate(keys):
@@ -289,7 +289,7 @@ class HFTarget:
             self.load()
             vals = reference_nll(self._model, self._tok, [self.prompt_text(prompts[i]) for i in todo],
                                  [references[i] for i in todo], eos_token_id=self._eos[-1] if self._eos else None,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, max_length=max_length)
             for i, v in zip(todo, vals):
                 out[i] = v
                 cache.put("nll", keys[i], {"nll": v})
@@ -377,7 +377,7 @@ class EndpointTarget:
                 progress(1)
         return out
 
-    def nll(self, prompts, references, cache, batch_size=4, progress=None):  # noqa: ANN001
+    def nll(self, prompts, references, cache, batch_size=4, max_length=384, progress=None):  # noqa: ANN001
         if progress:
             progress(len(prompts))
         return [None] * len(prompts)

@@ -88,7 +88,8 @@ def _mean(xs: list[float]) -> float | None:
 def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], targets: Sequence[Any], *,
                params: GenParams, cache: DiskCache, metrics: Sequence[str] = DEFAULT_METRICS,
                suite_assertions: Sequence[dict] = (), repeat: int = 1, embedder: Embedder | None = None,
-               judge: Judge | None = None, nll_batch_size: int = 4, progress: Progress | None = None) -> dict:
+               judge: Judge | None = None, nll_batch_size: int = 4, nll_max_length: int = 384,
+               progress: Progress | None = None) -> dict:
     """Returns {"rows": [...], "notes": [...]}: one row per case x variant x target (never fewer)."""
     metrics = list(metrics)
     validate(cases, variants, targets, suite_assertions, metrics)
@@ -115,7 +116,7 @@ def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], target
             if "nll" in metrics:
                 with_ref = [i for i, c in enumerate(cases) if c.reference]
                 vals = target.nll([prompts[i] for i in with_ref], [cases[i].reference for i in with_ref], cache,
-                                  batch_size=nll_batch_size)
+                                  batch_size=nll_batch_size, max_length=nll_max_length)
                 for i, v in zip(with_ref, vals):
                     nll_vals[i] = v
                 if progress:
@@ -127,17 +128,38 @@ def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], target
         target.unload()
 
     if "embedding_similarity" in metrics and embedder is not None:
-        todo = [r for r in rows if r["reference"] is not None]
-        outs = [o for r in todo for o in r["outputs"]]
-        refs = [r["reference"] for r in todo for _ in r["outputs"]]
-        sims = embedder(outs, refs) if outs else []
-        k = 0
-        for r in todo:
-            n = len(r["outputs"])
-            vals = [s if g is None else None for s, g in zip(sims[k:k + n], r["errors"])]
-            r["metrics"]["embedding_similarity"] = _mean(vals)
-            k += n
+        _embedding_similarity(rows, embedder, cache)
     return {"rows": rows, "notes": notes}
+
+
+def _embedding_similarity(rows: list[dict], embedder: Embedder, cache: DiskCache) -> None:
+    """One batch over every (output, reference) pair not in the cache; the embedder loads only if needed.
+
+    Cached only when the embedder has a `name` (its identity); a bare function is always recomputed."""
+    name = getattr(embedder, "name", None)
+    todo = [r for r in rows if r["reference"] is not None]
+    pairs = [(o, r["reference"]) for r in todo for o in r["outputs"]]
+    keys = [cache.key("emb", name, o, ref) for o, ref in pairs] if name else [None] * len(pairs)
+    sims: list[float | None] = [None] * len(pairs)
+    miss = []
+    for i, k in enumerate(keys):
+        hit = cache.get("emb", k) if k else None
+        if hit is not None:
+            sims[i] = hit["sim"]
+        else:
+            miss.append(i)
+    if miss:
+        vals = embedder([pairs[i][0] for i in miss], [pairs[i][1] for i in miss])
+        for i, v in zip(miss, vals):
+            sims[i] = v
+            if keys[i]:
+                cache.put("emb", keys[i], {"sim": v})
+    k = 0
+    for r in todo:
+        n = len(r["outputs"])
+        vals = [s if err is None else None for s, err in zip(sims[k:k + n], r["errors"])]
+        r["metrics"]["embedding_similarity"] = _mean(vals)
+        k += n
 
 
 def _score_row(case: Case, variant: PromptTemplate, target: Any, prompt: list[dict], gens: list, nll: float | None,

@@ -43,7 +43,7 @@ class ScriptedTarget:
                 out.append(Generation("", None, None, error=str(e)))
         return out
 
-    def nll(self, prompts, refs, cache, batch_size=4, progress=None):
+    def nll(self, prompts, refs, cache, **kw):
         return [self._nll(m, r) for m, r in zip(prompts, refs)]
 
 

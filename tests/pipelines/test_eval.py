@@ -46,10 +46,10 @@ def adapter_dir(base, tmp_path_factory):
 
 
 def _cfg(tmp_path, cases, adapter_uri, **kw) -> EvalConfig:
-    data = dict(name="it", cases=str(cases), limit=5, variants=["concise", "grounded"], prompts_dir=PROMPTS,
+    data = dict(name="it", cases=str(cases), limit=4, variants=["concise", "grounded"], prompts_dir=PROMPTS,
                 targets=[{"name": "base", "base": "smollm2-135m-instruct"}, {"name": "adapter", "adapter": adapter_uri}],
                 out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
-                generation={"max_new_tokens": 12, "batch_size": 8},
+                generation={"max_new_tokens": 12, "batch_size": 8}, nll_max_length=192,
                 assertions=[{"type": "max-length", "value": 4000}])
     data.update(kw)
     return EvalConfig.model_validate(data)
@@ -69,7 +69,7 @@ def test_eval_base_vs_adapter_on_oasst(mlflow_store, shared_data, tmp_path, adap
     results = json.loads(Path(res["results_path"]).read_text())
     assert results == json.loads(json.dumps(res["results"]))  # what was returned is what the gate reads
     n = results["cases"]["n"]
-    assert n == 5 and results["cases"]["kind"] == "oasst"
+    assert n == 4 and results["cases"]["kind"] == "oasst"
 
     # the matrix: every variant x target x metric, NLL direction explicit
     cells = {(c["variant"], c["target"], c["metric"]): c for c in results["cells"]}
