@@ -28,7 +28,9 @@ from pipelines.errors import InputError
 
 REFERENCE_METRICS = ("exact_match", "rouge_l", "embedding_similarity", "nll")
 DEFAULT_METRICS = ["exact_match", "rouge_l", "embedding_similarity", "nll", "pii", "latency_ms", "generated_tokens"]
-KNOWN_METRICS = set(DEFAULT_METRICS) | {"judge_score"}
+# pass_rate / error_rate / consistency are computed whenever they apply; naming them is allowed (the gate lists
+# the metrics its rules read) and changes nothing.
+KNOWN_METRICS = set(DEFAULT_METRICS) | {"judge_score", "pass_rate", "error_rate", "consistency"}
 
 Embedder = Callable[[Sequence[str], Sequence[str]], list[float]]
 Judge = Callable[[str, str, str | None], float | None]

@@ -129,7 +129,7 @@ def load_template(name_or_path: str | Path, search_dir: str | Path = "configs/pr
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise InputError(f"{p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    return template_from_dict(data, source=str(p))
+    return template_from_dict(data, source=str(p.resolve()))  # absolute: results.json readers (gate) reopen it
 
 
 def check_fields(templates: Iterable[PromptTemplate], cases: Iterable[Any]) -> None:
