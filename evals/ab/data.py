@@ -114,24 +114,28 @@ def _read_json(p: Path, cols: list[str], problems: dict):
     return df
 
 
-def to_numeric(values) -> tuple[np.ndarray, np.ndarray]:
-    """(float array, bad mask). Numbers, booleans, numeric strings and labelled ratings ("7 - Strongly
-    support" -> 7) are accepted; anything else, NaN and +-inf are NaN and flagged bad."""
+def to_numeric(values) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values, bad mask or None when nothing is bad). Numbers, booleans, numeric strings and labelled ratings
+    ("7 - Strongly support" -> 7) are accepted; anything else, NaN and +-inf are NaN and flagged bad.
+    Integer columns stay integer (no NaN possible): the engine's histogram path then skips float checks."""
     import pandas as pd
 
     s = values if isinstance(values, pd.Series) else pd.Series(values)
-    if pd.api.types.is_bool_dtype(s):
-        arr = s.to_numpy(dtype=float)
-    elif pd.api.types.is_numeric_dtype(s):
-        arr = s.to_numpy(dtype=float, na_value=np.nan)
+    if pd.api.types.is_bool_dtype(s) and not s.hasnans:
+        return s.to_numpy(dtype=np.int8), None
+    if pd.api.types.is_integer_dtype(s) and not s.hasnans:
+        return s.to_numpy(), None
+    if pd.api.types.is_numeric_dtype(s):
+        arr = np.array(s.to_numpy(dtype=float, na_value=np.nan), dtype=float, copy=True)
     else:
         arr = np.array(pd.to_numeric(s, errors="coerce").to_numpy(dtype=float, na_value=np.nan), copy=True)
         miss = ~np.isfinite(arr)
         if miss.any():
-            fixed = [_parse_one(v) for v in s[miss].tolist()]
-            arr[miss] = fixed
+            arr[miss] = [_parse_one(v) for v in s[miss].tolist()]
     bad = ~np.isfinite(arr)
-    arr = np.where(bad, np.nan, arr)
+    if not bad.any():
+        return arr, None
+    arr[bad] = np.nan
     return arr, bad
 
 

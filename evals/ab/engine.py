@@ -127,7 +127,7 @@ def _variant_codes(df, s: Settings, probs: _Problems) -> tuple[np.ndarray, list[
             mask = np.isin(codes, unknown)
             probs.add("unknown_variant", mask, df, s.variant)
             codes = np.where(mask, -1, codes)
-    counts = np.bincount(codes[codes >= 0], minlength=len(names))
+    counts = np.bincount(codes + 1, minlength=len(names) + 1)[1:]
     present = [n for i, n in enumerate(names) if counts[i] > 0]
     # Reorder codes: control first, then configured order (or order of appearance).
     control = s.control or (s.variants[0] if s.variants else ("control" if "control" in present else
@@ -186,35 +186,42 @@ def _resolve_kind(m: Metric, y: np.ndarray) -> str:
     return "mean"
 
 
-def _metric_values(df, m: Metric, vcodes: np.ndarray, probs: _Problems) -> tuple[np.ndarray, np.ndarray]:
+def _metric_values(df, m: Metric, vcodes: np.ndarray, probs: _Problems,
+                   cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(values, usable mask) for one metric; rates are turned into 0/1 here."""
     if m.column not in df.columns:
         raise InputError(f"metric {m.name}: column {m.column!r} not found; columns: "
                          f"{[c for c in df.columns if c[0] != '_']}")
-    y, bad = to_numeric(df[m.column])
+    y, bad = cache[m.column] if cache is not None and m.column in cache else to_numeric(df[m.column])
+    if cache is not None:
+        cache[m.column] = (y, bad)
     active = vcodes >= 0
-    probs.add(f"{m.name}: missing or non-numeric", bad & active, df, m.column)
-    ok = active & ~bad
-    out = np.zeros(ok.shape, dtype=bool)
+    if bad is not None:
+        probs.add(f"{m.name}: missing or non-numeric", bad & active, df, m.column)
+        ok = active & ~bad
+    else:
+        ok = active
+    out = None
     if m.min is not None:
-        out |= ok & (y < m.min)
+        out = ok & (y < m.min)
     if m.max is not None:
-        out |= ok & (y > m.max)
+        out = ok & (y > m.max) if out is None else out | (ok & (y > m.max))
     if m.kind == "rate" and m.threshold is None:
-        out |= ok & ~np.isin(y, [0.0, 1.0])
-    if out.any():
+        notbin = ok & (y != 0) & (y != 1)
+        out = notbin if out is None else out | notbin
+    if out is not None and out.any():
         probs.add(f"{m.name}: out of range" + (f" [{m.min}, {m.max}]" if m.min is not None or m.max is not None
                                                 else " (rate needs 0/1)"), out, df, m.column)
-        ok &= ~out
+        ok = ok & ~out
     if m.threshold is not None:
-        y = np.where(ok, (y >= m.threshold).astype(float), np.nan)
+        y = (y >= m.threshold).astype(np.int8)  # rows that are not ok are masked out downstream
     return y, ok
 
 
 def _collapse(y, ok, vcodes, ucodes):
     """Per-unit means. Returns (unit values, unit variant codes, max rows per unit)."""
     if ucodes is None:
-        return y[ok], vcodes[ok], 1
+        return (y, vcodes, 1) if ok.all() else (y[ok], vcodes[ok], 1)
     u = ucodes[ok]
     n_units = int(ucodes.max()) + 1
     cnt = np.bincount(u, minlength=n_units)
@@ -241,41 +248,48 @@ class Agg:
 
 
 def aggregate(y: np.ndarray, codes: np.ndarray, n_variants: int, *, discrete: bool, buckets: int = 1000) -> Agg:
-    """Per-variant n, mean, variance (+ histogram or bootstrap buckets) in a few bincount passes."""
+    """Per-variant n, mean, variance (+ histogram or bootstrap buckets) in one to three bincount passes.
+
+    Discrete metrics: one histogram pass; n, mean and variance then come from the histogram (exact counts,
+    variance centred per level, so no cancellation). Continuous metrics: bucket sums/counts give n and the
+    sum; one more pass gives the sum of squares of the shifted values.
+    """
     V = n_variants
-    n = np.bincount(codes, minlength=V).astype(float)
-    shift = float(y[0]) if y.size else 0.0  # shifting keeps sum-of-squares variance exact to ~1e-12
-    ys = y - shift
-    s1 = np.bincount(codes, weights=ys, minlength=V)
-    s2 = np.bincount(codes, weights=ys * ys, minlength=V)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_s = s1 / n
-        var = np.maximum((s2 - n * mean_s ** 2) / (n - 1), 0.0)
-    agg = Agg(n=n, mean=mean_s + shift, var=var)
-    if discrete:
-        if y.size and np.all(y == np.round(y)) and (y.max() - y.min()) <= 10_000:
-            lo = int(y.min())
-            idx = (y - lo).astype(np.int64)
-            L = int(idx.max()) + 1
+    if discrete and y.size:
+        lo, hi = float(y.min()), float(y.max())
+        is_int = np.issubdtype(y.dtype, np.integer)
+        if hi - lo <= 10_000 and (is_int or np.array_equal(y, np.floor(y))):
+            idx = y.astype(np.intp)
+            if lo:
+                idx -= int(lo)
+            L = int(hi - lo) + 1
             hist = np.bincount(codes * L + idx, minlength=V * L).reshape(V, L)
             keep = hist.sum(axis=0) > 0
-            agg.levels, agg.hist = (np.arange(L) + lo)[keep].astype(float), hist[:, keep]
+            levels, hist = (np.arange(L) + lo)[keep].astype(float), hist[:, keep]
         else:
             levels, inv = np.unique(y, return_inverse=True)
             L = levels.size
-            agg.levels = levels
-            agg.hist = np.bincount(codes * L + inv, minlength=V * L).reshape(V, L)
-    else:
-        # Rows are dealt into buckets round-robin within each variant: bucket = rank within variant mod K.
-        order = np.argsort(codes, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(n.astype(np.int64))[:-1]])
-        rank = np.empty_like(codes)
-        rank[order] = np.arange(codes.size) - np.repeat(starts, n.astype(np.int64))
-        K = int(max(1, min(buckets, n.min() if n.size else 1)))
-        b = codes * K + rank % K
-        agg.bucket_sums = np.bincount(b, weights=ys, minlength=V * K).reshape(V, K)
-        agg.bucket_counts = np.bincount(b, minlength=V * K).reshape(V, K).astype(float)
-    return agg
+            hist = np.bincount(codes * L + inv.ravel(), minlength=V * L).reshape(V, L)
+        n = hist.sum(axis=1).astype(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = hist @ levels / n
+            var = (hist * (levels[None, :] - mean[:, None]) ** 2).sum(axis=1) / (n - 1)
+        return Agg(n=n, mean=mean, var=var, levels=levels, hist=hist)
+    # Rows are dealt into K buckets by row index (K = rows when there are at most `buckets` rows: then each
+    # row is its own bucket and this is the plain row bootstrap). Empty buckets are dropped at resampling.
+    K = int(max(1, min(buckets, codes.size)))
+    shift = float(y[0]) if y.size else 0.0  # shifting keeps sum-of-squares variance exact to ~1e-12
+    ys = y - shift
+    b = codes * K + np.arange(codes.size) % K if K > 1 else codes
+    bsum = np.bincount(b, weights=ys, minlength=V * K).reshape(V, K)
+    bcnt = np.bincount(b, minlength=V * K).reshape(V, K).astype(float)
+    n, s1 = bcnt.sum(axis=1), bsum.sum(axis=1)
+    ys *= ys
+    s2 = np.bincount(codes, weights=ys, minlength=V)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_s = s1 / n
+        var = np.maximum((s2 - n * mean_s ** 2) / (n - 1), 0.0)
+    return Agg(n=n, mean=mean_s + shift, var=var, bucket_sums=bsum, bucket_counts=bcnt)
 
 
 # ----------------------------------------------------------------------------------------------- comparisons
@@ -404,7 +418,7 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
     V = len(names)
     # SRM on units (or rows when each row is a unit) that passed cleaning
     if ucodes is None:
-        units = np.bincount(vcodes[vcodes >= 0], minlength=V)
+        units = np.bincount(vcodes + 1, minlength=V + 1)[1:]
     else:
         ok = vcodes >= 0
         uvar = np.full(int(ucodes.max()) + 1, -1, dtype=np.int64)
@@ -415,8 +429,9 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
 
     comparisons, summaries, kinds = [], [], {}
     plan: dict[str, dict] = {}
+    cache: dict = {}  # column -> parsed values: rating and success read the same column
     for m in metrics:
-        y, ok = _metric_values(df, m, vcodes, probs)
+        y, ok = _metric_values(df, m, vcodes, probs, cache)
         yu, vu, max_rows = _collapse(y, ok, vcodes, ucodes)
         if yu.size == 0:
             raise InputError(f"metric {m.name}: no usable values (see excluded rows)")
@@ -427,6 +442,7 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
             if m.covariate not in df.columns:
                 raise InputError(f"metric {m.name}: CUPED covariate column {m.covariate!r} not found")
             x, _ = to_numeric(df[m.covariate])  # NaN covariate = no adjustment for that unit
+            x = x.astype(float)
             xu, _, _ = _collapse(x, ok, vcodes, ucodes)
             yu, cuped_info = cuped_adjust(yu, xu)
         discrete = kind in ("ordinal", "rate") and cuped_info is None

@@ -149,14 +149,16 @@ def bootstrap_diff_buckets(sums_c, counts_c, sums_t, counts_t, *, alpha: float =
                            seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean difference from bucket aggregates (a 'bucket bootstrap').
 
-    Each arm's rows are dealt into K buckets (K = n when n is small: the plain row bootstrap); resampling K
-    buckets with replacement and taking sum/count reproduces the row bootstrap's spread for i.i.d. rows at a
-    cost independent of n.
+    Each arm's rows are dealt into K buckets (one row per bucket when n is small: the plain row bootstrap);
+    resampling the K non-empty buckets with replacement and taking sum/count reproduces the row bootstrap's
+    spread for i.i.d. rows at a cost independent of n.
     """
     rng = np.random.default_rng(seed)
     means = []
     for sums, counts in ((sums_c, counts_c), (sums_t, counts_t)):
         sums, counts = np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)
+        keep = counts > 0
+        sums, counts = sums[keep], counts[keep]
         k = sums.size
         idx = rng.integers(0, k, size=(n_boot, k))  # k buckets drawn with replacement, n_boot times
         means.append(sums[idx].sum(axis=1) / counts[idx].sum(axis=1))
