@@ -82,6 +82,7 @@ class _Problems:
 
     def __init__(self, max_examples: int):
         self.counts: Counter = Counter()
+        self.warnings: list[str] = []
         self.examples: dict[str, list[str]] = {}
         self.max = max_examples
 
@@ -424,8 +425,13 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
         uvar = np.full(int(ucodes.max()) + 1, -1, dtype=np.int64)
         uvar[ucodes[ok]] = vcodes[ok]
         units = np.bincount(uvar[uvar >= 0], minlength=V)
-    srm = srm_check({n: int(units[i]) for i, n in enumerate(names)}, s.allocation,
-                    warn_p=s.srm_warning_p, alert_p=s.srm_alert_p)
+    observed = {n: int(units[i]) for i, n in enumerate(names)}
+    # A configured arm with no units at all is the most extreme sample-ratio mismatch: keep it in the check.
+    for v in list(s.allocation or {}) + list(s.variants or []):
+        if v not in observed:
+            observed[v] = 0
+            probs.warnings.append(f"configured variant {v!r} has no usable data")
+    srm = srm_check(observed, s.allocation, warn_p=s.srm_warning_p, alert_p=s.srm_alert_p)
 
     comparisons, summaries, kinds = [], [], {}
     plan: dict[str, dict] = {}
@@ -641,6 +647,8 @@ def _report(design, df, names, probs, srm, summaries, comparisons, verdicts, s, 
         "rows": {"read": n_read, "excluded": sum(row_level.values()),
                  "used": n_read - sum(row_level.values()), **probs.as_dict()},
         "srm": srm,
+        "warnings": probs.warnings + [f"{c['variant']} / {c['metric']}: {c['warning']}" for c in comparisons
+                                      if c.get("warning")],
         "summaries": summaries,
         "comparisons": comparisons,
         "verdicts": verdicts,

@@ -237,3 +237,31 @@ def test_persuasion_prompt_types_by_hand():
         assert f["cuped"]["theta"] == pytest.approx(theta, abs=1e-9)
         assert f["p_value"] == pytest.approx(ref.pvalue, abs=1e-9)
     assert all(d["decision"] == "keep running" for d in rep["verdicts"].values())  # 30 per arm: too few
+
+
+def test_configured_variant_without_data_is_an_srm():
+    df = _frame(500, 500)
+    rep = analyze(df, METRICS2, Settings(control="a", variants=["a", "b", "c"]))
+    assert rep["srm"]["observed"]["c"] == 0 and rep["srm"]["status"] == "alert"
+    assert any("'c' has no usable data" in w for w in rep["warnings"])
+    assert rep["verdicts"]["b"]["decision"] == "invalid"
+
+
+def test_small_rate_uses_fisher_exact():
+    df = pd.DataFrame({"user_id": range(24), "prompt_variant": ["a"] * 12 + ["b"] * 12,
+                       "ok": [1] + [0] * 11 + [1] * 6 + [0] * 6})
+    rep = analyze(df, [Metric("ok", "ok")], Settings(control="a"))
+    c = C(rep, "b", "ok")
+    assert c["kind"] == "rate" and c["test"] == "fisher_exact"
+    assert c["p_value"] == pytest.approx(stats.fisher_exact([[6, 6], [1, 11]]).pvalue, abs=1e-12)
+
+
+def test_sequential_decision_is_more_conservative():
+    df = _frame(400, 400, effect=0.25, seed=21)
+    fixed = analyze(df, METRICS2[:1], Settings(control="a"))
+    seq = analyze(df, METRICS2[:1], Settings(control="a", decision="sequential"))
+    c = C(seq, "b", "rating")
+    assert c["sequential"]["p_value"] >= c["welch_p_value"] or c["sequential"]["p_value"] >= c["p_value"]
+    assert c["sequential"]["ci_low"] <= c["ci_low"] and c["sequential"]["ci_high"] >= c["ci_high"]
+    assert seq["verdicts"]["b"]["basis"].startswith("always-valid")
+    assert fixed["verdicts"]["b"]["basis"].startswith("fixed")
