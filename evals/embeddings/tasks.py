@@ -51,6 +51,7 @@ class PairsTask:
     source: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     kind: str = "sts"
+    labels: list[bool] | None = None  # duplicate labels given by the data; None: derived from scores
 
 
 # ---------------------------------------------------------------- helpers
@@ -126,7 +127,8 @@ def load_beir(root: str | Path, split: str = "test", *, name: str | None = None,
     """
     root = Path(root)
     name = name or root.name
-    corpus_path, queries_path, qrels_path = root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{split}.tsv"
+    corpus_path, queries_path = root / "corpus.jsonl", root / "queries.jsonl"
+    qrels_path = root / "qrels" / f"{split}.tsv"
     docs = _unique_ids(corpus_path, _read_jsonl(corpus_path, ("_id",)))
     if not docs:
         raise InputError(f"{corpus_path}: empty corpus (0 documents)")
@@ -248,6 +250,50 @@ def load_sts(root: str | Path, split: str = "dev", *, name: str | None = None, m
     return PairsTask(name, s1, s2, scores, str(path), info)
 
 
+def load_pairs(path: str | Path, *, name: str | None = None, max_pairs: int | None = None,
+               seed: int = 0) -> PairsTask:
+    """Labelled pairs for duplicate / semantic-cache calibration: JSONL with `text1`, `text2` (or `s1`/`s2`,
+    `sentence1`/`sentence2`) and `label` (0/1, true/false: is a duplicate) and/or `score` (graded similarity).
+
+    With only labels, Spearman/Pearson are computed against the 0/1 label (a rank-biserial style agreement).
+    """
+    path = Path(path)
+    s1, s2, scores, labels = [], [], [], []
+    has_label = has_score = False
+    n_label = 0
+    for line, obj in _read_jsonl(path, ()):
+        a = next((obj[k] for k in ("text1", "s1", "sentence1") if k in obj), None)
+        b = next((obj[k] for k in ("text2", "s2", "sentence2") if k in obj), None)
+        if not isinstance(a, str) or not isinstance(b, str):
+            raise InputError(f"{path}:{line}: text1/text2: two strings required")
+        if "label" not in obj and "score" not in obj:
+            raise InputError(f"{path}:{line}: missing field 'label' (0/1) or 'score'")
+        if "label" in obj:
+            if obj["label"] not in (0, 1, True, False):
+                raise InputError(f"{path}:{line}: label: {obj['label']!r} is not 0/1")
+            has_label = True
+            n_label += 1
+        if "score" in obj:
+            if not isinstance(obj["score"], (int, float)) or isinstance(obj["score"], bool):
+                raise InputError(f"{path}:{line}: score: {obj['score']!r} is not a number")
+            has_score = True
+        s1.append(a)
+        s2.append(b)
+        labels.append(bool(obj.get("label", False)))
+        scores.append(float(obj["score"]) if "score" in obj else float(bool(obj.get("label"))))
+    if not s1:
+        raise InputError(f"{path}: no pairs")
+    if 0 < n_label < len(s1):
+        raise InputError(f"{path}: {len(s1) - n_label} of {len(s1)} pairs have no 'label' (label all or none)")
+    info: dict[str, Any] = {"pairs_in_file": len(s1), "labels": "given" if has_label else "from score",
+                            "has_score": has_score}
+    if max_pairs is not None and max_pairs < len(s1):
+        idx = sorted(random.Random(seed).sample(range(len(s1)), max_pairs))
+        s1, s2, scores, labels = ([x[i] for i in idx] for x in (s1, s2, scores, labels))
+    info["pairs"] = len(s1)
+    return PairsTask(name or path.stem, s1, s2, scores, str(path), info, labels=labels if has_label else None)
+
+
 # ---------------------------------------------------------------- domain task from a mined dataset
 
 
@@ -327,9 +373,12 @@ def resolve_task(spec: str, data_dir: str | Path, *, split: str = "test", sts_sp
             raise InputError(f"task {spec!r}: not a known task ({', '.join(KNOWN_TASKS)}) and not a path")
     if path.is_dir() and (path / "corpus.jsonl").exists():
         return load_beir(path, split, name=name, max_docs=max_docs, max_queries=max_queries, seed=seed)
-    if (path.is_dir() and (path / f"sts-{sts_split}.csv").exists()) or (path.is_file() and path.suffix in (".csv", ".tsv")):
+    is_sts_file = path.is_file() and path.suffix in (".csv", ".tsv")
+    if is_sts_file or (path.is_dir() and (path / f"sts-{sts_split}.csv").exists()):
         return load_sts(path, sts_split, name=name, max_pairs=max_pairs, seed=seed)
+    if path.is_file() and path.suffix == ".jsonl":
+        return load_pairs(path, name=name, max_pairs=max_pairs, seed=seed)
     if path.is_dir() and ((path / "train.jsonl").exists() or (path / "eval.jsonl").exists()):
         return load_domain(path, name=name, max_queries=max_queries, seed=seed)
-    raise InputError(f"task {spec!r}: {path} is not a BEIR dir (corpus.jsonl), an STS dir (sts-{sts_split}.csv) "
-                     "or a mined dataset (train.jsonl/eval.jsonl)")
+    raise InputError(f"task {spec!r}: {path} is not a BEIR dir (corpus.jsonl), an STS dir (sts-{sts_split}.csv), "
+                     "a labelled pairs .jsonl or a mined dataset (train.jsonl/eval.jsonl)")

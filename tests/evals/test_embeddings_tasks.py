@@ -115,3 +115,19 @@ def test_real_shared_data_shapes(shared_data):
     assert cran.info["graded"] and len(cran.corpus) == 1400
     sts = load_sts(shared_data("stsbenchmark"), "train")
     assert len(sts.scores) == 5749
+
+
+def test_labelled_pairs_jsonl(tmp_path):
+    from evals.embeddings.tasks import load_pairs
+
+    f = tmp_path / "dups.jsonl"
+    f.write_text('{"text1": "how do I reset my password", "text2": "password reset help", "label": 1}\n'
+                 '{"s1": "refund policy", "s2": "shipping times", "label": 0}\n')
+    t = resolve_task(str(f), tmp_path)
+    assert t.kind == "sts" and t.labels == [True, False] and t.name == "dups"
+    f.write_text('{"text1": "a", "text2": "b", "label": 1}\n{"text1": "a", "text2": "c", "score": 2.0}\n')
+    with pytest.raises(InputError, match="1 of 2 pairs have no 'label'"):
+        load_pairs(f)
+    f.write_text('{"text1": "a", "text2": "b", "label": "yes"}\n')
+    with pytest.raises(InputError, match=r"dups.jsonl:1: label: 'yes' is not 0/1"):
+        load_pairs(f)

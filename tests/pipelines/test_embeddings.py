@@ -35,9 +35,9 @@ def data(tmp_path_factory):
     for i, (ctx, q) in enumerate(FACTS * 2):
         q = q if i < len(FACTS) else q.replace("?", " please?")
         recs.append({"id": f"r{i}", "rating": 5, "source": "t", "prompt_variant": "v1", "context": ctx,
-                     "cluster": f"c{i}", "messages": [{"role": "system", "content": f"Answer using this context:\n{ctx}"},
-                                                      {"role": "user", "content": q},
-                                                      {"role": "assistant", "content": "ok"}]})
+                     "cluster": f"c{i}",
+                     "messages": [{"role": "system", "content": f"Answer using this context:\n{ctx}"},
+                                  {"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]})
     (ds / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:9]))
     (ds / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[9:]))
     (ds / "manifest.json").write_text(json.dumps({"version": "v-test-1"}))
@@ -50,14 +50,19 @@ def data(tmp_path_factory):
         pair = (ctx, ctx.replace(".", " indeed."), 4.6) if i % 2 == 0 else (ctx, other, 0.4 + (i % 5) * 0.5)
         rows.append(f"g\tf\t2012\t{i:04d}\t{pair[2]:.3f}\t{pair[0]}\t{pair[1]}")
     (sts / "sts-dev.csv").write_text("\n".join(rows) + "\n")
-    return {"mined": ds, "sts": sts}
+    pairs = root / "dups.jsonl"  # labelled pairs for threshold calibration
+    pairs.write_text("".join(json.dumps({"text1": c, "text2": q, "label": 1}) + "\n" for c, q in FACTS) +
+                     "".join(json.dumps({"text1": FACTS[i][0], "text2": FACTS[i - 1][1], "label": 0}) + "\n"
+                             for i in range(len(FACTS))))
+    return {"mined": ds, "sts": sts, "pairs": pairs}
 
 
 @pytest.mark.slow
 def test_bench_end_to_end_mlflow_and_warm_rerun(data, mlflow_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cfg = EmbeddingsConfig(models=["static-64", "paraphrase-MiniLM-L3-v2"], tasks=[str(data["mined"]), str(data["sts"])],
+    cfg = EmbeddingsConfig(models=["static-64", "paraphrase-MiniLM-L3-v2"], tasks=[str(data["mined"]), str(data["sts"]),
+                                                                      str(data["pairs"])],
                            out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
                            speed={"n_texts": 16, "n_latency": 5}, stats={"n_boot": 200})
     res = run_bench_embeddings(cfg, quiet=True)
@@ -66,7 +71,9 @@ def test_bench_end_to_end_mlflow_and_warm_rerun(data, mlflow_store, tmp_path):
         header = next(csv.reader(f))
     assert header[:15] == CONTRACT and header == COLUMNS
     rows = list(csv.DictReader(open(out / "leaderboard.csv")))
-    assert len(rows) == 4
+    assert len(rows) == 6
+    dups = [r for r in rows if r["task"] == "dups"]
+    assert all(0 < float(r["dup_best_f1"]) <= 1 and r["dup_recall_at_fixed"] != "" for r in dups)
     dom = [r for r in rows if r["task"] == "domain:mined"]
     sts = [r for r in rows if r["task"] == "sts"]
     assert all(r["spearman"] == "" and float(r["ndcg@10"]) > 0 for r in dom)  # n/a cells are empty
@@ -76,7 +83,7 @@ def test_bench_end_to_end_mlflow_and_warm_rerun(data, mlflow_store, tmp_path):
     assert {r["vs_best"] for r in dom} & {"best"} and any("too few" in r["vs_best"] for r in rows)
     for name in ("leaderboard.md", "comparisons.csv", "calibration.csv", "quality_vs_speed.png", "summary.json"):
         assert (out / name).stat().st_size > 0
-    assert len(list((out / "per_query").glob("*.csv"))) == 4
+    assert len(list((out / "per_query").glob("*.csv"))) == 6
 
     client = MlflowClient()
     parent = client.get_run(res["run_id"])
@@ -87,7 +94,7 @@ def test_bench_end_to_end_mlflow_and_warm_rerun(data, mlflow_store, tmp_path):
     arts = {a.path for a in client.list_artifacts(res["run_id"])}
     assert {"leaderboard.csv", "leaderboard.md", "quality_vs_speed.png", "comparisons.csv"} <= arts
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{res['run_id']}'")
-    assert len(children) == 4
+    assert len(children) == 6
     for ch in children:
         assert {"model", "task", "dims", "size_mb"} <= set(ch.data.params)
         assert "per_query.csv" in {a.path for a in client.list_artifacts(ch.info.run_id)}
