@@ -506,7 +506,8 @@ def register(app: typer.Typer) -> None:
     @app.command("bench-embeddings")
     def bench_embeddings(
         config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (configs/embeddings.yaml)"),
-        overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. models=[static-64] max_docs=300"),
+        overrides: list[str] = typer.Argument(
+            None, help="key=value overrides, e.g. max_docs=300 speed.refresh=true (lists: models=\\[a,b])"),
     ) -> None:
         """Embedding models x tasks: retrieval, STS, duplicate threshold, speed; leaderboard + MLflow."""
         cfg = load_config(EmbeddingsConfig, config, overrides or [])
