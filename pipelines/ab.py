@@ -209,7 +209,7 @@ def _log_mlflow(report: dict, cfg: AbConfig, logs: list[Path], out_dir: str | No
     tags = {"flywheel.ab.srm_status": report["srm"]["status"],
             "flywheel.ab.design": report["design"], "flywheel.ab.control": report["control"]}
     for v, d in report["verdicts"].items():
-        tags[f"flywheel.ab.verdict.{v}"] = d["decision"]
+        tags[tracking.sanitize_metric_name(f"flywheel.ab.verdict.{v}")] = d["decision"]  # MLflow key charset
     params = flatten(cfg.model_dump(mode="json"))
     with tracking.start_run("ab", run_name=f"ab-{'-'.join(report['variants'])}"[:200], inputs=inputs, tags=tags,
                             params=params, configured_uri=cfg.tracking_uri) as run:
