@@ -9,7 +9,7 @@ import pytest
 from pipelines.demo_logs import _pii
 from pipelines.io import read_jsonl
 from pipelines.mine import MineConfig, mine_to_dir
-from conftest import shared_path
+from tests.conftest import shared_path
 
 
 def _head(src, dst, n):
