@@ -151,6 +151,17 @@ def metric_history(run_id: str, key: str) -> list[dict]:
     return sorted(_metric_history(uri(), run_id, key), key=lambda m: (m["step"], m["timestamp"]))
 
 
+def metric_histories(pairs: list[tuple[dict, str]]) -> tuple[list[tuple[dict, str]], list[list[dict]]]:
+    """Histories of several (run, key) pairs, fetched concurrently: one round trip each, overlapped (a page
+    overlaying 3 runs x 5 curves would otherwise wait for 15 sequential queries)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    current = uri()
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(pairs)))) as pool:
+        got = list(pool.map(lambda p: _metric_history(current, p[0]["run_id"], p[1]), pairs))
+    return pairs, [sorted(h, key=lambda m: (m["step"], m["timestamp"])) for h in got]
+
+
 def _quote(value: str) -> str:
     return value.replace("'", "")
 

@@ -22,10 +22,9 @@ if not chosen:
 
 CURVES = ["loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s"]
 rows = []
-for run in chosen:
-    for key in CURVES:
-        for point in store.metric_history(run["run_id"], key):
-            rows.append({"run": ui.run_label(run), "metric": key, "step": point["step"], "value": point["value"]})
+for (run, key), history in zip(*store.metric_histories([(r, k) for r in chosen for k in CURVES])):
+    for point in history:
+        rows.append({"run": ui.run_label(run), "metric": key, "step": point["step"], "value": point["value"]})
 curves = pd.DataFrame(rows, columns=["run", "metric", "step", "value"])
 
 
