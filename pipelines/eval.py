@@ -232,6 +232,20 @@ def register_prompt(template: Any) -> Any:
 
 # -- the stage ------------------------------------------------------------------------------------------------
 
+def demo_config(cases: str | Path, candidate: str | None = None, out: str | Path | None = None,
+                **overrides: Any) -> EvalConfig:
+    """The demo suite (`configs/eval/demo.yaml`) on `cases` (e.g. the demo dataset dir), base vs `candidate`
+    (an adapter dir or `runs:/<id>/adapter`). What `flywheel demo` / `flywheel run` call before `run_eval`."""
+    cfg = load_config(EvalConfig, ROOT / "configs" / "eval" / "demo.yaml")
+    cfg.cases = str(cases)
+    cfg.candidate = str(candidate) if candidate else None
+    if out:
+        cfg.out = str(out)
+    for k, v in overrides.items():  # validated on assignment (StageConfig)
+        setattr(cfg, k, v)
+    return cfg
+
+
 def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
     """Evaluate `cfg.variants` x `cfg.targets` on `cfg.cases`. Returns {run_id, results_path, results, out}."""
     import tempfile

@@ -153,3 +153,17 @@ def test_cli_errors_are_one_line(tmp_path, mlflow_store):
     r = runner.invoke(app, ["eval", f"variants=[{broken}]", f"out={tmp_path / 'o'}"])
     assert isinstance(r.exception, InputError) and "'audiense'" in str(r.exception)
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_config_and_shipped_configs_validate():
+    from pipelines.config import load_config
+    from pipelines.eval import EvalConfig, demo_config
+
+    cfg = demo_config("/data/demo", "runs:/abc/adapter", "/tmp/out", limit=5)
+    assert (cfg.cases, cfg.candidate, cfg.out, cfg.limit) == ("/data/demo", "runs:/abc/adapter", "/tmp/out", 5)
+    assert cfg.variants == ["concise", "grounded"] and cfg.primary_metric == "nll"
+    for p in sorted((ROOT / "configs" / "eval").glob("*.yaml")):
+        assert p.read_text().startswith("# Run with: flywheel eval --config"), p
+        load_config(EvalConfig, p)
+    for p in sorted((ROOT / "configs" / "prompts").glob("*.yaml")):
+        assert p.read_text().startswith("# "), p
