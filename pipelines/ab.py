@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import typer
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipelines.config import StageConfig, flatten, load_config
 
@@ -86,6 +86,22 @@ class AbConfig(StageConfig):
     out: str | None = None  # directory for report.json + plots; None = only MLflow artifacts
     tracking_uri: str | None = None
     log_mlflow: bool = True
+
+    # Variant names are compared as strings (a CSV column of 0/1 arms reads as "0"/"1"); YAML may give numbers.
+    @field_validator("control", mode="before")
+    @classmethod
+    def _str_control(cls, v):
+        return None if v is None else str(v)
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _str_variants(cls, v):
+        return None if v is None else [str(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("allocation", mode="before")
+    @classmethod
+    def _str_allocation(cls, v):
+        return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v
 
 
 def _settings(cfg: AbConfig):

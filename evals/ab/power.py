@@ -99,8 +99,10 @@ def plan(*, metric_type: str, baseline: float, sd: float | None = None, mde: flo
            "arms": arms, "test": "two-sided two-sample t-test (statsmodels TTestIndPower)" if metric_type == "mean"
            else "two-sided two-proportion normal test on Cohen's h (statsmodels NormalIndPower)",
            "assumptions": ["equal allocation across arms", "independent units (analyse at the randomisation unit)",
-                           f"two-sided test at alpha={alpha} per comparison (no multiplicity correction; with "
-                           f"{arms - 1} comparisons Holm needs up to alpha/{arms - 1})",
+                           f"two-sided test at alpha={alpha} per comparison" + (
+                               f" (no multiplicity correction: with {arms - 1} comparisons Holm tests the smallest "
+                               f"p at alpha/{arms - 1}; plan with --alpha {alpha / (arms - 1):.3g} to be safe)"
+                               if arms > 2 else ""),
                            "variance/baseline rate as given, taken from history",
                            "fixed horizon: look once at the end (sequential monitoring costs extra sample)"]}
     if daily_units is not None and days is not None:
