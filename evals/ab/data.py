@@ -46,8 +46,9 @@ def load_table(paths: Iterable[str | Path], columns: list[str]) -> tuple["pd.Dat
             raise InputError(f"{p}: input file does not exist")
         suffix = "".join(p.suffixes[-2:]).lower() if p.suffix == ".gz" else p.suffix.lower()
         if suffix in (".csv", ".tsv", ".csv.gz"):
-            df = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", low_memory=False)
-            df["_line"] = np.arange(2, len(df) + 2)  # header is line 1 (multi-line cells make this approximate)
+            sep = "\t" if suffix == ".tsv" else ","
+            df = pd.read_csv(p, sep=sep, low_memory=False)
+            df["_line"] = _csv_start_lines(p, sep, len(df))
         elif suffix in (".parquet", ".pq"):
             df = pd.read_parquet(p)
             df["_line"] = np.arange(1, len(df) + 1)
@@ -68,6 +69,25 @@ def load_table(paths: Iterable[str | Path], columns: list[str]) -> tuple["pd.Dat
         raise InputError("no input files given")
     out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     return out, problems
+
+
+def _csv_start_lines(p: Path, sep: str, n_rows: int, max_bytes: int = 100 << 20) -> np.ndarray:
+    """The file line where each data row starts (quoted cells may span lines, as in the persuasion CSV).
+    Files over `max_bytes` (or gzipped) get row number + 1, exact only without multi-line cells."""
+    import csv
+
+    if p.suffix != ".gz" and p.stat().st_size <= max_bytes:
+        starts = []
+        with open(p, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f, delimiter=sep)
+            prev = 0
+            for i, _ in enumerate(reader):
+                if i:
+                    starts.append(prev + 1)
+                prev = reader.line_num
+        if len(starts) == n_rows:
+            return np.asarray(starts, dtype=np.int64)
+    return np.arange(2, n_rows + 2)
 
 
 def _read_json(p: Path, cols: list[str], problems: dict):

@@ -217,6 +217,11 @@ def test_persuasion_prompt_types_by_hand():
     rep = analyze(df, metrics, Settings(variant="prompt_type", unit="ID", control="Compelling Case"))
     raw = pd.read_csv(path)
     assert rep["rows"]["by_reason"] == {"missing_variant": int(raw.prompt_type.isna().sum())}  # human-written
+    # examples point at the file line where the record starts, although arguments span many lines
+    ex = rep["rows"]["examples"]["missing_variant"][0]
+    line_no = int(ex.split(":")[1])
+    first_na_id = raw.loc[raw.prompt_type.isna(), "ID"].iloc[0]
+    assert open(path, encoding="utf-8").read().split("\n")[line_no - 1].startswith(first_na_id + ",")
     ctrl = raw.loc[raw.prompt_type == "Compelling Case", "persuasiveness_metric"]
     for v in ("Deceptive", "Expert Writer Rhetorics", "Logical Reasoning"):
         t = raw.loc[raw.prompt_type == v, "persuasiveness_metric"]
