@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -74,7 +74,6 @@ class Settings:
     seed: int = 0
     buckets: int = 1000                        # bucket bootstrap for continuous metrics
     max_examples: int = 5
-    extra: dict = field(default_factory=dict)
 
 
 class _Problems:
@@ -297,8 +296,6 @@ def aggregate(y: np.ndarray, codes: np.ndarray, n_variants: int, *, discrete: bo
 
 def _compare_independent(m: Metric, kind: str, agg: Agg, c: int, t: int, names: list[str], s: Settings,
                          cuped_info: dict | None, max_rows_per_unit: int) -> dict:
-    from scipy import stats as sst
-
     nc, nt = agg.n[c], agg.n[t]
     if nc < 2 or nt < 2:
         raise InputError(f"metric {m.name}: {names[t]} vs {names[c]}: need >= 2 units per arm with usable values, "
