@@ -109,17 +109,24 @@ def shingles(text: str, k: int) -> set[bytes]:
     words = text.split()
     if len(words) <= k:
         return {text.encode("utf-8")}
-    return {" ".join(words[i:i + k]).encode("utf-8") for i in range(len(words) - k + 1)}
+    return {" ".join(t).encode("utf-8") for t in zip(*(words[i:] for i in range(k)))}
 
 
 def signatures(texts: list[str], num_perm: int, k: int) -> list[Any]:
-    """MinHash signatures (uint32 arrays) for a batch; `MinHash.bulk` is ~4x faster than one-by-one updates."""
+    """MinHash signatures (uint32 arrays) for a batch; `MinHash.bulk` is ~4x faster than one-by-one updates.
+
+    The per-shingle hash is zlib's crc32 (one C call) instead of datasketch's default sha1 wrapper (a Python
+    function per shingle, ~45% of the whole stage's time); MinHash's random permutations sit on top of it, so
+    the base hash only has to spread distinct shingles, which crc32 does (collisions ~2^-32).
+    """
+    import zlib
+
     import numpy as np
     from datasketch import MinHash
 
     if not texts:
         return []
-    mhs = MinHash.bulk([shingles(t, k) for t in texts], num_perm=num_perm, seed=1)
+    mhs = MinHash.bulk([shingles(t, k) for t in texts], num_perm=num_perm, seed=1, hashfunc=zlib.crc32)
     return [np.asarray(m.hashvalues, dtype=np.uint32) for m in mhs]
 
 
