@@ -304,7 +304,7 @@ def _compare_independent(m: Metric, kind: str, agg: Agg, c: int, t: int, names: 
     res = {"variant": names[t], "control": names[c], "metric": m.name, "kind": kind,
            "role": "guardrail" if m.guardrail else "primary/secondary",
            "higher_is_better": m.higher_is_better,
-           "n_control": int(nc), "n_treatment": int(nt),
+           "n": int(nc + nt), "n_control": int(nc), "n_treatment": int(nt),
            "mean_control": float(agg.mean[c]), "mean_treatment": float(agg.mean[t]),
            "sd_control": math.sqrt(agg.var[c]), "sd_treatment": math.sqrt(agg.var[t])}
     warnings = []
