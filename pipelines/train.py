@@ -192,6 +192,8 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     with tracking.start_run(STAGE, cfg.run_name, inputs={"dataset_version": ds.version, "mine_run": mine_run_id},
                             tags=tags, params=flatten(cfg.model_dump()), configured_uri=cfg.tracking_uri) as run:
         run_id = run.info.run_id
+        if ckpt and previous.get("run_id"):
+            _close_killed_run(previous["run_id"])
         _write_state(out_dir, {"run_id": run_id, "config": cfg.model_dump()})
         mlflow.log_dict(report, "audit.json")
         mlflow.log_text(_config_yaml(cfg), "config.yaml")
@@ -358,6 +360,18 @@ def _config_yaml(cfg: TrainConfig) -> str:
     import yaml
 
     return f"# flywheel train --config <this file>\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+
+
+def _close_killed_run(run_id: str) -> None:
+    """A kill -9 leaves its MLflow run RUNNING forever; the resumed run marks it KILLED (and links to it by tag)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    except Exception:  # noqa: BLE001 - the old run may live in another store; lineage tag is still set
+        pass
 
 
 def _state_file(out_dir: Path) -> Path:
