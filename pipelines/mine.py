@@ -179,8 +179,12 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig) -> d
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        # spawn, not fork: the parent may hold MLflow/sqlite threads; workers import only pipelines.data.
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        # fork starts in milliseconds and works from any __main__ (stdin, notebooks), but forking a process
+        # that runs threads (an earlier MLflow run in the same `flywheel run`) can deadlock: spawn then.
+        import threading
+
+        method = "fork" if threading.active_count() == 1 and "fork" in mp.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
     try:
         with atomic_dir(out) as tmp, _progress(cfg.progress) as bar:
             work = tmp / ".work"

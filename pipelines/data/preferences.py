@@ -49,7 +49,7 @@ def _neg(s: str) -> tuple:
 class GapMiner:
     """Bucketed spill of rating-gap candidates; `mine()` yields pairs bucket by bucket."""
 
-    def __init__(self, workdir: Path, min_gap: int = 2, buckets: int = 32):
+    def __init__(self, workdir: Path, min_gap: int = 2, buckets: int = 128):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.min_gap = min_gap
@@ -61,16 +61,31 @@ class GapMiner:
         self.files[int(key[:8], 16) % self.n].write(line + "\n")
 
     def mine(self) -> Iterator[dict]:
+        """One bucket at a time, keeping only the best and the worst answer per prompt (all `best_vs_worst`
+        looks at), so memory is O(distinct prompts in one bucket)."""
+        try:
+            from orjson import loads
+        except ImportError:  # pragma: no cover
+            loads = json.loads
         for f in self.files:
             f.close()
         for i in range(self.n):
-            groups: dict[str, list[tuple]] = {}
-            with open(self.dir / f"gap-{i:03d}.jsonl", encoding="utf-8") as f:
+            groups: dict[str, list] = {}  # key -> [best, worst, count]
+            with open(self.dir / f"gap-{i:03d}.jsonl", "rb") as f:
                 for line in f:
-                    item = json.loads(line)
-                    groups.setdefault(item[0], []).append(item)
+                    item = loads(line)
+                    g = groups.get(item[0])
+                    if g is None:
+                        groups[item[0]] = [item, item, 1]
+                        continue
+                    g[2] += 1
+                    if (item[1], _neg(item[2])) > (g[0][1], _neg(g[0][2])):
+                        g[0] = item
+                    if (item[1], item[2]) < (g[1][1], g[1][2]):
+                        g[1] = item
             for key in sorted(groups):
-                pref = best_vs_worst(groups[key], self.min_gap)
+                best, worst, n = groups[key]
+                pref = best_vs_worst([best, worst], self.min_gap) if n > 1 else None
                 if pref is not None:
                     yield pref
 
