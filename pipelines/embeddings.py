@@ -42,7 +42,8 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 # Leaderboard columns in contract order; extras follow.
 METRIC_COLUMNS = ["ndcg@10", "mrr@10", "map@100", "recall@1", "recall@5", "recall@10", "recall@100", "spearman",
                   "pearson", "texts_per_s", "latency_p50_ms", "latency_p95_ms", "dims"]
-EXTRA_COLUMNS = ["vs_best", "n", "size_mb", "peak_rss_mb", "model_rss_mb", "load_s", "warmup_s", "index_build_ms",
+EXTRA_COLUMNS = ["vs_best", "ndcg@10_ci_low", "ndcg@10_ci_high", "spearman_ci_low", "spearman_ci_high", "n",
+                 "size_mb", "peak_rss_mb", "model_rss_mb", "load_s", "warmup_s", "index_build_ms",
                  "search_ms_per_query", "dup_threshold_at_target", "dup_recall_at_target", "dup_best_f1",
                  "dup_best_f1_threshold", "dup_precision_at_fixed", "dup_recall_at_fixed"]
 COLUMNS = ["model", "task"] + METRIC_COLUMNS + EXTRA_COLUMNS
@@ -182,7 +183,7 @@ def bench_one(lazy: LazyModel, info, task, cfg: EmbeddingsConfig, cache, records
     """Quality + speed of one model on one task; plain data out (MLflow happens later)."""
     import numpy as np
 
-    from evals.embeddings import calibration, retrieval, sts
+    from evals.embeddings import calibration, compare, retrieval, sts
 
     enc = lazy.encode_fn(cfg.batch_size)
     res: dict[str, Any] = {"model": info.name, "task": task.name, "kind": task.kind}
@@ -195,6 +196,8 @@ def bench_one(lazy: LazyModel, info, task, cfg: EmbeddingsConfig, cache, records
         res.update(retrieval.mean_metrics(per_query))
         res["per_query"] = {"query_id": q_ids, **{m: v.tolist() for m, v in per_query.items()}}
         res["vector"] = per_query[PRIMARY["retrieval"]]
+        res["ndcg@10_ci_low"], res["ndcg@10_ci_high"] = compare.mean_ci(res["vector"], cfg.stats.n_boot,
+                                                                        cfg.seed, cfg.stats.alpha)
         res["n"] = len(q_ids)
         dims = d_emb.shape[1]
     else:
@@ -211,8 +214,10 @@ def bench_one(lazy: LazyModel, info, task, cfg: EmbeddingsConfig, cache, records
         res["dup_positives"] = cal["positives"]
         curve = calibration.pr_curve(cos, labels)
         res["curve"] = {k: v.tolist() for k, v in curve.items()}
-        res["per_query"] = {"pair": list(range(len(cos))), "cosine": cos.tolist(), "gold": task.scores}
+        res["per_query"] = {"pair_id": list(range(len(cos))), "cosine": cos.tolist(), "gold": task.scores}
         res["vector"] = cos
+        res["spearman_ci_low"], res["spearman_ci_high"] = compare.correlation_ci(
+            cos, gold, "spearman", min(cfg.stats.n_boot, 1000), cfg.seed, cfg.stats.alpha)
         res["n"] = len(cos)
         dims = e1.shape[1]
     res["encoded"] = s1["encoded"] + s2["encoded"]
@@ -343,7 +348,7 @@ def _write_outputs(out: Path, cfg, results, leaderboard, comparisons, tasks) -> 
         (tmp / "leaderboard.csv").write_text(csv_text(leaderboard, COLUMNS))
         (tmp / "leaderboard.md").write_text(_markdown(leaderboard, comparisons, tasks, cfg))
         cmp_cols = ["task", "metric", "model_a", "model_b", "n", "mean_a", "mean_b", "estimate", "ci_low", "ci_high",
-                    "test", "p_value", "p_adjusted", "significant", "verdict", "detectable_diff"]
+                    "test", "p_value", "p_adjusted", "significant", "verdict", "detectable_diff", "note"]
         (tmp / "comparisons.csv").write_text(csv_text(comparisons, cmp_cols))
         cal_rows = [{"model": r["model"], "task": r["task"], "threshold": t, "precision": p, "recall": rc, "f1": f}
                     for r in results if "curve" in r
@@ -388,10 +393,14 @@ def _markdown(leaderboard, comparisons, tasks, cfg) -> str:
         lines.append("|" + "---|" * len(cols))
         for r in leaderboard:
             if r["task"] == task.name:
+                r = dict(r)
+                for m in ("ndcg@10", "spearman"):  # "0.7257 [0.65, 0.80]": the bootstrap CI next to the mean
+                    if r.get(f"{m}_ci_low") not in ("", None):
+                        r[m] = f"{r[m]:.4f} [{r[f'{m}_ci_low']:.3f}, {r[f'{m}_ci_high']:.3f}]"
                 lines.append("| " + " | ".join(_fmt(r.get(c), 4 if c not in ("texts_per_s",) else 1) for c in cols)
                              + " |")
         lines.append("")
-    lines += ["`vs_best`: paired comparison with the task's best model (retrieval: Wilcoxon on per-query nDCG@10 "
+    lines += ["Brackets: 95% bootstrap CI over the task's queries (pairs). `vs_best`: paired comparison with the task's best model (retrieval: Wilcoxon on per-query nDCG@10 "
               f"(`stats.test={cfg.stats.test}`); STS: paired bootstrap of the Spearman difference), Holm-corrected "
               f"across all pairs of the task; `*` = significant at alpha={cfg.stats.alpha}. "
               f"Duplicate threshold: lowest cosine reaching precision {cfg.calibration.target_precision} on pairs "

@@ -26,6 +26,31 @@ def paired_bootstrap_ci(diff: np.ndarray, n_boot: int = 2000, seed: int = 0, alp
     return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
+def mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Bootstrap CI of one model's mean metric over queries (how much the task's query sample moves it)."""
+    return paired_bootstrap_ci(np.asarray(values, float), n_boot, seed, alpha)
+
+
+def correlation_ci(sims: np.ndarray, gold: np.ndarray, metric: str = "spearman", n_boot: int = 1000, seed: int = 0,
+                   alpha: float = 0.05) -> tuple[float, float]:
+    """Bootstrap (over pairs) CI of one model's Spearman/Pearson correlation with the gold scores."""
+    gold = np.asarray(gold, float)
+    idx = np.random.default_rng(seed).integers(0, len(gold), size=(n_boot, len(gold)))
+    boots = _rowwise_corr(np.asarray(sims, float)[idx], gold[idx], metric)
+    return float(np.quantile(boots, alpha / 2)), float(np.quantile(boots, 1 - alpha / 2))
+
+
+def _rowwise_corr(x: np.ndarray, y: np.ndarray, metric: str) -> np.ndarray:
+    """Pearson correlation of each row of x with the same row of y (vectorised over resamples)."""
+    from scipy.stats import rankdata
+
+    if metric == "spearman":  # Spearman = Pearson on (average) ranks, ranked within each resample
+        x, y = rankdata(x, axis=-1), rankdata(y, axis=-1)
+    x = x - x.mean(axis=-1, keepdims=True)
+    y = y - y.mean(axis=-1, keepdims=True)
+    return (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
+
+
 def paired_test(a: np.ndarray, b: np.ndarray, test: str = "wilcoxon", seed: int = 0, n_resamples: int = 9999) -> float:
     from scipy import stats
 
@@ -84,24 +109,13 @@ def compare_models(per_query: dict[str, np.ndarray], *, task: str, metric: str, 
 def compare_correlations(sims: dict[str, np.ndarray], gold: np.ndarray, *, task: str, metric: str = "spearman",
                          n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> list[dict]:
     """Pairs of models on an STS task: bootstrap over sentence pairs of the difference in correlation."""
-    from scipy.stats import rankdata
-
     gold = np.asarray(gold, float)
     n = len(gold)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
-
-    def rowwise_corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Pearson correlation of each row of x with the same row of y (vectorised over resamples)."""
-        if metric == "spearman":  # Spearman = Pearson on (average) ranks, ranked within each resample
-            x, y = rankdata(x, axis=-1), rankdata(y, axis=-1)
-        x = x - x.mean(axis=-1, keepdims=True)
-        y = y - y.mean(axis=-1, keepdims=True)
-        return (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
-
-    full = {m: float(rowwise_corr(np.asarray(v, float)[None], gold[None])[0]) for m, v in sims.items()}
+    full = {m: float(_rowwise_corr(np.asarray(v, float)[None], gold[None], metric)[0]) for m, v in sims.items()}
     gold_b = gold[idx]
-    boots = {m: rowwise_corr(np.asarray(v, float)[idx], gold_b) for m, v in sims.items()}
+    boots = {m: _rowwise_corr(np.asarray(v, float)[idx], gold_b, metric) for m, v in sims.items()}
     rows = []
     for a, b in itertools.combinations(list(sims), 2):
         d = boots[a] - boots[b]
@@ -119,11 +133,14 @@ def _finish(rows: list[dict], alpha: float, min_queries: int) -> list[dict]:
     for r, p in zip(rows, adj):
         r["p_adjusted"] = p
         r["significant"] = bool(p < alpha)
+        r["note"] = ""
         if r["significant"]:
             better = r["model_a"] if r["estimate"] > 0 else r["model_b"]
             r["verdict"] = f"{better} better"
         elif r["n"] < min_queries:
             r["verdict"] = f"too few queries to tell (n={r['n']} < {min_queries})"
+            r["note"] = (f"{r['task']}: only {r['n']} queries; differences below ~{r['detectable_diff']:.3f} "
+                         f"{r['metric']} are not detectable at 80% power")
         else:
             r["verdict"] = "no significant difference"
     return sorted(rows, key=lambda r: r["p_adjusted"])
