@@ -87,7 +87,7 @@ def _work(task: tuple) -> tuple[list[tuple], Counter]:
     kind, fmt, items, s = task
     pii.DEFAULT_REGION = s["region"]
     if kind == "lines":
-        events = readers.parse_lines(fmt, items, s["oasst_rating"], s["max_line_bytes"])
+        events = readers.parse_lines(fmt, items, s["oasst_rating"], s["max_line_bytes"], s["max_rank_pairs"])
     elif kind == "rows":
         events = readers.parse_rows(items)
     else:

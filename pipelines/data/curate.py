@@ -174,8 +174,11 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
         gap = None
         if s["gap_prefs"]:
             key = prompt_key(cand)
-            gap = (key, dumps([key, cand["rating"], cand["id"], cand["source"], cand["messages"][:-1],
-                               cand.get("context"), cand["messages"][-1]["content"]]))
+            # "key<TAB>rating<TAB>json id<TAB>json item": the miner compares the prefix and parses the JSON
+            # only for the best and the worst answer of each prompt.
+            gap = (key, f"{key}\t{cand['rating']}\t{dumps(cand['id'])}\t" + dumps(
+                [key, cand["rating"], cand["id"], cand["source"], cand["messages"][:-1], cand.get("context"),
+                 cand["messages"][-1]["content"]]))
         if cand["rating"] < s["min_rating"]:
             out.append(("filtered", line, "low_rating", gap))
             continue

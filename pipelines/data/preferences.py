@@ -57,7 +57,7 @@ class GapMiner:
         self.files = [open(self.dir / f"gap-{i:03d}.jsonl", "w", encoding="utf-8") for i in range(buckets)]
 
     def add(self, key: str, line: str) -> None:
-        """`line`: the JSON list (key, rating, id, source, prompt messages, context, answer)."""
+        """`line`: "key<TAB>rating<TAB>json id<TAB>json [key, rating, id, source, prompt, context, answer]"."""
         self.files[int(key[:8], 16) % self.n].write(line + "\n")
 
     def mine(self) -> Iterator[dict]:
@@ -70,22 +70,25 @@ class GapMiner:
         for f in self.files:
             f.close()
         for i in range(self.n):
-            groups: dict[str, list] = {}  # key -> [best, worst, count]
-            with open(self.dir / f"gap-{i:03d}.jsonl", "rb") as f:
+            groups: dict[str, list] = {}  # key -> [best rating, best id, best json, worst ..., count]
+            with open(self.dir / f"gap-{i:03d}.jsonl", encoding="utf-8") as f:
                 for line in f:
-                    item = loads(line)
-                    g = groups.get(item[0])
+                    key, r, rid, item = line.split("\t", 3)
+                    r = int(r)
+                    g = groups.get(key)
                     if g is None:
-                        groups[item[0]] = [item, item, 1]
+                        groups[key] = [r, rid, item, r, rid, item, 1]
                         continue
-                    g[2] += 1
-                    if (item[1], _neg(item[2])) > (g[0][1], _neg(g[0][2])):
-                        g[0] = item
-                    if (item[1], item[2]) < (g[1][1], g[1][2]):
-                        g[1] = item
+                    g[6] += 1
+                    if r > g[0] or (r == g[0] and rid < g[1]):  # best: highest rating, then smallest id
+                        g[0:3] = [r, rid, item]
+                    if r < g[3] or (r == g[3] and rid < g[4]):  # worst: lowest rating, then smallest id
+                        g[3:6] = [r, rid, item]
             for key in sorted(groups):
-                best, worst, n = groups[key]
-                pref = best_vs_worst([best, worst], self.min_gap) if n > 1 else None
+                g = groups[key]
+                if g[6] < 2 or g[0] - g[3] < self.min_gap:
+                    continue
+                pref = best_vs_worst([loads(g[2]), loads(g[5])], self.min_gap)
                 if pref is not None:
                     yield pref
 

@@ -153,7 +153,7 @@ def _decode(raw: bytes) -> Any:
 
 
 def parse_lines(fmt: str, items: list[tuple[int, bytes | None, bytes]], oasst_rating: str = "quality",
-                max_line_bytes: int = 0) -> list[tuple]:
+                max_line_bytes: int = 0, max_rank_pairs: int = 3) -> list[tuple]:
     """Raw lines of one line-oriented format -> events. Pure; runs in worker processes."""
     out: list[tuple] = []
     for line_no, raw, head in items:
@@ -167,7 +167,7 @@ def parse_lines(fmt: str, items: list[tuple[int, bytes | None, bytes]], oasst_ra
             if fmt == "chatlog":
                 out.append(("cand", line_no, chatlog_candidate(obj, line_no)))
             elif fmt == "oasst2":
-                out.extend(oasst2_events(obj, line_no, oasst_rating))
+                out.extend(oasst2_events(obj, line_no, oasst_rating, max_rank_pairs))
             elif fmt == "hh":
                 out.append(hh_event(obj, line_no))
             else:

@@ -34,7 +34,7 @@ def test_each_filter_names_its_reason():
     assert last[0] == "cand" and rec["messages"][0]["content"] == "mail me at <EMAIL>"
     assert set(rec) == {"id", "messages", "rating", "source", "prompt_variant", "context"}
     assert len(last[3]) == 12 and last[4] is not None and last[6:] == (5, "c", "c")  # key, signature, meta
-    assert json.loads(last[5][1])[1] == 5  # rating-gap item
+    assert json.loads(last[5][1].split("\t", 3)[3])[1] == 5  # rating-gap item
     assert out[-2][3] is not None  # low-rated answers still feed rating-gap preferences
     assert counts == Counter({"email": 2})
 

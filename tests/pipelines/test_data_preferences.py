@@ -23,10 +23,15 @@ def test_best_vs_worst_needs_a_gap_and_different_answers():
 def test_gap_miner_groups_across_buckets(tmp_path):
     g = GapMiner(tmp_path, min_gap=2, buckets=4)
     keys = [f"{i:024x}" for i in range(0, 40, 3)]
+    def line(item):
+        return f"{item[0]}\t{item[1]}\t{json.dumps(item[2])}\t{json.dumps(item)}"
+
     for k in keys:
-        g.add(k, json.dumps(_item(k, 5, "a" + k, "good " + k)))
-        g.add(k, json.dumps(_item(k, 1, "b" + k, "bad " + k)))
-    g.add("f" * 24, json.dumps(_item("f" * 24, 5, "lonely", "only one answer")))
+        g.add(k, line(_item(k, 4, "c" + k, "middling " + k)))
+        g.add(k, line(_item(k, 5, "a" + k, "good " + k)))
+        g.add(k, line(_item(k, 1, "b" + k, "bad " + k)))
+    g.add("f" * 24, line(_item("f" * 24, 5, "lonely", "only one answer")))
     prefs = list(g.mine())
     assert len(prefs) == len(keys)
     assert all(p["chosen"][0]["content"].startswith("good") for p in prefs)
+    assert all(p["rejected"][0]["content"].startswith("bad") for p in prefs)
