@@ -113,6 +113,8 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from training.backends import prepare_backend, select_backend
 
+    if not cfg.dataset and not cfg.dataset_version:
+        raise ConfigError("dataset: give `dataset=<flywheel mine output dir>` or `dataset_version=<version>`")
     # 1. backend first: Unsloth must be imported before transformers/trl.
     backend = select_backend(cfg.backend)
     if cfg.load_in_4bit and backend.device != "cuda":

@@ -90,6 +90,21 @@ def test_dry_run_prints_audit_and_masked_example(tiny_dataset, mlflow_store, tmp
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow
+def test_dataset_by_version_is_found_through_the_mine_run(tiny_dataset, mlflow_store):
+    from pipelines import tracking
+
+    with tracking.start_run("mine", tags={"flywheel.dataset_version": "v123",
+                                          "flywheel.dataset_path": str(tiny_dataset)}) as run:
+        pass
+    r = run_train(cfg(dataset_version="v123"), dry_run=True)
+    assert r["dataset_path"] == str(tiny_dataset) and r["mine_run_id"] == run.info.run_id
+    with pytest.raises(InputError, match="no run in flywheel/mine has flywheel.dataset_version='nope'"):
+        run_train(cfg(dataset_version="nope"), dry_run=True)
+    with pytest.raises(ConfigError, match="dataset: give"):
+        run_train(cfg(), dry_run=True)
+
+
 def test_demo_config_is_small():
     c = demo_config("d", "o")
     assert c.max_steps == 8 and c.max_length <= 256 and c.dataset == "d"
