@@ -10,6 +10,8 @@ from the page (and from the URL through query params), so they are checked befor
 and, for local stores, the resolved file must stay inside the run's artifact directory (symlinks included).
 
 Values returned are plain dicts and lists (picklable, what `st.cache_data` stores), never MLflow entities.
+Every cached function takes the store URI as its first argument (not `_`-prefixed: Streamlit does not hash
+those), so two stores never share an answer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from urllib.parse import unquote, urlparse
 import streamlit as st
 
 from pipelines.tracking import STAGES, TAG_INPUT, TAG_STAGE, tracking_uri
+from pipelines.tracking import sanitize_metric_name as sanitize  # noqa: F401  (pages build metric keys)
 
 TTL = 30  # seconds a cached answer stays fresh
 MAX_RUNS = 500  # a page lists at most this many runs of a stage (newest first)
@@ -82,17 +85,17 @@ def _run_dict(run: Any, experiment: str = "") -> dict:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def experiment_ids(_uri: str) -> dict[str, str]:
+def experiment_ids(store_uri: str) -> dict[str, str]:
     """{stage: experiment_id} for the `flywheel/<stage>` experiments that exist (one search, not eight gets)."""
-    if store_missing(_uri):
+    if store_missing(store_uri):
         return {}
     exps = client().search_experiments(filter_string="name LIKE 'flywheel/%'", max_results=1000)
     return {e.name.split("/", 1)[1]: e.experiment_id for e in exps}
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def _runs(_uri: str, stage: str, filter_string: str, max_results: int) -> list[dict]:
-    exp = experiment_ids(_uri).get(stage)
+def _runs(store_uri: str, stage: str, filter_string: str, max_results: int) -> list[dict]:
+    exp = experiment_ids(store_uri).get(stage)
     if exp is None:
         return []
     from mlflow.entities import ViewType
@@ -123,10 +126,10 @@ def latest(stage: str, parents_only: bool = True) -> dict | None:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def _get_run(_uri: str, run_id: str) -> dict | None:
+def _get_run(store_uri: str, run_id: str) -> dict | None:
     from mlflow.exceptions import MlflowException
 
-    if store_missing(_uri):
+    if store_missing(store_uri):
         return None
     try:
         return _run_dict(client().get_run(run_id))
@@ -141,7 +144,7 @@ def get_run(run_id: str | None) -> dict | None:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def _metric_history(_uri: str, run_id: str, key: str) -> list[dict]:
+def _metric_history(store_uri: str, run_id: str, key: str) -> list[dict]:
     hist = client().get_metric_history(run_id, key)
     return [{"step": m.step, "value": m.value, "timestamp": m.timestamp} for m in hist]
 
@@ -208,8 +211,8 @@ def resolve_local(root: Path, relpath: str) -> Path:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False, max_entries=256)
-def _artifact_bytes(_uri: str, run_id: str, relpath: str) -> bytes | None:
-    run = _get_run(_uri, run_id)
+def _artifact_bytes(store_uri: str, run_id: str, relpath: str) -> bytes | None:
+    run = _get_run(store_uri, run_id)
     if run is None:
         return None
     local = local_artifact_dir(run["artifact_uri"])
@@ -225,7 +228,7 @@ def _artifact_bytes(_uri: str, run_id: str, relpath: str) -> bytes | None:
     with tempfile.TemporaryDirectory(prefix="flywheel-dash-") as tmp:
         try:
             got = Path(mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=relpath, dst_path=tmp, tracking_uri=_uri))
+                run_id=run_id, artifact_path=relpath, dst_path=tmp, tracking_uri=store_uri))
         except (MlflowException, OSError):
             return None
         if not got.resolve().is_relative_to(Path(tmp).resolve()) or not got.is_file():
@@ -299,7 +302,7 @@ def table_artifact(run_id: str | None, path: str):
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def _list_artifacts(_uri: str, run_id: str, relpath: str | None) -> list[dict]:
+def _list_artifacts(store_uri: str, run_id: str, relpath: str | None) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -334,10 +337,10 @@ def _version_dict(v: Any) -> dict:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def _registered_models(_uri: str) -> list[dict]:
+def _registered_models(store_uri: str) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
-    if store_missing(_uri):
+    if store_missing(store_uri):
         return []
     try:
         models = client().search_registered_models(max_results=1000)
@@ -352,7 +355,7 @@ def registered_models() -> list[dict]:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def _model_versions(_uri: str, name: str) -> list[dict]:
+def _model_versions(store_uri: str, name: str) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -363,8 +366,14 @@ def _model_versions(_uri: str, name: str) -> list[dict]:
 
 
 def model_versions(name: str) -> list[dict]:
-    """Newest version first."""
-    return _model_versions(uri(), name)
+    """Newest version first. Aliases come from the registered model: `search_model_versions` leaves them out."""
+    by_version: dict[str, list[str]] = {}
+    for m in registered_models():
+        if m["name"] == name:
+            for alias, version in m["aliases"].items():
+                by_version.setdefault(str(version), []).append(alias)
+    return [{**v, "aliases": sorted(set(v["aliases"]) | set(by_version.get(v["version"], [])))}
+            for v in _model_versions(uri(), name)]
 
 
 def champions() -> list[dict]:
@@ -433,12 +442,18 @@ def lineage(version: dict) -> dict[str, Any]:
         manifest = artifact_json(mine["run_id"], "manifest.json") or {}
         inputs = manifest.get("inputs") or []
         logs = ", ".join(str(i.get("path", i)) if isinstance(i, dict) else str(i) for i in inputs) or None
-    # A Modelfile published from this exact version wins; one published from `@champion` is the fallback.
+    # The Modelfile published from this promotion: its publish run names the gate run it came through;
+    # failing that, one published from this exact version, then one published from `@champion`.
     name, number = version.get("name", ""), version.get("version")
-    published = [r for r in runs("publish", max_results=100)
-                 if name and name in r["tags"].get("flywheel.input.model_uri", "")]
-    publish = next((r for r in published if r["tags"]["flywheel.input.model_uri"].endswith(f"/{number}")),
-                   next((r for r in published if r["tags"]["flywheel.input.model_uri"].endswith("@champion")),
-                        None))
+    publish = None
+    if gate is not None:
+        found = runs("publish", f"tags.`flywheel.input.gate_run` = '{_quote(gate['run_id'])}'", max_results=1)
+        publish = found[0] if found else None
+    if publish is None:
+        published = [r for r in runs("publish", max_results=100)
+                     if name and name in r["tags"].get("flywheel.input.model_uri", "")]
+        publish = next((r for r in published if r["tags"]["flywheel.input.model_uri"].endswith(f"/{number}")),
+                       next((r for r in published if r["tags"]["flywheel.input.model_uri"].endswith("@champion")),
+                            None))
     return {"logs": logs, "dataset_version": dataset_version, "mine": mine, "train": train,
             "eval": evaluation, "gate": gate, "publish": publish}

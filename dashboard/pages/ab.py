@@ -1,5 +1,10 @@
-"""A/B: per-variant metrics with CIs, lift, raw and adjusted p-values, the SRM badge, the sequential chart,
-verdicts with reasons, and the Bayesian chance-to-beat shown apart from the p-values."""
+"""A/B: per-variant metrics with CIs, lift, raw and adjusted p-values, the SRM badge, the sequential chart over
+time, verdicts with reasons, and the Bayesian chance-to-beat shown apart from the p-values.
+
+Reads `report.json` of a `flywheel ab analyze` run (the `--json` output). "Over time" comes from the runs
+themselves: every analysis of the same experiment is one look, and the stage logs each comparison's estimate,
+CI and always-valid (sequential) p-value as run metrics, so the looks are one search, not N artifact reads.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,8 @@ import streamlit as st
 
 from dashboard import store, ui
 
-BAYES = ("chance_to_beat", "chance_to_beat_control", "prob_beat_control", "p_beat_control", "p_beat",
-         "probability_to_beat", "expected_loss")
-SRM_BADGE = {"ok": ("green", "SRM ok"), "pass": ("green", "SRM ok"), "warning": ("orange", "SRM warning"),
-             "warn": ("orange", "SRM warning"), "alert": ("red", "SRM ALERT"), "fail": ("red", "SRM ALERT")}
-VERDICT_COLOR = {"ship": "green", "don't ship": "red", "dont_ship": "red", "do_not_ship": "red",
-                 "keep running": "blue", "keep_running": "blue", "invalid": "red"}
+SRM_BADGE = {"ok": ("green", "SRM ok"), "warning": ("orange", "SRM warning"), "alert": ("red", "SRM ALERT")}
+VERDICT_COLOR = {"ship": "green", "don't ship": "red", "keep running": "blue", "invalid": "red"}
 
 st.title("A/B tests")
 runs = store.runs("ab", parents_only=True)
@@ -29,46 +30,57 @@ report = store.artifact_json(run["run_id"], "report.json")
 if not isinstance(report, dict):
     st.warning("This run has no `report.json` (did it finish?).")
     st.stop()
+alpha = report.get("alpha", 0.05)
+control = report.get("control", "control")
 
 
 def flat(row: dict) -> dict:
-    """Nested dicts inside a comparison ({'bayes': {...}}) become `bayes.key` columns."""
+    """Nested dicts of a comparison ({'bayesian': {...}, 'sequential': {...}}) become `outer.inner` columns."""
     out = {}
     for k, v in row.items():
         if isinstance(v, dict):
-            out.update({f"{k}.{kk}" if kk not in BAYES else kk: vv for kk, vv in v.items()})
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
         else:
             out[k] = v
     return out
 
 
 comparisons = pd.DataFrame([flat(c) for c in report.get("comparisons", []) if isinstance(c, dict)])
+summaries = pd.DataFrame([s for s in report.get("summaries", []) if isinstance(s, dict)])
 
 # ------------------------------------------------------------------------------------------- SRM + verdicts
 srm = report.get("srm") or {}
 status = str(srm.get("status", run["tags"].get("flywheel.ab.srm_status", "unknown"))).lower()
 color, text = SRM_BADGE.get(status, ("gray", f"SRM {status}"))
+observed = srm.get("observed") or {}
 st.markdown(f":{color}-badge[{text}] &nbsp; sample-ratio mismatch χ² p = {ui.pvalue(srm.get('p_value'))}"
-            + (" — an SRM alert blocks a ship verdict: the split itself is broken." if color == "red" else ""))
+            + (f" · units {', '.join(f'{k} {v:,}' for k, v in observed.items())}" if observed else "")
+            + (" — **an SRM alert blocks a ship verdict: the split itself is broken.**" if color == "red" else ""))
+rows = report.get("rows") or {}
+if rows:
+    st.caption(f"design {report.get('design', '?')} · control **{control}** · rows read {rows.get('read', '?'):,}, "
+               f"used {rows.get('used', '?'):,}, excluded {rows.get('excluded', 0):,}"
+               + (f" ({', '.join(f'{k}: {v}' for k, v in rows.get('by_reason', {}).items())})"
+                  if rows.get("by_reason") else ""))
+for w in report.get("warnings") or []:
+    st.warning(str(w))
 
 verdicts = report.get("verdicts") or {}
-if isinstance(verdicts, list):
-    verdicts = {str(v.get("variant", i)): v for i, v in enumerate(verdicts) if isinstance(v, dict)}
 if verdicts:
     st.subheader("Verdicts")
-    cols = st.columns(min(len(verdicts), 4))
+    cols = st.columns(min(len(verdicts), 3))
     for i, (variant, v) in enumerate(verdicts.items()):
-        v = v if isinstance(v, dict) else {"verdict": v}
-        word = str(v.get("verdict", v.get("decision", "?")))
-        with cols[i % len(cols)]:
-            with st.container(border=True):
-                st.markdown(f"**{variant}** &nbsp; :{VERDICT_COLOR.get(word.lower(), 'gray')}-badge[{word}]")
-                reasons = v.get("reasons") or v.get("reason") or []
-                for reason in [reasons] if isinstance(reasons, str) else reasons:
-                    st.caption(f"• {reason}")
-                needed = v.get("sample_needed") or v.get("n_needed") or v.get("additional_units")
-                if needed:
-                    st.caption(f"sample still needed: {ui.num(needed)}")
+        v = v if isinstance(v, dict) else {"decision": v}
+        word = str(v.get("decision", v.get("verdict", "?")))
+        with cols[i % len(cols)], st.container(border=True):
+            st.markdown(f"**{variant}** vs {control} &nbsp; :{VERDICT_COLOR.get(word.lower(), 'gray')}-badge[{word}]")
+            for reason in v.get("reasons") or []:
+                st.caption(f"• {reason}")
+            needed = v.get("sample_still_needed_per_arm")
+            if word == "keep running" and needed:
+                st.caption(f"about **{ui.num(needed)}** more units per arm")
+            if v.get("basis"):
+                st.caption(f"decided on {v['basis']}")
 
 if comparisons.empty:
     st.caption("The report has no comparisons.")
@@ -76,87 +88,108 @@ if comparisons.empty:
 
 # ------------------------------------------------------------------------------------------- per metric
 st.subheader("Variants against control")
-metrics = list(dict.fromkeys(comparisons["metric"])) if "metric" in comparisons.columns else [None]
-metric = st.selectbox("Metric", metrics, key="ab_metric") if metrics != [None] else None
-part = comparisons[comparisons["metric"] == metric] if metric is not None else comparisons
-
-arms = pd.DataFrame([a for a in (report.get("arms") or report.get("variants") or report.get("summary") or [])
-                     if isinstance(a, dict)])
+metric = st.selectbox("Metric", list(dict.fromkeys(comparisons["metric"])), key="ab_metric")
+part = comparisons[comparisons["metric"] == metric].reset_index(drop=True)
 left, right = st.columns(2)
 with left:
-    if not arms.empty and {"variant", "mean"} <= set(arms.columns):
-        a = arms[arms["metric"] == metric] if "metric" in arms.columns and metric is not None else arms
-        fig = px.scatter(a, x="variant", y="mean", title=f"{metric}: mean by variant (95 % CI)",
-                         error_y=(a["ci_high"] - a["mean"]) if "ci_high" in a.columns else None,
-                         error_y_minus=(a["mean"] - a["ci_low"]) if "ci_low" in a.columns else None)
-        fig.update_traces(marker=dict(size=12))
-    else:
-        fig = go.Figure()
-    # The difference to control with its CI: the reviewer's question is "is it above zero?".
-    if {"variant", "estimate"} <= set(part.columns):
-        fig2 = px.scatter(part, x="variant", y="estimate", title=f"{metric}: difference vs control (95 % CI)",
-                          error_y=(part["ci_high"] - part["estimate"]) if "ci_high" in part.columns else None,
-                          error_y_minus=(part["estimate"] - part["ci_low"]) if "ci_low" in part.columns else None)
-        fig2.add_hline(y=0, line_dash="dot")
-        fig2.update_traces(marker=dict(size=12))
-        fig2.update_layout(height=340)
-        if fig.data:
-            fig.update_layout(height=340)
-            st.plotly_chart(fig, width="stretch")
-        st.plotly_chart(fig2, width="stretch")
+    if not summaries.empty and {"variant", "mean", "metric"} <= set(summaries.columns):
+        arms = summaries[summaries["metric"] == metric].reset_index(drop=True)
+        fig = px.scatter(arms, x="variant", y="mean", title=f"{metric}: mean by variant, {1 - alpha:.0%} CI",
+                         error_y=arms["ci_high"] - arms["mean"] if "ci_high" in arms else None,
+                         error_y_minus=arms["mean"] - arms["ci_low"] if "ci_low" in arms else None,
+                         hover_data=[c for c in ("n", "sd") if c in arms])
+        fig.update_traces(marker=dict(size=13))
+        fig.update_layout(height=330, margin=dict(l=10, r=10, t=50, b=10))
+        st.plotly_chart(fig, width="stretch")
 with right:
-    keep = [c for c in ("variant", "control", "test", "n_variant", "n_control", "mean_variant", "mean_control",
-                        "estimate", "ci_low", "ci_high", "lift", "relative_lift", "lift_ci_low", "lift_ci_high",
-                        "p_value", "p_adjusted") if c in part.columns]
-    show = part[keep].copy()
-    for col in ("p_value", "p_adjusted"):
-        if col in show.columns:
-            show[col] = show[col].map(ui.pvalue)
-    st.markdown("**Frequentist tests** (raw and multiplicity-adjusted p)")
-    st.dataframe(show, hide_index=True, width="stretch")
-    bayes = [c for c in BAYES if c in part.columns]
-    if bayes:
-        st.markdown("**Bayesian** — a probability that the variant is better, *not a p-value*")
-        b = part[["variant"] + bayes].copy()
-        for col in bayes:
-            if col != "expected_loss":
-                b[col] = b[col].map(lambda x: f"{float(x):.1%}" if pd.notna(x) else "-")
-        st.dataframe(b, hide_index=True, width="stretch")
+    # The difference to control with its CI: a reviewer's question is "is it clear of zero?".
+    fig = px.scatter(part, x="variant", y="estimate", title=f"{metric}: difference vs {control}, {1 - alpha:.0%} CI",
+                     error_y=part["ci_high"] - part["estimate"], error_y_minus=part["estimate"] - part["ci_low"])
+    fig.add_hline(y=0, line_dash="dot")
+    fig.update_traces(marker=dict(size=13))
+    fig.update_layout(height=330, margin=dict(l=10, r=10, t=50, b=10))
+    st.plotly_chart(fig, width="stretch")
 
-with st.expander("Every comparison (all metrics, all columns)"):
-    st.dataframe(comparisons, hide_index=True, width="stretch")
+table = pd.DataFrame({
+    "variant": part["variant"], "test": part.get("test"),
+    "n control / variant": [f"{ui.num(a)} / {ui.num(b)}" for a, b in
+                            zip(part.get("n_control", [None] * len(part)), part.get("n_treatment", [None] * len(part)))],
+    "mean control → variant": [f"{ui.num(a)} → {ui.num(b)}" for a, b in
+                               zip(part.get("mean_control", [None] * len(part)),
+                                   part.get("mean_treatment", [None] * len(part)))],
+    "difference [CI]": [f"{ui.num(e)} [{ui.num(lo)}, {ui.num(hi)}]" for e, lo, hi in
+                        zip(part["estimate"], part["ci_low"], part["ci_high"])],
+    "lift [CI]": [f"{e:+.1%} [{lo:+.1%}, {hi:+.1%}]" if pd.notna(e) else "-" for e, lo, hi in
+                  zip(part.get("relative_lift.estimate", pd.Series([None] * len(part))),
+                      part.get("relative_lift.ci_low", pd.Series([None] * len(part))),
+                      part.get("relative_lift.ci_high", pd.Series([None] * len(part))))],
+    "p": part["p_value"].map(ui.pvalue) if "p_value" in part else "-",
+    f"p adjusted ({report.get('correction', '?')})": part["p_adjusted"].map(ui.pvalue) if "p_adjusted" in part
+    else "-",
+    "p sequential": part["sequential.p_value"].map(ui.pvalue) if "sequential.p_value" in part else "-",
+})
+if "guardrail_status" in part:
+    table["guardrail"] = part["guardrail_status"].fillna("")
+st.markdown("**Frequentist tests** — raw and multiplicity-adjusted p-values")
+st.dataframe(table, hide_index=True, width="stretch")
+
+if "bayesian.chance_to_beat_control" in part:
+    st.markdown("**Bayesian** — the posterior probability that the variant beats control. "
+                "*This is not a p-value*, and it is not corrected for multiple comparisons.")
+    bayes = pd.DataFrame({"variant": part["variant"],
+                          "chance to beat control": part["bayesian.chance_to_beat_control"].map(
+                              lambda x: f"{float(x):.1%}" if pd.notna(x) else "-"),
+                          "expected loss": part.get("bayesian.expected_loss", pd.Series([None] * len(part))).map(
+                              ui.num),
+                          "model": part.get("bayesian.model", pd.Series([""] * len(part)))})
+    st.dataframe(bayes, hide_index=True, width="stretch")
 
 # ------------------------------------------------------------------------------------------- sequential
 st.subheader("Sequential monitoring")
-seq = report.get("sequential")
-seq_rows = seq if isinstance(seq, list) else (seq or {}).get("looks") or (seq or {}).get("history") or []
-seq_df = pd.DataFrame([r for r in seq_rows if isinstance(r, dict)])
-if seq_df.empty:
-    st.caption("The report has no sequential history (one look only).")
+st.caption("Always-valid p-values and confidence sequences: looking after every batch does not inflate false "
+           "positives, so each analysis below is a legitimate look.")
+variant = st.selectbox("Variant", list(dict.fromkeys(part["variant"])), key="ab_seq_variant")
+prefix = store.sanitize(f"{variant}.{metric}")
+same = [r for r in runs if r["run_name"] == run["run_name"] and f"{prefix}.estimate" in r["metrics"]]
+looks = pd.DataFrame([{"time": pd.Timestamp(r["start_time"], unit="ms", tz="UTC"),
+                       "estimate": r["metrics"][f"{prefix}.estimate"],
+                       "ci_low": r["metrics"].get(f"{prefix}.ci_low"), "ci_high": r["metrics"].get(f"{prefix}.ci_high"),
+                       "p_value": r["metrics"].get(f"{prefix}.p_value"),
+                       "p_sequential": r["metrics"].get(f"{prefix}.p_sequential")} for r in same]).sort_values("time") \
+    if same else pd.DataFrame()
+if len(looks) >= 2:
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=looks["time"], y=looks["p_sequential"], mode="lines+markers",
+                             name="always-valid p (sequential)"))
+    fig.add_trace(go.Scatter(x=looks["time"], y=looks["p_value"], mode="lines+markers", name="fixed-horizon p",
+                             line=dict(dash="dot")))
+    fig.add_hline(y=alpha, line_dash="dash", annotation_text=f"α = {alpha}")
+    fig.update_layout(height=330, title=f"{variant} vs {control}, {metric}: p-values at each look ({len(looks)})",
+                      yaxis_type="log", margin=dict(l=10, r=10, t=50, b=10))
+    st.plotly_chart(fig, width="stretch")
 else:
-    x = next((c for c in ("date", "day", "time", "timestamp", "look", "n", "batch", "step") if c in seq_df.columns),
-             seq_df.columns[0])
-    if "metric" in seq_df.columns and metric is not None and (seq_df["metric"] == metric).any():
-        seq_df = seq_df[seq_df["metric"] == metric]
-    y = next((c for c in ("estimate", "lift", "diff", "p_value") if c in seq_df.columns), None)
-    if y is None:
-        st.dataframe(seq_df, hide_index=True, width="stretch")
-    else:
-        fig = go.Figure()
-        for variant, g in seq_df.groupby("variant") if "variant" in seq_df.columns else [("", seq_df)]:
-            g = g.sort_values(x)
-            if {"ci_low", "ci_high"} <= set(g.columns):
-                fig.add_trace(go.Scatter(x=list(g[x]) + list(g[x])[::-1],
-                                         y=list(g["ci_high"]) + list(g["ci_low"])[::-1], fill="toself",
-                                         opacity=0.2, line=dict(width=0), name=f"{variant} confidence sequence"))
-            fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers", name=f"{variant} {y}"))
-        fig.add_hline(y=0, line_dash="dot")
-        fig.update_layout(height=360, title=f"{metric or ''}: always-valid interval at each look", xaxis_title=x)
-        st.plotly_chart(fig, width="stretch")
+    st.caption(f"One look so far ({len(looks)} analysis of `{run['run_name']}`): re-run `flywheel ab analyze` as "
+               "data arrives to see the sequence over time. Below: this look's fixed vs always-valid interval.")
+row = part[part["variant"] == variant].iloc[0]
+if pd.notna(row.get("sequential.ci_low")):
+    fig = go.Figure()
+    for name, lo, hi in (("fixed-horizon CI", row["ci_low"], row["ci_high"]),
+                         ("confidence sequence (always valid)", row["sequential.ci_low"], row["sequential.ci_high"])):
+        fig.add_trace(go.Scatter(x=[row["estimate"]], y=[name], mode="markers", marker=dict(size=12),
+                                 error_x=dict(type="data", symmetric=False, array=[hi - row["estimate"]],
+                                              arrayminus=[row["estimate"] - lo]), showlegend=False))
+    fig.add_vline(x=0, line_dash="dot")
+    fig.update_layout(height=200, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=f"difference in {metric}")
+    st.plotly_chart(fig, width="stretch")
+
+with st.expander("Every comparison, all metrics and columns"):
+    st.dataframe(comparisons, hide_index=True, width="stretch")
+for note in report.get("notes") or []:
+    st.caption(f"note: {note}")
 
 plots = [a for a in store.list_artifacts(run["run_id"]) if a["path"].startswith("ab_") and a["path"].endswith(".png")]
 if plots:
-    with st.expander(f"The stage's plots ({len(plots)})"):
+    with st.expander(f"The stage's own plots ({len(plots)})"):
         for a in plots:
             data = store.artifact_bytes(run["run_id"], a["path"])
             if data:

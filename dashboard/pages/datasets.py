@@ -71,12 +71,18 @@ with right:
     else:
         st.dataframe(drops, hide_index=True, width="stretch")
 
+pii = {k[len("pii."):]: v for k, v in m.items() if k.startswith("pii.") and v}
+if pii:
+    st.caption("PII redacted into placeholders: " + ", ".join(f"**{v:,.0f}** {k}" for k, v in sorted(pii.items())))
+
 manifest = store.artifact_json(run["run_id"], "manifest.json")
 if isinstance(manifest, dict):
     with st.expander("Manifest: inputs and counts per input"):
         inputs = manifest.get("inputs")
         if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict):
-            st.dataframe(pd.DataFrame(inputs), hide_index=True, width="stretch")
+            per_input = pd.DataFrame([{k: (", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict)
+                                           else v) for k, v in i.items()} for i in inputs])
+            st.dataframe(per_input, hide_index=True, width="stretch")
         st.json(manifest.get("counts", {}), expanded=False)
         st.json(manifest.get("splits", {}), expanded=False)
 

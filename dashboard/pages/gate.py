@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pandas as pd
 import plotly.express as px
@@ -67,9 +68,20 @@ else:
                       "dataset": (t.get("flywheel.dataset_version") or t.get("flywheel.input.dataset_version")
                                   or "")[:12],
                       "registered": ui.when(v["creation_timestamp"]), "source run": ui.short(v["run_id"])})
-        if since:
-            spans.append({"version": f"v{v['version']}", "start": since, "end": until or now,
-                          "held": "current champion" if "champion" in v["aliases"] and not until else "past"})
+        # `flywheel.promotions` keeps every interval (a version can come back); since/until is the latest one.
+        try:
+            intervals = json.loads(t.get("flywheel.promotions", "[]"))
+        except json.JSONDecodeError:
+            intervals = []
+        if not intervals and since:
+            intervals = [{"since": since, "until": until}]
+        for span in intervals:
+            if not isinstance(span, dict) or not span.get("since"):
+                continue
+            current = "champion" in v["aliases"] and not span.get("until")
+            spans.append({"version": f"v{v['version']}", "start": span["since"], "end": span.get("until") or now,
+                          "held": "current champion" if current else "past",
+                          "gate run": ui.short(span.get("gate_run"))})
     if spans:
         spans = pd.DataFrame(spans)
         # ISO strings from different writers (offsets, 'Z', none): parse all as UTC, drop what does not parse.

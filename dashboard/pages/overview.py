@@ -32,7 +32,8 @@ for version in champions:
     cols = st.columns(6)
     with cols[0]:
         st.markdown("**Logs**")
-        st.caption(hops["logs"] or "unknown")
+        for path in (hops["logs"] or "unknown").split(","):
+            st.caption(f"`{'/'.join(path.strip().split('/')[-2:])}`")
     with cols[1]:
         st.markdown("**Dataset**")
         st.caption(f"version `{(hops['dataset_version'] or 'unknown')[:12]}`")

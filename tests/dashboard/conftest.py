@@ -1,11 +1,11 @@
 """A real MLflow store for the dashboard tests, filled once per session.
 
-Runs are logged exactly as the cross-stage contracts (README, `pipelines/*.py`) say each stage logs them, with
-the real mlflow client, real artifacts and numbers computed from small slices of ../shared/data
-(oasst1 counts, persuasion ratings through scipy). Where a stage's python entry exists and is cheap it is called
-instead (`pipelines.ab.run_ab`, `pipelines.mine.run_mine`); training is logged train-shaped from numbers measured
-on this machine (see /work/shared/notes/offline-models.md), because training an LLM in a dashboard fixture
-would cost minutes.
+The stages' own python entries run where they are cheap: `pipelines.mine.run_mine` on the demo logs plus a
+300-line slice of ../shared/data/oasst1-en-validation, `pipelines.ab.run_ab` twice on growing demo logs (two
+looks), and the registry's `register_adapter` / `promote` for the champion alias history. Stages that need an LLM
+(train, eval, gate, publish) are logged exactly as their contracts say with the real mlflow client and real
+artifacts: training from numbers measured on this machine (SmolLM2 LoRA, loss 4.07 -> 0.61 in 10 steps, see
+/work/shared/notes/offline-models.md), because training or generating in a dashboard fixture costs minutes.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ def build_store(tmp: Path) -> dict:
     import mlflow
     import pandas as pd
     from mlflow.tracking import MlflowClient
-    from scipy import stats
 
     from pipelines.tracking import setup
 
@@ -73,38 +72,26 @@ def build_store(tmp: Path) -> dict:
     client = MlflowClient()
     expected: dict = {}
 
-    # ---- mine: counts of a real oasst1 slice (what the mine filters would drop, counted by reason)
+    # ---- mine: the real stage on the demo logs (planted PII, duplicates, malformed lines) + an oasst1 slice
+    from pipelines.demo_logs import write_demo_logs
+    from pipelines.mine import MineConfig, run_mine
+
     src = shared_path("oasst1-en-validation", "messages.jsonl")
-    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()[:400]]
-    deleted = sum(r["deleted"] for r in rows)
-    prompter = sum(1 for r in rows if not r["deleted"] and r["role"] == "prompter")
-    short = sum(1 for r in rows if not r["deleted"] and r["role"] == "assistant" and len(r["text"]) < 20)
-    kept_rows = [r for r in rows if not r["deleted"] and r["role"] == "assistant" and len(r["text"]) >= 20]
-    kept = len(kept_rows)
-    n_eval = kept // 10
-    mine = _run(client, "mine", "mine-oasst1", tags={"flywheel.dataset_version": "a1b2c3d4e5f6a7b8",
-                                                     "flywheel.dataset_path": str(tmp / "dataset")})
-    _metrics(client, mine, {"read": len(rows), "kept": kept, "rejected": 0, "filtered.deleted": deleted,
-                            "filtered.not_assistant": prompter, "filtered.too_short": short,
-                            "split.train": kept - n_eval, "split.eval": n_eval, "preferences": 7})
-    samples = []
-    for i, r in enumerate(kept_rows[:20]):
-        text = r["text"] + (" Write to <EMAIL> or call <PHONE>." if i == 0 else "")
-        samples.append({"id": r["message_id"], "messages": [{"role": "user", "content": "question"},
-                                                            {"role": "assistant", "content": text}],
-                        "rating": 5, "source": "oasst1", "prompt_variant": None, "context": None,
-                        "cluster": r["message_id"]})
-    _log_text(client, mine, "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples), tmp)
-    _log_text(client, mine, "manifest.json", json.dumps({
-        "version": "a1b2c3d4e5f6a7b8", "inputs": [{"path": str(src), "format": "oasst", "read": len(rows)}],
-        "counts": {"read": len(rows), "kept": kept}, "splits": {"train": kept - n_eval, "eval": n_eval}}), tmp)
-    client.set_terminated(mine)
-    expected["mine"] = {"read": len(rows), "kept": kept, "deleted": deleted}
+    tmp.mkdir(parents=True, exist_ok=True)
+    oasst = tmp / "oasst1-en-validation-slice.jsonl"
+    oasst.write_text("".join(src.read_text(encoding="utf-8").splitlines(keepends=True)[:300]), encoding="utf-8")
+    demo = tmp / "demo-logs.jsonl"
+    write_demo_logs(demo, n=200, seed=0)
+    mined = run_mine([demo, oasst], tmp / "dataset", MineConfig(workers=1, progress=False))
+    mine = mined["run_id"]
+    c = mined["counts"]
+    expected["mine"] = {"read": c["read"], "kept": c["kept"], "filtered": c["filtered"], "version": mined["version"]}
+    dataset_version = mined["version"]
 
     # ---- train: the CPU LoRA numbers measured on this machine (loss 4.07 -> 0.61 in 10 steps, ~3 s/step)
     train_ids = []
     for k, (first, last) in enumerate([(4.07, 0.61), (4.10, 0.92)]):
-        run = _run(client, "train", f"smollm2-lora-{k}", inputs={"dataset_version": "a1b2c3d4e5f6a7b8",
+        run = _run(client, "train", f"smollm2-lora-{k}", inputs={"dataset_version": dataset_version,
                                                                   "mine_run": mine},
                    tags={"flywheel.base_model": "smollm2-135m-instruct", "flywheel.base_model_sha256": "f" * 64,
                          "flywheel.backend": "trl", "flywheel.device": "cpu"})
@@ -119,8 +106,10 @@ def build_store(tmp: Path) -> dict:
             "examples": 50, "zero_trained_examples": 0, "eot_trained": True, "truncated": 2,
             "trained_tokens_mean": 61.5, "trained_tokens_per_example": [60, 63]}), tmp)
         _log_text(client, run, "adapter/flywheel_adapter.json", json.dumps({
-            "base_model": "smollm2-135m-instruct", "base_model_sha256": "f" * 64, "dataset_version": "a1b2c3d4e5f6a7b8",
+            "base_model": "smollm2-135m-instruct", "base_model_sha256": "f" * 64, "dataset_version": dataset_version,
             "mine_run_id": mine, "train_run_id": run, "chat_template": "…", "eos_tokens": ["<|im_end|>"]}), tmp)
+        _log_text(client, run, "adapter/adapter_config.json", json.dumps({
+            "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}), tmp)
         client.log_table(run, pd.DataFrame({"prompt": ["Is tofu a protein?"], "base": ["Tofu is"],
                                             "adapter": ["Yes, tofu is a complete protein."]}), "generations.json")
         client.set_terminated(run)
@@ -151,26 +140,18 @@ def build_store(tmp: Path) -> dict:
     client.set_terminated(parent)
     expected["embeddings"] = {"best": "all-MiniLM-L6-v2", "spearman": 0.821}
 
-    # ---- ab: Welch t of persuasion ratings by prompt type, computed with scipy
-    persuasion = pd.read_csv(shared_path("anthropic-persuasion-vegan-subset", "persuasion.csv"))
-    groups = {k: g["persuasiveness_metric"].dropna().to_numpy() for k, g in persuasion.groupby("prompt_type")}
-    control, *variants = sorted(groups)
-    comparisons, verdicts = [], {}
-    for v in variants:
-        t = stats.ttest_ind(groups[v], groups[control], equal_var=False)
-        ci = t.confidence_interval()
-        diff = float(groups[v].mean() - groups[control].mean())
-        comparisons.append({"variant": v, "control": control, "metric": "persuasiveness", "test": "welch_t",
-                            "estimate": diff, "ci_low": float(ci.low), "ci_high": float(ci.high),
-                            "p_value": float(t.pvalue), "p_adjusted": min(1.0, float(t.pvalue) * len(variants)),
-                            "chance_to_beat_control": 0.9, "expected_loss": 0.01})
-        verdicts[v] = {"verdict": "keep running", "reasons": ["not significant after Holm"]}
-    report = {"comparisons": comparisons, "srm": {"p_value": 0.41, "status": "ok"}, "verdicts": verdicts}
-    ab = _run(client, "ab", "ab-persuasion", tags={"flywheel.ab.srm_status": "ok",
-                                                   **{f"flywheel.ab.verdict.{v}": "keep running" for v in variants}})
-    _log_text(client, ab, "report.json", json.dumps(report), tmp)
-    client.set_terminated(ab)
-    expected["ab"] = {"variant": variants[0], "control": control, "estimate": comparisons[0]["estimate"]}
+    # ---- ab: the real stage, twice on growing demo logs: two looks of the same experiment
+    from pipelines.ab import AbConfig, run_ab
+
+    for n in (120, 200):
+        looks = tmp / f"ab-logs-{n}.jsonl"
+        write_demo_logs(looks, n=n, seed=0)
+        analysed = run_ab([looks], AbConfig())
+    report = analysed["report"]
+    first = next(c for c in report["comparisons"] if c["metric"] == report["primary_metric"])
+    expected["ab"] = {"variant": first["variant"], "control": report["control"], "estimate": first["estimate"],
+                      "srm": report["srm"]["status"], "decision": report["verdicts"][first["variant"]]["decision"],
+                      "run_id": analysed["run_id"]}
 
     # ---- prompts (flywheel eval): cells, comparisons, child runs with cases
     evaluation = _run(client, "prompts", "eval-demo", inputs={"train_run": train_ids[0]})
@@ -192,40 +173,39 @@ def build_store(tmp: Path) -> dict:
     client.set_terminated(evaluation)
     expected["prompts"] = {"mean": 0.34}
 
-    # ---- gate + registry: two promotions, so the alias has a history
-    client.create_registered_model("flywheel-demo")
+    # ---- gate + registry: two promotions through the registry's own code, so the alias has a history
+    from pipelines import registry
+
     gate_ids = []
-    for k, (since, until) in enumerate([("2026-11-20T10:00:00+00:00", "2026-11-25T09:00:00+00:00"),
-                                         ("2026-11-25T09:00:00+00:00", None)]):
+    for k in range(2):
         gate = _run(client, "gate", f"gate-{k}", inputs={"candidate": f"runs:/{train_ids[k]}/adapter",
-                                                           "eval_run": evaluation},
-                    tags={"flywheel.gate.decision": "pass", "flywheel.promoted_version": str(k + 1)})
-        _log_text(client, gate, "gate_report.md", f"## Gate: PASS\n\n| metric | champion | candidate |\n|---|---|---|\n"
-                                                  f"| rougeL | 0.21 | 0.34 |\n", tmp)
+                                                           "eval_run": evaluation, "train_run": train_ids[k],
+                                                           "dataset_version": dataset_version},
+                    tags={"flywheel.gate.decision": "pass"})
+        _log_text(client, gate, "gate_report.md", "## Gate: PASS\n\n| metric | champion | candidate |\n|---|---|---|\n"
+                                                  "| rougeL | 0.21 | 0.34 |\n", tmp)
         _log_text(client, gate, "gate.json", json.dumps({"decision": "pass"}), tmp)
+        model = registry.resolve_model(f"runs:/{train_ids[k]}/adapter", "candidate")
+        version = registry.register_adapter("flywheel-demo", model, tags={
+            "flywheel.input.eval_run": evaluation, "flywheel.input.gate_run": gate})
+        registry.promote("flywheel-demo", version, gate)
+        client.set_tag(gate, "flywheel.promoted_version", version)
         client.set_terminated(gate)
-        mv = client.create_model_version("flywheel-demo", f"runs:/{train_ids[k]}/adapter", run_id=train_ids[k])
-        tags = {"flywheel.champion_since": since, "flywheel.promoted_by_gate_run": gate,
-                "flywheel.dataset_version": "a1b2c3d4e5f6a7b8", "flywheel.train_run": train_ids[k],
-                "flywheel.eval_run": evaluation}
-        if until:
-            tags["flywheel.champion_until"] = until
-        for key, value in tags.items():
-            client.set_model_version_tag("flywheel-demo", mv.version, key, value)
-        client.set_registered_model_alias("flywheel-demo", "champion", mv.version)
         gate_ids.append(gate)
     failing = _run(client, "gate", "gate-refused", inputs={"candidate": "runs:/x/adapter"},
                    tags={"flywheel.gate.decision": "fail"})
     _log_text(client, failing, "gate_report.md", "## Gate: FAIL\n\nrougeL did not improve.\n", tmp)
     client.set_terminated(failing)
 
-    publish = _run(client, "publish", "publish-demo", tags={"flywheel.modelfile_path": "Modelfiles/flywheel-demo",
-                                                            "flywheel.input.model_uri": "models:/flywheel-demo/2"})
+    publish = _run(client, "publish", "publish-demo",
+                   inputs={"model_uri": "models:/flywheel-demo@champion", "gate_run": gate_ids[1],
+                           "train_run": train_ids[1], "dataset_version": dataset_version},
+                   tags={"flywheel.modelfile_path": "Modelfiles/flywheel-demo/Modelfile"})
     _log_text(client, publish, "Modelfile", 'FROM smollm2:135m\nADAPTER ./adapter\nPARAMETER stop "<|im_end|>"\n', tmp)
     _log_text(client, publish, "README.md", "# flywheel-demo\n\nLineage: logs → dataset → train → eval → gate.\n", tmp)
     client.set_terminated(publish)
     expected["gate"] = {"champion_version": "2", "gate_run": gate_ids[1], "publish_run": publish,
-                        "train_run": train_ids[1], "mine_run": mine}
+                        "train_run": train_ids[1], "mine_run": mine, "dataset_version": dataset_version}
     return expected
 
 
