@@ -28,7 +28,7 @@ def test_new_slices_appends_rewrites_and_partial_lines(tmp_path):
     assert new_slices([f], state) == []  # only the unfinished line is left: nothing new yet
     with open(f, "ab") as fh:
         fh.write(b'}\n{"x":4}\n')
-    assert new_slices([f], state) == [{"path": str(f), "start": 16, "end": 33, "reason": "appended"}]
+    assert new_slices([f], state) == [{"path": str(f), "start": 16, "end": 32, "reason": "appended"}]
     f.write_bytes(b'{"y":1}\n{"y":2}\n{"y":3}\n')  # rotated / rewritten: all of it is new
     assert new_slices([f], state)[0] == {"path": str(f), "start": 0, "end": 24, "reason": "rewritten"}
 
