@@ -272,7 +272,11 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig) -> d
             manifest = _manifest(tmp, per_input, pii_counts, splits, n_prefs, cfg)
             with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(dumps(r) + "\n" for r in samples)
-            (tmp / "README.md").write_text(render_card(manifest, _card_examples(samples)), encoding="utf-8")
+            examples = _card_examples(samples)
+            if not examples:  # preference-only inputs (hh-rlhf): show pairs instead
+                with open(tmp / "preferences.jsonl", encoding="utf-8") as f:
+                    examples = [json.loads(x) for _, x in zip(range(3), f)]
+            (tmp / "README.md").write_text(render_card(manifest, examples), encoding="utf-8")
             write_json(tmp / "manifest.json", manifest)
             # mkdtemp/mkstemp create owner-only modes; a dataset is meant to be read by others (and MLflow).
             tmp.chmod(0o755)
