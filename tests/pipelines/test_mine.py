@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from pipelines.config import load_config
 from pipelines.demo_logs import write_demo_logs
+from pipelines.errors import InputError
 from pipelines.io import read_jsonl
 from pipelines.mine import MineConfig, mine_to_dir, run_mine
 
@@ -81,9 +82,9 @@ def test_exact_only_and_failed_run_leaves_nothing(logs, tmp_path):
     m = mine_to_dir([path], tmp_path / "x", cfg(**{"dedupe": {"near": False}}))
     assert "near_duplicate" not in m["counts"]["filtered"]
     (tmp_path / "x" / "keep").write_text("old")  # a failing re-run must leave the old dir untouched
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"foo": 1}\n')
-    with pytest.raises(Exception):
+    bad = tmp_path / "bad.parquet"  # fails mid-run, after the first input was mined into the temp dir
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="not a readable Parquet"):
         mine_to_dir([path, bad], tmp_path / "x", cfg())
     assert (tmp_path / "x" / "keep").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
