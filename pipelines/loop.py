@@ -68,7 +68,7 @@ def demo_loop_config(logs: str | Path, work_dir: str | Path, **overrides: Any) -
 
     data: dict[str, Any] = {
         "inputs": [str(logs)], "work_dir": str(work_dir), "min_new_records": 50, "model_name": "flywheel-demo",
-        "train": dict(DEMO_OVERRIDES),
+        "train_config": None, "train": dict(DEMO_OVERRIDES),  # as `pipelines.train.demo_config`: no YAML
         "gate": {"min_cases": 8, "eval": {"limit": 16, "variants": ["concise"]}, "guardrails": []},
         "publish_out": str(Path(work_dir) / "Modelfiles" / "flywheel-demo"),
     }
