@@ -319,7 +319,13 @@ def label_values(labels: Any) -> dict[str, float]:
         return {}
     if isinstance(labels.get("name"), list):
         return {n: float(v) for n, v in zip(labels["name"], labels.get("value") or []) if v is not None}
-    return {k: float(v["value"]) for k, v in labels.items() if isinstance(v, dict) and v.get("value") is not None}
+    out = {}
+    for k, v in labels.items():
+        if isinstance(v, dict) and v.get("value") is not None:
+            out[k] = float(v["value"])
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):  # already {name: value}
+            out[k] = float(v)
+    return out
 
 
 def oasst_rating(node: dict, labels: dict[str, float], n_ranked: int, mode: str) -> int | None:
@@ -442,8 +448,7 @@ def read_oasst1(path: Path, mode: str, max_line_bytes: int, max_pairs: int = 3) 
             continue
         keep = {k: m.get(k) for k in ("message_id", "parent_id", "message_tree_id", "text", "role", "lang",
                                        "deleted", "review_result", "rank", "model_name")}
-        keep["labels"] = label_values(m.get("labels"))
-        keep["labels"] = {"name": list(keep["labels"]), "value": list(keep["labels"].values())}
+        keep["labels"] = label_values(m.get("labels"))  # {name: value}: all we need of the label table
         keep["_line"] = line_no
         keep["_kids"] = []
         nodes[mid] = keep
