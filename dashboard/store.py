@@ -96,11 +96,14 @@ def experiment_ids(store_uri: str) -> dict[str, str]:
 @st.cache_data(ttl=TTL, show_spinner=False)
 def _runs(store_uri: str, stage: str, filter_string: str, max_results: int) -> list[dict]:
     exp = experiment_ids(store_uri).get(stage)
-    if exp is None:
-        return []
+    return [] if exp is None else _search(client(), exp, stage, filter_string, max_results)
+
+
+def _search(cl, exp: str, stage: str, filter_string: str, max_results: int) -> list[dict]:
+    """Uncached, client passed in: safe to call from worker threads (no Streamlit context needed)."""
     from mlflow.entities import ViewType
 
-    found = client().search_runs(
+    found = cl.search_runs(
         [exp], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
         max_results=max_results, order_by=["attributes.start_time DESC"],
     )
@@ -118,6 +121,29 @@ def runs(stage: str, filter_string: str = "", max_results: int = MAX_RUNS, paren
 
 def children(stage: str, parent_run_id: str, max_results: int = MAX_RUNS) -> list[dict]:
     return runs(stage, f"tags.`mlflow.parentRunId` = '{_quote(parent_run_id)}'", max_results)
+
+
+def latest_of(stages: list[str], parents_only: bool = True) -> dict[str, dict | None]:
+    """The newest run of each stage, the searches overlapped (the overview asks for all of them at once)."""
+    return _latest_of(uri(), tuple(stages), parents_only)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def _latest_of(store_uri: str, stages: tuple[str, ...], parents_only: bool) -> dict[str, dict | None]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    exps = experiment_ids(store_uri)
+    if not exps:  # nothing logged yet (and no client: opening a missing sqlite store would create it)
+        return {stage: None for stage in stages}
+    filt = PARENT_ONLY if parents_only else ""
+    cl = client()
+
+    def one(stage: str) -> dict | None:
+        found = _search(cl, exps[stage], stage, filt, 1) if stage in exps else []
+        return found[0] if found else None
+
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(stages)))) as pool:
+        return dict(zip(stages, pool.map(one, stages)))
 
 
 def latest(stage: str, parents_only: bool = True) -> dict | None:
@@ -144,25 +170,29 @@ def get_run(run_id: str | None) -> dict | None:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def _metric_history(store_uri: str, run_id: str, key: str) -> list[dict]:
-    hist = client().get_metric_history(run_id, key)
-    return [{"step": m.step, "value": m.value, "timestamp": m.timestamp} for m in hist]
+def _metric_histories(store_uri: str, pairs: tuple[tuple[str, str], ...]) -> list[list[dict]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    if store_missing(store_uri):
+        return [[] for _ in pairs]
+    cl = client()  # resolved here, in the script thread; the workers only query
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(pairs)))) as pool:
+        return list(pool.map(lambda p: [{"step": m.step, "value": m.value, "timestamp": m.timestamp} for m in
+                                        sorted(cl.get_metric_history(*p), key=lambda m: (m.step, m.timestamp))],
+                             pairs))
 
 
 def metric_history(run_id: str, key: str) -> list[dict]:
     """[{step, value, timestamp}] sorted by step."""
-    return sorted(_metric_history(uri(), run_id, key), key=lambda m: (m["step"], m["timestamp"]))
+    return metric_histories([({"run_id": run_id}, key)])[1][0]
 
 
 def metric_histories(pairs: list[tuple[dict, str]]) -> tuple[list[tuple[dict, str]], list[list[dict]]]:
     """Histories of several (run, key) pairs, fetched concurrently: one round trip each, overlapped (a page
     overlaying 3 runs x 5 curves would otherwise wait for 15 sequential queries)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    current = uri()
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(pairs)))) as pool:
-        got = list(pool.map(lambda p: _metric_history(current, p[0]["run_id"], p[1]), pairs))
-    return pairs, [sorted(h, key=lambda m: (m["step"], m["timestamp"])) for h in got]
+    if not pairs:
+        return pairs, []
+    return pairs, _metric_histories(uri(), tuple((r["run_id"], k) for r, k in pairs))
 
 
 def _quote(value: str) -> str:
@@ -305,6 +335,8 @@ def table_artifact(run_id: str | None, path: str):
 def _list_artifacts(store_uri: str, run_id: str, relpath: str | None) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
+    if store_missing(store_uri):
+        return []
     try:
         items = client().list_artifacts(run_id, relpath)
     except (MlflowException, OSError):
@@ -358,6 +390,8 @@ def registered_models() -> list[dict]:
 def _model_versions(store_uri: str, name: str) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
+    if store_missing(store_uri):
+        return []
     try:
         found = client().search_model_versions(f"name = '{_quote(name)}'", max_results=1000)
     except MlflowException:

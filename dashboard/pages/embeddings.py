@@ -38,19 +38,48 @@ c1, c2 = st.columns(2)
 task = c1.selectbox("Task", tasks, key="embeddings_task") if tasks else None
 metric = c2.selectbox("Quality metric", metrics, key="embeddings_metric") if metrics else None
 view = board[board["task"] == task] if task is not None else board
-if metric:
-    view = view.sort_values(metric, ascending=False)
-st.dataframe(view, hide_index=True, width="stretch")
-
+view = view.dropna(axis=1, how="all")
 if metric and metric in view.columns:
-    lo, hi = f"{metric}_ci_low", f"{metric}_ci_high"
-    fig = px.bar(view, x="model", y=metric, title=f"{metric} on {task}" if task else metric,
-                 error_y=(view[hi] - view[metric]) if hi in view.columns else None,
-                 error_y_minus=(view[metric] - view[lo]) if lo in view.columns else None)
+    view = view.sort_values(metric, ascending=False)
+    metric_cols = [c for c in QUALITY if c in view.columns]
+    first = ["model"] + (["vs_best"] if "vs_best" in view.columns else []) + metric_cols
+    view = view[first + [c for c in view.columns if c not in first and c != "task"]]
+st.dataframe(view, hide_index=True, width="stretch")
+if "vs_best" in view.columns:
+    st.caption("`vs_best`: each model against the task's best on the same queries; `*` = significant after Holm "
+               "correction, no star = the data cannot tell them apart.")
+
+kids = store.children("embeddings", run["run_id"])
+if metric and metric in view.columns:
+    # A CI per model from its per-query vector (mean ± t·sd/√n): per-query metrics are what the stage keeps.
+    import numpy as np
+    from scipy import stats as sps
+
+    bars = []
+    for k in kids:
+        if task is not None and k["params"].get("task") != task:
+            continue
+        pq = store.artifact_csv(k["run_id"], "per_query.csv")
+        model = k["params"].get("model", k["run_name"])
+        value = view.loc[view["model"] == model, metric]
+        if value.empty:
+            continue
+        row = {"model": model, metric: float(value.iloc[0]), "lo": None, "hi": None}
+        if pq is not None and metric in pq.columns and len(pq) > 1:
+            x = pq[metric].dropna().to_numpy(dtype=float)
+            half = sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+            row.update(lo=x.mean() - half, hi=x.mean() + half)
+        bars.append(row)
+    bars = pd.DataFrame(bars) if bars else view[["model", metric]].assign(lo=None, hi=None)
+    has_ci = bars["lo"].notna().any()
+    fig = px.bar(bars, x="model", y=metric, title=f"{metric} on {task}" + (" (95 % CI over queries)" if has_ci else ""),
+                 error_y=(bars["hi"] - bars[metric]) if has_ci else None,
+                 error_y_minus=(bars[metric] - bars["lo"]) if has_ci else None)
     fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10))
     st.plotly_chart(fig, width="stretch")
-    if lo not in view.columns:
-        st.caption("No per-model confidence interval in the leaderboard; see the paired comparisons below.")
+    if not has_ci:
+        st.caption(f"{metric} is one number per task (not a per-query mean): no per-model CI; the paired "
+                   "bootstrap comparisons below say which differences are real.")
 
 if comparisons is not None and not comparisons.empty:
     st.markdown("**Paired comparisons** (same queries; bootstrap CI of the difference, Holm-corrected p)")
@@ -88,7 +117,8 @@ if metric and "texts_per_s" in board.columns:
                      labels={"texts_per_s": "encode throughput (texts/s, log)"})
     fig.update_layout(height=420)
     st.plotly_chart(fig, width="stretch")
-    speed_cols = [c for c in ["model"] + SPEED if c in board.columns]
+    speed_cols = [c for c in ["model"] + SPEED + ["peak_rss_mb", "load_s", "warmup_s", "index_build_ms",
+                                                  "search_ms_per_query"] if c in board.columns]
     st.dataframe(board[speed_cols].drop_duplicates("model"), hide_index=True, width="stretch")
 else:
     st.caption("The leaderboard has no throughput column.")
@@ -99,7 +129,6 @@ if png:
 
 # ------------------------------------------------------------------------------------------- per query
 st.subheader("Per-query drill-down")
-kids = store.children("embeddings", run["run_id"])
 if not kids:
     st.caption("No child runs (model × task) under this benchmark.")
     st.stop()

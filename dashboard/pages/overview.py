@@ -69,8 +69,9 @@ STAGE_VIEW = [
     ("publish", "gate", "flywheel publish MODEL_URI", []),
 ]
 rows = []
+newest = store.latest_of([stage for stage, *_ in STAGE_VIEW])
 for stage, page, command, keys in STAGE_VIEW:
-    run = store.latest(stage)
+    run = newest[stage]
     if run is None:
         rows.append({"stage": stage, "run": "-", "started": "-", "status": "never run", "summary": f"run `{command}`",
                      "run_id": None, "page": page})

@@ -2,7 +2,7 @@
 
 The stages' own python entries run where they are cheap: `pipelines.mine.run_mine` on the demo logs plus a
 300-line slice of ../shared/data/oasst1-en-validation, `pipelines.ab.run_ab` twice on growing demo logs (two
-looks), and the registry's `register_adapter` / `promote` for the champion alias history. Stages that need an LLM
+looks), `pipelines.embeddings.run_bench_embeddings` with the static model on 60 STS-B pairs, and the registry's `register_adapter` / `promote` for the champion alias history. Stages that need an LLM
 (train, eval, gate, publish) are logged exactly as their contracts say with the real mlflow client and real
 artifacts: training from numbers measured on this machine (SmolLM2 LoRA, loss 4.07 -> 0.61 in 10 steps, see
 /work/shared/notes/offline-models.md), because training or generating in a dashboard fixture costs minutes.
@@ -116,29 +116,40 @@ def build_store(tmp: Path) -> dict:
         train_ids.append(run)
     expected["train"] = {"final_loss": 0.61}
 
-    # ---- embeddings: a parent with leaderboard / comparisons, children with per-query tables
-    parent = _run(client, "embeddings", "bench-embeddings")
+    # ---- embeddings (1): a two-model retrieval benchmark logged per the contract (nDCG per query on cranfield
+    # is what the stage writes), so the page's significance marks, CIs and A-vs-B drill-down have two models
+    parent = _run(client, "embeddings", "bench-embeddings-two-models")
     board = pd.DataFrame([
-        {"model": "static-64", "task": "stsb", "spearman": 0.612, "pearson": 0.598, "texts_per_s": 16000.0,
-         "latency_p50_ms": 0.2, "latency_p95_ms": 0.4, "dims": 64},
-        {"model": "all-MiniLM-L6-v2", "task": "stsb", "spearman": 0.821, "pearson": 0.827, "texts_per_s": 215.0,
-         "latency_p50_ms": 7.0, "latency_p95_ms": 11.0, "dims": 384},
+        {"model": "paraphrase-MiniLM-L3-v2", "task": "cranfield", "ndcg@10": 0.5249, "mrr@10": 0.7192,
+         "texts_per_s": 57.3, "latency_p50_ms": 38.7, "latency_p95_ms": 111.3, "dims": 384, "vs_best": "best"},
+        {"model": "static-64", "task": "cranfield", "ndcg@10": 0.2397, "mrr@10": 0.4126, "texts_per_s": 16181.0,
+         "latency_p50_ms": 0.69, "latency_p95_ms": 24.8, "dims": 64, "vs_best": "worse* (p_adj=3.11e-05)"},
     ])
     _log_text(client, parent, "leaderboard.csv", board.to_csv(index=False), tmp)
     _log_text(client, parent, "comparisons.csv", pd.DataFrame([{
-        "task": "stsb", "metric": "spearman", "model_a": "all-MiniLM-L6-v2", "model_b": "static-64",
-        "diff": 0.209, "ci_low": 0.15, "ci_high": 0.27, "p_value": 0.0001, "p_adjusted": 0.0002,
-        "significant": True}]).to_csv(index=False), tmp)
-    for model, score in [("static-64", 0.6), ("all-MiniLM-L6-v2", 0.8)]:
-        kid = _run(client, "embeddings", f"{model}-stsb", parent=parent)
+        "task": "cranfield", "metric": "ndcg@10", "model_a": "static-64", "model_b": "paraphrase-MiniLM-L3-v2",
+        "n": 5, "estimate": -0.285, "ci_low": -0.37, "ci_high": -0.199, "test": "wilcoxon", "p_value": 3.1e-05,
+        "p_adjusted": 3.1e-05, "significant": True, "verdict": "paraphrase-MiniLM-L3-v2 better"}]).to_csv(index=False),
+        tmp)
+    for model, score in [("static-64", 0.24), ("paraphrase-MiniLM-L3-v2", 0.52)]:
+        kid = _run(client, "embeddings", f"{model} x cranfield", parent=parent)
         client.log_batch(kid, params=[mlflow.entities.Param(k, v) for k, v in
-                                      {"model": model, "task": "stsb", "dims": "64", "size_mb": "1"}.items()])
+                                      {"model": model, "task": "cranfield", "dims": "64", "size_mb": "1"}.items()])
         _log_text(client, kid, "per_query.csv", pd.DataFrame({
-            "query_id": [f"q{i}" for i in range(5)], "spearman": [score + i / 100 for i in range(5)]}
+            "query_id": [str(13 + 10 * i) for i in range(5)], "ndcg@10": [score + (i - 2) / 20 for i in range(5)]}
         ).to_csv(index=False), tmp)
         client.set_terminated(kid)
     client.set_terminated(parent)
-    expected["embeddings"] = {"best": "all-MiniLM-L6-v2", "spearman": 0.821}
+    expected["embeddings_two"] = {"run_id": parent, "best": "paraphrase-MiniLM-L3-v2"}
+
+    # ---- embeddings (2): the real stage with the fast static model on a slice of STS-B (newest: shown first)
+    from pipelines.embeddings import EmbeddingsConfig, run_bench_embeddings
+
+    bench = run_bench_embeddings(EmbeddingsConfig(
+        models=["static-64"], tasks=["stsb"], out=str(tmp / "embeddings"), cache_dir=str(tmp / "emb-cache"),
+        max_pairs=60, speed={"n_texts": 32, "n_latency": 5}, stats={"n_boot": 200}), quiet=True)
+    row = next(r for r in bench["leaderboard"] if r["model"] == "static-64")
+    expected["embeddings"] = {"run_id": bench["run_id"], "model": "static-64", "spearman": row["spearman"]}
 
     # ---- ab: the real stage, twice on growing demo logs: two looks of the same experiment
     from pipelines.ab import AbConfig, run_ab

@@ -83,13 +83,24 @@ def test_training_overlays_runs_and_shows_audit(dash_store):
 
 
 @pytest.mark.slow
-def test_embeddings_leaderboard_and_drilldown(dash_store):
+def test_embeddings_real_benchmark(dash_store):
     exp = dash_store["expected"]["embeddings"]
     at = render("embeddings")
     shown = texts(at)
-    assert exp["best"] in shown and str(exp["spearman"]) in shown
+    assert exp["model"] in shown and ui_num(exp["spearman"], 4)[:5] in shown
+    assert len(at.get("plotly_chart")) >= 2  # bars + quality vs speed
+    assert "cosine" in shown  # per-pair drill-down of STS
+
+
+@pytest.mark.slow
+def test_embeddings_significance_cis_and_drilldown(dash_store):
+    exp = dash_store["expected"]["embeddings_two"]
+    at = render("embeddings", run=exp["run_id"])
+    shown = texts(at)
+    assert exp["best"] in shown and "worse* (p_adj=3.11e-05)" in shown
     assert "★ significant" in shown
-    assert len(at.get("plotly_chart")) >= 3  # bars, quality vs speed, per-query A vs B
+    charts = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("95 % CI over queries" in c for c in charts)  # per-model CI from per-query vectors
     assert "shared queries: B better on" in shown
 
 
@@ -116,10 +127,10 @@ def test_ab_report(dash_store):
     assert len(at.get("plotly_chart")) >= 4
 
 
-def ui_num(x):
+def ui_num(x, digits=3):
     from dashboard import ui
 
-    return ui.num(x)
+    return ui.num(x, digits)
 
 
 @pytest.mark.slow

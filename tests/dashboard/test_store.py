@@ -70,8 +70,10 @@ def test_lineage_walks_back_to_the_logs(dash_store):
 @pytest.mark.slow
 def test_runs_filters(dash_store):
     parents = store.runs("embeddings", parents_only=True)
-    assert len(parents) == 1
-    assert len(store.children("embeddings", parents[0]["run_id"])) == 2
+    assert [p["run_id"] for p in parents] == [dash_store["expected"]["embeddings"]["run_id"],
+                                              dash_store["expected"]["embeddings_two"]["run_id"]]  # newest first
+    assert len(store.children("embeddings", parents[1]["run_id"])) == 2
+    assert len(store.runs("embeddings")) == 2 + 2 + 1  # parents + children
     assert store.runs("gate", "tags.`flywheel.gate.decision` = 'fail'")[0]["run_name"] == "gate-refused"
     with pytest.raises(ValueError):
         store.runs("nope")
