@@ -67,6 +67,7 @@ STAGE_VIEW = [
     ("ab", "ab", "flywheel ab analyze LOGS", []),
     ("gate", "gate", "flywheel gate --candidate URI --config configs/gate.yaml", []),
     ("publish", "gate", "flywheel publish MODEL_URI", []),
+    ("run", "overview", "flywheel run --config configs/flywheel.yaml", []),
 ]
 rows = []
 newest = store.latest_of([stage for stage, *_ in STAGE_VIEW])
@@ -91,7 +92,7 @@ st.dataframe(pd.DataFrame(rows).drop(columns=["run_id", "page"]), hide_index=Tru
 links = st.columns(len(rows))
 for col, row in zip(links, rows):
     with col:
-        if row["run_id"]:
+        if row["run_id"] and row["page"] != "overview":
             st.page_link(ui.PAGES[row["page"]], label=row["stage"], query_params={"run": row["run_id"]},
                          icon=":material/open_in_new:")
 if all(r["run_id"] is None for r in rows):

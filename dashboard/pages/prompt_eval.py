@@ -40,10 +40,17 @@ grid = part.pivot_table(index="variant", columns="target", values="mean", aggfun
 text = part.assign(label=[f"{ui.num(m)}<br>[{ui.num(lo)}, {ui.num(hi)}]" for m, lo, hi in
                           zip(part["mean"], part["ci_low"], part["ci_high"])]
                    ).pivot_table(index="variant", columns="target", values="label", aggfunc="first")
-fig = px.imshow(grid, color_continuous_scale="Viridis", aspect="auto", labels=dict(color=metric))
+direction = next((d for d in part.get("direction", pd.Series(dtype=str)).dropna()), None) \
+    or ((results.get("metrics") or {}).get(metric) or {}).get("direction")
+# Brighter = better whichever way the metric points (NLL: lower is better).
+scale = "Viridis_r" if direction == "lower" else "Viridis"
+fig = px.imshow(grid, color_continuous_scale=scale, aspect="auto", labels=dict(color=metric))
 fig.update_traces(text=text.reindex(index=grid.index, columns=grid.columns).values, texttemplate="%{text}")
 fig.update_layout(height=120 + 70 * len(grid.index), margin=dict(l=10, r=10, t=10, b=10))
 st.plotly_chart(fig, width="stretch")
+description = ((results.get("metrics") or {}).get(metric) or {}).get("description")
+st.caption(f"{metric}: {direction or '?'} is better" + (f" — {description}" if description else "")
+           + f" · cell = mean [95 % CI] over the same {ui.num(part['n'].max())} cases")
 with st.expander("All cells (mean and 95 % CI)"):
     st.dataframe(cells, hide_index=True, width="stretch")
 
@@ -55,7 +62,9 @@ if comparisons.empty:
 else:
     if "metric" in comparisons.columns and st.toggle("Only the metric above", value=True):
         comparisons = comparisons[comparisons["metric"] == metric]
-    show = comparisons.copy()
+    keep = [c for c in ("variant", "control", "metric", "test", "n", "estimate", "ci_low", "ci_high", "p_value",
+                        "p_adjusted", "outcome") if c in comparisons.columns]
+    show = comparisons[keep].copy()
     for col in ("p_value", "p_adjusted"):
         if col in show.columns:
             show[col] = show[col].map(ui.pvalue)
@@ -63,6 +72,11 @@ else:
         show.insert(0, "", ["★ significant" if (p is not None and p == p and p < 0.05) else "n.s."
                             for p in comparisons["p_adjusted"]])
     st.dataframe(show, hide_index=True, width="stretch")
+
+for note in results.get("notes") or []:
+    st.caption(f"note: {note}")
+if results.get("failures"):
+    st.warning(f"{results['failures']} case(s) failed to generate or score: they count as failures, see below.")
 
 # ------------------------------------------------------------------------------------------- cases
 st.subheader("Generations side by side")
@@ -101,7 +115,10 @@ for col, (name, table) in zip(cols, tables.items()):
             continue
         row = rows.iloc[0]
         st.text(str(row.get(out_col, ""))[:3000])
-        scores = {c: row[c] for c in table.columns if c not in (id_col, out_col)
-                  and pd.api.types.is_numeric_dtype(table[c])}
+        for flag in ("error", "failed_assertions"):
+            if flag in table.columns and pd.notna(row.get(flag)) and str(row.get(flag)).strip():
+                st.caption(f":red[{flag.replace('_', ' ')}: {str(row[flag])[:300]}]")
+        scores = {c.removeprefix("m."): row[c] for c in table.columns if c not in (id_col, out_col, "cached")
+                  and pd.api.types.is_numeric_dtype(table[c]) and pd.notna(row[c])}
         if scores:
             st.caption(" · ".join(f"{k} {ui.num(v)}" for k, v in scores.items()))

@@ -215,6 +215,8 @@ def build_store(tmp: Path) -> dict:
     _log_text(client, publish, "Modelfile", 'FROM smollm2:135m\nADAPTER ./adapter\nPARAMETER stop "<|im_end|>"\n', tmp)
     _log_text(client, publish, "README.md", "# flywheel-demo\n\nLineage: logs → dataset → train → eval → gate.\n", tmp)
     client.set_terminated(publish)
+    loop = _run(client, "run", "loop-1", inputs={"mine_run": mine, "train_run": train_ids[1], "gate_run": gate_ids[1]})
+    client.set_terminated(loop)
     expected["gate"] = {"champion_version": "2", "gate_run": gate_ids[1], "publish_run": publish,
                         "train_run": train_ids[1], "mine_run": mine, "dataset_version": dataset_version}
     return expected
