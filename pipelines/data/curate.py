@@ -98,10 +98,11 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
 
 
-def prompt_key(cand: dict) -> str:
-    """Answers to "the same prompt" (same history and context) are comparable for rating-gap preferences."""
-    text = "\x1e".join(normalise(m["content"]) for m in cand["messages"][:-1]) + "\x1d" + normalise(
-        cand.get("context") or "")
+def prompt_key(cand: dict, norms: list[str] | None = None) -> str:
+    """Answers to "the same prompt" (same history and context) are comparable for rating-gap preferences.
+    `norms`: the messages already normalised (saves a pass)."""
+    norms = norms if norms is not None else [normalise(m["content"]) for m in cand["messages"]]
+    text = "\x1e".join(norms[:-1]) + "\x1d" + normalise(cand.get("context") or "")
     return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
 
 
@@ -171,9 +172,10 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
             continue
         if s["redact"]:
             cand = redact_candidate(cand, counts)
+        norms = [normalise(m["content"]) for m in cand["messages"]]  # once, for all three keys below
         gap = None
         if s["gap_prefs"]:
-            key = prompt_key(cand)
+            key = prompt_key(cand, norms)
             # "key<TAB>rating<TAB>json id<TAB>json item": the miner compares the prefix and parses the JSON
             # only for the best and the worst answer of each prompt.
             gap = (key, f"{key}\t{cand['rating']}\t{dumps(cand['id'])}\t" + dumps(
@@ -183,14 +185,14 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
             out.append(("filtered", line, "low_rating", gap))
             continue
         rec = dumps(output_record(cand, s["system_template"]))
-        out.append(("cand", line, rec, exact_key(dedupe_text(cand)), None, gap, cand["rating"], cand["id"],
+        out.append(("cand", line, rec, exact_key("\x1e".join(norms)), None, gap, cand["rating"], cand["id"],
                     cand["group"]))
         if s["near_dedupe"]:
             # Exact dedupe on the whole conversation; near-dedupe on the assistant reply alone. With the history
             # in the shingles, two *different* replies to one long oasst thread look 90% alike and would be
             # merged; near-identical replies are what duplicates a training signal.
             pending.append(len(out) - 1)
-            replies.append(normalise(cand["messages"][-1]["content"]))
+            replies.append(norms[-1])
     if pending:
         for i, sig in zip(pending, signatures(replies, s["num_perm"], s["shingle"])):
             ev = out[i]
