@@ -246,7 +246,7 @@ def load_sts(root: str | Path, split: str = "dev", *, name: str | None = None, m
         idx = sorted(random.Random(seed).sample(range(len(scores)), max_pairs))
         s1, s2, scores = [s1[i] for i in idx], [s2[i] for i in idx], [scores[i] for i in idx]
     info["pairs"] = len(scores)
-    name = name or (f"stsb-{split}" if root.is_dir() else path.stem)
+    name = name or (root.name if root.is_dir() else path.stem)
     return PairsTask(name, s1, s2, scores, str(path), info)
 
 
