@@ -211,6 +211,10 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     new_bytes = sum(s["end"] - s["start"] for s in slices)
     say(f"{len(slices)} file(s) with new logs ({new_bytes} bytes); mining {len(pending)} slice(s)")
     result["batch"] = batch
+    # Where the pending slices came from (for lineage: publish's README names the real log files).
+    state.setdefault("sources", {}).update({w: s for w, s in zip(written, slices)})
+    save_state(work, state)
+    result["sources"] = [state["sources"][p] for p in pending if p in state["sources"]]
 
     # 2. mine
     from pipelines.mine import MineConfig, run_mine
@@ -265,6 +269,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     for r in gated["gate"]["reasons"][:5]:
         say(f"  - {r}")
     state["pending"] = []  # the data went into a candidate; a refused candidate is not retried on it
+    state["sources"] = {}
     state.setdefault("runs", []).append({"batch": batch, "status": gated["decision"], "kept": kept,
                                          "train_run": trained["run_id"], "gate_run": gated["run_id"]})
     save_state(work, state)
@@ -295,7 +300,8 @@ def _summary_run(cfg: LoopConfig, result: dict, inputs: dict, new_bytes: int, ke
     from pipelines import tracking
 
     with tracking.start_run("run", f"loop-{result.get('batch')}", inputs=inputs, configured_uri=cfg.tracking_uri,
-                            tags={"flywheel.run.status": result["status"]},
+                            tags={"flywheel.run.status": result["status"],
+                                  "flywheel.loop.sources": json.dumps(result.get("sources", []))[:5000]},
                             params={"min_new_records": cfg.min_new_records, "model_name": cfg.model_name,
                                     "inputs": ",".join(cfg.inputs), "work_dir": cfg.work_dir}) as run:
         tracking.log_metrics({"new_bytes": new_bytes, "new_kept": kept})

@@ -188,6 +188,22 @@ def lineage(model: Any) -> dict:
     t, params = run_tags(out["mine_run"])
     out["logs"] = [x for x in t.get("flywheel.input.logs", "").split(",") if x] or None
     out["dataset_path"] = t.get("flywheel.dataset_path")
+    # Mined by `flywheel run`? Then the mine inputs are slices of the real logs; the loop's run names them.
+    if out["mine_run"]:
+        try:
+            exp = client.get_experiment_by_name("flywheel/run")
+            runs = client.search_runs([exp.experiment_id], f"tags.`flywheel.input.mine_run` = '{out['mine_run']}'",
+                                      max_results=1) if exp else []
+        except Exception:
+            runs = []
+        if runs:
+            out["loop_run"] = runs[0].info.run_id
+            try:
+                sources = json.loads(runs[0].data.tags.get("flywheel.loop.sources", "[]"))
+            except json.JSONDecodeError:
+                sources = []
+            if sources:
+                out["logs"] = [f"{s['path']} (bytes {s['start']}-{s['end']})" for s in sources]
     return out
 
 
@@ -287,7 +303,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
             src = model.adapter_dir / f
             if not src.exists():
                 raise InputError(f"{model.adapter_dir}: {f} missing")
-            shutil.copy2(src, tmp / "adapter" / f)
+            shutil.copyfile(src, tmp / "adapter" / f)
         gguf_adapter = base_gguf = None
         if cfg.gguf_adapter:
             if llama_cpp is None:
@@ -327,6 +343,9 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
         (tmp / "README.md").write_text(readme(lin, name=name, files=files, warnings=warnings, system=final_system,
                                               create_cmd=create_cmd), encoding="utf-8")
         write_json(tmp / "lineage.json", {**lin, "files": files, "warnings": warnings})
+        # Temp files are private (0600/0700); a published folder is meant to be read by others (ollama, CI).
+        for p in [tmp, *tmp.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
 
     inputs = {"model_uri": model.uri, "train_run": lin.get("train_run"), "gate_run": lin.get("gate_run"),
               "dataset_version": lin.get("dataset_version")}

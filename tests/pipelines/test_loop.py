@@ -91,5 +91,6 @@ def test_demo_loop_end_to_end(mlflow_store, tmp_path, monkeypatch):
     assert mf.get("adapter") == "./adapter" and mf.get("system")
     readme = (Path(res["publish"]["out"]) / "README.md").read_text()
     assert res["mine"]["version"] in readme and res["gate"]["run_id"] in readme
+    assert f"{tmp_path / 'logs' / 'demo.jsonl'} (bytes 0-" in readme  # the real log file, not the batch slice
     assert registry.history("flywheel-demo")[0]["gate_run"] == res["gate"]["run_id"]
     assert run_loop(cfg)["status"] == "no_new_logs"
