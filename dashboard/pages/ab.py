@@ -184,8 +184,10 @@ if pd.notna(row.get("sequential.ci_low")):
 
 with st.expander("Every comparison, all metrics and columns"):
     st.dataframe(comparisons, hide_index=True, width="stretch")
-for note in report.get("notes") or []:
-    st.caption(f"note: {note}")
+notes = report.get("notes") or {}
+with st.expander("How to read these numbers (the stage's notes)"):
+    for key, note in (notes.items() if isinstance(notes, dict) else enumerate(notes)):
+        st.markdown(f"- **{key}**: {note}" if isinstance(notes, dict) else f"- {note}")
 
 plots = [a for a in store.list_artifacts(run["run_id"]) if a["path"].startswith("ab_") and a["path"].endswith(".png")]
 if plots:

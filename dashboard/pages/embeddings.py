@@ -65,14 +65,19 @@ if metric and metric in view.columns:
         if value.empty:
             continue
         row = {"model": model, metric: float(value.iloc[0]), "lo": None, "hi": None}
-        if pq is not None and metric in pq.columns and len(pq) > 1:
+        lo_col, hi_col = f"{metric}_ci_low", f"{metric}_ci_high"
+        if lo_col in view.columns and pd.notna(view.loc[view["model"] == model, lo_col]).all():
+            # The stage's own CI (e.g. bootstrap over STS pairs for a correlation) wins.
+            row.update(lo=float(view.loc[view["model"] == model, lo_col].iloc[0]),
+                       hi=float(view.loc[view["model"] == model, hi_col].iloc[0]))
+        elif pq is not None and metric in pq.columns and len(pq) > 1:
             x = pq[metric].dropna().to_numpy(dtype=float)
             half = sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
             row.update(lo=x.mean() - half, hi=x.mean() + half)
         bars.append(row)
     bars = pd.DataFrame(bars) if bars else view[["model", metric]].assign(lo=None, hi=None)
     has_ci = bars["lo"].notna().any()
-    fig = px.bar(bars, x="model", y=metric, title=f"{metric} on {task}" + (" (95 % CI over queries)" if has_ci else ""),
+    fig = px.bar(bars, x="model", y=metric, title=f"{metric} on {task}" + (" (95 % CI)" if has_ci else ""),
                  error_y=(bars["hi"] - bars[metric]) if has_ci else None,
                  error_y_minus=(bars[metric] - bars["lo"]) if has_ci else None)
     fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10))
@@ -102,6 +107,8 @@ if comparisons is not None and not comparisons.empty:
     for c in note:
         for text in comp[c].dropna().unique()[:3]:
             st.caption(f"⚠ {text}")
+elif comparisons is not None:
+    st.caption("No paired comparisons: one model per task, nothing to compare it with.")
 else:
     st.caption("No `comparisons.csv` on this run: significance is unknown.")
 

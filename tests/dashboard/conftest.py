@@ -167,7 +167,7 @@ def build_store(tmp: Path) -> dict:
     # ---- prompts (flywheel eval): cells, comparisons, child runs with cases
     evaluation = _run(client, "prompts", "eval-demo", inputs={"train_run": train_ids[0]})
     cells = [{"variant": v, "target": t, "metric": "rougeL", "mean": m, "ci_low": m - 0.05, "ci_high": m + 0.05,
-              "n": 20} for (v, t, m) in [("v1", "base", 0.21), ("v1", "adapter", 0.34), ("v2", "base", 0.25),
+              "n": 20, "direction": "higher"} for (v, t, m) in [("v1", "base", 0.21), ("v1", "adapter", 0.34), ("v2", "base", 0.25),
                                          ("v2", "adapter", 0.37)]]
     _log_text(client, evaluation, "results.json", json.dumps({"cells": cells, "comparisons": [
         {"variant": "v1/adapter", "control": "v1/base", "metric": "rougeL", "test": "paired_t", "estimate": 0.13,

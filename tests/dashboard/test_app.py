@@ -89,6 +89,8 @@ def test_embeddings_real_benchmark(dash_store):
     shown = texts(at)
     assert exp["model"] in shown and ui_num(exp["spearman"], 4)[:5] in shown
     assert len(at.get("plotly_chart")) >= 2  # bars + quality vs speed
+    charts = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("spearman on stsb (95 % CI)" in c for c in charts)  # the stage's own CI columns
     assert "cosine" in shown  # per-pair drill-down of STS
 
 
@@ -100,7 +102,7 @@ def test_embeddings_significance_cis_and_drilldown(dash_store):
     assert exp["best"] in shown and "worse* (p_adj=3.11e-05)" in shown
     assert "★ significant" in shown
     charts = [c.proto.spec for c in at.get("plotly_chart")]
-    assert any("95 % CI over queries" in c for c in charts)  # per-model CI from per-query vectors
+    assert any("95 % CI" in c for c in charts)  # per-model CI from per-query vectors
     assert "shared queries: B better on" in shown
 
 

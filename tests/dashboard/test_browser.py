@@ -22,6 +22,9 @@ SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 PAGES = {"": "Champion", "datasets": "Filter funnel", "training": "Loss-mask audit", "embeddings": "Leaderboard",
          "prompt-eval": "Variant × target", "ab": "Verdicts", "gate": "Gate decisions"}
 
+IDLE = ("() => !document.querySelector('[data-testid=\"stStatusWidgetRunningIcon\"], "
+        "[data-testid=\"stStatusWidgetRunningManIcon\"], [data-testid=\"stSkeleton\"], [data-stale=\"true\"]')")
+
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
@@ -81,9 +84,11 @@ def test_every_page_renders_in_chromium(server):
                 page.wait_for_selector('[data-testid="stAppViewContainer"]', timeout=60_000)
                 page.wait_for_selector('[data-testid="stMainBlockContainer"] h1', timeout=60_000)
                 page.get_by_text(must_show, exact=False).first.wait_for(timeout=60_000)
-                # The app is idle once the "running" status widget is gone; charts then need a moment to draw.
-                page.wait_for_function(
-                    "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
+                # Idle = no running indicator, no skeleton, no stale element; checked twice, a second apart,
+                # because the indicator only shows up a moment after a script starts.
+                for _ in range(2):
+                    page.wait_for_timeout(1000)
+                    page.wait_for_function(IDLE, timeout=60_000)
                 page.wait_for_function(
                     "() => [...document.querySelectorAll('[data-testid=\"stPlotlyChart\"]')]"
                     ".every(e => e.querySelector('.main-svg'))", timeout=60_000)
