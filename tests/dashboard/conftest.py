@@ -102,9 +102,13 @@ def build_store(tmp: Path) -> dict:
             if step % 5 == 0:
                 values["eval_loss"] = loss + 0.2
             _metrics(client, run, values, step=step)
-        _log_text(client, run, "audit.json", json.dumps({
-            "examples": 50, "zero_trained_examples": 0, "eot_trained": True, "truncated": 2,
-            "trained_tokens_mean": 61.5, "trained_tokens_per_example": [60, 63]}), tmp)
+        _log_text(client, run, "audit.json", json.dumps({  # the shape training/audit.py writes
+            "template": "smollm2-chatml training variant (renders the dataset byte-identically)",
+            "examples": 50, "examples_used": 50, "tokens_total": 9120, "tokens_trained": 3075,
+            "trained_fraction": 0.3372, "trained_per_example": {"min": 18, "mean": 61.5, "max": 141},
+            "zero_trained_examples": 0, "zero_trained_ids": [], "eot_token": "<|im_end|>", "eot_in_input": 150,
+            "eot_trained": 50, "examples_with_eot_trained": 50, "truncated": 2, "dropped_overlong": 0,
+            "dropped_truncated_to_nothing": 0, "max_length_seen": 256, "problems": [], "ok": True}), tmp)
         _log_text(client, run, "adapter/flywheel_adapter.json", json.dumps({
             "base_model": "smollm2-135m-instruct", "base_model_sha256": "f" * 64, "dataset_version": dataset_version,
             "mine_run_id": mine, "train_run_id": run, "chat_template": "…", "eos_tokens": ["<|im_end|>"]}), tmp)

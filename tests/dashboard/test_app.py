@@ -27,7 +27,8 @@ def render(page: str, run: str | None = None):
 def texts(at) -> str:
     """Everything a reader sees as text: markdown, captions, metrics, code, titles, tables."""
     parts = []
-    for kind in ("markdown", "caption", "code", "title", "header", "subheader", "info", "warning", "text"):
+    for kind in ("markdown", "caption", "code", "title", "header", "subheader", "info", "warning", "text",
+                 "success", "error"):
         parts += [str(e.value) for e in at.get(kind)]
     parts += [f"{m.label}={m.value}" for m in at.metric]
     parts += [e.value.to_csv() for e in at.dataframe]
@@ -78,7 +79,10 @@ def test_training_overlays_runs_and_shows_audit(dash_store):
     shown = texts(at)
     assert "0.61" in shown and "0.92" in shown  # both default-selected runs' final losses
     assert len(at.get("plotly_chart")) == 4  # loss + tokens/s + lr + grad norm
-    assert {m.label for m in at.metric} >= {"examples", "zero trained examples", "eot trained"}
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["examples used"] == "50 / 50" and metrics["zero-trained examples"] == "0"
+    assert metrics["end-of-turn <|im_end|> trained"] == "50 ex."
+    assert "Audit passed" in shown
     assert "Tofu is" in shown  # generations table
 
 
