@@ -231,20 +231,26 @@ class HFTarget:
                 todo.append(i)
         if todo:
             self.load()
-            texts = {i: self.prompt_text(prompts[i]) for i in todo}
-            todo.sort(key=lambda i: len(texts[i]))  # similar lengths per batch: less padding
-            for b, start in enumerate(range(0, len(todo), params.batch_size)):
-                idx = todo[start:start + params.batch_size]
+            # Mined eval splits repeat a question once per rated reply: generate each distinct prompt once.
+            same: dict[str, list[int]] = {}
+            for i in todo:
+                same.setdefault(keys[i], []).append(i)
+            uniq = [group[0] for group in same.values()]
+            texts = {i: self.prompt_text(prompts[i]) for i in uniq}
+            uniq.sort(key=lambda i: len(texts[i]))  # similar lengths per batch: less padding
+            for b, start in enumerate(range(0, len(uniq), params.batch_size)):
+                idx = uniq[start:start + params.batch_size]
                 try:
                     gens = self._generate_batch([texts[i] for i in idx], params, seed=params.seed + 7919 * repeat + b)
                 except Exception as e:  # noqa: BLE001 - recorded per case, never dropped
                     gens = [Generation("", None, None, error=f"{type(e).__name__}: {e}"[:500]) for _ in idx]
                 for i, g in zip(idx, gens):
-                    out[i] = g
+                    for j in same[keys[i]]:
+                        out[j] = g
                     if g.error is None:
                         cache.put("gen", keys[i], {"text": g.text, "tokens": g.tokens, "latency_ms": g.latency_ms})
-                if progress:
-                    progress(len(idx))
+                    if progress:
+                        progress(len(same[keys[i]]))
         return out  # type: ignore[return-value]
 
     def _generate_batch(self, texts: list[str], params: GenParams, seed: int) -> list[Generation]:
