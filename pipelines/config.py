@@ -102,7 +102,7 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: Itera
     overrides = list(overrides)
     data = apply_overrides(data, overrides)
     if overrides:
-        source += " + overrides" if path else "overrides"
+        source = f"{path} + overrides" if path is not None else "overrides"
     try:
         return model.model_validate(data)
     except ValidationError as e:
