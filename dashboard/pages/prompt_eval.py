@@ -34,7 +34,9 @@ ui.metrics_row([("Variants", str(cells["variant"].nunique())), ("Targets", str(c
 
 # ------------------------------------------------------------------------------------------- matrix
 st.subheader("Variant × target")
-metric = st.selectbox("Metric", metric_names, key="prompts_metric")
+primary = results.get("primary_metric")  # what the gate decides on: shown first
+metric = st.selectbox("Metric", metric_names, key="prompts_metric",
+                      index=metric_names.index(primary) if primary in metric_names else 0)
 part = cells[cells["metric"] == metric]
 grid = part.pivot_table(index="variant", columns="target", values="mean", aggfunc="first")
 text = part.assign(label=[f"{ui.num(m)}<br>[{ui.num(lo)}, {ui.num(hi)}]" for m, lo, hi in
