@@ -277,7 +277,10 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
     out_dir = Path(cfg.out) if cfg.out else tracking.flywheel_home() / "eval" / cfg.name
     cache = DiskCache(Path(cfg.cache_dir) if cfg.cache_dir else tracking.flywheel_home() / "cache" / "eval",
                       enabled=cfg.cache)
-    judge = _judge(cfg) if cfg.judge.endpoint and "judge_score" in cfg.metrics else None
+    metrics = list(cfg.metrics)
+    if cfg.judge.endpoint and "judge_score" not in metrics:
+        metrics.append("judge_score")  # configuring a judge is asking for its score
+    judge = _judge(cfg) if cfg.judge.endpoint else None
     if cfg.compare.pairs:
         names_v, names_t = {v.name for v in variants}, set(target_names)
         for i, pr in enumerate(cfg.compare.pairs):
@@ -299,7 +302,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                     pv = register_prompt(v)
                     MlflowClient().link_prompt_version_to_run(parent.info.run_id, pv)
                     prompt_versions[v.name] = pv
-            embedder = _LazyEmbedder(cfg.embedding_model) if "embedding_similarity" in cfg.metrics else None
+            embedder = _LazyEmbedder(cfg.embedding_model) if "embedding_similarity" in metrics else None
 
             # 2. the matrix
             total = len(targets) * len(variants) * len(caseset.cases) * g.repeat
@@ -307,7 +310,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                           TimeElapsedColumn(), disable=not show_progress, transient=True) as bar:
                 task = bar.add_task("generate", total=total)
                 matrix = harness.run_matrix(
-                    caseset.cases, variants, targets, params=params, cache=cache, metrics=cfg.metrics,
+                    caseset.cases, variants, targets, params=params, cache=cache, metrics=metrics,
                     suite_assertions=cfg.assertions, repeat=g.repeat, embedder=embedder, judge=judge,
                     nll_batch_size=cfg.nll_batch_size, nll_max_length=cfg.nll_max_length,
                     progress=lambda phase, n: bar.update(task, advance=n if phase == "generate" else 0,

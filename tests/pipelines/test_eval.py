@@ -167,3 +167,49 @@ def test_demo_config_and_shipped_configs_validate():
         load_config(EvalConfig, p)
     for p in sorted((ROOT / "configs" / "prompts").glob("*.yaml")):
         assert p.read_text().startswith("# "), p
+
+
+def test_endpoint_target_with_judge_end_to_end(mlflow_store, tmp_path):
+    """No local model: an OpenAI-compatible stub answers and judges; NLL is absent and said so."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Stub(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _send(self, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send({"data": []})
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            judging = "ANSWER:" in req["messages"][-1]["content"]
+            self._send({"choices": [{"message": {"content": "Score: 3" if judging else "Protein: 9 g."}}]})
+
+    srv = HTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}/v1"
+    try:
+        cfg = EvalConfig.model_validate(dict(
+            name="ep", limit=3, prompts_dir=PROMPTS, out=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"),
+            targets=[{"name": "ollama", "endpoint": url, "model": "smollm2"}], judge={"endpoint": url},
+            metrics=["rouge_l", "nll", "pii"], primary_metric="rouge_l", register_prompts=False))
+        res = run_eval(cfg, show_progress=False)
+    finally:
+        srv.shutdown()
+    r = res["results"]
+    cells = {(c["variant"], c["metric"]): c for c in r["cells"]}
+    assert cells[("concise", "judge_score")]["mean"] == 3.0 and cells[("concise", "rouge_l")]["n"] == 3
+    assert not any(c["metric"] == "nll" for c in r["cells"])
+    assert any("nll not available for target 'ollama'" in n for n in r["notes"])
+    comps = r["comparisons"]  # grounded vs concise on the one target; equal outputs: a degenerate, flagged test
+    assert {c["metric"] for c in comps} >= {"rouge_l", "judge_score"}
+    assert all(c["control"] == "ollama/concise" and c["variant"] == "ollama/grounded" for c in comps)
+    assert all(c["estimate"] == 0 and c["outcome"] == "inconclusive" for c in comps)
