@@ -8,7 +8,6 @@ Streamlit's process through `MLFLOW_TRACKING_URI` so the app and the pipelines c
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,16 +36,14 @@ def environment(uri: str | None = None) -> dict[str, str]:
     return env
 
 
-def run_dashboard(port: int = 8501, host: str = "127.0.0.1", uri: str | None = None) -> int:
-    """Run Streamlit in the foreground until Ctrl-C; returns its exit code."""
+def run_dashboard(port: int = 8501, host: str = "127.0.0.1", uri: str | None = None) -> None:
+    """Replace this process with Streamlit (exec): Ctrl-C and SIGTERM reach the server itself, and no
+    orphaned server is left behind when a supervisor stops `flywheel dashboard`."""
     env = environment(uri)
     typer.echo(f"Flywheel dashboard on http://{host}:{port}  (store: {env['MLFLOW_TRACKING_URI']})")
-    proc = subprocess.Popen(command(port, host), env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+    sys.stdout.flush()
+    cmd = command(port, host)
+    os.execve(cmd[0], cmd, env)
 
 
 def register(app: typer.Typer) -> None:
@@ -58,4 +55,4 @@ def register(app: typer.Typer) -> None:
                                          help="MLflow store; default: MLFLOW_TRACKING_URI or .flywheel/mlflow.db."),
     ) -> None:
         """Open the read-only dashboard (Streamlit) over the pipelines' MLflow store."""
-        raise typer.Exit(run_dashboard(port, host, tracking_uri))
+        run_dashboard(port, host, tracking_uri)
