@@ -33,6 +33,7 @@ from pipelines.config import StageConfig, load_config
 from pipelines.errors import FlywheelError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
+TEACHER_FORCED = {"nll"}  # metrics computed from the reference answer, not from generated text
 
 
 class _Section(BaseModel):
@@ -108,6 +109,10 @@ def _eval_config(cfg: GateConfig, baseline: dict, candidate_uri: str, out: Path)
         data["variants"] = [cfg.variant]
     if cfg.restrict_metrics:
         data["metrics"] = list(dict.fromkeys([cfg.primary.metric] + [g.metric for g in cfg.guardrails]))
+        if set(data["metrics"]) <= TEACHER_FORCED and "max_new_tokens" not in (cfg.eval.get("generation") or {}):
+            # The eval harness always generates; a rule set that reads only teacher-forced metrics does not
+            # need the text, so one token keeps the gate to the cost of the NLL pass.
+            data["generation"] = {**(data.get("generation") or {}), "max_new_tokens": 1}
     if cfg.tracking_uri:
         data.setdefault("tracking_uri", cfg.tracking_uri)
     try:

@@ -140,27 +140,30 @@ def test_cli_exit_codes(mlflow_store, tmp_path):
 
 @pytest.fixture(scope="module")
 def harmful_adapter(tmp_path_factory):
-    """Random-init LoRA on the real base, B scaled up so it hurts: a candidate the gate must refuse."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Random LoRA on the real base (q/v of every layer), large enough to hurt: a candidate the gate must
+    refuse. Written directly in PEFT's format, so the fixture loads no model."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
 
     from training.models import resolve_base_model
 
     info = resolve_base_model("smollm2-135m-instruct")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(info.path), dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    cfg = json.loads((info.path / "config.json").read_text())
+    hidden = cfg["hidden_size"]
+    kv = cfg["num_key_value_heads"] * cfg.get("head_dim", hidden // cfg["num_attention_heads"])
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(cfg["num_hidden_layers"]):
+        for mod, out_dim in (("q_proj", hidden), ("v_proj", kv)):
+            pre = f"base_model.model.model.layers.{i}.self_attn.{mod}"
+            tensors[f"{pre}.lora_A.weight"] = torch.randn(4, hidden, generator=g) * 0.05
+            tensors[f"{pre}.lora_B.weight"] = torch.randn(out_dim, 4, generator=g) * 0.1
     out = tmp_path_factory.mktemp("harmful") / "adapter"
-    model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(info.path)).save_pretrained(str(out))
+    out.mkdir()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"], "bias": "none", "base_model_name_or_path": str(info.path)}))
     (out / "flywheel_adapter.json").write_text(json.dumps({
         "base_model": info.name, "base_model_sha256": info.sha256, "dataset_version": "harmful"}))
     return out
