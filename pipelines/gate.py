@@ -155,6 +155,8 @@ def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
 
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking import sanitize_metric_name
+
     client = MlflowClient()
     exp = client.get_experiment_by_name("flywheel/ab")
     if exp is None or not variant:
@@ -163,7 +165,7 @@ def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
     runs = client.search_runs([exp.experiment_id], f"attributes.start_time > {since}",
                               order_by=["attributes.start_time DESC"], max_results=20)
     for r in runs:
-        v = r.data.tags.get(f"flywheel.ab.verdict.{variant}")
+        v = r.data.tags.get(sanitize_metric_name(f"flywheel.ab.verdict.{variant}"))
         if v:
             return v
     return None

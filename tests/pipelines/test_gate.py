@@ -83,6 +83,31 @@ def test_missing_results_and_unreadable_candidate_are_errors(mlflow_store, tmp_p
     assert out["exit_code"] == 2 and "candidate" in out["gate"]["reasons"][0]
 
 
+def test_crashed_eval_is_an_error(mlflow_store, tmp_path, monkeypatch):
+    import pipelines.eval
+
+    def boom(cfg, **kw):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(pipelines.eval, "run_eval", boom)
+    run_id = fake_adapter_run(tmp_path)
+    out = run_gate(GateConfig(out=str(tmp_path / "g")), run_id, promote=True)
+    assert out["decision"] == "error" and out["exit_code"] == 2 and out["promoted_version"] is None
+    assert "evaluation crashed: RuntimeError" in out["gate"]["reasons"][0]
+    assert "ERROR" in open(out["report_path"]).read()
+
+
+def test_ab_verdict_read_from_the_latest_ab_run(mlflow_store, tmp_path):
+    cfg = GateConfig(results=results_file(tmp_path), out=str(tmp_path / "g1"), ab={"require": True})
+    assert run_gate(cfg, "c")["decision"] == "error"  # required, none found
+    with tracking.start_run("ab", tags={"flywheel.ab.verdict.concise": "don't ship"}):
+        pass
+    assert run_gate(cfg.model_copy(update={"out": str(tmp_path / "g2")}), "c")["decision"] == "fail"
+    with tracking.start_run("ab", tags={"flywheel.ab.verdict.concise": "ship"}):
+        pass
+    assert run_gate(cfg.model_copy(update={"out": str(tmp_path / "g3")}), "c")["decision"] == "pass"
+
+
 def test_unreadable_champion_is_an_error_not_no_champion(mlflow_store, tmp_path):
     """A champion whose artifacts vanished must stop the gate, never make it compare against the base."""
     import shutil
