@@ -83,6 +83,13 @@ for stage, page, command, keys in STAGE_VIEW:
     elif stage == "ab":
         summary = f"SRM={run['tags'].get('flywheel.ab.srm_status', '?')}; " + ", ".join(
             f"{k.rsplit('.', 1)[-1]}: {v}" for k, v in run["tags"].items() if k.startswith("flywheel.ab.verdict."))
+    elif stage == "embeddings":
+        summary = f"tasks: {run['tags'].get('flywheel.embeddings.tasks', '?')}"
+    elif stage == "prompts":
+        primary = run["tags"].get("flywheel.eval.primary_metric", "")
+        summary = ", ".join(f"{k}={ui.num(v)}" for k, v in run["metrics"].items() if primary and k.endswith(primary))
+    elif stage == "publish":
+        summary = f"Modelfile {run['tags'].get('flywheel.modelfile_path', '?')}"
     elif stage == "mine":
         summary = f"dataset {run['tags'].get('flywheel.dataset_version', '?')[:12]}; " + summary
     rows.append({"stage": stage, "run": run["run_name"], "started": ui.when(run["start_time"]),
