@@ -113,7 +113,8 @@ with right:
 table = pd.DataFrame({
     "variant": part["variant"], "test": part.get("test"),
     "n control / variant": [f"{ui.num(a)} / {ui.num(b)}" for a, b in
-                            zip(part.get("n_control", [None] * len(part)), part.get("n_treatment", [None] * len(part)))],
+                            zip(part.get("n_control", [None] * len(part)),
+                                part.get("n_treatment", [None] * len(part)))],
     "mean control → variant": [f"{ui.num(a)} → {ui.num(b)}" for a, b in
                                zip(part.get("mean_control", [None] * len(part)),
                                    part.get("mean_treatment", [None] * len(part)))],

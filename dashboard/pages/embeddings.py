@@ -27,7 +27,8 @@ if board is None or board.empty:
 
 metrics = [c for c in QUALITY if c in board.columns and board[c].notna().any()]
 metrics += [c for c in board.columns if c not in metrics and c not in SPEED and c not in ("model", "task")
-            and not c.endswith(("_ci_low", "_ci_high", "_sig", "_significant")) and pd.api.types.is_numeric_dtype(board[c])
+            and not c.endswith(("_ci_low", "_ci_high", "_sig", "_significant"))
+            and pd.api.types.is_numeric_dtype(board[c])
             and board[c].notna().any() and c not in ("n", "n_queries", "queries")]
 tasks = sorted(board["task"].dropna().unique()) if "task" in board.columns else []
 comparisons = store.artifact_csv(run["run_id"], "comparisons.csv")

@@ -2,7 +2,8 @@
 
 The stages' own python entries run where they are cheap: `pipelines.mine.run_mine` on the demo logs plus a
 300-line slice of ../shared/data/oasst1-en-validation, `pipelines.ab.run_ab` twice on growing demo logs (two
-looks), `pipelines.embeddings.run_bench_embeddings` with the static model on 60 STS-B pairs, and the registry's `register_adapter` / `promote` for the champion alias history. Stages that need an LLM
+looks), `pipelines.embeddings.run_bench_embeddings` with the static model on 60 STS-B pairs, and the
+registry's `register_adapter` / `promote` for the champion alias history. Stages that need an LLM
 (train, eval, gate, publish) are logged exactly as their contracts say with the real mlflow client and real
 artifacts: training from numbers measured on this machine (SmolLM2 LoRA, loss 4.07 -> 0.61 in 10 steps, see
 /work/shared/notes/offline-models.md), because training or generating in a dashboard fixture costs minutes.
@@ -171,7 +172,8 @@ def build_store(tmp: Path) -> dict:
     # ---- prompts (flywheel eval): cells, comparisons, child runs with cases
     evaluation = _run(client, "prompts", "eval-demo", inputs={"train_run": train_ids[0]})
     cells = [{"variant": v, "target": t, "metric": "rougeL", "mean": m, "ci_low": m - 0.05, "ci_high": m + 0.05,
-              "n": 20, "direction": "higher"} for (v, t, m) in [("v1", "base", 0.21), ("v1", "adapter", 0.34), ("v2", "base", 0.25),
+              "n": 20, "direction": "higher"}
+             for (v, t, m) in [("v1", "base", 0.21), ("v1", "adapter", 0.34), ("v2", "base", 0.25),
                                          ("v2", "adapter", 0.37)]]
     _log_text(client, evaluation, "results.json", json.dumps({"cells": cells, "comparisons": [
         {"variant": "v1/adapter", "control": "v1/base", "metric": "rougeL", "test": "paired_t", "estimate": 0.13,
@@ -216,8 +218,10 @@ def build_store(tmp: Path) -> dict:
                    inputs={"model_uri": "models:/flywheel-demo@champion", "gate_run": gate_ids[1],
                            "train_run": train_ids[1], "dataset_version": dataset_version},
                    tags={"flywheel.modelfile_path": "Modelfiles/flywheel-demo/Modelfile"})
-    _log_text(client, publish, "Modelfile", 'FROM smollm2:135m\nADAPTER ./adapter\nPARAMETER stop "<|im_end|>"\n', tmp)
-    _log_text(client, publish, "README.md", "# flywheel-demo\n\nLineage: logs → dataset → train → eval → gate.\n", tmp)
+    _log_text(client, publish, "Modelfile", 'FROM smollm2:135m\nADAPTER ./adapter\nPARAMETER stop "<|im_end|>"\n',
+              tmp)
+    _log_text(client, publish, "README.md", "# flywheel-demo\n\nLineage: logs → dataset → train → eval → gate.\n",
+              tmp)
     client.set_terminated(publish)
     loop = _run(client, "run", "loop-1", inputs={"mine_run": mine, "train_run": train_ids[1], "gate_run": gate_ids[1]})
     client.set_terminated(loop)
