@@ -272,10 +272,13 @@ def history_command(app: typer.Typer) -> None:
             typer.echo(f"{name}: no champion yet (nothing promoted by `flywheel gate --promote`)")
             return
         table = Table(title=f"champion history of {name}")
-        for col in ("version", "since", "until", "gate run", "dataset", "train run"):
-            table.add_column(col)
+        for col in ("version", "since (UTC)", "until (UTC)", "gate run", "dataset", "train run"):
+            table.add_column(col, no_wrap=True)
+
+        def t(iso):  # 2026-11-26T15:47:02+00:00 -> 2026-11-26 15:47
+            return iso[:16].replace("T", " ") if iso else "-"
+
         for r in rows:
-            table.add_row(r["version"] + (" (current)" if r["current"] else ""), r["since"] or "?",
-                          r["until"] or "-", (r["gate_run"] or "-")[:12], (r["dataset_version"] or "-")[:12],
-                          (r["train_run"] or "-")[:12])
+            table.add_row(r["version"] + (" (current)" if r["current"] else ""), t(r["since"]), t(r["until"]),
+                          (r["gate_run"] or "-")[:8], (r["dataset_version"] or "-")[:8], (r["train_run"] or "-")[:8])
         Console().print(table)
