@@ -343,6 +343,9 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
         (tmp / "README.md").write_text(readme(lin, name=name, files=files, warnings=warnings, system=final_system,
                                               create_cmd=create_cmd), encoding="utf-8")
         write_json(tmp / "lineage.json", {**lin, "files": files, "warnings": warnings})
+        # GGUFs are large and rebuilt by `flywheel publish`: keep them out of git if the folder is in a repo.
+        (tmp / ".gitignore").write_text("# written by flywheel publish: GGUF files are rebuilt, not versioned\n"
+                                        "*.gguf\n", encoding="utf-8")
         # Temp files are private (0600/0700); a published folder is meant to be read by others (ollama, CI).
         for p in [tmp, *tmp.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
