@@ -85,7 +85,7 @@ class TrainConfig(StageConfig):
 
 # The demo's few CPU steps: a high learning rate so the loss falls visibly in 8 steps, short sequences.
 DEMO_OVERRIDES: dict[str, Any] = {
-    "max_steps": 8, "batch_size": 2, "max_length": 256, "learning_rate": 2e-3, "eval_every": 4,
+    "max_steps": 8, "batch_size": 2, "grad_accum": 1, "max_length": 256, "learning_rate": 2e-3, "eval_every": 4,
     "save_every": 4, "eval_max_examples": 8, "max_train_examples": 64, "generations": 2,
     "generation_max_new_tokens": 24, "lr_scheduler": "constant",
 }
