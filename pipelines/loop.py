@@ -226,6 +226,12 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     result["mine"] = {"run_id": mined["run_id"], "out": mined["out"], "version": mined["version"], "kept": kept}
     say(f"mined dataset {mined['version']}: {kept} kept records (run {mined['run_id']})")
     summary: dict[str, Any] = {"mine_run": mined["run_id"], "dataset_version": mined["version"]}
+    if mined["run_id"]:  # the mine run saw only slices: name the real log files on it, for lineage
+        from mlflow.tracking import MlflowClient
+
+        tracking.setup(cfg.tracking_uri)
+        MlflowClient().set_tag(mined["run_id"], "flywheel.loop.sources",
+                               json.dumps(result["sources"])[:5000])
 
     if kept < cfg.min_new_records:
         msg = (f"{kept} new kept records < min_new_records={cfg.min_new_records}: not training; these logs stay "

@@ -188,22 +188,13 @@ def lineage(model: Any) -> dict:
     t, params = run_tags(out["mine_run"])
     out["logs"] = [x for x in t.get("flywheel.input.logs", "").split(",") if x] or None
     out["dataset_path"] = t.get("flywheel.dataset_path")
-    # Mined by `flywheel run`? Then the mine inputs are slices of the real logs; the loop's run names them.
-    if out["mine_run"]:
-        try:
-            exp = client.get_experiment_by_name("flywheel/run")
-            runs = client.search_runs([exp.experiment_id], f"tags.`flywheel.input.mine_run` = '{out['mine_run']}'",
-                                      max_results=1) if exp else []
-        except Exception:
-            runs = []
-        if runs:
-            out["loop_run"] = runs[0].info.run_id
-            try:
-                sources = json.loads(runs[0].data.tags.get("flywheel.loop.sources", "[]"))
-            except json.JSONDecodeError:
-                sources = []
-            if sources:
-                out["logs"] = [f"{s['path']} (bytes {s['start']}-{s['end']})" for s in sources]
+    # Mined by `flywheel run`? Then the mine inputs were slices of the real logs, named on the mine run.
+    try:
+        sources = json.loads(t.get("flywheel.loop.sources", "[]"))
+    except json.JSONDecodeError:
+        sources = []
+    if sources:
+        out["logs"] = [f"{s['path']} (bytes {s['start']}-{s['end']})" for s in sources]
     return out
 
 

@@ -50,6 +50,8 @@ def test_threshold_skip_then_nothing_to_do(mlflow_store, tmp_path):
     run = MlflowClient().get_run(first["run_id"])
     assert run.data.tags["flywheel.stage"] == "run" and run.data.tags["flywheel.run.status"] == "skipped"
     assert run.data.tags["flywheel.input.mine_run"] == first["mine"]["run_id"]
+    sources = json.loads(MlflowClient().get_run(first["mine"]["run_id"]).data.tags["flywheel.loop.sources"])
+    assert sources[0]["path"] == str((logs / "day1.jsonl").resolve()) and sources[0]["start"] == 0
 
     again = run_loop(cfg, log=said.append)
     assert again["status"] == "no_new_logs" and "nothing to do" in said[-1]
