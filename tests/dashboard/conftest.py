@@ -11,6 +11,7 @@ artifacts: training from numbers measured on this machine (SmolLM2 LoRA, loss 4.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -231,22 +232,45 @@ def build_store(tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def dash_store(tmp_path_factory):
-    """FLYWHEEL_HOME + MLFLOW_TRACKING_URI of a filled store (process env: AppTest runs pages in-process)."""
+def dash_store_built(tmp_path_factory):
+    """Build the store once per session; the environment is restored right after, so tests of other packages
+    that run later in the same session never see it (tests use `dash_store`, which points at it per test)."""
     shared_path("oasst1-en-validation", "messages.jsonl")
     home = tmp_path_factory.mktemp("dash") / ".flywheel"
     home.mkdir(parents=True)
     uri = f"sqlite:///{home / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, _mlflow_uris_restored():
         mp.setenv("FLYWHEEL_HOME", str(home))
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
         expected = build_store(home.parent / "staging")
-        yield {"uri": uri, "home": home, "expected": expected}
-    import mlflow
+    return {"uri": uri, "home": home, "expected": expected}
 
-    while mlflow.active_run():
-        mlflow.end_run()
+
+@pytest.fixture
+def dash_store(dash_store_built, monkeypatch):
+    """FLYWHEEL_HOME + MLFLOW_TRACKING_URI of the filled store for one test (AppTest runs pages in-process)."""
+    monkeypatch.setenv("FLYWHEEL_HOME", str(dash_store_built["home"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dash_store_built["uri"])
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    with _mlflow_uris_restored():
+        yield dash_store_built
+
+
+@contextlib.contextmanager
+def _mlflow_uris_restored():
+    """mlflow keeps the tracking/registry URI in module globals once set: put back what was there."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
+    try:
+        yield
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
 
 
 @pytest.fixture
@@ -259,3 +283,22 @@ def empty_store(tmp_path, monkeypatch):
     yield uri
     assert not (home / "mlflow.db").exists(), "the dashboard created the store it should only read"
 
+
+@pytest.fixture
+def bare_runs_store(tmp_path, monkeypatch):
+    """One run per stage with no metrics, no artifacts (a crashed or foreign run): pages must not fail."""
+    home = tmp_path / ".flywheel"
+    monkeypatch.setenv("FLYWHEEL_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import STAGES, experiment_id, setup
+
+    with _mlflow_uris_restored():
+        setup()
+        client = MlflowClient()
+        for stage in STAGES:
+            run = client.create_run(experiment_id(stage), run_name=f"bare-{stage}", tags={"flywheel.stage": stage})
+            client.set_terminated(run.info.run_id, status="FAILED")
+        client.create_registered_model("half-registered")
+        yield home

@@ -177,25 +177,6 @@ def test_empty_store_names_the_command(empty_store, page):
     assert COMMANDS[page] in codes
 
 
-@pytest.fixture
-def bare_runs_store(tmp_path, monkeypatch):
-    """One run per stage with no metrics, no artifacts (a crashed or foreign run): pages must not fail."""
-    home = tmp_path / ".flywheel"
-    monkeypatch.setenv("FLYWHEEL_HOME", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.tracking import STAGES, experiment_id, setup
-
-    setup()
-    client = MlflowClient()
-    for stage in STAGES:
-        run = client.create_run(experiment_id(stage), run_name=f"bare-{stage}", tags={"flywheel.stage": stage})
-        client.set_terminated(run.info.run_id, status="FAILED")
-    client.create_registered_model("half-registered")
-    return home
-
-
 @pytest.mark.slow
 def test_pages_tolerate_runs_without_artifacts(bare_runs_store):
     for page in PAGES:

@@ -35,14 +35,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(dash_store):
+def server(dash_store_built):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed (`make browser` installs Debian chromium)")
     from pipelines import dashboard_cmd
 
     port = _free_port()
-    env = dashboard_cmd.environment(dash_store["uri"])
-    env["FLYWHEEL_HOME"] = str(dash_store["home"])
+    env = dashboard_cmd.environment(dash_store_built["uri"])
+    env["FLYWHEEL_HOME"] = str(dash_store_built["home"])
     SHOTS.mkdir(parents=True, exist_ok=True)
     log = open(SHOTS.parent / "streamlit.log", "w")
     proc = subprocess.Popen(dashboard_cmd.command(port=port), env=env, stdout=log, stderr=subprocess.STDOUT)
