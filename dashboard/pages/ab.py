@@ -139,7 +139,8 @@ if "bayesian.chance_to_beat_control" in part:
                 "*This is not a p-value*, and it is not corrected for multiple comparisons.")
     bayes = pd.DataFrame({"variant": part["variant"],
                           "chance to beat control": part["bayesian.chance_to_beat_control"].map(
-                              lambda x: f"{float(x):.1%}" if pd.notna(x) else "-"),
+                              lambda x: "-" if pd.isna(x) else ">99.9%" if x > 0.999 else "<0.1%" if x < 0.001
+                              else f"{float(x):.1%}"),
                           "expected loss": part.get("bayesian.expected_loss", pd.Series([None] * len(part))).map(
                               ui.num),
                           "model": part.get("bayesian.model", pd.Series([""] * len(part)))})
