@@ -142,6 +142,8 @@ def system_prompt_for(results: dict, variant: str | None) -> str | None:
     if not variant:
         return None
     src = next((v.get("source") for v in results.get("variants", []) if v.get("name") == variant), None)
+    if src and not Path(src).exists() and (ROOT / src).exists():
+        src = str(ROOT / src)  # a path relative to the repo, read from another working directory
     if not src or not Path(src).exists():
         return None
     from evals.prompts.templates import VAR_RE, load_template
