@@ -81,6 +81,63 @@ def warm_cold(models: list[str], tasks: list[str]) -> dict:
             "note": "wall time of two fresh CLI processes (imports included), vector cache empty before the first"}
 
 
+def verify(out_dir: Path) -> dict:
+    """Recompute a leaderboard's retrieval metrics with independent references on the same (cached) vectors.
+
+    sentence-transformers' InformationRetrievalEvaluator (binary relevance: MRR@10, and everything on binary
+    tasks) and trec_eval via pytrec_eval (graded nDCG@10, Recall@k, MAP@100). Needs the vectors in the cache.
+    """
+    import csv
+
+    import pytrec_eval
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    from evals.embeddings import retrieval
+    from evals.embeddings.cache import EmbeddingCache
+    from evals.embeddings.models import resolve_model
+    from evals.embeddings.tasks import resolve_task
+    from pipelines.embeddings import DEFAULT_DATA_DIR
+
+    summary = json.loads((out_dir / "summary.json").read_text())
+    cfg = summary["config"]
+    rows = list(csv.DictReader(open(out_dir / "leaderboard.csv")))
+    worst, checked = 0.0, 0
+
+    def not_cached(texts):
+        raise SystemExit("verify needs the benchmark's vectors in the cache: run the benchmark first")
+
+    for spec in cfg["tasks"]:
+        task = resolve_task(spec, cfg["data_dir"] or DEFAULT_DATA_DIR, split=cfg["qrels_split"],
+                            max_docs=cfg["max_docs"], max_queries=cfg["max_queries"], seed=cfg["seed"])
+        if task.kind != "retrieval":
+            continue
+        for model in cfg["models"]:
+            info = resolve_model(model)
+            cache = EmbeddingCache(info.identity, root=Path(cfg["cache_dir"]) / "vectors" if cfg["cache_dir"] else None)
+            doc_ids, q_ids = list(task.corpus), list(task.queries)
+            d, _ = cache.encode([task.corpus[i] for i in doc_ids], not_cached)
+            q, _ = cache.encode([task.queries[i] for i in q_ids], not_cached)
+            r = retrieval.rank(q, d, q_ids, doc_ids, k=100)
+            ev = InformationRetrievalEvaluator(task.queries, task.corpus, {k: set(v) for k, v in task.qrels.items()},
+                                               precision_recall_at_k=[1, 5, 10, 100], map_at_k=[100],
+                                               write_csv=False)
+            st = ev.compute_metrics([[{"corpus_id": c, "score": s} for c, s in zip(ids, sc)]
+                                     for ids, sc in zip(r.top_ids, r.top_scores)])
+            run = {qq: {c: float(100 - i) for i, c in enumerate(ids)} for qq, ids in zip(r.query_ids, r.top_ids)}
+            te = pytrec_eval.RelevanceEvaluator(task.qrels, {"ndcg_cut_10", "map_cut_100", "recall_1", "recall_5",
+                                                             "recall_10", "recall_100"}).evaluate(run)
+            mean = lambda k: sum(v[k] for v in te.values()) / len(te)  # noqa: E731
+            ref = {"ndcg@10": mean("ndcg_cut_10"), "mrr@10": st["mrr@k"][10], "map@100": mean("map_cut_100"),
+                   **{f"recall@{k}": mean(f"recall_{k}") for k in (1, 5, 10, 100)}}
+            row = next(x for x in rows if x["model"] == info.name and x["task"] == task.name)
+            for m, v in ref.items():
+                worst = max(worst, abs(float(row[m]) - v))
+                checked += 1
+    return {"out": str(out_dir), "values_checked": checked, "max_abs_diff": worst,
+            "references": "trec_eval (pytrec_eval) for nDCG@10/MAP@100/Recall@k, sentence-transformers "
+                          "InformationRetrievalEvaluator for MRR@10; leaderboard CSV rounds to 6 decimals"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="all-MiniLM-L6-v2")
@@ -89,7 +146,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--models", default="static-64,all-MiniLM-L6-v2")
     ap.add_argument("--tasks", default="medline,stsb")
+    ap.add_argument("--verify", type=Path, help="only check OUT_DIR's leaderboard against the references")
     args = ap.parse_args()
+    if args.verify:
+        res = verify(args.verify)
+        print(json.dumps(res, indent=2))
+        sys.exit(0 if res["max_abs_diff"] < 1e-5 else 1)
     ov = overhead(args.model, args.n, args.repeats, args.batch_size)
     print(f"encode overhead ({ov['model']}, {ov['texts']} medline docs): raw model.encode "
           f"{min(ov['raw_encode_s']):.2f}s vs benchmark path {min(ov['bench_encode_s']):.2f}s (min of "
