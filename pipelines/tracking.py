@@ -25,6 +25,11 @@ TAG_COMMIT = "flywheel.git_commit"
 TAG_INPUT = "flywheel.input."
 
 
+# What the user set, read once: mlflow.set_registry_uri() writes MLFLOW_REGISTRY_URI into os.environ itself, so
+# reading the variable later would pick up our own earlier call (a previous store) instead of the user's choice.
+_USER_REGISTRY_URI = os.environ.get("MLFLOW_REGISTRY_URI")
+
+
 def flywheel_home() -> Path:
     return Path(os.environ.get("FLYWHEEL_HOME", ".flywheel")).resolve()
 
@@ -51,7 +56,7 @@ def setup(configured_uri: str | None = None) -> str:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     # The registry follows the tracking store unless told otherwise.
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    mlflow.set_registry_uri(_USER_REGISTRY_URI or uri)
     return uri
 
 

@@ -38,10 +38,12 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_HOME", str(home))
     uri = f"sqlite:///{home / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # mlflow.set_registry_uri() leaves it behind
     home.mkdir(parents=True, exist_ok=True)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
