@@ -85,17 +85,17 @@ def _prepare_static(q):
 
 def test_preparation_is_once_and_race_safe(tmp_path, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_CACHE", str(tmp_path / "cache"))
-    import sentence_transformers  # noqa: F401  (imported once here, inherited by the forked workers)
-
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a child forked after torch ran an OpenMP region here hangs in its first parallel op
+    # (seen with OMP_NUM_THREADS=2, which `make test` sets).
+    ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: fine for this test
+        warnings.simplefilter("ignore", DeprecationWarning)
         procs = [ctx.Process(target=_prepare_static, args=(q,)) for _ in range(3)]
         for p in procs:
             p.start()
         for p in procs:
-            p.join(120)
+            p.join(300)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     paths = {q.get(timeout=5) for _ in procs}
     assert len(paths) == 1
