@@ -250,7 +250,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
                               {"dataset": mined["out"], "output_dir": str(work / "train" / batch),
                                **({"tracking_uri": cfg.tracking_uri} if cfg.tracking_uri else {})})
     say(f"training {train_cfg.base_model} on {mined['out']} (max_steps={train_cfg.max_steps})")
-    trained = run_train(train_cfg)
+    trained = run_train(train_cfg, progress=log is not None)  # a progress bar when someone is watching
     if not trained.get("adapter_dir"):
         raise InputError(f"training run {trained.get('run_id')} ended without an adapter")
     result["train"] = {"run_id": trained["run_id"], "adapter_dir": trained["adapter_dir"],
