@@ -49,7 +49,9 @@ def run_demo(work_dir: str | Path = ".flywheel/demo", *, steps: int = 8, n_logs:
 
     say("2/4 the loop: mine -> train -> eval + gate -> promote -> publish")
     out = Path(publish_out) if publish_out else ROOT / "Modelfiles" / "flywheel-demo"
-    cfg = demo_loop_config(work / "logs", work / "loop", train={"max_steps": steps}, publish_out=str(out))
+    # Both prompt variants x {base, fresh adapter} on the mined eval split; the gate decides on the better variant.
+    cfg = demo_loop_config(work / "logs", work / "loop", train={"max_steps": steps}, publish_out=str(out),
+                           gate={"eval": {"limit": 16, "variants": ["concise", "grounded"]}})
     loop = run_loop(cfg, log=lambda m: say(f"    {m}"))
     result["loop"] = loop
 
