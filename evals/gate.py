@@ -196,7 +196,7 @@ def evaluate(results: dict | None, rules: GateRules, *, baseline: str, candidate
                      else primary.candidate <= primary.baseline - need)
             if parts and not meets:
                 primary.status = FAIL
-                primary.reasons.append(f"{pr.metric} improved by {gain:+.4g} ({'higher' if gib else 'lower'} is "
+                primary.reasons.append(f"{pr.metric} improved by {gain + 0.0:+.4g} ({'higher' if gib else 'lower'} is "
                                        f"better); the rule needs at least {need:.4g}")
             if pr.require_significance:
                 desc.append(f"adjusted p < {rules.alpha:g}")
@@ -214,7 +214,8 @@ def evaluate(results: dict | None, rules: GateRules, *, baseline: str, candidate
             sign = 1.0 if gib else -1.0
             if not (p < rules.alpha and sign * x.difference > 0):
                 x.status = FAIL
-                why = (f"difference {x.difference:+.4g} is in the wrong direction" if sign * x.difference <= 0
+                why = ("no difference: the candidate scores exactly what the champion scores" if x.difference == 0
+                       else f"difference {x.difference:+.4g} is in the wrong direction" if sign * x.difference < 0
                        else f"not significant: adjusted p = {p:.3g} >= {rules.alpha:g}")
                 x.reasons.append(f"{x.metric}: {why}")
 
