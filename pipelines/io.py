@@ -86,15 +86,23 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file the project wrote itself; errors name file and line."""
-    rows = []
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; bad JSON or a non-object is an InputError naming file:line."""
+    from pipelines.errors import InputError
+
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-    return rows
+                raise InputError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+            yield i, obj
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file of objects; errors name file and line."""
+    return [obj for _, obj in iter_jsonl(path)]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import InputError
-from pipelines.io import sha256_text
+from pipelines.io import iter_jsonl, sha256_text
 
 # Short names for the shared data sets (relative to the data dir, `../shared/data` by default).
 KNOWN_TASKS = {
@@ -61,20 +61,11 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]
     if not path.exists():
         raise InputError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            for k in required:
-                if k not in obj:
-                    raise InputError(f"{path}:{i}: missing field {k!r}")
-            rows.append((i, obj))
+    for i, obj in iter_jsonl(path):
+        for k in required:
+            if k not in obj:
+                raise InputError(f"{path}:{i}: missing field {k!r}")
+        rows.append((i, obj))
     return rows
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import InputError
+from pipelines.io import iter_jsonl
 
 CASE_KEYS = {"id", "question", "input", "prompt", "reference", "expected", "context", "assert", "assertions",
              "vars", "metadata", "history"}
@@ -95,17 +96,8 @@ def load_cases(path: str | Path, limit: int | None = None) -> CaseSet:
 
 
 def _read_jsonl(p: Path):
-    with open(p, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{p}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{p}:{i}: expected a JSON object, got {type(rec).__name__}")
-            yield f"{p}:{i}", rec
+    for i, rec in iter_jsonl(p):
+        yield f"{p}:{i}", rec
 
 
 def _read_yaml(p: Path) -> list[tuple[str, dict]]:
