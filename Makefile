@@ -32,7 +32,9 @@ demo: install
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser tests will skip"; }
 
+# lint-imports checks the layer contract in pyproject.toml ([tool.importlinter]) before any test runs.
 test: install browser
+	$(BIN)/lint-imports
 	OMP_NUM_THREADS=2 $(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -1,24 +1,16 @@
 """Flywheel dashboard: `flywheel dashboard` runs `streamlit run dashboard/app.py`.
 
 Reviewers compare results and decide; ML engineers check runs. The MLflow UI shows runs; this shows
-decisions. Read-only: every page reads MLflow through `dashboard.store`, which only searches and reads.
+decisions. Read-only: every page reads MLflow through `flywheel.dashboard.store`, which only searches and reads.
 The tracking URI is the pipelines' own (`MLFLOW_TRACKING_URI`, else `.flywheel/mlflow.db`).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-# `streamlit run dashboard/app.py` puts dashboard/ on sys.path, not the repo root; an editable install
-# makes `dashboard` importable anyway, a plain checkout needs this.
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-import streamlit as st  # noqa: E402
-
-from dashboard import store, ui  # noqa: E402
+# Streamlit runs this file as a script; the package itself comes from the installed `flywheel` distribution.
+from flywheel.dashboard import store, ui
 
 st.set_page_config(page_title="Flywheel", page_icon=":material/cycle:", layout="wide")
 

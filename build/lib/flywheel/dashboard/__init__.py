@@ -1,0 +1,1 @@
+"""Read-only Streamlit dashboard over the MLflow store the pipelines write."""

@@ -1,0 +1,3 @@
+from flywheel.pipelines.cli import main
+
+main()

@@ -1,0 +1,402 @@
+"""`flywheel ab`: A/B statistics on logged outcomes, with a verdict a reviewer can trust, tracked in MLflow.
+
+    flywheel ab analyze LOGS... [--config configs/ab.yaml] [key=value ...] [--unit COL] [--variant COL]
+                        [--metric COL ...] [--control NAME] [--paired] [--alpha A] [--json]
+    flywheel ab plan --type mean --baseline 3.6 --sd 1.1 --mde 0.05        # units per arm for a 5 % lift
+    flywheel ab plan --type proportion --baseline 0.42 --daily-units 2000 --days 14   # MDE for that traffic
+
+The recipe, top to bottom:
+1. config: defaults here <- YAML <- key=value <- flags (flags win: scripts rely on them);
+2. read the logs (JSONL/JSON/CSV/Parquet, dotted names reach nested fields), keeping only needed columns;
+3. `flywheel.evals.ab.engine.analyze`: clean (every unusable row counted by reason), collapse to the unit, aggregate,
+   test, correct, SRM, sequential, Bayesian, verdicts -> one report dict;
+4. write `report.json` (exactly what `--json` prints) and one `ab_<metric>.png` per metric, atomically;
+5. MLflow run in `flywheel/ab`: params, per-comparison metrics, SRM/verdict tags, the report and plots.
+
+Python entry for `flywheel demo` / `flywheel run`: `run_ab(logs, cfg) -> dict` with `run_id`, `report`,
+`out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import typer
+from pydantic import Field, field_validator
+
+from flywheel.pipelines.config import StageConfig, flatten, load_config
+
+
+class MetricConfig(StageConfig):
+    name: str
+    column: str | None = None  # defaults to name; dotted for nested fields (scores.overall)
+    kind: Literal["auto", "mean", "ordinal", "rate"] = "auto"  # auto: 0/1 -> rate, <=15 levels -> ordinal
+    threshold: float | None = None  # a rate from a score: success = value >= threshold
+    min: float | None = None  # values outside [min, max] are counted as out of range and left out
+    max: float | None = None
+    higher_is_better: bool = True
+    guardrail: bool = False  # non-inferiority test: not worse than the control by more than `margin`
+    margin: float = Field(0.10, ge=0)
+    margin_relative: bool = True  # margin as a fraction of the control mean
+    covariate: str | None = None  # CUPED: pre-period column of the same unit
+
+
+class SrmConfig(StageConfig):
+    warning_p: float = Field(0.01, gt=0, lt=1)  # Statsig-like: warn below 0.01,
+    alert_p: float = Field(0.001, gt=0, lt=1)  # alert (verdict "invalid") below 0.001
+
+
+class SequentialConfig(StageConfig):
+    enabled: bool = True
+    tuning_n: float = Field(1000, gt=0)  # units per arm where the confidence sequence is tightest
+
+
+DEFAULT_METRICS = [
+    MetricConfig(name="rating", column="rating", kind="ordinal", min=1, max=5),
+    MetricConfig(name="success", column="rating", kind="rate", threshold=4, min=1, max=5),
+    MetricConfig(name="latency_ms", column="latency_ms", kind="mean", guardrail=True, higher_is_better=False,
+                 margin=0.10, min=0),
+    MetricConfig(name="tokens", column="tokens", kind="mean", guardrail=True, higher_is_better=False,
+                 margin=0.10, min=0),
+]
+
+
+class AbConfig(StageConfig):
+    unit: str | None = "user_id"  # randomisation unit; null = every row is its own unit
+    variant: str = "prompt_variant"
+    control: str | None = None  # default: "control" if present, else the first variant name in sort order
+    variants: list[str] | None = None  # allowed variant names; others are counted as unknown_variant
+    allocation: dict[str, float] | None = None  # configured split for the SRM check; None = equal
+    paired: bool = False  # the unit is an item scored under every variant
+    alpha: float = Field(0.05, gt=0, lt=1)
+    correction: Literal["holm", "bh", "bonferroni", "none"] = "holm"
+    primary: str | None = None  # metric that decides ship; default the first non-guardrail metric
+    metrics: list[MetricConfig] = DEFAULT_METRICS
+    mde: float = Field(0.05, gt=0)  # planned minimum detectable effect (relative to control unless mde_relative)
+    mde_relative: bool = True
+    power: float = Field(0.8, gt=0, lt=1)
+    decision: Literal["fixed", "sequential"] = "fixed"  # fixed-horizon or always-valid p-values decide
+    srm: SrmConfig = SrmConfig()
+    sequential: SequentialConfig = SequentialConfig()
+    n_boot: int = Field(2000, ge=100)  # bootstrap resamples for the cross-check CI
+    seed: int = 0
+    out: str | None = None  # directory for report.json + plots; None = only MLflow artifacts
+    tracking_uri: str | None = None
+    log_mlflow: bool = True
+
+    # Variant names are compared as strings (a CSV column of 0/1 arms reads as "0"/"1"); YAML may give numbers.
+    @field_validator("control", mode="before")
+    @classmethod
+    def _str_control(cls, v):
+        return None if v is None else str(v)
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _str_variants(cls, v):
+        return None if v is None else [str(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("allocation", mode="before")
+    @classmethod
+    def _str_allocation(cls, v):
+        return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v
+
+
+def _settings(cfg: AbConfig):
+    from flywheel.evals.ab.engine import Metric, Settings
+
+    metrics = [Metric(name=m.name, column=m.column or m.name, kind=m.kind, threshold=m.threshold, min=m.min,
+                      max=m.max, higher_is_better=m.higher_is_better, guardrail=m.guardrail, margin=m.margin,
+                      margin_relative=m.margin_relative, covariate=m.covariate) for m in cfg.metrics]
+    s = Settings(variant=cfg.variant, unit=cfg.unit, control=cfg.control, variants=cfg.variants,
+                 allocation=cfg.allocation, paired=cfg.paired, alpha=cfg.alpha, correction=cfg.correction,
+                 primary=cfg.primary, mde=cfg.mde, mde_relative=cfg.mde_relative, power=cfg.power,
+                 srm_warning_p=cfg.srm.warning_p, srm_alert_p=cfg.srm.alert_p, sequential=cfg.sequential.enabled,
+                 sequential_tuning_n=cfg.sequential.tuning_n, decision=cfg.decision, n_boot=cfg.n_boot,
+                 seed=cfg.seed)
+    return metrics, s
+
+
+def analyze_logs(logs: list[str | Path], cfg: AbConfig) -> dict:
+    """Read + analyse, no side effects: the report dict."""
+    from flywheel.evals.ab.data import load_table
+    from flywheel.evals.ab.engine import analyze
+
+    metrics, s = _settings(cfg)
+    cols = [cfg.variant, cfg.unit] + [m.column for m in metrics] + [m.covariate for m in metrics]
+    df, problems = load_table(logs, [c for c in cols if c])
+    report = analyze(df, metrics, s, problems=problems)
+    report["inputs"] = [str(Path(p).resolve()) for p in logs]
+    return report
+
+
+def plot_metric(report: dict, metric: str, path: Path) -> Path:
+    """Mean of `metric` per variant with its CI, the control's mean as a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["summaries"] if r["metric"] == metric]
+    names = [r["variant"] for r in rows]
+    means = [r["mean"] for r in rows]
+    err = [[r["mean"] - (r["ci_low"] if r["ci_low"] is not None else r["mean"]) for r in rows],
+           [(r["ci_high"] if r["ci_high"] is not None else r["mean"]) - r["mean"] for r in rows]]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 2), 3.5))
+    colors = ["#888888"] + ["#1f77b4"] * (len(rows) - 1)
+    ax.errorbar(range(len(rows)), means, yerr=err, fmt="none", ecolor="black", capsize=6)
+    ax.scatter(range(len(rows)), means, c=colors, zorder=3, s=50)
+    if rows:
+        ax.axhline(means[0], color="#888888", ls="--", lw=0.8)
+    ax.set_xticks(range(len(rows)), [f"{n}\n(n={r['n']})" for n, r in zip(names, rows)], fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}: mean by variant, {int(round((1 - report['alpha']) * 100))}% CI "
+                 f"(control {report['control']} grey)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _write_outputs(report: dict, folder: Path) -> list[Path]:
+    from flywheel.foundation.io import atomic_write_text
+    from flywheel.pipelines.tracking import sanitize_metric_name
+
+    files = [atomic_write_text(folder / "report.json", report_json(report))]
+    for m in dict.fromkeys(r["metric"] for r in report["summaries"]):
+        files.append(plot_metric(report, m, folder / f"ab_{sanitize_metric_name(m).replace('/', '_')}.png"))
+    return files
+
+
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=2, sort_keys=False, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _mlflow_metrics(report: dict) -> dict[str, float]:
+    out: dict[str, float] = {"rows.read": report["rows"]["read"], "rows.excluded": report["rows"]["excluded"]}
+    if report["srm"].get("p_value") is not None:
+        out["srm.p_value"] = report["srm"]["p_value"]
+    for c in report["comparisons"]:
+        k = f"{c['variant']}.{c['metric']}"
+        for f in ("estimate", "ci_low", "ci_high", "p_value", "p_adjusted"):
+            if c.get(f) is not None:
+                out[f"{k}.{f}"] = c[f]
+        if c.get("bayesian"):
+            out[f"{k}.chance_to_beat_control"] = c["bayesian"]["chance_to_beat_control"]
+        if c.get("sequential") and c["sequential"].get("p_value") is not None:
+            out[f"{k}.p_sequential"] = c["sequential"]["p_value"]
+    for s in report["summaries"]:
+        out[f"{s['variant']}.{s['metric']}.mean"] = s["mean"]
+        out[f"{s['variant']}.{s['metric']}.n"] = s["n"]
+    return out
+
+
+def run_ab(logs: list[str | Path], cfg: AbConfig | None = None) -> dict:
+    """Analyse `logs`, write report + plots (cfg.out, if set), log to MLflow (`flywheel/ab`, if log_mlflow).
+
+    Returns {"run_id": str | None, "report": dict, "out_dir": str | None}.
+    """
+    from flywheel.foundation.io import atomic_dir
+
+    cfg = cfg or AbConfig()
+    logs = [Path(p) for p in logs]
+    report = analyze_logs(logs, cfg)
+    out_dir = None
+    if cfg.out:
+        with atomic_dir(cfg.out) as tmp:
+            _write_outputs(report, tmp)
+        out_dir = str(Path(cfg.out).resolve())
+    run_id = None
+    if cfg.log_mlflow:
+        run_id = _log_mlflow(report, cfg, logs, out_dir)
+    return {"run_id": run_id, "report": report, "out_dir": out_dir}
+
+
+def _log_mlflow(report: dict, cfg: AbConfig, logs: list[Path], out_dir: str | None) -> str:
+    import mlflow
+
+    from flywheel.pipelines import tracking
+    from flywheel.foundation.io import sha256_file
+
+    inputs = {"logs": ",".join(str(p.resolve()) for p in logs)[:5000],
+              "logs_sha256": ",".join(sha256_file(p)[:16] for p in logs)[:5000]}
+    tags = {"flywheel.ab.srm_status": report["srm"]["status"],
+            "flywheel.ab.design": report["design"], "flywheel.ab.control": report["control"]}
+    for v, d in report["verdicts"].items():
+        tags[tracking.sanitize_metric_name(f"flywheel.ab.verdict.{v}")] = d["decision"]  # MLflow key charset
+    params = flatten(cfg.model_dump(mode="json"))
+    with tracking.start_run("ab", run_name=f"ab-{'-'.join(report['variants'])}"[:200], inputs=inputs, tags=tags,
+                            params=params, configured_uri=cfg.tracking_uri) as run:
+        tracking.log_metrics(_mlflow_metrics(report))
+        if out_dir:
+            mlflow.log_artifacts(out_dir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="flywheel-ab-") as tmp:
+                _write_outputs(report, Path(tmp))
+                mlflow.log_artifacts(tmp)
+        return run.info.run_id
+
+
+# ------------------------------------------------------------------------------------------------ printing
+def _fmt(x, d: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{d}g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+    return str(x)
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=max(Console().width, 170))
+    rows = report["rows"]
+    con.print(f"[bold]A/B analysis[/] design={report['design']} control={report['control']} "
+              f"variants={report['variants']} units={report['units']}")
+    con.print(f"rows read {rows['read']}, used {rows['used']}, excluded {rows['excluded']}; by reason "
+              f"{rows['by_reason'] or '{}'}")
+    for reason, ex in rows.get("examples", {}).items():
+        con.print(f"  [dim]{reason}: {'; '.join(ex[:3])}[/]")
+    srm = report["srm"]
+    color = {"ok": "green", "warning": "yellow", "alert": "red"}.get(srm["status"], "white")
+    con.print(f"SRM: [{color}]{srm['status']}[/] (chi-square p={_fmt(srm.get('p_value'))}, observed "
+              f"{srm.get('observed')}, expected {srm.get('expected')})")
+    t = Table(title=f"comparisons vs {report['control']} (estimate = treatment - control; "
+                    f"p_adj: {report['correction']})", show_lines=False)
+    for col in ("variant", "metric", "test", "n c/t", "mean c -> t", "estimate [CI]", "lift [CI]", "p", "p_adj",
+                "p_seq", "P(beat)*", "guardrail"):
+        t.add_column(col, overflow="fold")
+    for c in report["comparisons"]:
+        lift = c.get("relative_lift") or {}
+        t.add_row(c["variant"], c["metric"], c["test"], f"{c['n_control']}/{c['n_treatment']}",
+                  f"{_fmt(c['mean_control'])} -> {_fmt(c['mean_treatment'])}",
+                  f"{_fmt(c['estimate'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]",
+                  "-" if lift.get("estimate") is None else
+                  f"{lift['estimate']:+.1%} [{lift['ci_low']:+.1%}, {lift['ci_high']:+.1%}]",
+                  _fmt(c["p_value"]), _fmt(c.get("p_adjusted")),
+                  _fmt((c.get("sequential") or {}).get("p_value")),
+                  _fmt((c.get("bayesian") or {}).get("chance_to_beat_control")),
+                  c.get("guardrail_status", ""))
+    con.print(t)
+    con.print("[dim]* P(beat) = Bayesian chance to beat control (posterior probability, not a p-value); "
+              "p_seq = always-valid sequential p-value[/]")
+    for v, d in report["verdicts"].items():
+        color = {"ship": "green", "don't ship": "red", "invalid": "red"}.get(d["decision"], "yellow")
+        need = d.get("sample_still_needed_per_arm")
+        con.print(f"[bold]{v}[/]: [{color} bold]{d['decision'].upper()}[/]"
+                  + (f" (about {need} more units per arm)" if d["decision"] == "keep running" and need else ""))
+        for r in d["reasons"]:
+            con.print(f"   - {r}")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def register(app: typer.Typer) -> None:
+    ab = typer.Typer(name="ab", help="A/B statistics: analyze logged outcomes, plan sample sizes.",
+                     no_args_is_help=True)
+    app.add_typer(ab, name="ab")
+
+    @ab.command("analyze")
+    def analyze_cmd(
+        args: list[str] = typer.Argument(..., metavar="LOGS... [KEY=VALUE...]",
+                                         help="outcome files (chat-log JSONL, JSON, CSV, Parquet), then key=value "
+                                              "config overrides, e.g. correction=bh"),
+        config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (configs/ab.yaml)"),
+        unit: str | None = typer.Option(None, "--unit", help="unit id column ('none': each row is a unit)"),
+        variant: str | None = typer.Option(None, "--variant", help="variant column"),
+        metric: list[str] = typer.Option([], "--metric", help="outcome column or configured metric name "
+                                                              "(repeatable; replaces the metric list)"),
+        control: str | None = typer.Option(None, "--control", help="control variant name"),
+        paired: bool = typer.Option(False, "--paired", help="items scored under every variant (unit = item)"),
+        alpha: float | None = typer.Option(None, "--alpha", help="significance level"),
+        as_json: bool = typer.Option(False, "--json", help="print the machine-readable report only"),
+        out: Path | None = typer.Option(None, "--out", "-o", help="also write report.json + plots here"),
+    ) -> None:
+        """Variant vs control for each metric: tests, CIs, corrections, SRM, sequential, verdicts."""
+        extra = [a for a in args if "=" in a and not Path(a).exists()]
+        paths = [a for a in args if a not in extra]
+        if not paths:
+            raise typer.BadParameter("give at least one LOGS file")
+        cfg = load_config(AbConfig, config, extra)
+        cfg = apply_flags(cfg, unit=unit, variant=variant, metric=metric, control=control, paired=paired,
+                          alpha=alpha, out=out)
+        res = run_ab(paths, cfg)
+        if as_json:
+            typer.echo(report_json(res["report"]), nl=False)
+            return
+        print_report(res["report"])
+        if res["out_dir"]:
+            typer.echo(f"report -> {res['out_dir']}/report.json")
+        if res["run_id"]:
+            typer.echo(f"mlflow run {res['run_id']} (experiment flywheel/ab)")
+
+    @ab.command("plan")
+    def plan_cmd(
+        type_: str = typer.Option("mean", "--type", help="mean | proportion"),
+        baseline: float = typer.Option(..., "--baseline", help="control mean, or control rate for proportions"),
+        sd: float | None = typer.Option(None, "--sd", help="standard deviation per unit (means)"),
+        mde: float | None = typer.Option(None, "--mde", help="minimum detectable effect -> sample size"),
+        absolute: bool = typer.Option(False, "--absolute", help="--mde is absolute (default: relative lift)"),
+        n: float | None = typer.Option(None, "--n", help="units per arm -> MDE"),
+        daily_units: float | None = typer.Option(None, "--daily-units", help="traffic per day (all arms)"),
+        days: float | None = typer.Option(None, "--days", help="duration in days"),
+        arms: int = typer.Option(2, "--arms", help="variants including control"),
+        alpha: float = typer.Option(0.05, "--alpha"),
+        power_: float = typer.Option(0.8, "--power"),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Units per arm for an MDE, or the MDE for given traffic and duration (statsmodels power)."""
+        from flywheel.evals.ab.power import plan
+
+        r = plan(metric_type=type_, baseline=baseline, sd=sd, mde=mde, relative=not absolute, n_per_arm=n,
+                 daily_units=daily_units, days=days, arms=arms, alpha=alpha, power=power_)
+        if as_json:
+            typer.echo(json.dumps(r, indent=2))
+            return
+        if r["solve"] == "sample_size":
+            typer.echo(f"units per arm: {r['n_per_arm']}  (total {r['n_total']} over {arms} arms"
+                       + (f", about {r['days_needed']} days" if "days_needed" in r else "") + ")")
+            typer.echo(f"to detect {r['mde_abs']:.4g} absolute"
+                       + (f" ({r['mde_relative']:+.2%} relative)" if r["mde_relative"] is not None else "")
+                       + f" on baseline {baseline:g}")
+        else:
+            typer.echo(f"minimum detectable effect: {r['mde_abs']:.4g} absolute"
+                       + (f" ({r['mde_relative']:+.2%} relative)" if r["mde_relative"] is not None else "")
+                       + f" with {r['n_per_arm']:.0f} units per arm")
+        typer.echo(f"test: {r['test']}; alpha={alpha}, power={power_}" + (f", sd={sd}" if sd else ""))
+        typer.echo("assumptions:")
+        for a in r["assumptions"]:
+            typer.echo(f"  - {a}")
+
+
+def apply_flags(cfg: AbConfig, *, unit=None, variant=None, metric=(), control=None, paired=False, alpha=None,
+                out=None) -> AbConfig:
+    """Command-line flags over the config. `--metric X` picks configured metric X, or adds column X (auto kind)."""
+    upd: dict = {}
+    if unit is not None:
+        upd["unit"] = None if unit.lower() in ("none", "null", "") else unit
+    if variant is not None:
+        upd["variant"] = variant
+    if control is not None:
+        upd["control"] = control
+    if paired:
+        upd["paired"] = True
+    if alpha is not None:
+        upd["alpha"] = alpha
+    if out is not None:
+        upd["out"] = str(out)
+    if metric:
+        known = {m.name: m for m in cfg.metrics}
+        upd["metrics"] = [known.get(name) or MetricConfig(name=name, column=name) for name in metric]
+        if cfg.primary and cfg.primary not in metric:
+            upd["primary"] = None
+    if variant is not None and variant != cfg.variant and control is None:
+        # a different variant column makes the configured names meaningless
+        upd["variants"], upd["allocation"], upd["control"] = None, None, None
+    data = cfg.model_dump()
+    data.update({k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in upd.items()})
+    if "metrics" in upd:
+        data["metrics"] = [m.model_dump() for m in upd["metrics"]]
+    return AbConfig.model_validate(data)

@@ -1,0 +1,459 @@
+"""`flywheel eval`: prompt variants x targets x cases, scored, compared on the same cases, logged to MLflow.
+
+    flywheel eval --config configs/eval/demo.yaml [cases=DIR|FILE] [limit=N] [out=DIR] [key=value ...]
+
+Recipe:
+1. Load cases (a mined dataset dir, a JSONL/YAML cases file, or an oasst1 message table) and prompt variants
+   (`configs/prompts/<name>.yaml`); check every template field and assertion against every case, resolve every
+   target (base model, adapter from a dir / `runs:/` / `models:/name@alias`, endpoint) and refuse an adapter
+   trained on another base: all before the first token is generated.
+2. Register each variant in MLflow's prompt registry (`flywheel-<variant>`, a new version only when the text
+   changed) and link it to the runs, so a run records exactly which prompt it used.
+3. Generate (batched, greedy by default, cached on disk), score, build cells (mean + CI) and paired comparisons.
+4. Write `out/results.json` (what the gate reads), `out/cases.jsonl` (per-case table), `out/config.yaml`; log
+   the parent run (experiment `flywheel/prompts`, artifact `results.json`) and one child run per variant x target
+   (params variant/target/prompt_version, metrics = cell means, `cases.json` table).
+
+Python entry: `run_eval(cfg: EvalConfig) -> {"run_id", "results_path", "results", "out"}`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+
+from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.foundation.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CASES = str(ROOT / "evals" / "prompts" / "demo_cases.yaml")
+DEFAULT_METRICS = ["exact_match", "rouge_l", "embedding_similarity", "nll", "pii", "latency_ms",
+                   "generated_tokens"]
+RESULTS_SCHEMA = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class TargetSpec(_Section):
+    name: str
+    base: Optional[str] = None       # catalog name or HF dir; default: the adapter's recorded base, else smollm2
+    adapter: Optional[str] = None    # adapter dir | runs:/<id>/adapter | models:/<name>@<alias>
+    endpoint: Optional[str] = None   # OpenAI-compatible base URL (e.g. http://localhost:11434/v1): no local model
+    model: Optional[str] = None      # the endpoint's model name
+    api_key_env: Optional[str] = None  # env var holding the endpoint's key (never the key itself in a config)
+
+
+class GenerationSection(_Section):
+    max_new_tokens: int = Field(48, ge=1)   # short on CPU: 48 tokens x 2 variants x 2 targets stays in minutes
+    do_sample: bool = False                 # greedy: deterministic, cache-friendly; sampling for `repeat`
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    repeat: int = Field(1, ge=1)            # > 1 with do_sample: per-case consistency rate
+
+
+class JudgeSection(_Section):
+    endpoint: Optional[str] = None          # OpenAI-compatible base URL; unset = judge skipped (noted in results)
+    model: Optional[str] = None
+    api_key_env: Optional[str] = None
+    rubric: Optional[str] = None            # default: flywheel.evals.prompts.scorers.DEFAULT_RUBRIC
+
+
+class ComparePair(_Section):
+    control: dict[str, str]                 # {variant, target}
+    treatment: dict[str, str]
+
+
+class CompareSection(_Section):
+    alpha: float = Field(0.05, gt=0, lt=1)
+    correction: str = "holm"                # per metric, across the compared pairs
+    test: str = "auto"                      # auto | t | wilcoxon (flywheel.evals.ab.paired)
+    pairs: Optional[list[ComparePair]] = None  # default: each variant vs the first, each target vs the first
+
+
+class EvalConfig(StageConfig):
+    name: str = "eval"
+    cases: str = DEFAULT_CASES
+    limit: Optional[int] = Field(None, ge=1)
+    out: Optional[str] = None               # default: <FLYWHEEL_HOME>/eval/<name>
+    variants: list[str] = ["concise", "grounded"]
+    prompts_dir: str = "configs/prompts"    # where bare variant names are looked up (cwd, then the repo)
+    targets: list[TargetSpec] = [TargetSpec(name="base", base="smollm2-135m-instruct")]
+    candidate: Optional[str] = None         # shortcut: adds target {name: candidate, adapter: <this>}
+    metrics: list[str] = DEFAULT_METRICS
+    assertions: list[dict[str, Any]] = []   # applied to every case, on top of each case's own
+    embedding_model: str = "all-MiniLM-L6-v2"
+    primary_metric: str = "nll"             # what the gate should decide on; direction is in results.json
+    generation: GenerationSection = GenerationSection()
+    judge: JudgeSection = JudgeSection()
+    compare: CompareSection = CompareSection()
+    nll_batch_size: int = Field(4, ge=1)
+    nll_max_length: int = Field(384, ge=16)  # prompt + reference tokens; long references are cut at the end
+    cache: bool = True
+    cache_dir: Optional[str] = None         # default: <FLYWHEEL_HOME>/cache/eval
+    register_prompts: bool = True
+    device: str = "cpu"
+    tracking_uri: Optional[str] = None
+    run_name: Optional[str] = None
+
+
+# -- resolution (before any generation) -----------------------------------------------------------------------
+
+def _prompts_dir(cfg: EvalConfig) -> Path:
+    p = Path(cfg.prompts_dir)
+    if p.is_dir() or p.is_absolute():
+        return p
+    return ROOT / p  # run from elsewhere: the repo's own configs/prompts
+
+
+def _is_uri(s: str) -> bool:
+    return "://" in s or s.startswith(("runs:/", "models:/"))
+
+
+def _fetch_adapter(spec: str, target: str, scratch: Path) -> tuple[Path, dict[str, str]]:
+    """A local dir as is; an MLflow URI downloaded (mlflow resolves `models:/name@alias` to its source)."""
+    if not _is_uri(spec):
+        p = Path(spec).expanduser()
+        if not p.exists():
+            raise InputError(f"target {target!r}: adapter {spec}: no such directory")
+        return p, {}
+    import mlflow
+
+    lineage = {}
+    if spec.startswith("runs:/"):
+        lineage["train_run"] = spec[len("runs:/"):].split("/", 1)[0]
+    elif spec.startswith("models:/"):
+        lineage["model_uri"] = spec
+    dst = scratch / target
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dst))
+    except Exception as e:  # noqa: BLE001 - any registry/store failure is a bad input for the user
+        raise InputError(f"target {target!r}: adapter {spec}: cannot download ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    return Path(local), lineage
+
+
+def build_targets(cfg: EvalConfig, scratch: Path) -> tuple[list[Any], dict[str, str]]:
+    """TargetSpec -> HFTarget/EndpointTarget; returns (targets, lineage tags)."""
+    from flywheel.evals.prompts.generate import EndpointTarget, HFTarget, load_adapter
+    from flywheel.training.models import resolve_base_model
+
+    targets, lineage = [], {}
+    specs = list(cfg.targets)
+    if cfg.candidate:
+        specs.append(TargetSpec(name="candidate", adapter=cfg.candidate))
+    for spec in specs:
+        if spec.endpoint:
+            if spec.adapter:
+                raise InputError(f"target {spec.name!r}: an endpoint target cannot take a local adapter")
+            key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+            targets.append(EndpointTarget(spec.name, spec.endpoint, spec.model or "default", api_key=key))
+            continue
+        adapter = None
+        if spec.adapter:
+            path, lin = _fetch_adapter(spec.adapter, spec.name, scratch)
+            adapter = load_adapter(path)
+            for k, v in lin.items():
+                lineage[f"{k}.{spec.name}" if k in lineage else k] = v
+            if adapter.meta.get("train_run_id"):
+                lineage.setdefault("train_run", adapter.meta["train_run_id"])
+        base = spec.base or (adapter.meta.get("base_model") if adapter else None) or "smollm2-135m-instruct"
+        info = resolve_base_model(base)
+        targets.append(HFTarget(spec.name, info.name, info.path, info.sha256, adapter=adapter, device=cfg.device))
+    return targets, lineage
+
+
+class _LazyEmbedder:
+    """(outputs, references) -> cosine similarities. Loads the model (via the embeddings stage's offline loader)
+    on the first call only, so a run whose similarities are all cached never imports sentence-transformers."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._model = None
+
+    def __call__(self, outputs, references):  # noqa: ANN001
+        from flywheel.evals.prompts.scorers import embedding_similarity
+
+        if self._model is None:
+            from flywheel.evals.embeddings.models import load_embedding_model
+
+            self._model = load_embedding_model(self.name)
+        return embedding_similarity(self._model, outputs, references)
+
+
+def _judge(cfg: EvalConfig):
+    from flywheel.evals.prompts.generate import chat_completion, check_endpoint
+    from flywheel.evals.prompts.scorers import DEFAULT_RUBRIC, judge_messages, parse_judge_score
+
+    j = cfg.judge
+    key = os.environ.get(j.api_key_env) if j.api_key_env else None
+    check_endpoint(j.endpoint, key, what="judge endpoint")
+
+    def judge(question: str, answer: str, reference: str | None) -> float | None:
+        try:
+            text, _ = chat_completion(j.endpoint, j.model or "default",
+                                      judge_messages(j.rubric or DEFAULT_RUBRIC, question, answer, reference),
+                                      api_key=key, max_tokens=64, temperature=0.0)
+        except Exception:  # noqa: BLE001 - one failed judgement is a missing score, counted in n
+            return None
+        return parse_judge_score(text)
+
+    return judge
+
+
+# -- prompt registry ------------------------------------------------------------------------------------------
+
+def register_prompt(template: Any) -> Any:
+    """`flywheel-<name>` in MLflow's prompt registry; a new version only when the text changed."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name = f"flywheel-{template.name}"
+    try:
+        for pv in client.search_prompt_versions(name):
+            if (pv.tags or {}).get("flywheel.sha256") == template.sha256:
+                return pv
+    except MlflowException:
+        pass  # first registration of this prompt
+    return client.register_prompt(
+        name, template.chat_template(), commit_message=f"{template.source} version {template.version}",
+        tags={"flywheel.sha256": template.sha256, "flywheel.version": template.version,
+              "flywheel.source": template.source})
+
+
+# -- the stage ------------------------------------------------------------------------------------------------
+
+def demo_config(cases: str | Path, candidate: str | None = None, out: str | Path | None = None,
+                **overrides: Any) -> EvalConfig:
+    """The demo suite (`configs/eval/demo.yaml`) on `cases` (e.g. the demo dataset dir), base vs `candidate`
+    (an adapter dir or `runs:/<id>/adapter`). What `flywheel demo` / `flywheel run` call before `run_eval`."""
+    cfg = load_config(EvalConfig, ROOT / "configs" / "eval" / "demo.yaml")
+    cfg.cases = str(cases)
+    cfg.candidate = str(candidate) if candidate else None
+    if out:
+        cfg.out = str(out)
+    for k, v in overrides.items():  # validated on assignment (StageConfig)
+        setattr(cfg, k, v)
+    return cfg
+
+
+def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
+    """Evaluate `cfg.variants` x `cfg.targets` on `cfg.cases`. Returns {run_id, results_path, results, out}."""
+    import tempfile
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flywheel.evals.prompts import harness
+    from flywheel.evals.prompts.cases import load_cases
+    from flywheel.evals.prompts.generate import DiskCache, GenParams
+    from flywheel.evals.prompts.templates import load_template
+    from flywheel.pipelines import tracking
+    from flywheel.pipelines.config import flatten
+    from flywheel.foundation.io import atomic_dir, write_json, write_jsonl
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # 1. everything that can be wrong, before generation
+    caseset = load_cases(cfg.cases, limit=cfg.limit)
+    variants = [load_template(v, _prompts_dir(cfg)) for v in cfg.variants]
+    if cfg.primary_metric not in cfg.metrics + ["pass_rate", "error_rate"]:
+        raise InputError(f"primary_metric {cfg.primary_metric!r} is not among metrics {cfg.metrics}")
+    target_names = [t.name for t in cfg.targets] + (["candidate"] if cfg.candidate else [])
+    harness.validate_static(caseset.cases, variants, target_names, cfg.assertions, cfg.metrics)
+    g = cfg.generation
+    params = GenParams(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature,
+                       top_p=g.top_p, seed=g.seed, batch_size=g.batch_size)
+    out_dir = Path(cfg.out) if cfg.out else tracking.flywheel_home() / "eval" / cfg.name
+    cache = DiskCache(Path(cfg.cache_dir) if cfg.cache_dir else tracking.flywheel_home() / "cache" / "eval",
+                      enabled=cfg.cache)
+    metrics = list(cfg.metrics)
+    if cfg.judge.endpoint and "judge_score" not in metrics:
+        metrics.append("judge_score")  # configuring a judge is asking for its score
+    judge = _judge(cfg) if cfg.judge.endpoint else None
+    if cfg.compare.pairs:
+        names_v, names_t = {v.name for v in variants}, set(target_names)
+        for i, pr in enumerate(cfg.compare.pairs):
+            for side in (pr.control, pr.treatment):
+                if side.get("variant") not in names_v or side.get("target") not in names_t:
+                    raise InputError(f"compare.pairs[{i}]: {side} names no cell (variants {sorted(names_v)}, "
+                                     f"targets {sorted(names_t)})")
+
+    tracking.setup(cfg.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="flywheel-eval-") as scratch:
+        targets, lineage = build_targets(cfg, Path(scratch))
+        inputs = {"cases": caseset.path, "dataset_version": caseset.dataset_version, **lineage}
+        with tracking.start_run("prompts", cfg.run_name or f"eval-{cfg.name}", inputs=inputs,
+                                params=flatten(cfg.model_dump(mode="json")), configured_uri=cfg.tracking_uri,
+                                tags={"flywheel.eval.primary_metric": cfg.primary_metric}) as parent:
+            prompt_versions = {}
+            if cfg.register_prompts:
+                for v in variants:
+                    pv = register_prompt(v)
+                    MlflowClient().link_prompt_version_to_run(parent.info.run_id, pv)
+                    prompt_versions[v.name] = pv
+            embedder = _LazyEmbedder(cfg.embedding_model) if "embedding_similarity" in metrics else None
+
+            # 2. the matrix
+            total = len(targets) * len(variants) * len(caseset.cases) * g.repeat
+            with Progress(TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), disable=not show_progress, transient=True) as bar:
+                task = bar.add_task("generate", total=total)
+                matrix = harness.run_matrix(
+                    caseset.cases, variants, targets, params=params, cache=cache, metrics=metrics,
+                    suite_assertions=cfg.assertions, repeat=g.repeat, embedder=embedder, judge=judge,
+                    nll_batch_size=cfg.nll_batch_size, nll_max_length=cfg.nll_max_length,
+                    progress=lambda phase, n: bar.update(task, advance=n if phase == "generate" else 0,
+                                                         description=phase))
+            rows = matrix["rows"]
+            cells = harness.cells(rows, alpha=cfg.compare.alpha)
+            if cfg.compare.pairs:
+                pairs = [((p.control["variant"], p.control["target"]), (p.treatment["variant"],
+                                                                         p.treatment["target"]))
+                         for p in cfg.compare.pairs]
+            else:
+                pairs = harness.auto_pairs([v.name for v in variants], [t.name for t in targets])
+            comparisons, cmp_notes = harness.compare(rows, pairs, alpha=cfg.compare.alpha,
+                                                     correction=cfg.compare.correction, test=cfg.compare.test)
+
+            # 3. one child run per cell
+            from flywheel.evals.prompts.scorers import METRICS
+
+            child_runs = {}
+            for v in variants:
+                for t in targets:
+                    cell_rows = [r for r in rows if r["variant"] == v.name and r["target"] == t.name]
+                    pv = prompt_versions.get(v.name)
+                    with tracking.start_run("prompts", f"{t.name}/{v.name}", nested=True,
+                                            inputs=inputs,
+                                            params={"variant": v.name, "target": t.name,
+                                                    "prompt_version": v.version,
+                                                    "prompt_uri": pv.uri if pv else None,
+                                                    "target_identity": t.identity,
+                                                    "n_cases": len(cell_rows)}) as child:
+                        if pv is not None:
+                            MlflowClient().link_prompt_version_to_run(child.info.run_id, pv)
+                        tracking.log_metrics({c["metric"]: c["mean"] for c in cells
+                                              if c["variant"] == v.name and c["target"] == t.name})
+                        mlflow.log_table(_table(cell_rows), artifact_file="cases.json")
+                        child_runs[f"{t.name}/{v.name}"] = child.info.run_id
+
+            results = {
+                "schema": RESULTS_SCHEMA,
+                "name": cfg.name,
+                "run_id": parent.info.run_id,
+                "child_runs": child_runs,
+                "primary_metric": cfg.primary_metric,
+                "metrics": {m: {"direction": d, "description": desc} for m, (d, desc) in METRICS.items()
+                            if any(c["metric"] == m for c in cells)},
+                "cases": {"path": caseset.path, "kind": caseset.kind, "n": len(caseset.cases),
+                          "dataset_version": caseset.dataset_version},
+                "variants": [{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
+                              "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
+                             for v in variants],
+                "targets": [t.describe() for t in targets],
+                "generation": {**params.key(), "repeat": g.repeat, "batch_size": g.batch_size},
+                "cells": cells,
+                "comparisons": comparisons,
+                "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)},
+                "generated": sum(1 for r in rows if not r["cached"]),
+                "failures": sum(1 for r in rows if r["error"]),
+                "notes": matrix["notes"] + cmp_notes,
+            }
+            with atomic_dir(out_dir) as tmp:
+                write_json(tmp / "results.json", results)
+                write_jsonl(tmp / "cases.jsonl", rows)
+                (tmp / "config.yaml").write_text(_yaml(cfg), encoding="utf-8")
+            mlflow.log_artifact(str(out_dir / "results.json"))
+            mlflow.log_artifact(str(out_dir / "config.yaml"))
+            pm = [c for c in cells if c["metric"] == cfg.primary_metric]
+            tracking.log_metrics({f"{c['target']}.{c['variant']}.{c['metric']}": c["mean"] for c in pm})
+            tracking.log_metrics({"cases": len(caseset.cases), "generated": results["generated"],
+                                  "failures": results["failures"], "cache_hits": cache.hits})
+    return {"run_id": results["run_id"], "results_path": str(out_dir / "results.json"), "results": results,
+            "out": str(out_dir)}
+
+
+def _table(rows: list[dict]) -> dict[str, list]:
+    """Per-case table for mlflow.log_table: generations side by side with their scores."""
+    names = sorted({k for r in rows for k in r["metrics"]})
+    t: dict[str, list] = {"case_id": [], "question": [], "reference": [], "output": [], "error": [],
+                          "cached": [], "failed_assertions": []}
+    t.update({f"m.{n}": [] for n in names})
+    for r in rows:
+        t["case_id"].append(r["case_id"])
+        t["question"].append(r["question"])
+        t["reference"].append(r["reference"])
+        t["output"].append(r["output"])
+        t["error"].append(r["error"])
+        t["cached"].append(r["cached"])
+        t["failed_assertions"].append("; ".join(f"{a['name']}: {a['reason']}" for a in r["assertions"]
+                                                if not a["passed"]))
+        for n in names:
+            t[f"m.{n}"].append(r["metrics"].get(n))
+    return t
+
+
+def _yaml(cfg: EvalConfig) -> str:
+    import yaml
+
+    return "# flywheel eval --config <this file>   (resolved config of this run)\n" + yaml.safe_dump(
+        cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _summary(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    results = res["results"]
+    console = Console()
+    metrics = [m for m in results["metrics"]]
+    # Metrics as rows, cells as columns: there are more metrics than cells, and terminals are narrow.
+    table = Table(title=f"eval {results['name']}: {results['cases']['n']} cases")
+    table.add_column("metric")
+    cols = [(t["name"], v["name"]) for t in results["targets"] for v in results["variants"]]
+    for t, v in cols:
+        table.add_column(f"{t}/{v}", justify="right")
+    cells = {(c["target"], c["variant"], c["metric"]): c for c in results["cells"]}
+    for m in metrics:
+        d = results["metrics"][m]["direction"]
+        vals = []
+        for t, v in cols:
+            c = cells.get((t, v, m))
+            vals.append("" if c is None or c["mean"] is None else f"{c['mean']:.3g}")
+        table.add_row(m + (" ↓" if d == "lower" else " ↑" if d == "higher" else ""), *vals)
+    console.print(table)
+    for c in results["comparisons"]:
+        if c["metric"] == results["primary_metric"]:
+            console.print(f"{c['variant']} vs {c['control']} {c['metric']}: {c['estimate']:+.4f} "
+                          f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] p_adj={c['p_adjusted']:.3g} -> {c['outcome']}")
+    for n in results["notes"]:
+        console.print(f"[yellow]note:[/] {n}")
+    console.print(f"cache: {results['cache']['hits']} hits, {results['cache']['misses']} misses; "
+                  f"results: {res['results_path']}; run {res['run_id']}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. cases=DIR limit=20 out=DIR"),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="configs/eval/<suite>.yaml"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary table"),
+    ) -> None:
+        """Prompt variants x targets x cases: assertions, reference metrics, NLL; matrix + paired comparisons."""
+        cfg = load_config(EvalConfig, config, overrides or [])
+        res = run_eval(cfg, show_progress=not quiet)
+        if not quiet:
+            _summary(res)
+        else:
+            typer.echo(res["results_path"])

@@ -1,0 +1,340 @@
+"""`flywheel gate`: may the candidate adapter replace the champion? An exit code CI can trust.
+
+    flywheel gate --candidate RUN_OR_MODEL_URI [--config configs/gate.yaml] [--promote] [key=value ...]
+    flywheel gate --results out/results.json --candidate NAME ...   # re-apply the rules to an existing eval
+
+Recipe:
+1. Resolve the candidate (train run id, `runs:/…`, `models:/…`, adapter dir) and the baseline: the registry's
+   `models:/<model_name>@champion`, or the candidate's own base model when there is no champion yet.
+   An unreadable champion is an error, never "no champion" (that would let anything through).
+2. Run `flywheel eval` (`flywheel.pipelines.eval.run_eval`) with both as targets over the same cases, so every
+   comparison is paired. By default only the metrics the rules read are computed.
+3. Apply the rules (`flywheel.evals.gate.evaluate`: MetricThreshold change + corrected significance on the primary
+   metric, non-inferiority on guardrails, min cases, optional `flywheel ab` verdict). Anything missing,
+   NaN or crashed is `error`.
+4. Write `gate.json` and `gate_report.md` (a PR comment), log a `flywheel/gate` run (tag
+   `flywheel.gate.decision`), and with `--promote` on a pass register the adapter and move `champion`.
+Exit 0 pass, 1 fail, 2 error.
+
+Python entry: `run_gate(cfg, candidate, promote=False) -> {decision, exit_code, run_id, report_path, gate_path,
+gate, promoted_version, eval_run_id, variant, system_prompt}`.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+
+from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.foundation.errors import FlywheelError, InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_FORCED = {"nll"}  # metrics computed from the reference answer, not from generated text
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class PrimarySection(_Section):
+    metric: str = "nll"                              # the eval stage's reference NLL: lower is better
+    greater_is_better: Optional[bool] = None         # None: the direction results.json records for the metric
+    threshold: Optional[float] = None                # MetricThreshold.threshold (absolute bar for the candidate)
+    min_absolute_change: Optional[float] = Field(None, gt=0)
+    min_relative_change: Optional[float] = Field(0.01, ge=0, le=1)  # 1 % of |baseline|
+    require_significance: bool = True                # paired difference, adjusted p < alpha
+
+
+class GuardrailSection(_Section):
+    metric: str
+    margin: float = Field(0.0, ge=0)                 # absolute non-inferiority margin
+    relative_margin: Optional[float] = Field(None, ge=0)  # or a fraction of |baseline| (the larger one applies)
+    greater_is_better: Optional[bool] = None
+
+
+class AbSection(_Section):
+    require: bool = False                            # a recent `flywheel ab` verdict must say ship
+    variant: Optional[str] = None                    # the A/B variant whose verdict counts (default: gate variant)
+    max_age_hours: float = Field(24 * 7, gt=0)
+
+
+class GateConfig(StageConfig):
+    model_name: str = "flywheel-demo"                # registered model; the baseline is its @champion
+    base_model: Optional[str] = None                 # baseline with no champion (default: candidate's base)
+    eval_config: str = "configs/eval/demo.yaml"      # the suite both sides are evaluated on
+    eval: dict = Field(default_factory=dict)         # overrides for that suite (cases, limit, variants, ...)
+    restrict_metrics: bool = True                    # compute only the metrics the rules read (faster)
+    variant: Optional[str] = None                    # prompt variant that ships; None: best candidate variant
+    primary: PrimarySection = Field(default_factory=PrimarySection)
+    guardrails: list[GuardrailSection] = Field(default_factory=list)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    correction: str = "holm"
+    min_cases: int = Field(20, ge=2)                 # fewer paired cases than this: error, not a decision
+    ab: AbSection = Field(default_factory=AbSection)
+    results: Optional[str] = None                    # re-gate an existing results.json (no eval run)
+    baseline_target: str = "champion"                # target names inside results.json
+    candidate_target: str = "candidate"
+    out: Optional[str] = None                        # default <FLYWHEEL_HOME>/gate/<run id>
+    tracking_uri: Optional[str] = None
+    run_name: Optional[str] = None
+
+
+def rules_from_config(cfg: GateConfig):
+    from flywheel.evals.gate import GateRules, GuardrailRule, PrimaryRule
+
+    return GateRules(primary=PrimaryRule(**cfg.primary.model_dump()),
+                     guardrails=[GuardrailRule(**g.model_dump()) for g in cfg.guardrails],
+                     alpha=cfg.alpha, correction=cfg.correction, min_cases=cfg.min_cases,
+                     require_ab_verdict=cfg.ab.require)
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+def _eval_config(cfg: GateConfig, baseline: dict, candidate_uri: str, out: Path):
+    """The eval suite from `eval_config` + `eval`, with the two targets the gate compares."""
+    from flywheel.pipelines.config import _deep_merge, read_yaml
+    from flywheel.pipelines.eval import EvalConfig
+
+    path = Path(cfg.eval_config)
+    if not path.exists() and (ROOT / path).exists():
+        path = ROOT / path
+    data = _deep_merge(read_yaml(path), cfg.eval)
+    data.update(name="gate", out=str(out / "eval"), targets=[baseline], candidate=candidate_uri,
+                primary_metric=cfg.primary.metric)
+    if cfg.variant:
+        data["variants"] = [cfg.variant]
+    if cfg.restrict_metrics:
+        data["metrics"] = list(dict.fromkeys([cfg.primary.metric] + [g.metric for g in cfg.guardrails]))
+        if set(data["metrics"]) <= TEACHER_FORCED and "max_new_tokens" not in (cfg.eval.get("generation") or {}):
+            # The eval harness always generates; a rule set that reads only teacher-forced metrics does not
+            # need the text, so one token keeps the gate to the cost of the NLL pass.
+            data["generation"] = {**(data.get("generation") or {}), "max_new_tokens": 1}
+    if cfg.tracking_uri:
+        data.setdefault("tracking_uri", cfg.tracking_uri)
+    try:
+        return EvalConfig.model_validate(data)
+    except Exception as e:
+        from pydantic import ValidationError
+
+        from flywheel.pipelines.config import ConfigError, format_validation_error
+
+        if isinstance(e, ValidationError):
+            raise ConfigError(format_validation_error(e, f"{path} + gate eval overrides")) from None
+        raise
+
+
+def pick_variant(results: dict, metric: str, candidate: str) -> str | None:
+    """The prompt variant that ships: the candidate's best on the primary metric (eval corrected for the choice)."""
+    cells = [c for c in results.get("cells", []) if c.get("metric") == metric and c.get("target") == candidate]
+    cells = [c for c in cells if isinstance(c.get("mean"), (int, float))]
+    if not cells:
+        return None
+    sign = -1.0 if cells[0].get("direction") == "lower" else 1.0
+    return max(cells, key=lambda c: sign * c["mean"])["variant"]
+
+
+def system_prompt_for(results: dict, variant: str | None) -> str | None:
+    """The variant's system text, its `{{ fields }}` filled with the template's defaults (for SYSTEM)."""
+    if not variant:
+        return None
+    src = next((v.get("source") for v in results.get("variants", []) if v.get("name") == variant), None)
+    if src and not Path(src).exists() and (ROOT / src).exists():
+        src = str(ROOT / src)  # a path relative to the repo, read from another working directory
+    if not src or not Path(src).exists():
+        return None
+    from flywheel.evals.prompts.templates import VAR_RE, load_template
+
+    t = load_template(src)
+    return VAR_RE.sub(lambda m: t.defaults.get(m.group(1), ""), t.system).strip() or None
+
+
+def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines.tracking import sanitize_metric_name
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("flywheel/ab")
+    if exp is None or not variant:
+        return None
+    since = int((time.time() - max_age_hours * 3600) * 1000)
+    runs = client.search_runs([exp.experiment_id], f"attributes.start_time > {since}",
+                              order_by=["attributes.start_time DESC"], max_results=20)
+    for r in runs:
+        v = r.data.tags.get(sanitize_metric_name(f"flywheel.ab.verdict.{variant}"))
+        if v:
+            return v
+    return None
+
+
+def _looks_like_model(ref: str) -> bool:
+    from flywheel.pipelines.registry import RUN_ID
+
+    return ref.startswith(("runs:/", "models:/")) or bool(RUN_ID.match(ref)) or Path(ref).is_dir()
+
+
+# -- the stage ------------------------------------------------------------------------------------------------
+
+def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_progress: bool = False) -> dict:
+    """Gate `candidate` against the champion (or base). Never raises for a bad candidate/champion/eval: those
+    are decisions (`error`, exit 2) with a report. Returns {decision, exit_code, run_id, report_path, ...}."""
+    import tempfile
+
+    import mlflow
+
+    from flywheel.evals import gate as rules_mod
+    from flywheel.pipelines import registry, tracking
+    from flywheel.foundation.io import atomic_dir, write_json
+
+    tracking.setup(cfg.tracking_uri)
+    problems: list[str] = []
+    results = None
+    eval_run_id = None
+    cand = None
+    champ_version = None
+    baseline_label, candidate_label = "?", candidate
+    baseline_target, candidate_target = cfg.baseline_target, cfg.candidate_target
+    # Phase 1, the evidence, before the gate run opens (the eval stage logs its own run in flywheel/prompts).
+    staging_root = (Path(cfg.out).parent if cfg.out else tracking.flywheel_home() / "gate")
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".gate-eval-", dir=staging_root))
+    try:
+        if cfg.results:
+            # Re-gating an existing evaluation: the targets are named in the file.
+            import json
+
+            rp = Path(cfg.results)
+            if not rp.exists():
+                raise InputError(f"results {rp}: no such file")
+            try:
+                results = json.loads(rp.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{rp}:{e.lineno}: invalid JSON ({e.msg})") from None
+            eval_run_id = results.get("run_id")
+            baseline_label = cfg.baseline_target
+            if _looks_like_model(candidate):  # then --promote can register it
+                cand = registry.resolve_model(candidate, "candidate")
+                candidate_label = cand.label
+        else:
+            cand = registry.resolve_model(candidate, "candidate")
+            candidate_label = cand.label
+            champ = registry.champion(cfg.model_name)
+            if champ is not None:
+                champ_version = str(champ.version)
+                # Read it now: a champion whose files are gone must stop the gate, not be skipped.
+                registry.resolve_model(f"models:/{cfg.model_name}/{champ_version}", "champion")
+                baseline = {"name": "champion", "adapter": f"models:/{cfg.model_name}/{champ_version}"}
+                baseline_label = f"models:/{cfg.model_name}@champion (v{champ_version})"
+            else:
+                base = cfg.base_model or cand.meta.get("base_model") or "smollm2-135m-instruct"
+                baseline = {"name": "base", "base": base}
+                baseline_label = f"base model {base} (no champion yet)"
+            baseline_target, candidate_target = baseline["name"], "candidate"
+            from flywheel.pipelines.eval import run_eval
+
+            ecfg = _eval_config(cfg, baseline, cand.uri if cand.uri.startswith(("runs:/", "models:/"))
+                                else str(cand.adapter_dir), staging)
+            res = run_eval(ecfg, show_progress=show_progress)
+            results, eval_run_id = res["results"], res["run_id"]
+    except FlywheelError as e:
+        problems.append(str(e))
+    except Exception as e:  # a crashed evaluation is an error decision, with the cause in the report
+        problems.append(f"evaluation crashed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        traceback.print_exc()
+    finally:
+        while mlflow.active_run():  # a crash inside eval may leave its run open
+            mlflow.end_run(status="FAILED")
+
+    variant = cfg.variant
+    if results is not None and variant is None:
+        variant = pick_variant(results, cfg.primary.metric, candidate_target)
+    system_prompt = None
+    if results is not None:
+        try:
+            system_prompt = system_prompt_for(results, variant)
+        except FlywheelError:
+            system_prompt = None
+
+    # Phase 2, the decision, in its own run.
+    inputs = {"candidate": candidate, "eval_run": eval_run_id,
+              "champion": f"{cfg.model_name}/{champ_version}" if champ_version else None,
+              "dataset_version": cand.meta.get("dataset_version") if cand else None,
+              "train_run": (cand.meta.get("train_run_id") or cand.run_id) if cand else None}
+    with tracking.start_run("gate", cfg.run_name or "gate", configured_uri=cfg.tracking_uri, inputs=inputs,
+                            params={"model_name": cfg.model_name, "primary.metric": cfg.primary.metric,
+                                    "alpha": cfg.alpha, "min_cases": cfg.min_cases, "promote": promote,
+                                    "eval_config": cfg.eval_config, "results": cfg.results}) as run:
+        run_id = run.info.run_id
+        out = Path(cfg.out) if cfg.out else tracking.flywheel_home() / "gate" / run_id
+        ab_verdict = None
+        if cfg.ab.require:
+            ab_verdict = latest_ab_verdict(cfg.ab.variant or variant, cfg.ab.max_age_hours)
+        gate = rules_mod.evaluate(results, rules_from_config(cfg), baseline=baseline_target,
+                                  candidate=candidate_target, variant=variant, ab_verdict=ab_verdict,
+                                  problems=problems)
+        gate.update(gate_run_id=run_id, eval_run_id=eval_run_id, candidate=candidate,
+                    candidate_label=candidate_label, baseline=baseline_label, champion_version=champ_version,
+                    model_name=cfg.model_name, system_prompt=system_prompt, config=cfg.model_dump(mode="json"))
+
+        promoted = None
+        if promote and gate["decision"] == rules_mod.PASS:
+            if cand is None:
+                gate["reasons"].append("--promote needs a candidate model reference (run id, runs:/, dir)")
+            else:
+                tags = {"flywheel.input.eval_run": eval_run_id, "flywheel.input.gate_run": run_id,
+                        "flywheel.prompt_variant": variant,
+                        "flywheel.system_prompt": (system_prompt or "")[:4000] or None}
+                promoted = registry.register_adapter(cfg.model_name, cand, tags=tags,
+                                                     description=f"promoted by gate run {run_id}")
+                registry.promote(cfg.model_name, promoted, run_id)
+                mlflow.set_tag("flywheel.promoted_version", promoted)
+        gate["promoted_version"] = promoted
+
+        report = rules_mod.report_markdown(gate, baseline_label=baseline_label, candidate_label=candidate_label)
+        if promoted:
+            report += f"\nPromoted: `models:/{cfg.model_name}/{promoted}` is now `@champion`.\n"
+        with atomic_dir(out) as tmp:
+            if (staging / "eval").exists():  # the eval outputs travel with the decision they support
+                (staging / "eval").rename(tmp / "eval")
+            write_json(tmp / "gate.json", gate)
+            (tmp / "gate_report.md").write_text(report, encoding="utf-8")
+        mlflow.log_artifact(str(out / "gate.json"))
+        mlflow.log_artifact(str(out / "gate_report.md"))
+        mlflow.set_tags({"flywheel.gate.decision": gate["decision"],
+                         **({"flywheel.gate.variant": variant} if variant else {})})
+        primary = gate["checks"][0] if gate["checks"] else {}
+        tracking.log_metrics({"exit_code": gate["exit_code"], "primary.baseline": primary.get("baseline"),
+                              "primary.candidate": primary.get("candidate"),
+                              "primary.difference": primary.get("difference"),
+                              "primary.p_adjusted": primary.get("p_adjusted")})
+    import shutil
+
+    shutil.rmtree(staging, ignore_errors=True)
+    return {"decision": gate["decision"], "exit_code": gate["exit_code"], "run_id": run_id,
+            "report_path": str(out / "gate_report.md"), "gate_path": str(out / "gate.json"), "gate": gate,
+            "promoted_version": promoted, "eval_run_id": eval_run_id, "variant": variant,
+            "system_prompt": system_prompt, "out": str(out)}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("gate")
+    def gate_cmd(
+        overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. min_cases=30 variant=concise"),
+        candidate: str = typer.Option(..., "--candidate", help="train run id, runs:/…, models:/…, or adapter dir"),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="configs/gate.yaml"),
+        promote: bool = typer.Option(False, "--promote", help="on pass: register and move the champion alias"),
+        results: Optional[Path] = typer.Option(None, "--results", help="re-gate this results.json (no eval)"),
+    ) -> None:
+        """Gate a candidate against the champion: exit 0 pass, 1 fail, 2 error; writes gate_report.md."""
+        extra = {"results": str(results)} if results else None
+        cfg = load_config(GateConfig, config, overrides or [], base=extra)
+        res = run_gate(cfg, candidate, promote=promote, show_progress=True)
+        typer.echo(Path(res["report_path"]).read_text(encoding="utf-8"))
+        typer.echo(f"gate {res['decision']}: {res['report_path']}")
+        raise typer.Exit(res["exit_code"])

@@ -1,0 +1,285 @@
+"""The MLflow model registry, the Flywheel way: adapters as model versions with lineage, and alias history.
+
+MLflow moves an alias (`champion`) by overwriting it: who held it before, since when, and which decision moved
+it are lost. Flywheel keeps that history on the model versions themselves, as tags, so it lives in the same
+store as everything else and needs no side database:
+- `flywheel.champion_since`  ISO time the version became champion (the latest time, if it came back);
+- `flywheel.champion_until`  ISO time it lost the alias (absent while it holds it);
+- `flywheel.promoted_by_gate_run`  the `flywheel/gate` run whose pass moved the alias;
+- `flywheel.promotions`  every "since..until by gate run" interval, JSON, so a rollback does not erase one.
+`flywheel history` prints it.
+
+Model versions point at the train run's `adapter/` artifact (source = its artifact URI) and carry the lineage
+tags: dataset version, train/eval/gate run, base model and its hash.
+
+Also here: `resolve_model`, which turns whatever the user typed (a train run id, `runs:/…`, `models:/…@alias`,
+`models:/…/3`, a local adapter dir) into a local adapter directory plus what is known about it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from flywheel.foundation.errors import InputError
+
+CHAMPION = "champion"
+TAG_SINCE = "flywheel.champion_since"
+TAG_UNTIL = "flywheel.champion_until"
+TAG_BY_GATE = "flywheel.promoted_by_gate_run"
+TAG_PROMOTIONS = "flywheel.promotions"
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+META_FILE = "flywheel_adapter.json"
+
+
+def now_iso() -> str:
+    # Microseconds: two promotions within one second (a quick rollback) must still sort in the order they happened.
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass
+class ResolvedModel:
+    """A candidate or champion, located: a local adapter dir and everything we know about where it came from."""
+
+    uri: str                      # what the user gave, normalised (`runs:/<id>/adapter`, `models:/n/3`, a path)
+    adapter_dir: Path
+    meta: dict = field(default_factory=dict)  # flywheel_adapter.json
+    name: str | None = None       # registered model name, when it came from the registry
+    version: str | None = None
+    run_id: str | None = None     # the train run
+    tags: dict = field(default_factory=dict)  # model version tags
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}" if self.version else self.uri
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def _download(uri: str, what: str) -> Path:
+    import mlflow
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as e:  # MlflowException, OSError: one line, naming the URI
+        raise InputError(f"{what} {uri}: cannot read its artifacts ({str(e).splitlines()[0][:200]})") from None
+
+
+def _read_meta(adapter_dir: Path, what: str) -> dict:
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise InputError(f"{what}: {adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+    mp = adapter_dir / META_FILE
+    if not mp.exists():
+        return {}
+    try:
+        return json.loads(mp.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{mp}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def resolve_model(ref: str, what: str = "model") -> ResolvedModel:
+    """Local dir | 32-hex train run id | runs:/<id>[/path] | models:/<name>/<version> | models:/<name>@<alias>.
+
+    Needs tracking set up (`flywheel.pipelines.tracking.setup`) for anything but a local dir. Raises InputError naming
+    `what` and the reference when it cannot be read: the gate turns that into exit 2, never a pass.
+    """
+    p = Path(ref).expanduser()
+    if not ref.startswith(("runs:/", "models:/")) and p.exists():
+        d = p if (p / "adapter_config.json").exists() else p / "adapter"
+        meta = _read_meta(d, what)
+        return ResolvedModel(uri=str(d.resolve()), adapter_dir=d.resolve(), meta=meta,
+                             run_id=meta.get("train_run_id"))
+    if RUN_ID.match(ref):
+        ref = f"runs:/{ref}/adapter"
+    if ref.startswith("runs:/"):
+        run_id, _, sub = ref[len("runs:/"):].strip("/").partition("/")
+        ref = f"runs:/{run_id}/{sub or 'adapter'}"  # a bare run means its adapter
+        d = _download(ref, what)
+        if not (d / "adapter_config.json").exists() and (d / "adapter" / "adapter_config.json").exists():
+            d = d / "adapter"
+        return ResolvedModel(uri=ref, adapter_dir=d, meta=_read_meta(d, what), run_id=run_id)
+    if ref.startswith("models:/"):
+        mv = get_version(ref, what)
+        d = _download(mv.source, what)
+        return ResolvedModel(uri=ref, adapter_dir=d, meta=_read_meta(d, what), name=mv.name, version=str(mv.version),
+                             run_id=mv.run_id, tags=dict(mv.tags or {}))
+    raise InputError(f"{what} {ref!r}: not a local adapter dir, a run id, runs:/… or models:/…")
+
+
+def get_version(ref: str, what: str = "model"):
+    """`models:/name@alias` or `models:/name/3` -> MLflow ModelVersion, or InputError."""
+    body = ref[len("models:/"):]
+    client = _client()
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = body.partition("/")
+        if not version.isdigit():
+            raise InputError(f"{what} {ref!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+        return client.get_model_version(name, version)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{what} {ref}: not in the registry ({str(e).splitlines()[0][:200]})") from None
+
+
+def champion(name: str):
+    """The ModelVersion holding `champion`, or None when there is none (or no such registered model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as e:
+        code = getattr(e, "error_code", "")
+        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND") or "not found" in str(e).lower():
+            return None
+        raise
+
+
+def register_adapter(name: str, model: ResolvedModel, *, tags: dict[str, Any] | None = None,
+                     description: str | None = None) -> str:
+    """New model version of `name` pointing at the adapter (its train run's artifact when known). -> version."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        client.create_registered_model(name, description="LoRA adapters promoted by `flywheel gate`")
+    except MlflowException as e:
+        if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = model.uri
+    if model.run_id and model.uri.startswith("runs:/"):
+        source = client.get_run(model.run_id).info.artifact_uri.rstrip("/") + "/" + model.uri.split("/", 2)[2]
+    elif not model.uri.startswith(("runs:/", "models:/")):
+        source = model.adapter_dir.resolve().as_uri()
+    elif model.uri.startswith("models:/"):
+        source = get_version(model.uri).source
+    meta = model.meta
+    all_tags = {
+        "flywheel.base_model": meta.get("base_model"),
+        "flywheel.base_model_sha256": meta.get("base_model_sha256"),
+        "flywheel.dataset_version": meta.get("dataset_version"),
+        "flywheel.input.mine_run": meta.get("mine_run_id"),
+        "flywheel.input.train_run": meta.get("train_run_id") or model.run_id,
+        **(tags or {}),
+    }
+    clean = {k: str(v) for k, v in all_tags.items() if v is not None}
+    mv = client.create_model_version(name, source=source, run_id=model.run_id, tags=clean, description=description)
+    return str(mv.version)
+
+
+def promote(name: str, version: str, gate_run_id: str | None) -> dict:
+    """Move `champion` to `version`, closing the previous holder's interval. Returns {previous, version, since}."""
+    client = _client()
+    when = now_iso()
+    prev = champion(name)
+    if prev is not None and str(prev.version) == str(version):
+        return {"previous": str(prev.version), "version": str(version), "since": prev.tags.get(TAG_SINCE),
+                "unchanged": True}
+    if prev is not None:
+        client.set_model_version_tag(name, prev.version, TAG_UNTIL, when)
+        _append_interval(client, name, prev.version, until=when)
+    client.set_model_version_tag(name, version, TAG_SINCE, when)
+    client.set_model_version_tag(name, version, TAG_BY_GATE, gate_run_id or "")
+    try:
+        client.delete_model_version_tag(name, version, TAG_UNTIL)  # it may have been champion before
+    except Exception:
+        pass
+    _append_interval(client, name, version, since=when, gate_run=gate_run_id)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return {"previous": str(prev.version) if prev is not None else None, "version": str(version), "since": when}
+
+
+def _append_interval(client, name: str, version: str, *, since: str | None = None, until: str | None = None,
+                     gate_run: str | None = None) -> None:
+    mv = client.get_model_version(name, version)
+    try:
+        spans = json.loads((mv.tags or {}).get(TAG_PROMOTIONS, "[]"))
+    except json.JSONDecodeError:
+        spans = []
+    if since is not None:
+        spans.append({"since": since, "until": None, "gate_run": gate_run})
+    elif until is not None and spans and spans[-1].get("until") is None:
+        spans[-1]["until"] = until
+    elif until is not None:  # a champion set by hand, outside Flywheel: record what we can
+        spans.append({"since": (mv.tags or {}).get(TAG_SINCE), "until": until, "gate_run": None})
+    client.set_model_version_tag(name, version, TAG_PROMOTIONS, json.dumps(spans))
+
+
+def history(name: str) -> list[dict]:
+    """Every champion interval of `name`, oldest first: {version, since, until, gate_run, current, lineage...}."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as e:
+        raise InputError(f"registered model {name!r}: {str(e).splitlines()[0][:200]}") from None
+    current = champion(name)
+    rows = []
+    for mv in versions:
+        tags = dict(mv.tags or {})
+        try:
+            spans = json.loads(tags.get(TAG_PROMOTIONS, "[]"))
+        except json.JSONDecodeError:
+            spans = []
+        if not spans and tags.get(TAG_SINCE):
+            spans = [{"since": tags[TAG_SINCE], "until": tags.get(TAG_UNTIL), "gate_run": tags.get(TAG_BY_GATE)}]
+        for s in spans:
+            rows.append({"version": str(mv.version), "since": s.get("since"), "until": s.get("until"),
+                         "gate_run": s.get("gate_run"),
+                         "current": current is not None and str(current.version) == str(mv.version)
+                         and s.get("until") is None,
+                         "dataset_version": tags.get("flywheel.dataset_version"),
+                         "train_run": tags.get("flywheel.input.train_run"),
+                         "eval_run": tags.get("flywheel.input.eval_run"),
+                         "base_model": tags.get("flywheel.base_model")})
+    rows.sort(key=lambda r: (r["since"] or "", int(r["version"])))
+    return rows
+
+
+def history_command(app: typer.Typer) -> None:
+    """Adds `flywheel history` (registered by pipelines/loop.py, next to `flywheel run`)."""
+
+    @app.command("history")
+    def history_cmd(
+        name: str = typer.Argument("flywheel-demo", help="registered model name"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+        tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: embedded)"),
+    ) -> None:
+        """Who held `champion` when, and which gate run moved it."""
+        from flywheel.pipelines import tracking
+
+        tracking.setup(tracking_uri)
+        rows = history(name)
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        if not rows:
+            typer.echo(f"{name}: no champion yet (nothing promoted by `flywheel gate --promote`)")
+            return
+        table = Table(title=f"champion history of {name}")
+        for col in ("version", "since (UTC)", "until (UTC)", "gate run", "dataset", "train run"):
+            table.add_column(col, no_wrap=True)
+
+        def t(iso):  # 2026-11-26T15:47:02+00:00 -> 2026-11-26 15:47
+            return iso[:16].replace("T", " ") if iso else "-"
+
+        for r in rows:
+            table.add_row(r["version"] + (" (current)" if r["current"] else ""), t(r["since"]), t(r["until"]),
+                          (r["gate_run"] or "-")[:8], (r["dataset_version"] or "-")[:8], (r["train_run"] or "-")[:8])
+        Console().print(table)

@@ -1,0 +1,148 @@
+"""MLflow plumbing shared by every stage: where the store is, how runs are named and tagged.
+
+Embedded default: a sqlite store plus an artifact folder under `.flywheel/` in the working directory
+(`FLYWHEEL_HOME` moves it). `MLFLOW_TRACKING_URI` (or a stage's `tracking_uri` key) points at a remote server.
+
+Conventions every stage follows, so lineage can be walked from a Modelfile back to the logs:
+- experiment `flywheel/<stage>`; tag `flywheel.stage`;
+- tag `flywheel.git_commit` when the working directory is a git checkout;
+- tags `flywheel.input.<kind>` naming what the run consumed (a run id or a dataset version), e.g.
+  `flywheel.input.mine_run`, `flywheel.input.dataset_version`, `flywheel.input.train_run`.
+mlflow is imported lazily: `flywheel --help` must stay instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+STAGES = ("mine", "train", "embeddings", "prompts", "ab", "gate", "publish", "run")
+TAG_STAGE = "flywheel.stage"
+TAG_COMMIT = "flywheel.git_commit"
+TAG_INPUT = "flywheel.input."
+
+
+# What the user set, read once: mlflow.set_registry_uri() writes MLFLOW_REGISTRY_URI into os.environ itself, so
+# reading the variable later would pick up our own earlier call (a previous store) instead of the user's choice.
+_USER_REGISTRY_URI = os.environ.get("MLFLOW_REGISTRY_URI")
+
+
+def flywheel_home() -> Path:
+    return Path(os.environ.get("FLYWHEEL_HOME", ".flywheel")).resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{flywheel_home() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    return flywheel_home() / "artifacts"
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """Environment beats config beats the embedded default (same order as MLflow itself)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or default_tracking_uri()
+
+
+def setup(configured_uri: str | None = None) -> str:
+    """Point mlflow at the store; create `.flywheel/` for the embedded one. Returns the URI."""
+    import mlflow
+
+    uri = tracking_uri(configured_uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    # The registry follows the tracking store unless told otherwise.
+    mlflow.set_registry_uri(_USER_REGISTRY_URI or uri)
+    return uri
+
+
+def experiment_id(stage: str) -> str:
+    """Get or create `flywheel/<stage>`; embedded stores keep artifacts under `.flywheel/artifacts/`."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    name = f"flywheel/{stage}"
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = (artifact_root() / stage).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created by a concurrent process between the get and the create
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def start_run(stage: str, run_name: str | None = None, *, inputs: Mapping[str, str] | None = None,
+              tags: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
+              nested: bool = False, configured_uri: str | None = None) -> Iterator[Any]:
+    """Open a run in `flywheel/<stage>` tagged with stage, commit and consumed inputs; params logged at once."""
+    import mlflow
+
+    if not nested:
+        setup(configured_uri)
+    all_tags = {TAG_STAGE: stage}
+    commit = git_commit()
+    if commit:
+        all_tags[TAG_COMMIT] = commit
+    for k, v in (inputs or {}).items():
+        if v is not None:
+            all_tags[TAG_INPUT + k] = str(v)
+    all_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
+    exp = experiment_id(stage)
+    with mlflow.start_run(experiment_id=exp, run_name=run_name, nested=nested, tags=all_tags) as run:
+        if params:
+            log_params(params)
+        yield run
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Batched: one call, values cut to MLflow's 6000-char limit."""
+    import mlflow
+
+    clean = {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
+    if clean:
+        mlflow.log_params(clean)
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Batched: one call; NaN/None dropped (MLflow stores NaN but charts choke on it)."""
+    import math
+
+    import mlflow
+
+    clean = {}
+    for k, v in metrics.items():
+        if v is None:
+            continue
+        fv = float(v)
+        if math.isfinite(fv):
+            clean[sanitize_metric_name(k)] = fv
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def sanitize_metric_name(name: str) -> str:
+    """MLflow keys allow [A-Za-z0-9_\\-. /]; `ndcg@10` becomes `ndcg_at_10`."""
+    import re
+
+    name = name.replace("@", "_at_")
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
