@@ -2,9 +2,16 @@
 
 Pairing removes the item-to-item variance (some prompts are just hard), so a paired test is far more sensitive
 than comparing two independent samples of the same size. The estimate is always the mean of the per-item
-differences (treatment - control) with its t-interval; the p-value comes from the paired t-test, or from the
-Wilcoxon signed-rank test when the scores are ordinal (few distinct levels, e.g. 1-5 ratings or means of a
-few annotators) or the differences are clearly not normal. `test="auto"` picks and says why in `test_reason`.
+differences (treatment - control). `test="auto"` picks the test and says why in `test_reason`:
+- 0/1 outcomes on both sides (pass rates, exact match): McNemar's test on the discordant pairs, exact (binomial)
+  when there are fewer than 25 of them, with the Agresti-Min interval for the difference in proportions;
+- ordinal scores (few distinct levels, e.g. 1-5 ratings) or clearly non-normal differences: the Wilcoxon
+  signed-rank test, with a t-interval for the mean difference;
+- otherwise the paired t-test and its t-interval.
+
+One Wilcoxon convention everywhere in Flywheel (`signed_rank_p`, also used by the embeddings comparisons): zero
+differences stay in the ranking, split between the signs (`zsplit`), instead of being silently dropped, and small
+samples get scipy's exact null distribution: eight identical non-zero differences give p = 2/2^8, never 0.
 """
 
 from __future__ import annotations
@@ -35,10 +42,57 @@ def _as_pairs(control: Sequence[float], treatment: Sequence[float], metric: str,
     return c, t, dropped
 
 
-def choose_test(control: np.ndarray, treatment: np.ndarray) -> tuple[str, str]:
-    """('t' | 'wilcoxon', reason) for paired data."""
+MCNEMAR_EXACT_BELOW = 25  # discordant pairs; below this the chi-square approximation is poor
+
+
+def signed_rank_p(d: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired differences `d` (zsplit; exact for small n)."""
     from scipy import stats
 
+    d = np.asarray(d, dtype=float)
+    if d.size == 0 or np.all(d == 0):
+        return 1.0
+    return float(stats.wilcoxon(d, zero_method="zsplit").pvalue)
+
+
+def mcnemar(control: np.ndarray, treatment: np.ndarray, alpha: float = 0.05) -> dict:
+    """McNemar's test for paired 0/1 outcomes, with the Agresti-Min interval for p_treatment - p_control.
+
+    Only discordant pairs carry evidence: `gained` (control 0, treatment 1) and `lost` (control 1, treatment 0).
+    """
+    from scipy import stats
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+
+    c = np.asarray(control, dtype=float) > 0.5
+    t = np.asarray(treatment, dtype=float) > 0.5
+    n = int(c.size)
+    gained, lost = int((~c & t).sum()), int((c & ~t).sum())
+    both, neither = int((c & t).sum()), int((~c & ~t).sum())
+    discordant = gained + lost
+    exact = discordant < MCNEMAR_EXACT_BELOW
+    if discordant == 0:
+        p = 1.0
+    else:
+        p = float(sm_mcnemar([[both, lost], [gained, neither]], exact=exact, correction=True).pvalue)
+    # Agresti & Min (2005): add 1/2 to each of the four cells, then the Wald interval; good coverage at small n.
+    g, l_, m = gained + 0.5, lost + 0.5, n + 2.0
+    est_adj = (g - l_) / m
+    se = math.sqrt(max((g + l_) - (g - l_) ** 2 / m, 0.0)) / m
+    z = float(stats.norm.ppf(1 - alpha / 2))
+    return {"p_value": min(max(p, 0.0), 1.0), "ci_low": max(-1.0, est_adj - z * se),
+            "ci_high": min(1.0, est_adj + z * se), "gained": gained, "lost": lost, "exact": exact}
+
+
+def _binary(x: np.ndarray) -> bool:
+    return bool(np.all((x == 0) | (x == 1)))
+
+
+def choose_test(control: np.ndarray, treatment: np.ndarray) -> tuple[str, str]:
+    """('mcnemar' | 't' | 'wilcoxon', reason) for paired data."""
+    from scipy import stats
+
+    if _binary(control) and _binary(treatment):
+        return "mcnemar", "paired 0/1 outcomes"
     levels = np.unique(np.concatenate([control, treatment])).size
     if levels <= ORDINAL_MAX_LEVELS:
         return "wilcoxon", f"ordinal scale ({levels} distinct score levels)"
@@ -79,8 +133,12 @@ def compare_paired(control: Sequence[float], treatment: Sequence[float], *, metr
         kind, reason = "t", "requested"
     elif test in ("wilcoxon", "signed_rank"):
         kind, reason = "wilcoxon", "requested"
+    elif test == "mcnemar":
+        if not (_binary(c) and _binary(t)):
+            raise InputError(f"{metric}: McNemar's test needs 0/1 outcomes on both sides")
+        kind, reason = "mcnemar", "requested"
     else:
-        raise InputError(f"unknown paired test {test!r}; use auto, t or wilcoxon")
+        raise InputError(f"unknown paired test {test!r}; use auto, t, wilcoxon or mcnemar")
 
     d = t - c
     n = d.size
@@ -89,22 +147,21 @@ def compare_paired(control: Sequence[float], treatment: Sequence[float], *, metr
     se = sd / math.sqrt(n)
     tcrit = float(stats.t.ppf(1 - alpha / 2, n - 1))
     warning = None
-    if sd == 0.0:
-        # Zero variance of the differences: no test statistic exists. Say so instead of returning NaN.
-        warning = ("all paired differences are identical "
-                   f"({mean_d:g}); the test is degenerate")
-        p = 1.0 if mean_d == 0.0 else 0.0
+    extra: dict = {}
+    if kind == "mcnemar":
+        mc = mcnemar(c, t, alpha)
+        p, ci_low, ci_high = mc["p_value"], mc["ci_low"], mc["ci_high"]
+        extra = {"gained": mc["gained"], "lost": mc["lost"], "exact": mc["exact"]}
+    elif sd == 0.0:
+        # Identical differences: the t statistic does not exist and the t-interval has zero width. The signed-rank
+        # test still has an exact answer (2/2^n for n equal non-zero differences), so use it and say so.
+        warning = f"all paired differences are identical ({mean_d:g}); p-value from the exact signed-rank test"
+        p = signed_rank_p(d)
         ci_low = ci_high = mean_d
     else:
         ci_low, ci_high = mean_d - tcrit * se, mean_d + tcrit * se
-        if kind == "t":
-            p = float(stats.ttest_rel(t, c).pvalue)
-        else:
-            if np.all(d == 0):
-                p = 1.0
-            else:
-                p = float(stats.wilcoxon(t, c).pvalue)
-    name = "paired_t" if kind == "t" else "wilcoxon_signed_rank"
+        p = float(stats.ttest_rel(t, c).pvalue) if kind == "t" else signed_rank_p(d)
+    name = {"t": "paired_t", "wilcoxon": "wilcoxon_signed_rank", "mcnemar": "mcnemar"}[kind]
     c_mean = float(c.mean())
     return {
         "variant": variant,
@@ -129,4 +186,5 @@ def compare_paired(control: Sequence[float], treatment: Sequence[float], *, metr
         "ties": int((d == 0).sum()),
         "alpha": alpha,
         "warning": warning,
+        **extra,
     }

@@ -58,9 +58,11 @@ def paired_test(a: np.ndarray, b: np.ndarray, test: str = "wilcoxon", seed: int 
     if np.allclose(diff, 0):
         return 1.0
     if test == "wilcoxon":
-        # zsplit keeps tied (zero-difference) queries in the ranking instead of dropping them: with nDCG many
-        # queries tie, and dropping them would overstate the evidence.
-        return float(stats.wilcoxon(diff, zero_method="zsplit").pvalue)
+        # The project's one signed-rank convention: tied (zero-difference) queries stay in the ranking (zsplit);
+        # with nDCG many queries tie, and dropping them would overstate the evidence.
+        from flywheel.evals.ab.paired import signed_rank_p
+
+        return signed_rank_p(diff)
     if test == "permutation":
         res = stats.permutation_test((diff,), np.mean, permutation_type="samples", n_resamples=n_resamples,
                                      alternative="two-sided", random_state=seed)
@@ -78,14 +80,6 @@ def detectable_difference(diff: np.ndarray, alpha: float = 0.05, power: float = 
         return float("nan")
     d = TTestPower().solve_power(nobs=n, alpha=alpha, power=power, alternative="two-sided")
     return float(d * sd)
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    from statsmodels.stats.multitest import multipletests
-
-    if not pvalues:
-        return []
-    return [float(p) for p in multipletests(pvalues, method="holm")[1]]
 
 
 def compare_models(per_query: dict[str, np.ndarray], *, task: str, metric: str, test: str = "wilcoxon",
@@ -129,7 +123,9 @@ def compare_correlations(sims: dict[str, np.ndarray], gold: np.ndarray, *, task:
 
 
 def _finish(rows: list[dict], alpha: float, min_queries: int) -> list[dict]:
-    adj = holm([r["p_value"] for r in rows])
+    from flywheel.evals.ab.multiple import adjust_pvalues
+
+    adj = adjust_pvalues([r["p_value"] for r in rows], "holm")
     for r, p in zip(rows, adj):
         r["p_adjusted"] = p
         r["significant"] = bool(p < alpha)

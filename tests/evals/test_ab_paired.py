@@ -8,7 +8,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from flywheel.evals.ab.multiple import adjust_pvalues
-from flywheel.evals.ab.paired import compare_paired
+from flywheel.evals.ab.paired import compare_paired, signed_rank_p
 from flywheel.foundation.errors import InputError
 
 
@@ -33,7 +33,46 @@ def test_auto_picks_wilcoxon_for_ordinal_and_matches_scipy():
     t = np.clip(c + rng.integers(-1, 3, 60), 1, 5).astype(float)
     r = compare_paired(list(c), list(t), metric="rating", variant="v2", control_name="v1")
     assert r["test"] == "wilcoxon_signed_rank" and "ordinal" in r["test_reason"]
-    assert r["p_value"] == pytest.approx(stats.wilcoxon(t, c).pvalue, abs=1e-12)
+    # One convention: zero differences stay in the ranking (zsplit), never silently dropped.
+    assert (t == c).sum() > 5
+    assert r["p_value"] == pytest.approx(stats.wilcoxon(t - c, zero_method="zsplit").pvalue, abs=1e-12)
+    assert r["p_value"] != pytest.approx(stats.wilcoxon(t, c).pvalue, abs=1e-6)  # scipy's default drops zeros
+
+
+def test_embeddings_comparisons_use_the_same_signed_rank_convention():
+    from flywheel.evals.embeddings.compare import paired_test
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 4, 40) / 4.0
+    b = np.clip(a + rng.integers(-1, 2, 40) / 4.0, 0, 1)
+    assert paired_test(b, a, "wilcoxon") == pytest.approx(signed_rank_p(b - a), abs=1e-15)
+
+
+def test_small_identical_differences_give_the_exact_p_not_zero():
+    # 8 identical non-zero differences: the exact signed-rank p is 2 / 2**8 = 0.0078, never 0.
+    r = compare_paired([1, 2, 3, 4, 5, 6, 7, 8.5], [2, 3, 4, 5, 6, 7, 8, 9.5], metric="m", variant="b",
+                       control_name="a", test="wilcoxon")
+    assert r["p_value"] == pytest.approx(2 / 2 ** 8)
+    r = compare_paired([1, 2, 3, 4, 5, 6, 7, 8.5], [2, 3, 4, 5, 6, 7, 8, 9.5], metric="m", variant="b",
+                       control_name="a", test="t")
+    assert r["p_value"] == pytest.approx(2 / 2 ** 8) and "exact signed-rank" in r["warning"]
+
+
+def test_binary_outcomes_use_mcnemar_exact_with_a_matching_interval():
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    # 30 cases: 4 gained (0 -> 1), 1 lost (1 -> 0), the rest concordant.
+    c = [0] * 4 + [1] + [1] * 15 + [0] * 10
+    t = [1] * 4 + [0] + [1] * 15 + [0] * 10
+    r = compare_paired(c, t, metric="exact_match", variant="b", control_name="a")
+    assert r["test"] == "mcnemar" and r["exact"] and (r["gained"], r["lost"]) == (4, 1)
+    assert r["p_value"] == pytest.approx(mcnemar([[15, 1], [4, 10]], exact=True).pvalue)
+    assert r["p_value"] == pytest.approx(0.375)  # binomial(5, 1/2): P(X <= 1) * 2
+    assert r["estimate"] == pytest.approx(3 / 30)
+    assert r["ci_low"] < r["estimate"] < r["ci_high"] and -1 <= r["ci_low"] and r["ci_high"] <= 1
+    # no discordant pair: no evidence either way
+    r = compare_paired([0, 1, 1, 0], [0, 1, 1, 0], metric="exact_match", variant="b", control_name="a")
+    assert r["test"] == "mcnemar" and r["p_value"] == 1.0
 
 
 def test_nan_pairs_dropped_and_counted():
@@ -45,7 +84,7 @@ def test_nan_pairs_dropped_and_counted():
 
 def test_zero_variance_is_explicit():
     r = compare_paired([1, 2, 3], [2, 3, 4], metric="m", variant="b", control_name="a", test="t")
-    assert r["warning"] and r["p_value"] == 0.0 and r["ci_low"] == r["ci_high"] == 1.0
+    assert r["warning"] and r["p_value"] == pytest.approx(0.25) and r["ci_low"] == r["ci_high"] == 1.0
     r = compare_paired([1, 2, 3], [1, 2, 3], metric="m", variant="b", control_name="a")
     assert r["p_value"] == 1.0
 
