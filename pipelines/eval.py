@@ -26,13 +26,12 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.evals.prompts.scorers import default_metrics
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = str(ROOT / "evals" / "prompts" / "demo_cases.yaml")
-DEFAULT_METRICS = ["exact_match", "rouge_l", "embedding_similarity", "nll", "pii", "latency_ms",
-                   "generated_tokens"]
 RESULTS_SCHEMA = 1
 
 
@@ -87,7 +86,7 @@ class EvalConfig(StageConfig):
     prompts_dir: str = "configs/prompts"    # where bare variant names are looked up (cwd, then the repo)
     targets: list[TargetSpec] = [TargetSpec(name="base", base="smollm2-135m-instruct")]
     candidate: Optional[str] = None         # shortcut: adds target {name: candidate, adapter: <this>}
-    metrics: list[str] = DEFAULT_METRICS
+    metrics: list[str] = Field(default_factory=default_metrics)
     assertions: list[dict[str, Any]] = []   # applied to every case, on top of each case's own
     embedding_model: str = "all-MiniLM-L6-v2"
     primary_metric: str = "nll"             # what the gate should decide on; direction is in results.json
@@ -354,7 +353,8 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                 "run_id": parent.info.run_id,
                 "child_runs": child_runs,
                 "primary_metric": cfg.primary_metric,
-                "metrics": {m: {"direction": d, "description": desc} for m, (d, desc) in METRICS.items()
+                "metrics": {m: {"direction": spec.direction, "description": spec.description,
+                                "binary": spec.binary} for m, spec in METRICS.items()
                             if any(c["metric"] == m for c in cells)},
                 "cases": {"path": caseset.path, "kind": caseset.kind, "n": len(caseset.cases),
                           "dataset_version": caseset.dataset_version},

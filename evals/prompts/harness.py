@@ -26,11 +26,10 @@ from flywheel.evals.prompts.generate import DiskCache, GenParams
 from flywheel.evals.prompts.templates import PromptTemplate, check_fields
 from flywheel.foundation.errors import InputError
 
-REFERENCE_METRICS = ("exact_match", "rouge_l", "embedding_similarity", "nll")
-DEFAULT_METRICS = ["exact_match", "rouge_l", "embedding_similarity", "nll", "pii", "latency_ms", "generated_tokens"]
+DEFAULT_METRICS = scorers.default_metrics()
 # pass_rate / error_rate / consistency are computed whenever they apply; naming them is allowed (the gate lists
 # the metrics its rules read) and changes nothing.
-KNOWN_METRICS = set(DEFAULT_METRICS) | {"judge_score", "pass_rate", "error_rate", "consistency"}
+KNOWN_METRICS = set(scorers.METRICS)
 
 Embedder = Callable[[Sequence[str], Sequence[str]], list[float]]
 Judge = Callable[[str, str, str | None], float | None]
@@ -184,23 +183,9 @@ def _score_row(case: Case, variant: PromptTemplate, target: Any, prompt: list[di
                     assertion_rows.append({"name": scorers.assertion_name(a), "type": a["type"], "passed": ok,
                                            "reason": why})
             m["pass_rate"] = float(all(oks))
-        if case.reference is not None and not g.error:
-            if "exact_match" in metrics:
-                m["exact_match"] = scorers.exact_match(g.text, case.reference)
-            if "rouge_l" in metrics:
-                m["rouge_l"] = scorers.rouge_l(g.text, case.reference)
-        elif case.reference is not None:  # a failed generation scores as the worst answer, not as missing
-            for name in ("exact_match", "rouge_l"):
-                if name in metrics:
-                    m[name] = 0.0
-        if "pii" in metrics and not g.error:
-            m["pii"] = 1.0 if scorers.find_pii(g.text) else 0.0
-        if "latency_ms" in metrics:
-            m["latency_ms"] = g.latency_ms
-        if "generated_tokens" in metrics:
-            m["generated_tokens"] = None if g.tokens is None else float(g.tokens)
-        if "judge_score" in metrics and judge is not None and not g.error:
-            m["judge_score"] = judge(case.question, g.text, case.reference)
+        out = scorers.Scored(text=g.text, reference=case.reference, question=case.question,
+                             latency_ms=g.latency_ms, tokens=g.tokens, judge=judge)
+        m.update(scorers.score_output(metrics, out, failed=bool(g.error)))
         per_rep.append(m)
     keys = sorted({k for m in per_rep for k in m})
     agg = {k: _mean([m.get(k) for m in per_rep]) for k in keys}
@@ -256,7 +241,7 @@ def cells(rows: Sequence[dict], alpha: float = 0.05) -> list[dict]:
         for metric in names:
             vals = [r["metrics"].get(metric) for r in rs]
             vals = [v for v in vals if v is not None]
-            binary = metric in scorers.BINARY_METRICS or metric.startswith("assert.")
+            binary = scorers.is_binary(metric)
             mean, lo, hi = mean_ci(vals, binary=binary, alpha=alpha)
             out.append({"variant": variant, "target": target, "metric": metric, "mean": mean, "ci_low": lo,
                         "ci_high": hi, "n": len(vals), "direction": scorers.direction(metric)})

@@ -1,7 +1,8 @@
 """Scorers: deterministic assertions, reference-based metrics, guardrails, consistency, LLM-as-judge.
 
-All plain functions over strings. Each metric has a direction (`METRICS`) that results.json carries, so a reader
-(the gate, the dashboard) never has to guess whether up is good: `nll` and the guardrails are lower-is-better.
+All plain functions over strings. Every metric is registered once (`METRICS`, `@metric`) with its direction, which
+results.json carries, so a reader (the gate, the dashboard) never has to guess whether up is good: `nll` and the
+guardrails are lower-is-better.
 
 Assertions (promptfoo-style, `{type, value?, name?}`): contains, icontains, not-contains, regex, is-json,
 json-schema, max-length, refusal, not-refusal, equals (against `value`, else the case's reference).
@@ -15,32 +16,91 @@ import json
 import re
 import string
 from collections import Counter
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
 
 from flywheel.foundation.errors import InputError
 
-# name -> (direction, what it is). Directions: "higher" / "lower" is better; "none" = descriptive only.
-METRICS: dict[str, tuple[str, str]] = {
-    "pass_rate": ("higher", "share of cases whose assertions all passed (a failed generation counts as a fail)"),
-    "error_rate": ("lower", "share of cases whose generation or scoring failed"),
-    "exact_match": ("higher", "normalised output == normalised reference"),
-    "rouge_l": ("higher", "ROUGE-L F1 against the reference (rouge-score, stemmed)"),
-    "embedding_similarity": ("higher", "cosine similarity of output and reference embeddings"),
-    "nll": ("lower", "mean token negative log-likelihood of the reference answer under the target "
-                     "(teacher-forced; nats/token)"),
-    "pii": ("lower", "share of outputs containing PII (email, phone, card, IP, IBAN)"),
-    "latency_ms": ("lower", "generation wall time per case (batch time / batch size), ms"),
-    "generated_tokens": ("none", "tokens generated per case"),
-    "consistency": ("higher", "share of repeats equal to the most common output (normalised), per case"),
-    "judge_score": ("higher", "LLM-as-judge rubric score 1-5"),
-}
-BINARY_METRICS = {"pass_rate", "error_rate", "exact_match", "pii"}
+# -- the metric registry ---------------------------------------------------------------------------------------
+#
+# One entry per metric, like lm-evaluation-harness's metric registry: its name, which way is better, whether it is
+# a 0/1 outcome (which picks Wilson intervals for cells and McNemar's test for paired comparisons), how it
+# aggregates, and, for a metric scored on each generated output, the function that scores it. Adding a metric is
+# one `@metric(...)` function below; the harness, results.json, the gate and the dashboard read it from here.
 
 
-def direction(metric: str) -> str:
-    if metric.startswith("assert."):
+@dataclass(frozen=True)
+class Scored:
+    """What a per-output scorer sees: one generation of one case."""
+
+    text: str
+    reference: str | None
+    question: str
+    latency_ms: float | None
+    tokens: int | None
+    judge: Callable[[str, str, str | None], float | None] | None = None
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    direction: Literal["higher", "lower", "none"]  # "none": descriptive only, never compared
+    binary: bool                                   # one 0/1 outcome per case
+    description: str
+    # Scores one generated output; None for metrics the harness computes itself (teacher-forced NLL, one batched
+    # embedding pass, assertions, repeats, failures).
+    score: Callable[[Scored], float | None] | None = None
+    needs_reference: bool = False
+    on_failure: float | None = None  # the value a failed generation gets (None: no value for that output)
+    scores_failures: bool = False    # measures the attempt itself (latency, tokens): scored on failures too
+    default: bool = False            # part of the default metric list of `flywheel eval`
+    aggregate: Literal["mean"] = "mean"  # over repeats of a case, then over cases
+
+
+METRICS: dict[str, MetricSpec] = {}
+
+
+def metric(name: str, *, direction: Literal["higher", "lower", "none"], description: str, binary: bool = False,
+           needs_reference: bool = False, on_failure: float | None = None, scores_failures: bool = False,
+           default: bool = False):
+    """Register `fn(Scored) -> float | None` as metric `name` (or declare a harness-computed one with fn=None)."""
+    def register(fn: Callable[[Scored], float | None] | None):
+        if name in METRICS:
+            raise ValueError(f"metric {name!r} registered twice")
+        METRICS[name] = MetricSpec(name, direction, binary, description, fn, needs_reference, on_failure,
+                                   scores_failures, default)
+        return fn
+    return register
+
+
+def score_output(names: Sequence[str], out: Scored, failed: bool) -> dict[str, float | None]:
+    """The registered per-output metrics among `names` for one generation (a failed one per each `on_failure`)."""
+    vals: dict[str, float | None] = {}
+    for name in names:
+        spec = METRICS.get(name)
+        if spec is None or spec.score is None or (spec.needs_reference and out.reference is None):
+            continue
+        if failed and not spec.scores_failures:
+            if spec.on_failure is not None:  # a failed generation scores as the worst answer, not as missing
+                vals[name] = spec.on_failure
+            continue
+        vals[name] = spec.score(out)
+    return vals
+
+
+def direction(name: str) -> str:
+    if name.startswith("assert."):
         return "higher"
-    return METRICS.get(metric, ("none", ""))[0]
+    spec = METRICS.get(name)
+    return spec.direction if spec else "none"
+
+
+def is_binary(name: str) -> bool:
+    return name.startswith("assert.") or (name in METRICS and METRICS[name].binary)
+
+
+def default_metrics() -> list[str]:
+    return [m for m, spec in METRICS.items() if spec.default]
 
 
 # -- assertions -----------------------------------------------------------------------------------------------
@@ -198,92 +258,19 @@ def embedding_similarity(model: Any, outputs: Sequence[str], references: Sequenc
 
 # -- guardrails -----------------------------------------------------------------------------------------------
 
-_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
-_CARD = re.compile(r"\b(?:\d[ -]?){13,19}\b")
-_IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
-_PHONE = re.compile(r"(?<![\w.])\+?\(?\d{1,4}\)?[\s.-]?\(?\d{2,4}\)?[\s.-]\d{3,4}[\s.-]?\d{3,4}(?![\w.])")
-
-
-def _luhn(digits: str) -> bool:
-    total, alt = 0, False
-    for ch in reversed(digits):
-        d = int(ch)
-        if alt:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-        alt = not alt
-    return total % 10 == 0
-
-
-def _iban_ok(s: str) -> bool:
-    s = s.replace(" ", "")
-    if not 15 <= len(s) <= 34:
-        return False
-    n = "".join(str(int(c, 36)) for c in s[4:] + s[:4])
-    return int(n) % 97 == 1
-
-
-def _own_pii(text: str) -> list[str]:
-    import ipaddress
-
-    kinds = []
-    if _EMAIL.search(text):
-        kinds.append("email")
-    for m in _CARD.finditer(text):
-        d = re.sub(r"\D", "", m.group())
-        if 13 <= len(d) <= 19 and _luhn(d):
-            kinds.append("card")
-            break
-    for m in _IPV4.finditer(text):
-        try:
-            ip = ipaddress.ip_address(m.group())
-        except ValueError:
-            continue
-        if not (ip.is_loopback or ip.is_unspecified):
-            kinds.append("ip")
-            break
-    if any(_iban_ok(m.group()) for m in _IBAN.finditer(text)):
-        kinds.append("iban")
-    if _PHONE.search(text):
-        try:
-            import phonenumbers
-
-            if any(True for _ in phonenumbers.PhoneNumberMatcher(text, "US")):
-                kinds.append("phone")
-        except ImportError:  # pragma: no cover - phonenumbers is a dependency
-            kinds.append("phone")
-    return kinds
-
-
 def find_pii(text: str) -> list[str]:
     """Kinds of PII found in `text` (empty list: none), e.g. ["email", "phone"].
 
-    The mine stage's redactor (`flywheel.mining.pii.redact`) is the project's reference detector (checksum- and
-    parser-confirmed candidates); we count what it would redact, so mining and eval agree on what PII is. The
-    small detector above is the fallback when that module is absent.
+    The mine stage's redactor (`flywheel.mining.pii.redact`, checksum- and parser-confirmed candidates) is the one
+    detector: eval counts what mining would redact, so the two agree on what PII is.
     """
-    redact = _mine_redact()
-    if redact is not None and text:
-        counts: Counter = Counter()
-        redact(text, counts)
-        return sorted(k for k, v in counts.items() if v)
-    return _own_pii(text or "")
+    from flywheel.mining.pii import redact
 
-
-_REDACT: Any = False
-
-
-def _mine_redact() -> Callable[..., str] | None:
-    global _REDACT
-    if _REDACT is False:
-        try:
-            from flywheel.mining.pii import redact
-
-            _REDACT = redact
-        except ImportError:
-            _REDACT = None
-    return _REDACT
+    if not text:
+        return []
+    counts: Counter = Counter()
+    redact(text, counts)
+    return sorted(k for k, v in counts.items() if v)
 
 
 # -- repeats --------------------------------------------------------------------------------------------------
@@ -317,3 +304,57 @@ def parse_judge_score(text: str) -> float | None:
     if not m:
         return None
     return float(m.group(1) or m.group(2))
+
+
+# -- the registered metrics, in the order results.json lists them ---------------------------------------------
+# Those with `(None)` are computed by the harness (assertions, failures, one batched embedding pass, teacher-forced
+# NLL, repeats); they are declared here so that direction, type and description live in one place.
+
+metric("pass_rate", direction="higher", binary=True,
+       description="share of cases whose assertions all passed (a failed generation counts as a fail)")(None)
+metric("error_rate", direction="lower", binary=True, description="share of cases whose generation or scoring failed")(None)
+
+
+@metric("exact_match", direction="higher", binary=True, needs_reference=True, on_failure=0.0, default=True,
+        description="normalised output == normalised reference")
+def _exact_match(o: Scored) -> float:
+    return exact_match(o.text, o.reference or "")
+
+
+@metric("rouge_l", direction="higher", needs_reference=True, on_failure=0.0, default=True,
+        description="ROUGE-L F1 against the reference (rouge-score, stemmed)")
+def _rouge_l(o: Scored) -> float:
+    return rouge_l(o.text, o.reference or "")
+
+
+metric("embedding_similarity", direction="higher", needs_reference=True, default=True,
+       description="cosine similarity of output and reference embeddings")(None)
+metric("nll", direction="lower", needs_reference=True, default=True,
+       description="mean token negative log-likelihood of the reference answer under the target "
+                   "(teacher-forced; nats/token)")(None)
+
+
+@metric("pii", direction="lower", binary=True, default=True,
+        description="share of outputs containing PII (email, phone, card, IP, IBAN)")
+def _pii(o: Scored) -> float:
+    return 1.0 if find_pii(o.text) else 0.0
+
+
+@metric("latency_ms", direction="lower", default=True, scores_failures=True,
+        description="generation wall time per case (batch time / batch size), ms")
+def _latency(o: Scored) -> float | None:
+    return o.latency_ms
+
+
+@metric("generated_tokens", direction="none", default=True, scores_failures=True, description="tokens generated per case")
+def _tokens(o: Scored) -> float | None:
+    return None if o.tokens is None else float(o.tokens)
+
+
+metric("consistency", direction="higher",
+       description="share of repeats equal to the most common output (normalised), per case")(None)
+
+
+@metric("judge_score", direction="higher", description="LLM-as-judge rubric score 1-5")
+def _judge(o: Scored) -> float | None:
+    return o.judge(o.question, o.text, o.reference) if o.judge is not None else None
