@@ -1,7 +1,7 @@
 """PII redaction: emails, phone numbers, card numbers, IBANs and IP addresses become typed placeholders.
 
 Why regexes and not presidio/scrubadub: measured on real oasst text with planted PII (see
-`/work/shared/notes/offline-models.md`), compiled regexes whose candidates are *confirmed* by a checksum or a
+measured on real oasst text), compiled regexes whose candidates are *confirmed* by a checksum or a
 parser (Luhn for cards, ISO 13616 mod-97 for IBANs, `ipaddress` for IPs, `phonenumbers` for phones) gave
 recall 1.00 / precision 1.00 at ~26k records/s, while presidio's defaults reached precision 0.64 at ~600/s and
 needs a spaCy model that is not on PyPI. The confirmation step is what keeps versions (3.11.7), dates, prices,

@@ -2,7 +2,7 @@
 preference pairs, or rejects (an unreadable record: file, line, reason, raw text cut short).
 
 What counts as a record (the unit of `read == kept + rejected + sum(filtered)`):
-- chat logs (JSONL/CSV/Parquet, canonical or the seed's flat shape): one line/row;
+- chat logs (JSONL/CSV/Parquet, canonical or the flat RAG-log shape): one line/row;
 - oasst1 flat messages: one assistant message (its thread, rebuilt via `parent_id`, is its history); prompter
   messages are history, not records; an unparsable line is one rejected record;
 - oasst2 trees: one assistant node (with the path from the root); an unparsable tree line is one rejected record;
@@ -238,7 +238,7 @@ def chatlog_candidate(obj: dict, line_no: int) -> dict:
         rating = _rating(obj.get("rating"))
         context = _opt_str(obj, "retrieved_context")
         cid = obj.get("conversation_id")
-    elif "user_query" in obj or "llm_response" in obj:  # the seed's flat shape
+    elif "user_query" in obj or "llm_response" in obj:  # the flat RAG-log shape
         q, a = obj.get("user_query"), obj.get("llm_response")
         if not isinstance(q, str) or not q:
             raise RecordError("user_query: missing or not a string")

@@ -35,14 +35,9 @@ STAGE_MODULES = [
     "flywheel.pipelines.demo",
 ]
 
+# Every stage ships with the package: a module that fails to import is a packaging bug and must fail loudly.
 for _name in STAGE_MODULES:
-    try:
-        _mod = importlib.import_module(_name)
-    except ModuleNotFoundError as _e:  # a stage not written yet; any other import error is a bug and raises
-        if _e.name != _name:
-            raise
-        continue
-    _mod.register(app)
+    importlib.import_module(_name).register(app)
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.problem})") from None
-    # YAML reads `a,b` as the string "a,b"; keep it a string: lists need brackets, as the brief says.
+    # YAML reads `a,b` as the string "a,b"; keep it a string: lists need brackets, so a comma inside a value never splits it.
     return key.split("."), value
 
 

@@ -68,7 +68,7 @@ class StatsConfig(StageConfig):
 class CalibrationConfig(StageConfig):
     duplicate_min_score: float = Field(4.0, ge=0, le=5, description="STS gold score >= this is a duplicate")
     target_precision: float = Field(0.9, gt=0, le=1)
-    fixed_threshold: float = Field(0.95, description="the seed's cosine rule, reported for comparison")
+    fixed_threshold: float = Field(0.95, description="a fixed cosine rule, reported for comparison")
 
 
 class EmbeddingsConfig(StageConfig):

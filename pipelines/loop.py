@@ -9,7 +9,7 @@ One pass:
    new; a file whose consumed prefix changed was rewritten and counts as new in full. No new bytes: nothing is
    run or logged, and the command says so.
 2. **Mine** the new slices plus any still-pending ones (`flywheel.pipelines.mine.run_mine`).
-3. **Threshold.** Fewer new kept records than `min_new_records` (the seed used 100): no training. The slices stay
+3. **Threshold.** Fewer new kept records than `min_new_records` (default 100): no training. The slices stay
    pending and are mined again together with the next logs, so small trickles add up instead of being lost.
 4. **Train** on the mined dataset (`flywheel.pipelines.train.run_train`), **gate** the adapter against the champion
    (`flywheel.pipelines.gate.run_gate`, which runs the eval), and on a pass **promote** and **publish** the new

@@ -50,7 +50,7 @@ class PreferenceConfig(StageConfig):
 
 class MineConfig(StageConfig):
     format: Literal["auto", "chatlog", "oasst1", "oasst2", "hh"] = "auto"
-    min_rating: int = Field(4, ge=1, le=5)  # as in the seed: 4-5 stars is "good enough to imitate"
+    min_rating: int = Field(4, ge=1, le=5)  # 4-5 stars is "good enough to imitate"
     min_chars: int = Field(2, ge=0)  # shortest assistant reply kept
     max_chars: int = Field(20_000, gt=0)  # longest conversation (all turns + context) kept
     languages: list[str] = []  # e.g. [en]; empty = no language filter (only records that declare `lang`)

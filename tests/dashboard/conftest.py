@@ -6,7 +6,7 @@ looks), `flywheel.pipelines.embeddings.run_bench_embeddings` with the static mod
 registry's `register_adapter` / `promote` for the champion alias history. Stages that need an LLM
 (train, eval, gate, publish) are logged exactly as their contracts say with the real mlflow client and real
 artifacts: training from numbers measured on this machine (SmolLM2 LoRA, loss 4.07 -> 0.61 in 10 steps, see
-/work/shared/notes/offline-models.md), because training or generating in a dashboard fixture costs minutes.
+measured: minutes on 2 CPU cores), because training or generating in a dashboard fixture costs minutes.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def build_store(tmp: Path) -> dict:
         train_ids.append(run)
     expected["train"] = {"final_loss": 0.61}
 
-    # ---- embeddings (1): a two-model retrieval benchmark logged per the contract (nDCG per query on cranfield
+    # ---- embeddings (1): a two-model retrieval benchmark logged as the stage logs it (nDCG per query on cranfield
     # is what the stage writes), so the page's significance marks, CIs and A-vs-B drill-down have two models
     parent = _run(client, "embeddings", "bench-embeddings-two-models")
     board = pd.DataFrame([

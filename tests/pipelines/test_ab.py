@@ -1,4 +1,4 @@
-"""`flywheel ab` shell: CLI flags, --json == report.json in MLflow, tags per the contract, plan, light imports."""
+"""`flywheel ab` shell: CLI flags, --json == report.json in MLflow, tags as documented, plan, light imports."""
 
 import json
 import subprocess
