@@ -164,7 +164,7 @@ def _speed(lazy: LazyModel, info, task, q_emb, d_emb, cfg: EmbeddingsConfig, rec
     single = sample_texts(singles, cfg.speed.n_latency, cfg.seed + 1)
     key = "|".join([f"speed{SPEED_VERSION}", info.identity, sha256_text("\n".join(sample + ["--"] + single)),
                     f"bs{cfg.batch_size}"])
-    if not cfg.speed.refresh and (rec := records.get(key)) is not None:
+    if not cfg.speed.refresh and (rec := records.get("speed", records.key(key))) is not None:
         return rec, True
     model = lazy.get()
     with PeakRSS() as mem:
@@ -175,7 +175,7 @@ def _speed(lazy: LazyModel, info, task, q_emb, d_emb, cfg: EmbeddingsConfig, rec
                warmup_s=lazy.warmup_s)
     if q_emb is not None:
         rec.update(index_timing(q_emb, d_emb))
-    records.put(key, rec)
+    records.put("speed", records.key(key), rec)
     return rec, False
 
 
@@ -240,7 +240,8 @@ def run_bench_embeddings(cfg: EmbeddingsConfig | None = None, *, quiet: bool = F
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from flywheel.evals.embeddings.cache import EmbeddingCache, RecordCache
+    from flywheel.evals.embeddings.cache import EmbeddingCache, vectors_root
+    from flywheel.foundation.cache import JsonCache
     from flywheel.evals.embeddings.models import resolve_model
     from flywheel.evals.embeddings.tasks import resolve_task
 
@@ -257,7 +258,7 @@ def run_bench_embeddings(cfg: EmbeddingsConfig | None = None, *, quiet: bool = F
         raise InputError(f"tasks: two tasks have the same name ({names}); give distinct directories")
     infos = [resolve_model(m) for m in cfg.models]
     vec_root = Path(cfg.cache_dir) / "vectors" if cfg.cache_dir else None
-    records = RecordCache(root=vec_root.parent if vec_root else None, enabled=cfg.cache)
+    records = JsonCache((vec_root.parent if vec_root else vectors_root().parent) / "records", enabled=cfg.cache)
 
     # 2. Model x task.
     results: list[dict] = []

@@ -255,7 +255,8 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
 
     from flywheel.evals.prompts import harness
     from flywheel.evals.prompts.cases import load_cases
-    from flywheel.evals.prompts.generate import DiskCache, GenParams
+    from flywheel.evals.prompts.generate import GenParams
+    from flywheel.foundation.cache import JsonCache
     from flywheel.evals.prompts.templates import load_template
     from flywheel.pipelines import tracking
     from flywheel.pipelines.config import flatten
@@ -274,7 +275,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
     params = GenParams(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature,
                        top_p=g.top_p, seed=g.seed, batch_size=g.batch_size)
     out_dir = Path(cfg.out) if cfg.out else tracking.flywheel_home() / "eval" / cfg.name
-    cache = DiskCache(Path(cfg.cache_dir) if cfg.cache_dir else tracking.flywheel_home() / "cache" / "eval",
+    cache = JsonCache(Path(cfg.cache_dir) if cfg.cache_dir else tracking.flywheel_home() / "cache" / "eval",
                       enabled=cfg.cache)
     metrics = list(cfg.metrics)
     if cfg.judge.endpoint and "judge_score" not in metrics:

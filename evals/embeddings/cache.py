@@ -121,27 +121,3 @@ class EmbeddingCache:
             out = np.stack([fresh[k] for k in keys]) if keys else np.zeros((0, 0))
         return np.asarray(out, dtype=np.float32), {"cached": len(set(keys)) - len(missing), "encoded": len(missing),
                                                    "encode_s": encode_s}
-
-
-class RecordCache:
-    """Small JSON records (speed measurements) keyed by a string; same root as the vectors."""
-
-    def __init__(self, root: Path | None = None, enabled: bool = True):
-        self.dir = (root or vectors_root().parent) / "records"
-        self.enabled = enabled
-
-    def _path(self, key: str) -> Path:
-        return self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-
-    def get(self, key: str) -> dict | None:
-        if not self.enabled:
-            return None
-        try:
-            rec = json.loads(self._path(key).read_text())
-        except (OSError, ValueError):
-            return None
-        return rec.get("value") if rec.get("key") == key else None
-
-    def put(self, key: str, value: dict) -> None:
-        if self.enabled:
-            atomic_write_text(self._path(key), json.dumps({"key": key, "value": value}, sort_keys=True))

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from flywheel.foundation.errors import InputError
-from flywheel.foundation.io import atomic_write_text, dumps, sha256_file, sha256_text
+from flywheel.foundation.io import sha256_file, sha256_text
+from flywheel.foundation.cache import JsonCache
 
 Messages = list[dict[str, str]]
 Progress = Callable[[int], None]
@@ -52,40 +53,6 @@ class Generation:
     latency_ms: float | None
     cached: bool = False
     error: str | None = None
-
-
-class DiskCache:
-    """One small JSON file per key under `root/<kind>/<k[:2]>/<k>.json`, written atomically."""
-
-    def __init__(self, root: str | Path, enabled: bool = True):
-        self.root = Path(root)
-        self.enabled = enabled
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(*parts: Any) -> str:
-        return sha256_text(dumps(list(parts)))
-
-    def _path(self, kind: str, key: str) -> Path:
-        return self.root / kind / key[:2] / f"{key}.json"
-
-    def get(self, kind: str, key: str) -> dict | None:
-        if not self.enabled:
-            self.misses += 1
-            return None
-        p = self._path(kind, key)
-        try:
-            value = json.loads(p.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            self.misses += 1
-            return None
-        self.hits += 1
-        return value
-
-    def put(self, kind: str, key: str, value: dict) -> None:
-        if self.enabled:
-            atomic_write_text(self._path(kind, key), json.dumps(value, ensure_ascii=False))
 
 
 # -- adapters -------------------------------------------------------------------------------------------------
@@ -216,7 +183,7 @@ class HFTarget:
         self.load()
         return self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def generate(self, prompts: Sequence[Messages], params: GenParams, cache: DiskCache, repeat: int = 0,
+    def generate(self, prompts: Sequence[Messages], params: GenParams, cache: JsonCache, repeat: int = 0,
                  progress: Progress | None = None) -> list[Generation]:
         keys = [cache.key("gen", self.identity, m, params.key(), repeat) for m in prompts]
         out: list[Generation | None] = [None] * len(prompts)
@@ -278,7 +245,7 @@ class HFTarget:
             gens.append(Generation(tok.decode(row[:n], skip_special_tokens=True).strip(), n, per_case_ms))
         return gens
 
-    def nll(self, prompts: Sequence[Messages], references: Sequence[str], cache: DiskCache,
+    def nll(self, prompts: Sequence[Messages], references: Sequence[str], cache: JsonCache,
             batch_size: int = 4, max_length: int = 384, progress: Progress | None = None) -> list[float | None]:
         from flywheel.evals.prompts.nll import reference_nll
 
@@ -358,7 +325,7 @@ class EndpointTarget:
     def unload(self) -> None:
         pass
 
-    def generate(self, prompts: Sequence[Messages], params: GenParams, cache: DiskCache, repeat: int = 0,
+    def generate(self, prompts: Sequence[Messages], params: GenParams, cache: JsonCache, repeat: int = 0,
                  progress: Progress | None = None) -> list[Generation]:
         out = []
         for m in prompts:

@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 
 from flywheel.evals.prompts import scorers
 from flywheel.evals.prompts.cases import Case
-from flywheel.evals.prompts.generate import DiskCache, GenParams
+from flywheel.evals.prompts.generate import GenParams
+from flywheel.foundation.cache import JsonCache
 from flywheel.evals.prompts.templates import PromptTemplate, check_fields
 from flywheel.foundation.errors import InputError
 
@@ -87,7 +88,7 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], targets: Sequence[Any], *,
-               params: GenParams, cache: DiskCache, metrics: Sequence[str] = DEFAULT_METRICS,
+               params: GenParams, cache: JsonCache, metrics: Sequence[str] = DEFAULT_METRICS,
                suite_assertions: Sequence[dict] = (), repeat: int = 1, embedder: Embedder | None = None,
                judge: Judge | None = None, nll_batch_size: int = 4, nll_max_length: int = 384,
                progress: Progress | None = None) -> dict:
@@ -133,7 +134,7 @@ def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], target
     return {"rows": rows, "notes": notes}
 
 
-def _embedding_similarity(rows: list[dict], embedder: Embedder, cache: DiskCache) -> None:
+def _embedding_similarity(rows: list[dict], embedder: Embedder, cache: JsonCache) -> None:
     """One batch over every (output, reference) pair not in the cache; the embedder loads only if needed.
 
     Cached only when the embedder has a `name` (its identity); a bare function is always recomputed."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flywheel.evals.embeddings.cache import EmbeddingCache, RecordCache
+from flywheel.evals.embeddings.cache import EmbeddingCache
+from flywheel.foundation.cache import JsonCache
 
 
 class Encoder:
@@ -44,9 +45,12 @@ def test_disabled_cache_writes_nothing(tmp_path):
     assert v.shape == (3, 8) and s["encoded"] == 2 and not any(tmp_path.iterdir())
 
 
-def test_record_cache(tmp_path):
-    rc = RecordCache(root=tmp_path)
-    assert rc.get("k") is None
-    rc.put("k", {"texts_per_s": 1.5})
-    assert RecordCache(root=tmp_path).get("k") == {"texts_per_s": 1.5}
-    assert RecordCache(root=tmp_path, enabled=False).get("k") is None
+def test_json_cache_records(tmp_path):
+    rc = JsonCache(tmp_path)
+    k = rc.key("speed", "model", 2)
+    assert rc.get("speed", k) is None
+    rc.put("speed", k, {"texts_per_s": 1.5})
+    assert JsonCache(tmp_path).get("speed", k) == {"texts_per_s": 1.5}
+    assert JsonCache(tmp_path, enabled=False).get("speed", k) is None
+    (tmp_path / "speed" / k[:2] / f"{k}.json").write_text("{broken")  # unreadable: a miss, never an error
+    assert JsonCache(tmp_path).get("speed", k) is None

@@ -10,9 +10,10 @@ import pytest
 
 from flywheel.evals.prompts import harness
 from flywheel.evals.prompts.cases import Case
-from flywheel.evals.prompts.generate import (AdapterInfo, DiskCache, EndpointTarget, GenParams, check_adapter_base,
+from flywheel.evals.prompts.generate import (AdapterInfo, EndpointTarget, GenParams, check_adapter_base,
                                     check_endpoint, find_adapter_dir, load_adapter)
 from flywheel.evals.prompts.templates import template_from_dict
+from flywheel.foundation.cache import JsonCache
 from flywheel.foundation.errors import InputError
 
 
@@ -54,7 +55,7 @@ def test_endpoint_target_generates_caches_and_has_no_nll(stub_url, tmp_path):
     t.check()
     cases = [Case(id=f"c{i}", question=f"Q{i}?", reference="echo: Q0?", source=f"f:{i}") for i in range(3)]
     variant = template_from_dict({"name": "plain", "version": 1, "user": "{{ question }}"})
-    cache = DiskCache(tmp_path)
+    cache = JsonCache(tmp_path)
     _Handler.calls.clear()
     res = harness.run_matrix(cases, [variant], [t], params=GenParams(max_new_tokens=5), cache=cache,
                              metrics=["exact_match", "nll", "generated_tokens"])

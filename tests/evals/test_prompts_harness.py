@@ -8,7 +8,8 @@ import pytest
 
 from flywheel.evals.prompts import harness
 from flywheel.evals.prompts.cases import Case
-from flywheel.evals.prompts.generate import DiskCache, GenParams, Generation
+from flywheel.evals.prompts.generate import GenParams, Generation
+from flywheel.foundation.cache import JsonCache
 from flywheel.evals.prompts.templates import template_from_dict
 from flywheel.foundation.errors import InputError
 
@@ -57,7 +58,7 @@ def _cases(n=6):
 def _run(targets, cases=None, variants=(CONCISE, GROUNDED), tmp_path=None, **kw):
     kw.setdefault("metrics", ["exact_match", "rouge_l", "nll", "pii", "latency_ms", "generated_tokens"])
     return harness.run_matrix(cases or _cases(), list(variants), targets, params=GenParams(),
-                              cache=DiskCache(tmp_path, enabled=False), **kw)
+                              cache=JsonCache(tmp_path, enabled=False), **kw)
 
 
 def test_matrix_rows_cells_and_comparisons(tmp_path):
@@ -142,12 +143,12 @@ def test_assertion_needing_a_missing_field_fails_before_generation(tmp_path):
 def test_repeat_gives_consistency(tmp_path):
     t = ScriptedTarget("base", lambda m, r: "yes" if r < 2 or "food 0" in m[-1]["content"] else "no")
     res = harness.run_matrix(_cases(2), [CONCISE], [t], params=GenParams(do_sample=True), repeat=3,
-                             cache=DiskCache(tmp_path, enabled=False), metrics=["exact_match"])
+                             cache=JsonCache(tmp_path, enabled=False), metrics=["exact_match"])
     cons = {r["case_id"]: r["metrics"]["consistency"] for r in res["rows"]}
     assert cons == {"c0": 1.0, "c1": pytest.approx(2 / 3)}
     assert all(len(r["outputs"]) == 3 for r in res["rows"])
     greedy = harness.run_matrix(_cases(1), [CONCISE], [t], params=GenParams(), repeat=2,
-                                cache=DiskCache(tmp_path, enabled=False), metrics=["exact_match"])
+                                cache=JsonCache(tmp_path, enabled=False), metrics=["exact_match"])
     assert any("greedy" in n for n in greedy["notes"])
 
 
@@ -176,7 +177,7 @@ def test_mean_ci_matches_libraries():
 
 
 def test_disk_cache_roundtrip_and_key(tmp_path):
-    c = DiskCache(tmp_path)
+    c = JsonCache(tmp_path)
     k = c.key("gen", "model", [{"role": "user", "content": "hi"}], GenParams().key(), 0)
     assert c.get("gen", k) is None
     c.put("gen", k, {"text": "hello"})
