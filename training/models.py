@@ -16,17 +16,14 @@ serialises them and the directory appears by a single rename, so nobody ever see
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from flywheel.foundation.errors import InputError
+from flywheel.foundation.cache import build_once, cache_root
 from flywheel.foundation.io import sha256_file
 
 CHECKSUM_FILE = "flywheel_model.json"
@@ -65,9 +62,7 @@ class BaseModelInfo:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("FLYWHEEL_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "flywheel"
-    return base / "models"
+    return cache_root() / "models"
 
 
 def resolve_base_model(name_or_path: str, cache_dir: str | Path | None = None) -> BaseModelInfo:
@@ -118,30 +113,17 @@ _VERIFIED: set[tuple[str, int, float]] = set()  # (path, size, mtime) already ha
 
 
 def _materialize_catalog(name: str, entry: CatalogEntry, root: Path) -> Path:
-    final = root / name
-    if _is_valid(final):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f".{name}.lock"):
-        if _is_valid(final):  # another process finished it while we waited for the lock
-            return final
-        if final.exists():  # a stale or corrupt directory (failed checksum): rebuild it
-            shutil.rmtree(final, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-        try:
-            _dequantize_gguf(entry, tmp)
-            weights = tmp / "model.safetensors"
-            meta = {"name": name, "sha256": sha256_file(weights), "size": weights.stat().st_size,
-                    "source": f"{entry.package}/{entry.gguf_file}", "hub_id": entry.hub_id,
-                    "format": "safetensors fp32, dequantized from GGUF"}
-            # The checksum file is written last: its presence means the directory is complete.
-            (tmp / CHECKSUM_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache is shared by the user's processes and tools
-            os.replace(tmp, final)  # atomic: readers see no directory or a complete one
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+    def build(tmp: Path) -> None:
+        _dequantize_gguf(entry, tmp)
+        weights = tmp / "model.safetensors"
+        meta = {"name": name, "sha256": sha256_file(weights), "size": weights.stat().st_size,
+                "source": f"{entry.package}/{entry.gguf_file}", "hub_id": entry.hub_id,
+                "format": "safetensors fp32, dequantized from GGUF"}
+        # The checksum file is written last: its presence means the directory is complete.
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    # A stale or corrupt directory (failed checksum) is not valid, so it is rebuilt.
+    return build_once(root / name, _is_valid, build)
 
 
 def _is_valid(model_dir: Path) -> bool:
@@ -171,17 +153,6 @@ def _read_checksum(model_dir: Path) -> dict:
     if not isinstance(meta, dict) or "sha256" not in meta:
         raise ValueError(f"{model_dir / CHECKSUM_FILE}: no sha256")
     return meta
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    # flock is released by the kernel when the holder dies (kill -9 included): no stale locks to clean up.
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def package_dir(package: str) -> Path:

@@ -31,7 +31,7 @@ def text_key(text: str) -> str:
 
 
 def vectors_root() -> Path:
-    from flywheel.evals.embeddings.models import cache_root
+    from flywheel.foundation.cache import cache_root
 
     return cache_root() / "embeddings" / "vectors"
 

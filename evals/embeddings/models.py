@@ -18,8 +18,6 @@ SentenceTransformer as is, with HF_HUB_OFFLINE=1: we never download at run time.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.metadata
 import importlib.util
 import json
@@ -28,18 +26,15 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from flywheel.foundation.errors import InputError
-from flywheel.foundation.io import atomic_dir, sha256_file
+from flywheel.foundation.cache import build_once, cache_root
+from flywheel.foundation.io import sha256_file
 
 MARKER = "flywheel_prepared.json"
 # Bump when a builder changes what it writes: old cache entries are then rebuilt, not trusted.
 PREP_VERSION = 1
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FLYWHEEL_CACHE", Path.home() / ".cache" / "flywheel")).expanduser()
 
 
 def models_cache() -> Path:
@@ -254,17 +249,6 @@ def catalog_entry(name: str) -> CatalogEntry | None:
 # ---------------------------------------------------------------- preparation (once, race-safe)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _ready(d: Path, version: str) -> bool:
     try:
         m = json.loads((d / MARKER).read_text())
@@ -278,18 +262,13 @@ def prepare(entry: CatalogEntry) -> Path:
     version = _dist_version(entry.dist)
     if entry.build is None:
         return _minilm_l6_dir()
-    final = models_cache() / entry.name
-    if _ready(final, version):
-        return final / "st"
-    with _file_lock(models_cache() / f".{entry.name}.lock"):
-        if _ready(final, version):  # another process built it while we waited
-            return final / "st"
-        with atomic_dir(final) as tmp:
-            entry.build(tmp)
-            (tmp / MARKER).write_text(json.dumps(
-                {"name": entry.name, "package": entry.dist, "package_version": version,
-                 "prep_version": PREP_VERSION}, indent=2))
-    return final / "st"
+    def build(tmp: Path) -> None:
+        entry.build(tmp)
+        (tmp / MARKER).write_text(json.dumps(
+            {"name": entry.name, "package": entry.dist, "package_version": version,
+             "prep_version": PREP_VERSION}, indent=2))
+
+    return build_once(models_cache() / entry.name, lambda d: _ready(d, version), build) / "st"
 
 
 def resolve_model(name_or_path: str) -> ModelInfo:
