@@ -106,3 +106,23 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file of objects; errors name file and line."""
     return [obj for _, obj in iter_jsonl(path)]
+
+
+def read_json(path: str | Path, *, expect: type = dict) -> Any:
+    """Parse a JSON file: a missing file, bad JSON (with its line) or another top-level type is one InputError."""
+    from flywheel.foundation.errors import InputError
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{p}: cannot read ({e})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, expect):
+        raise InputError(f"{p}: expected a JSON {expect.__name__}, got {type(obj).__name__}")
+    return obj

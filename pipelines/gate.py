@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import FlywheelError, InputError
+from flywheel.foundation.io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_FORCED = {"nll"}  # metrics computed from the reference answer, not from generated text
@@ -207,15 +208,10 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
     try:
         if cfg.results:
             # Re-gating an existing evaluation: the targets are named in the file.
-            import json
-
             rp = Path(cfg.results)
             if not rp.exists():
                 raise InputError(f"results {rp}: no such file")
-            try:
-                results = json.loads(rp.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{rp}:{e.lineno}: invalid JSON ({e.msg})") from None
+            results = read_json(rp)
             eval_run_id = results.get("run_id")
             baseline_label = cfg.baseline_target
             if _looks_like_model(candidate):  # then --promote can register it

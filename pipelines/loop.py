@@ -37,6 +37,7 @@ from pydantic import Field
 
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE_FORMATS = (".jsonl", ".ndjson", ".json")  # append-only logs: sliced by bytes at line ends
@@ -153,9 +154,9 @@ def load_state(work: Path) -> dict:
     if not p.exists():
         return {"files": {}, "pending": [], "runs": []}
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}:{e.lineno}: invalid JSON ({e.msg}); fix or delete it to re-mine everything") from None
+        return read_json(p)
+    except InputError as e:
+        raise InputError(f"{e}; fix or delete it to re-mine everything") from None
 
 
 def save_state(work: Path, state: dict) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import typer
 
 from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import read_json
 
 CHAMPION = "champion"
 TAG_SINCE = "flywheel.champion_since"
@@ -81,10 +82,7 @@ def _read_meta(adapter_dir: Path, what: str) -> dict:
     mp = adapter_dir / META_FILE
     if not mp.exists():
         return {}
-    try:
-        return json.loads(mp.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{mp}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return read_json(mp)
 
 
 def resolve_model(ref: str, what: str = "model") -> ResolvedModel:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel.foundation.errors import InputError
+from flywheel.mining.dataset import open_dataset
 
 ROLES = ("system", "user", "assistant")
 
@@ -36,19 +37,11 @@ def load_sft_dataset(path: str | Path) -> SFTDataset:
         raise InputError(f"{p}: dataset does not exist (give a `flywheel mine` output directory or a .jsonl file)")
     manifest = None
     if p.is_dir():
-        train_f = p / "train.jsonl"
-        if not train_f.exists():
-            raise InputError(f"{p}: no train.jsonl in the dataset directory")
-        eval_f = p / "eval.jsonl"
-        train = read_conversations(train_f)
-        evals = read_conversations(eval_f, allow_empty=True) if eval_f.exists() else []
-        files = {"train": str(train_f)} | ({"eval": str(eval_f)} if eval_f.exists() else {})
-        mf = p / "manifest.json"
-        if mf.exists():
-            try:
-                manifest = json.loads(mf.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{mf}:{e.lineno}: invalid JSON ({e.msg})") from None
+        ds = open_dataset(p, need=("train",))
+        manifest = ds.manifest
+        train = read_conversations(ds.files["train"])
+        evals = read_conversations(ds.files["eval"], allow_empty=True) if "eval" in ds.files else []
+        files = {s: str(ds.files[s]) for s in ("train", "eval") if s in ds.files}
     else:
         train, evals, files = read_conversations(p), [], {"train": str(p)}
     version = (manifest or {}).get("version") or _content_hash([Path(f) for f in files.values()])

@@ -12,13 +12,13 @@ nDCG; 0 means "judged, not relevant" (Cranfield uses it).
 from __future__ import annotations
 
 import csv
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flywheel.foundation.errors import InputError
+from flywheel.mining.dataset import open_dataset
 from flywheel.foundation.io import iter_jsonl, sha256_text
 
 # Short names for the shared data sets (relative to the data dir, `../shared/data` by default).
@@ -297,9 +297,8 @@ def load_domain(root: str | Path, *, name: str | None = None, max_queries: int |
     one document, so questions asked about the same passage share it; every context is in the corpus.
     """
     root = Path(root)
-    files = [root / f for f in ("train.jsonl", "eval.jsonl") if (root / f).exists()]
-    if not files:
-        raise InputError(f"{root}: not a mined dataset directory (no train.jsonl or eval.jsonl)")
+    ds = open_dataset(root)
+    files = [ds.files[s] for s in ("train", "eval") if s in ds.files]
     corpus: dict[str, str] = {}
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
@@ -334,12 +333,8 @@ def load_domain(root: str | Path, *, name: str | None = None, max_queries: int |
     info: dict[str, Any] = {"records_without_context": no_context, "records_without_question": no_question,
                             "queries_in_file": len(queries)}
     keep = _sample(list(queries), max_queries, seed)
-    manifest = root / "manifest.json"
-    if manifest.exists():
-        try:
-            info["dataset_version"] = json.loads(manifest.read_text())["version"]
-        except (ValueError, KeyError):
-            pass
+    if ds.version:
+        info["dataset_version"] = ds.version
     info.update(queries=len(keep), docs=len(corpus), judgements=len(keep), graded=False)
     return RetrievalTask(name or f"domain:{root.name}", corpus, {q: queries[q] for q in keep},
                          {q: qrels[q] for q in keep}, str(root), info)

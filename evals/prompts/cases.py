@@ -14,12 +14,12 @@ Every case remembers `file:line`, so an error about it names where to look.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flywheel.foundation.errors import InputError
+from flywheel.mining.dataset import open_dataset
 from flywheel.foundation.io import iter_jsonl
 
 CASE_KEYS = {"id", "question", "input", "prompt", "reference", "expected", "context", "assert", "assertions",
@@ -60,16 +60,9 @@ def load_cases(path: str | Path, limit: int | None = None) -> CaseSet:
     version = None
     kind = "cases"
     if p.is_dir():
-        f = p / "eval.jsonl"
-        if not f.exists():
-            raise InputError(f"{p}: directory has no eval.jsonl (is it a `flywheel mine` output?)")
-        manifest = p / "manifest.json"
-        if manifest.exists():
-            try:
-                version = json.loads(manifest.read_text(encoding="utf-8")).get("version")
-            except (json.JSONDecodeError, AttributeError):
-                raise InputError(f"{manifest}: not a JSON object") from None
-        records = list(_read_jsonl(f))
+        ds = open_dataset(p, need=("eval",))
+        version = ds.version
+        records = list(_read_jsonl(ds.files["eval"]))
         kind = "dataset"
     elif p.suffix in (".yaml", ".yml"):
         records = _read_yaml(p)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from flywheel.foundation.errors import InputError
-from flywheel.foundation.io import sha256_file, sha256_text
+from flywheel.foundation.io import read_json, sha256_file, sha256_text
 from flywheel.foundation.cache import JsonCache
 
 Messages = list[dict[str, str]]
@@ -83,13 +83,8 @@ def load_adapter(path: str | Path) -> AdapterInfo:
     weights = next((d / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (d / n).exists()), None)
     if weights is None:
         raise InputError(f"{d}: adapter_config.json but no adapter_model.safetensors")
-    meta = {}
     mp = d / "flywheel_adapter.json"
-    if mp.exists():
-        try:
-            meta = json.loads(mp.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InputError(f"{mp}: invalid JSON ({e.msg})") from None
+    meta = read_json(mp) if mp.exists() else {}
     return AdapterInfo(path=d, sha256=sha256_file(weights), meta=meta)
 
 
