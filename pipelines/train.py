@@ -7,7 +7,7 @@ The recipe, top to bottom (`run_train`):
 2. resolve the base model offline (catalog -> dequantized cache) and check LoRA target modules against the
    architecture on the meta device, all before any weights load;
 3. load and validate the dataset (by path, or by `dataset_version` looked up in `flywheel/mine` runs);
-4. tokenize exactly as the trainer will and run the loss-mask audit (`training.audit`): refuse to train on
+4. tokenize exactly as the trainer will and run the loss-mask audit (`flywheel.training.audit`): refuse to train on
    examples that train nothing or when the end-of-turn token is never trained. `--dry-run` stops here, printing
    the audit and one example with masked tokens in [[ ]];
 5. train with per-step metrics batched into MLflow by a callback, eval loss every `eval_every` steps and
@@ -28,7 +28,7 @@ from typing import Any, Iterator, Literal, Optional, Sequence
 import typer
 from pydantic import Field
 
-from pipelines.config import ConfigError, StageConfig
+from flywheel.pipelines.config import ConfigError, StageConfig
 
 STAGE = "train"
 DEFAULT_CONFIG = "configs/train/smollm2-lora.yaml"
@@ -115,7 +115,7 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from training.backends import prepare_backend, select_backend
+    from flywheel.training.backends import prepare_backend, select_backend
 
     if not cfg.dataset and not cfg.dataset_version:
         raise ConfigError("dataset: give `dataset=<flywheel mine output dir>` or `dataset_version=<version>`")
@@ -126,11 +126,11 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
                           f"{backend.device} (set load_in_4bit=false)")
     warnings = prepare_backend(backend)
 
-    from pipelines.errors import InputError
-    from pipelines.io import write_json
-    from training.audit import audit, check_audit, render_masked, tokenize_conversations, training_template
-    from training.data import load_sft_dataset
-    from training.models import linear_module_names, resolve_base_model
+    from flywheel.foundation.errors import InputError
+    from flywheel.foundation.io import write_json
+    from flywheel.training.audit import audit, check_audit, render_masked, tokenize_conversations, training_template
+    from flywheel.training.data import load_sft_dataset
+    from flywheel.training.models import linear_module_names, resolve_base_model
 
     # 2. base model identity and LoRA targets, before any weight loads.
     info = resolve_base_model(cfg.base_model, cfg.model_cache)
@@ -174,7 +174,7 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     check_audit(report)
 
     # 5. train: here, or as `nproc` DDP ranks under torchrun (rank 0 alone logs, checkpoints and saves).
-    from training.sft import SFTParams, is_main_process, last_checkpoint, world_size
+    from flywheel.training.sft import SFTParams, is_main_process, last_checkpoint, world_size
 
     out_dir = Path(cfg.output_dir)
     params = SFTParams(
@@ -199,7 +199,7 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
         if launch:
             stats = launch_ranks(cfg, run_id, resume=resume, progress=progress)
             return {**base, **stats}
-        from training.sft import build_trainer, generate_pairs, save_adapter, train
+        from flywheel.training.sft import build_trainer, generate_pairs, save_adapter, train
 
         cbs = ([MlflowStepCallback()] + ([RichProgressCallback()] if progress else [])) if main else []
         trainer = build_trainer(params, backend, tokenizer, tok_train.rows,
@@ -218,8 +218,8 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
         # 6. adapter + lineage file, atomically: a kill here leaves the previous adapter, never half of one.
         import mlflow
 
-        from pipelines import tracking
-        from pipelines.io import atomic_dir
+        from flywheel.pipelines import tracking
+        from flywheel.foundation.io import atomic_dir
 
         adapter_final = out_dir / "adapter"
         with atomic_dir(adapter_final) as tmp:
@@ -264,7 +264,7 @@ def _train_run(cfg: TrainConfig, dataset_version: str, mine_run_id: str | None, 
     """The MLflow run this training logs into; yields its id (None on a rank > 0 of a self-launched job)."""
     import os
 
-    from training.sft import is_main_process
+    from flywheel.training.sft import is_main_process
 
     attach = os.environ.get(RUN_ID_ENV)
     if not is_main_process():
@@ -272,8 +272,8 @@ def _train_run(cfg: TrainConfig, dataset_version: str, mine_run_id: str | None, 
         return
     import mlflow
 
-    from pipelines import tracking
-    from pipelines.config import flatten
+    from flywheel.pipelines import tracking
+    from flywheel.pipelines.config import flatten
 
     if attach:  # rank 0 under `flywheel train --nproc N`: the parent opened the run and logged the audit
         tracking.setup(cfg.tracking_uri)
@@ -328,9 +328,9 @@ def launch_ranks(cfg: TrainConfig, run_id: str, *, resume: bool, progress: bool)
     import sys
     import tempfile
 
-    import pipelines
-    from pipelines import tracking
-    from pipelines.errors import FlywheelError
+    import flywheel.pipelines
+    from flywheel.pipelines import tracking
+    from flywheel.foundation.errors import FlywheelError
 
     with tempfile.TemporaryDirectory(prefix="flywheel-ddp-") as tmp:
         cfg_path, result_path = Path(tmp) / "config.yaml", Path(tmp) / "result.json"
@@ -343,7 +343,7 @@ def launch_ranks(cfg: TrainConfig, run_id: str, *, resume: bool, progress: bool)
         # One core per rank by default: N ranks x all cores each would oversubscribe the CPU.
         env.setdefault("OMP_NUM_THREADS", str(max(1, available_workers("cpu")[0] // cfg.nproc)))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-               "--nproc-per-node", str(cfg.nproc), "-m", "pipelines.train_worker", "--config", str(cfg_path)]
+               "--nproc-per-node", str(cfg.nproc), "-m", "flywheel.pipelines.train_worker", "--config", str(cfg_path)]
         cmd += (["--resume"] if resume else []) + (["--progress"] if progress else [])
         proc = subprocess.Popen(cmd, env=env, start_new_session=False, preexec_fn=_die_with_parent)
         previous = _forward_signals(proc)
@@ -398,7 +398,7 @@ def _restore_signals(previous: dict) -> None:
 
 def resolve_dataset(cfg: TrainConfig) -> tuple[str, str | None]:
     """(dataset path, mine run id if known). By path, or by version via the `flywheel.dataset_version` tag."""
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     if cfg.dataset:
         return cfg.dataset, None
@@ -422,7 +422,7 @@ def find_mine_run(version: str, tracking_uri: str | None = None) -> str | None:
 def _mine_run_for_version(version: str, tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     tracking.setup(tracking_uri)
     client = MlflowClient()
@@ -441,7 +441,7 @@ def _make_callbacks():
     """Define the TrainerCallbacks lazily: transformers is too heavy for module import time."""
     from transformers import TrainerCallback
 
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     class _Mlflow(TrainerCallback):
         """One batched `log_metrics` call per logging step: loss, lr, grad norm, tokens/s (and eval loss)."""
@@ -542,7 +542,7 @@ def _read_state(out_dir: Path) -> dict:
 
 
 def _write_state(out_dir: Path, state: dict) -> None:
-    from pipelines.io import write_json
+    from flywheel.foundation.io import write_json
 
     write_json(_state_file(out_dir), state)
 
@@ -561,13 +561,13 @@ def register(app: typer.Typer) -> None:
                                             "same as nproc=N"),
     ) -> None:
         """Train a LoRA adapter on a mined dataset (Unsloth on GPU, TRL+PEFT otherwise)."""
-        from pipelines.config import load_config
+        from flywheel.pipelines.config import load_config
 
         cfg = load_config(TrainConfig, config, (overrides or []) + ([f"nproc={nproc}"] if nproc else []))
         result = run_train(cfg, dry_run=dry_run, resume=resume, progress=not dry_run)
         _print_summary(result)
         if dry_run and not result["audit"]["ok"]:
-            from training.audit import check_audit
+            from flywheel.training.audit import check_audit
 
             check_audit(result["audit"])
 

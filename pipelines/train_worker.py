@@ -1,6 +1,6 @@
 """What each DDP rank runs: the `flywheel train` recipe under torchrun (or `accelerate launch`).
 
-    torchrun --standalone --nproc-per-node 4 -m pipelines.train_worker --config configs/train/smollm2-lora.yaml \
+    torchrun --standalone --nproc-per-node 4 -m flywheel.pipelines.train_worker --config configs/train/smollm2-lora.yaml \
         dataset=out/mined [--resume]
 
 `flywheel train ... nproc=N` starts this itself (and opens the MLflow run in the parent); launched by hand, rank 0
@@ -16,19 +16,19 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.train_worker")
+    ap = argparse.ArgumentParser(prog="python -m flywheel.pipelines.train_worker")
     ap.add_argument("--config", "-c", default=None)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0") or 0)
-    from pipelines.errors import FlywheelError
+    from flywheel.foundation.errors import FlywheelError
 
     try:
-        from pipelines.config import load_config
-        from pipelines.io import write_json
-        from pipelines.train import RESULT_ENV, TrainConfig, _print_summary, run_train
+        from flywheel.pipelines.config import load_config
+        from flywheel.foundation.io import write_json
+        from flywheel.pipelines.train import RESULT_ENV, TrainConfig, _print_summary, run_train
 
         cfg = load_config(TrainConfig, args.config, args.overrides)
         result = run_train(cfg, resume=args.resume, progress=args.progress and rank == 0)

@@ -73,9 +73,9 @@ def run_one(name: str, args) -> dict:
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
-    from training.audit import tokenize_conversations, training_template
-    from training.backends import Backend, prepare_backend, select_backend
-    from training.sft import SFTParams, build_trainer, train
+    from flywheel.training.audit import tokenize_conversations, training_template
+    from flywheel.training.backends import Backend, prepare_backend, select_backend
+    from flywheel.training.sft import SFTParams, build_trainer, train
 
     if args.cpu_smoke:
         backend, four_bit = Backend("trl", "cpu", "cpu smoke"), False
@@ -147,7 +147,7 @@ def main() -> int:
         args.steps, args.warmup, args.batch_size, args.max_length, args.examples, args.words = 2, 1, 2, 128, 8, 40
     if args.model is None:
         if args.config_dir is None:
-            from training.models import resolve_base_model
+            from flywheel.training.models import resolve_base_model
 
             args.config_dir = resolve_base_model("smollm2-135m-instruct").path
         args.model = build_random_base(Path(args.config_dir), args.work / "smollm2-135m-random")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError
-from pipelines.train import TrainConfig, run_train
+from flywheel.pipelines.config import ConfigError
+from flywheel.pipelines.train import TrainConfig, run_train
 from tests.training.conftest import write_dataset
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_a_dying_rank_stops_the_others_and_writes_no_adapter(tmp_path):
 
     ds = write_dataset(tmp_path / "ds")
     env = {**os.environ, **_env_home(tmp_path), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pipelines", "train", f"dataset={ds}", f"output_dir={tmp_path / 'o'}",
+    cmd = [sys.executable, "-m", "flywheel.pipelines", "train", f"dataset={ds}", f"output_dir={tmp_path / 'o'}",
            "max_steps=200", "batch_size=2", "max_length=64", "eval_every=0", "generations=0", "save_every=100",
            "backend=trl", "--nproc", "2"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -112,7 +112,7 @@ def test_a_dying_rank_stops_the_others_and_writes_no_adapter(tmp_path):
     while victim is None and time.time() < deadline and proc.poll() is None:
         for p in parent.children(recursive=True):
             try:
-                if p.environ().get("RANK") == "1" and "pipelines.train_worker" in " ".join(p.cmdline()):
+                if p.environ().get("RANK") == "1" and "flywheel.pipelines.train_worker" in " ".join(p.cmdline()):
                     victim = p
             except psutil.Error:
                 pass
