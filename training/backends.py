@@ -49,6 +49,10 @@ def select_backend(requested: str = "auto") -> Backend:
     if requested == "trl":
         return Backend("trl", _device(cuda), "requested")
     if cuda and has_unsloth:
+        try:  # installed is not importable: a broken CUDA/bitsandbytes stack falls back to TRL, saying why
+            import unsloth  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - any import-time failure means "not usable here"
+            return Backend("trl", "cuda", f"auto: unsloth does not import ({type(e).__name__}: {e})"[:300])
         return Backend("unsloth", "cuda", "auto: CUDA and unsloth present")
     why = "no CUDA" if not cuda else "unsloth not installed (gpu extra)"
     return Backend("trl", _device(cuda), f"auto: {why}")

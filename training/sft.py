@@ -49,6 +49,7 @@ class SFTParams:
     load_in_4bit: bool = False
     seed: int = 0
     logging_steps: int = 1
+    ddp_timeout: int = 600           # seconds a rank waits in a collective before it gives up (a dead peer)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +77,8 @@ def load_model(params: SFTParams, backend: Backend, tokenizer: Any):
         from unsloth import FastLanguageModel
 
         model, _ = FastLanguageModel.from_pretrained(model_name=params.model_path, max_seq_length=params.max_length,
-                                                     dtype=None, load_in_4bit=params.load_in_4bit)
+                                                     dtype=None, load_in_4bit=params.load_in_4bit,
+                                                     device_map=_local_device_map())
         model = FastLanguageModel.get_peft_model(
             model, r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
             target_modules=list(params.target_modules), bias="none",
@@ -96,6 +98,8 @@ def load_model(params: SFTParams, backend: Backend, tokenizer: Any):
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=kwargs["dtype"])
+            # A quantized model cannot be moved after loading: each DDP rank loads onto its own GPU.
+            kwargs["device_map"] = _local_device_map()
     else:
         kwargs["dtype"] = torch.float32  # CPU bf16 matmuls are slower than fp32 on most CPUs
     model = AutoModelForCausalLM.from_pretrained(params.model_path, **kwargs)
@@ -108,13 +112,43 @@ def load_model(params: SFTParams, backend: Backend, tokenizer: Any):
     return model, peft_config
 
 
+def world_size() -> int:
+    """Processes in this training job (torchrun/accelerate set WORLD_SIZE); 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_main_process() -> bool:
+    """Rank 0 alone logs, saves the adapter and reports; every rank trains."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _local_device_map() -> dict:
+    return {"": int(os.environ.get("LOCAL_RANK", "0") or 0)}
+
+
 def sft_config(params: SFTParams, backend: Backend, has_eval: bool):
+    import dataclasses
+
     import torch
     from trl import SFTConfig
 
     on_cuda = backend.device == "cuda"
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
     eval_every = params.eval_every if has_eval and params.eval_every > 0 else 0
+    checkpointing = params.gradient_checkpointing and backend.name != "unsloth"
+    # transformers >= 5.2x renamed gradient_checkpointing* to activation_checkpointing*; Unsloth's pins (the gpu
+    # set) keep an older transformers that only knows the old names, so pass whichever this version has.
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    ckpt_name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    ckpt_kwargs = {ckpt_name: checkpointing}
+    if checkpointing:
+        # Reentrant checkpointing re-runs the forward inside backward, so DDP sees each LoRA parameter "marked as
+        # ready twice"; the non-reentrant variant is correct with and without DDP.
+        ckpt_kwargs[ckpt_name + "_kwargs"] = {"use_reentrant": False}
+    distributed = {}
+    if world_size() > 1:
+        distributed = {"ddp_backend": "nccl" if on_cuda else "gloo", "ddp_timeout": params.ddp_timeout,
+                       "ddp_find_unused_parameters": False, "log_level_replica": "error"}
     return SFTConfig(
         output_dir=params.output_dir,
         num_train_epochs=params.epochs,
@@ -140,7 +174,8 @@ def sft_config(params: SFTParams, backend: Backend, has_eval: bool):
         bf16=bf16,
         fp16=on_cuda and not bf16,
         use_cpu=backend.device == "cpu",
-        activation_checkpointing=params.gradient_checkpointing and backend.name != "unsloth",
+        **ckpt_kwargs,
+        **distributed,
         optim="adamw_torch",
         report_to="none",
         disable_tqdm=True,                     # the shell draws its own progress bar
