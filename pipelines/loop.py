@@ -137,7 +137,7 @@ def write_slices(slices: list[dict], batch_dir: Path) -> list[str]:
     from pipelines.io import atomic_dir
 
     written = []
-    with atomic_dir(batch_dir) as tmp:
+    with atomic_dir(batch_dir, inputs=[s["path"] for s in slices], stage="run") as tmp:
         for i, s in enumerate(slices):
             src = Path(s["path"])
             dst = tmp / f"{i:03d}-{src.name}"
@@ -199,6 +199,12 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
                f"{len(state.get('pending', []))} pending slice(s) kept): nothing to do")
         say(msg)
         return {**result, "status": "no_new_logs", "message": msg}
+
+    if cfg.publish:  # a publish folder Flywheel may not replace must stop the loop now, not after training
+        from pipelines.io import check_output_dir
+
+        check_output_dir(cfg.publish_out or Path("Modelfiles") / cfg.model_name,
+                         force=bool(cfg.publish_config.get("force", False)))
 
     # 1. cut the new bytes into a batch and remember them as consumed (the batch itself is now the record)
     batch = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{len(state.get('runs', [])):04d}"
