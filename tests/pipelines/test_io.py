@@ -207,3 +207,26 @@ def test_demo_refuses_a_work_dir_it_did_not_write(tmp_path):
     with pytest.raises(InputError, match="not written by Flywheel"):
         run_demo(work, publish_out=tmp_path / "pub", say=lambda m: None)
     assert (work / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow  # three interpreters importing mlflow
+def test_full_store_disk_is_one_line_exit_2(tmp_path, tiny_mount):
+    """The store (sqlite + artifacts) on a full disk: one line naming the problem, not a traceback."""
+    from pipelines.demo_logs import write_demo_logs
+
+    mnt = tiny_mount("size=4m")
+    env = {"FLYWHEEL_HOME": str(mnt / "home"), "MLFLOW_TRACKING_URI": ""}
+    logs = tmp_path / "logs"
+    write_demo_logs(logs / "small.jsonl", n=50, seed=0)
+    r = _cli("mine", str(logs), "--out", str(tmp_path / "d1"), "progress=false", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(mnt / "filler", "wb", buffering=0) as f:  # leave the store no room
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    r = _cli("mine", str(logs), "--out", str(tmp_path / "d2"), "progress=false", env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert "full" in lines[0] or "No space" in lines[0], lines[0]
