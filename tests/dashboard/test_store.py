@@ -1,4 +1,4 @@
-"""dashboard.store: artifact paths confined to the artifact root, lineage walked through real runs."""
+"""flywheel.dashboard.store: artifact paths confined to the artifact root, lineage walked through real runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard import store
+from flywheel.dashboard import store
 
 
 @pytest.mark.parametrize("bad", ["", "../secret", "a/../../b", "/etc/passwd", "..", "a\\..\\b", "C:/x", "~/x",
@@ -99,7 +99,7 @@ def test_symlinked_run_folder_is_refused(tmp_path):
 def test_symlinked_run_folder_in_a_real_store(mlflow_store, tmp_path):
     import shutil
 
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     import mlflow
 

@@ -17,7 +17,7 @@ CHILD = """
 import os, sys, time
 from pathlib import Path
 import mlflow
-from pipelines import tracking
+from flywheel.pipelines import tracking
 go = Path(sys.argv[1])
 Path(sys.argv[2]).touch()
 while not go.exists():
@@ -45,7 +45,7 @@ def test_concurrent_first_use_of_a_fresh_store(tmp_path):
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outs]
     # and the store works afterwards for a later command, registry included
-    later = subprocess.run([sys.executable, "-c", "from pipelines import tracking; import mlflow; "
+    later = subprocess.run([sys.executable, "-c", "from flywheel.pipelines import tracking; import mlflow; "
                             "tracking.setup(); c = mlflow.MlflowClient(); "
                             "print(len(c.search_runs([tracking.experiment_id('mine')]))); "
                             "print(len(c.search_registered_models()))"],

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.errors import FlywheelError, InputError
-from pipelines.io import MARKER, atomic_dir, check_output_dir, is_flywheel_output
+from flywheel.foundation.errors import FlywheelError, InputError
+from flywheel.foundation.io import MARKER, atomic_dir, check_output_dir, is_flywheel_output
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -170,13 +170,13 @@ def test_full_disk_is_one_error_naming_the_output(store, tiny_mount):
 
 
 def _cli(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flywheel.pipelines", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
 def test_cli_refusals_are_one_line_exit_2(tmp_path, tiny_mount):
     """`mine --out` on someone's folder, on the input folder, on the store, on a read-only disk."""
-    from pipelines.demo_logs import write_demo_logs
+    from flywheel.mining.demo_logs import write_demo_logs
 
     home = tmp_path / "home"
     env = {"FLYWHEEL_HOME": str(home), "MLFLOW_TRACKING_URI": ""}
@@ -199,7 +199,7 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, tiny_mount):
 
 
 def test_demo_refuses_a_work_dir_it_did_not_write(tmp_path):
-    from pipelines.demo import run_demo
+    from flywheel.pipelines.demo import run_demo
 
     work = tmp_path / "work"
     work.mkdir()
@@ -212,7 +212,7 @@ def test_demo_refuses_a_work_dir_it_did_not_write(tmp_path):
 @pytest.mark.slow  # three interpreters importing mlflow
 def test_full_store_disk_is_one_line_exit_2(tmp_path, tiny_mount):
     """The store (sqlite + artifacts) on a full disk: one line naming the problem, not a traceback."""
-    from pipelines.demo_logs import write_demo_logs
+    from flywheel.mining.demo_logs import write_demo_logs
 
     mnt = tiny_mount("size=4m")
     env = {"FLYWHEEL_HOME": str(mnt / "home"), "MLFLOW_TRACKING_URI": ""}

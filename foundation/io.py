@@ -63,7 +63,7 @@ def check_output_dir(out: str | Path, *, inputs: Iterable[str | Path] = (), forc
     directory that contains, or is inside, an input or the tracking store. A non-empty directory without
     Flywheel's marker is refused unless `force`. An empty directory or an earlier Flywheel output is fine.
     """
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     p = Path(out)
     if p.is_symlink():
@@ -92,7 +92,7 @@ def check_output_dir(out: str | Path, *, inputs: Iterable[str | Path] = (), forc
 def _store_paths() -> list[tuple[Path, bool]]:
     # The store's location is the shell's business (FLYWHEEL_HOME, MLFLOW_TRACKING_URI); tracking.py imports
     # nothing heavy at module level, so asking it here keeps one definition of where the store is.
-    from pipelines.tracking import store_paths
+    from flywheel.pipelines.tracking import store_paths
 
     return store_paths()
 
@@ -118,7 +118,7 @@ def atomic_dir(final: str | Path, overwrite: bool = True, *, force: bool = False
     """
     from filelock import FileLock
 
-    from pipelines.errors import FlywheelError
+    from flywheel.foundation.errors import FlywheelError
 
     final = Path(final)
     inputs = list(inputs)
@@ -202,7 +202,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; bad JSON or a non-object is an InputError naming file:line."""
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
