@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlparse
 
 import streamlit as st
 
-from flywheel.pipelines.tracking import STAGES, TAG_INPUT, TAG_STAGE, tracking_uri
+from flywheel.pipelines.tracking import STAGES, TAG_INPUT, TAG_STAGE, artifact_root, tracking_uri
 from flywheel.pipelines.tracking import sanitize_metric_name as sanitize  # noqa: F401  (pages build metric keys)
 
 TTL = 30  # seconds a cached answer stays fresh
@@ -231,9 +231,34 @@ def local_artifact_dir(artifact_uri: str) -> Path | None:
     return None
 
 
-def resolve_local(root: Path, relpath: str) -> Path:
-    """`root/relpath`, refusing anything whose real path (symlinks followed) is outside `root`."""
-    real_root = root.resolve()
+def check_run_dir(local: Path, store_root: Path | None = None) -> Path:
+    """Refuse a run artifact folder that is, or sits under, a symlink.
+
+    `resolve_local` confines a file to its run's folder, but resolving that folder first would follow a run
+    folder that is itself a symlink (to /etc, to another user's files) and then "confine" reads to wherever
+    it points. So: under the store's artifact root, no folder from the root down to the run's may be a symlink
+    and the real run folder must be inside the real root; elsewhere (a store with another layout) at least
+    the run folder and its parent must be real folders.
+    """
+    local = Path(os.path.abspath(local))
+    chain = [local, local.parent]
+    if store_root is not None:
+        root = Path(os.path.abspath(store_root))
+        if local.is_relative_to(root):
+            chain = [root / Path(*local.relative_to(root).parts[:i + 1])
+                     for i in range(len(local.relative_to(root).parts))]
+            if not local.resolve().is_relative_to(root.resolve()):
+                raise ArtifactPathError(f"run artifact folder {local} leaves the artifact root {root}")
+    for p in chain:
+        if p.is_symlink():
+            raise ArtifactPathError(f"run artifact folder {local}: {p} is a symlink")
+    return local
+
+
+def resolve_local(root: Path, relpath: str, store_root: Path | None = None) -> Path:
+    """`root/relpath`, refusing anything whose real path (symlinks followed) is outside `root`, and a `root`
+    that is a symlink itself (`check_run_dir`)."""
+    real_root = check_run_dir(root, store_root).resolve()
     target = (real_root / safe_relpath(relpath)).resolve()
     if not target.is_relative_to(real_root):
         raise ArtifactPathError(f"artifact path {relpath!r} leaves the artifact root")
@@ -247,7 +272,7 @@ def _artifact_bytes(store_uri: str, run_id: str, relpath: str) -> bytes | None:
         return None
     local = local_artifact_dir(run["artifact_uri"])
     if local is not None:
-        target = resolve_local(local, relpath)
+        target = resolve_local(local, relpath, artifact_root())
         if not target.is_file() or target.stat().st_size > MAX_ARTIFACT_BYTES:
             return None
         return target.read_bytes()
@@ -337,6 +362,10 @@ def _list_artifacts(store_uri: str, run_id: str, relpath: str | None) -> list[di
 
     if store_missing(store_uri):
         return []
+    run = _get_run(store_uri, run_id)
+    local = local_artifact_dir(run["artifact_uri"]) if run else None
+    if local is not None:
+        check_run_dir(local, artifact_root())  # a symlinked run folder would list somebody else's files
     try:
         items = client().list_artifacts(run_id, relpath)
     except (MlflowException, OSError):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -29,29 +31,141 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
+# Every directory atomic_dir writes carries this file: it is how Flywheel knows a directory is its own output and
+# may be replaced. Anything without it (a thesis folder, a repo root, another model's Modelfile) is left alone.
+MARKER = ".flywheel-output.json"
+
+# errno values that mean "the output location cannot take the write", whatever file was being written.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def is_flywheel_output(path: str | Path) -> bool:
+    try:
+        m = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("tool") == "flywheel"
+
+
+def mark_output(path: str | Path, stage: str | None = None) -> None:
+    """Write the marker that lets a later run replace `path` (atomic_dir does this itself)."""
+    (Path(path) / MARKER).write_text(dumps({"tool": "flywheel", "stage": stage}) + "\n", encoding="utf-8")
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output_dir(out: str | Path, *, inputs: Iterable[str | Path] = (), force: bool = False) -> Path:
+    """Refuse an output directory Flywheel must not replace; returns it resolved.
+
+    Always refused: a file or symlink; the current directory or one of its parents; a git checkout's root; a
+    directory that contains, or is inside, an input or the tracking store. A non-empty directory without
+    Flywheel's marker is refused unless `force`. An empty directory or an earlier Flywheel output is fine.
+    """
+    from flywheel.foundation.errors import InputError
+
+    p = Path(out)
+    if p.is_symlink():
+        raise InputError(f"{out}: is a symlink; give a directory path for the output")
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{out}: is a file; give a directory path for the output")
+    res = p.resolve()
+    if _within(Path.cwd().resolve(), res):
+        raise InputError(f"{out}: is the current directory or contains it; give a new directory for the output")
+    for i in inputs:
+        ip = Path(i).resolve()
+        if _within(ip, res) or _within(res, ip):
+            raise InputError(f"{out}: overlaps the input {i}; write the output somewhere else")
+    for sp, no_inside in _store_paths():
+        if _within(sp, res) or (no_inside and _within(res, sp)):
+            raise InputError(f"{out}: overlaps the tracking store {sp}; write the output somewhere else")
+    if p.is_dir():
+        if (p / ".git").exists():
+            raise InputError(f"{out}: is a git checkout; write the output somewhere else")
+        if not force and not is_flywheel_output(p) and any(p.iterdir()):
+            raise InputError(f"{out}: exists and was not written by Flywheel (no {MARKER}); "
+                             "choose a new or empty directory, or pass --force to replace it")
+    return res
+
+
+def _store_paths() -> list[tuple[Path, bool]]:
+    # The store's location is the shell's business (FLYWHEEL_HOME, MLFLOW_TRACKING_URI); tracking.py imports
+    # nothing heavy at module level, so asking it here keeps one definition of where the store is.
+    from flywheel.pipelines.tracking import store_paths
+
+    return store_paths()
+
+
+def _clean_stale(final: Path) -> None:
+    """Remove `.tmp-*`/`.old-*` siblings a killed or failed earlier write of `final` left (only marked ones)."""
+    for pattern in (f".tmp-{final.name}-*", f".old-{final.name}-*"):
+        for d in final.parent.glob(pattern):
+            if d.is_dir() and not d.is_symlink() and is_flywheel_output(d):
+                shutil.rmtree(d, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(final: str | Path, overwrite: bool = True, *, force: bool = False,
+               inputs: Iterable[str | Path] = (), stage: str | None = None) -> Iterator[Path]:
     """Yield a temp dir next to `final`; on success it replaces `final` in one rename, on error it vanishes.
 
-    A killed run leaves at most a `.tmp-*` sibling, never a half-written `final`.
+    `final` is checked first (`check_output_dir`): only an empty directory or an earlier Flywheel output is
+    replaced unless `force`. Writers of the same `final` are serialised by a lock file `.<name>.output.lock`
+    beside it.
+    A killed run leaves at most a marked `.tmp-*`/`.old-*` sibling, never a half-written `final`; the next write
+    removes those. A full disk or read-only location is a one-line FlywheelError naming `final`.
     """
+    from filelock import FileLock
+
+    from flywheel.foundation.errors import FlywheelError
+
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    inputs = list(inputs)
     try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(final.parent / f".{final.name}.output.lock")
+        lock.acquire()
+    except OSError as e:
+        raise FlywheelError(f"{final}: cannot write the output here: {e.strerror or e}") from None
+    try:
+        check_output_dir(final, inputs=inputs, force=force)
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"{final} already exists")
+        _clean_stale(final)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+            mark_output(tmp, stage)
+        except OSError as e:
+            raise FlywheelError(f"{final}: cannot write the output here: {e.strerror or e}") from None
+        try:
+            yield tmp
+            if not (tmp / MARKER).exists():  # the stage emptied its temp dir: the output is still ours
+                mark_output(tmp, stage)
+            if final.exists():
+                old = final.with_name(f".old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                final.rename(old)
+                try:
+                    tmp.rename(final)
+                except BaseException:
+                    old.rename(final)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and (e.errno in _WRITE_ERRNOS or _names_inside(e, tmp)):
+                raise FlywheelError(f"{final}: cannot write the output: {e.strerror or e}") from None
+            raise
+    finally:
+        lock.release()
+
+
+def _names_inside(e: OSError, tmp: Path) -> bool:
+    """Whether the failed call was on a file of the output being written (not, say, an input being read)."""
+    return any(f is not None and _within(Path(os.path.abspath(f)), tmp.absolute())
+               for f in (e.filename, e.filename2))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -84,6 +84,7 @@ class AbConfig(StageConfig):
     n_boot: int = Field(2000, ge=100)  # bootstrap resamples for the cross-check CI
     seed: int = 0
     out: str | None = None  # directory for report.json + plots; None = only MLflow artifacts
+    force: bool = False  # replace an existing `out` Flywheel did not write
     tracking_uri: str | None = None
     log_mlflow: bool = True
 
@@ -205,7 +206,7 @@ def run_ab(logs: list[str | Path], cfg: AbConfig | None = None) -> dict:
     report = analyze_logs(logs, cfg)
     out_dir = None
     if cfg.out:
-        with atomic_dir(cfg.out) as tmp:
+        with atomic_dir(cfg.out, force=cfg.force, inputs=logs, stage="ab") as tmp:
             _write_outputs(report, tmp)
         out_dir = str(Path(cfg.out).resolve())
     run_id = None
@@ -313,6 +314,7 @@ def register(app: typer.Typer) -> None:
         alpha: float | None = typer.Option(None, "--alpha", help="significance level"),
         as_json: bool = typer.Option(False, "--json", help="print the machine-readable report only"),
         out: Path | None = typer.Option(None, "--out", "-o", help="also write report.json + plots here"),
+        force: bool = typer.Option(False, "--force", help="replace an existing --out directory Flywheel did not write"),
     ) -> None:
         """Variant vs control for each metric: tests, CIs, corrections, SRM, sequential, verdicts."""
         extra = [a for a in args if "=" in a and not Path(a).exists()]
@@ -322,6 +324,8 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(AbConfig, config, extra)
         cfg = apply_flags(cfg, unit=unit, variant=variant, metric=metric, control=control, paired=paired,
                           alpha=alpha, out=out)
+        if force:
+            cfg = cfg.model_copy(update={"force": True})
         res = run_ab(paths, cfg)
         if as_json:
             typer.echo(report_json(res["report"]), nl=False)

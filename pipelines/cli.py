@@ -42,11 +42,28 @@ for _name in STAGE_MODULES:
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    import logging
+
+    # MLflow logs every SQLAlchemy error with the full SQL before raising it; the raised error carries the same
+    # message, so the log only buries the one line below (e.g. "database or disk is full").
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         app()
     except FlywheelError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(e.exit_code)
+    except OSError as e:
+        # The machine said no (permission, full disk, missing file): its message names the path; a traceback
+        # would add nothing a user can act on. Exit 2 as for any other bad input; 1 stays "gate says fail".
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except Exception as e:
+        if "database or disk is full" not in str(e):  # sqlite's words, through SQLAlchemy and MLflow
+            raise
+        from flywheel.pipelines import tracking
+
+        typer.secho(f"error: {tracking.tracking_uri()}: database or disk is full", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

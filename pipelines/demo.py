@@ -1,6 +1,6 @@
 """`flywheel demo`: the whole loop on embedded demo logs, offline, on a CPU, in a few minutes.
 
-    flywheel demo [--work-dir .flywheel/demo] [--steps 8] [--n-logs 300] [--skip-embeddings] [--skip-ab]
+    flywheel demo [--work-dir .flywheel/demo] [--steps 8] [--n-logs 300] [--skip-embeddings] [--skip-ab] [--force]
 
 What it runs, in the order a team would:
 1. writes the demo chat logs (`flywheel.mining.demo_logs`: a few hundred rated nutrition-assistant conversations with
@@ -31,15 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_demo(work_dir: str | Path = ".flywheel/demo", *, steps: int = 8, n_logs: int = 300,
              embeddings: bool = True, ab: bool = True, publish_out: str | Path | None = None,
-             say=print) -> dict[str, Any]:
+             force: bool = False, say=print) -> dict[str, Any]:
     """Run the demo; returns each stage's result. `say` receives progress lines (the CLI prints them)."""
     from flywheel.mining.demo_logs import write_demo_logs
     from flywheel.pipelines.loop import demo_loop_config, run_loop
 
+    from flywheel.foundation.io import check_output_dir, mark_output
+
     work = Path(work_dir).resolve()
+    out = Path(publish_out) if publish_out else ROOT / "Modelfiles" / "flywheel-demo"
+    # Both refused before anything is emptied: a work dir or publish folder the demo did not write stays as is.
+    check_output_dir(work, force=force)
+    check_output_dir(out, force=force)
     if work.exists():
         shutil.rmtree(work)  # the demo's own scratch space only; MLflow store and registry are kept
     work.mkdir(parents=True)
+    mark_output(work, "demo")
     result: dict[str, Any] = {"work_dir": str(work)}
 
     say("1/4 demo logs")
@@ -48,10 +55,10 @@ def run_demo(work_dir: str | Path = ".flywheel/demo", *, steps: int = 8, n_logs:
     say(f"    {logs['path']}: {n_logs} conversations with planted PII, duplicates and malformed lines")
 
     say("2/4 the loop: mine -> train -> eval + gate -> promote -> publish")
-    out = Path(publish_out) if publish_out else ROOT / "Modelfiles" / "flywheel-demo"
     # Both prompt variants x {base, fresh adapter} on the mined eval split; the gate decides on the better variant.
     cfg = demo_loop_config(work / "logs", work / "loop", train={"max_steps": steps}, publish_out=str(out),
-                           gate={"eval": {"limit": 16, "variants": ["concise", "grounded"]}})
+                           gate={"eval": {"limit": 16, "variants": ["concise", "grounded"]}},
+                           publish_config={"force": force})
     loop = run_loop(cfg, log=lambda m: say(f"    {m}"))
     result["loop"] = loop
 
@@ -124,10 +131,11 @@ def register(app: typer.Typer) -> None:
         skip_embeddings: bool = typer.Option(False, help="Skip the embeddings benchmark."),
         skip_ab: bool = typer.Option(False, help="Skip the A/B analysis."),
         publish_out: Path = typer.Option(None, help="Where to publish (default Modelfiles/flywheel-demo)."),
+        force: bool = typer.Option(False, "--force", help="Replace a work dir or publish folder Flywheel did not write."),
     ) -> None:
         """Run the whole loop on embedded demo logs (offline, CPU): mine, train, eval, gate, publish, A/B."""
         t0 = time.perf_counter()
         result = run_demo(work_dir, steps=steps, n_logs=n_logs, embeddings=not skip_embeddings,
-                          ab=not skip_ab, publish_out=publish_out, say=typer.echo)
+                          ab=not skip_ab, publish_out=publish_out, force=force, say=typer.echo)
         _summary(result)
         typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s")

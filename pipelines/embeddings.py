@@ -76,6 +76,7 @@ class EmbeddingsConfig(StageConfig):
     models: list[str] = ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2", "static-64"]
     tasks: list[str] = ["medline", "cranfield", "stsb"]
     out: str = ".flywheel/embeddings"
+    force: bool = False  # replace an existing `out` Flywheel did not write
     data_dir: str | None = None  # default: ../shared/data next to the repo
     qrels_split: str = "test"
     sts_split: str = "dev"
@@ -244,6 +245,7 @@ def run_bench_embeddings(cfg: EmbeddingsConfig | None = None, *, quiet: bool = F
     from flywheel.foundation.cache import JsonCache
     from flywheel.evals.embeddings.models import resolve_model
     from flywheel.evals.embeddings.tasks import resolve_task
+    from flywheel.foundation.io import check_output_dir
 
     cfg = cfg or EmbeddingsConfig()
     t_start = time.perf_counter()
@@ -251,6 +253,8 @@ def run_bench_embeddings(cfg: EmbeddingsConfig | None = None, *, quiet: bool = F
     # 1. Everything validated before any encoding.
     tasks = [resolve_task(t, data_dir, split=cfg.qrels_split, sts_split=cfg.sts_split, max_docs=cfg.max_docs,
                           max_queries=cfg.max_queries, max_pairs=cfg.max_pairs, seed=cfg.seed) for t in cfg.tasks]
+    inputs = [data_dir] + [t for t in cfg.tasks if Path(t).exists()]
+    check_output_dir(cfg.out, inputs=inputs, force=cfg.force)  # now, not after the benchmark
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         from flywheel.foundation.errors import InputError
@@ -277,7 +281,7 @@ def run_bench_embeddings(cfg: EmbeddingsConfig | None = None, *, quiet: bool = F
     comparisons = _compare(results, tasks, cfg)
     leaderboard = _leaderboard(results, comparisons, tasks)
     out = Path(cfg.out)
-    _write_outputs(out, cfg, results, leaderboard, comparisons, tasks)
+    _write_outputs(out, cfg, results, leaderboard, comparisons, tasks, inputs)
     run_id = _track(cfg, out, results, tasks, leaderboard)
     elapsed = time.perf_counter() - t_start
     if not quiet:
@@ -331,7 +335,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return "" if v is None else str(v)
 
 
-def _write_outputs(out: Path, cfg, results, leaderboard, comparisons, tasks) -> None:
+def _write_outputs(out: Path, cfg, results, leaderboard, comparisons, tasks, inputs=()) -> None:
     import csv
     import io
 
@@ -345,7 +349,7 @@ def _write_outputs(out: Path, cfg, results, leaderboard, comparisons, tasks) -> 
             w.writerow({c: _fmt(r.get(c), 6) for c in cols})
         return buf.getvalue()
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=cfg.force, inputs=inputs, stage="embeddings") as tmp:
         (tmp / "leaderboard.csv").write_text(csv_text(leaderboard, COLUMNS))
         (tmp / "leaderboard.md").write_text(_markdown(leaderboard, comparisons, tasks, cfg))
         cmp_cols = ["task", "metric", "model_a", "model_b", "n", "mean_a", "mean_b", "estimate", "ci_low", "ci_high",
@@ -518,7 +522,8 @@ def register(app: typer.Typer) -> None:
         config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (configs/embeddings.yaml)"),
         overrides: list[str] = typer.Argument(
             None, help="key=value overrides, e.g. max_docs=300 speed.refresh=true (lists: models=\\[a,b])"),
+        force: bool = typer.Option(False, "--force", help="replace an existing out= directory Flywheel did not write"),
     ) -> None:
         """Embedding models x tasks: retrieval, STS, duplicate threshold, speed; leaderboard + MLflow."""
-        cfg = load_config(EmbeddingsConfig, config, overrides or [])
+        cfg = load_config(EmbeddingsConfig, config, (overrides or []) + (["force=true"] if force else []))
         run_bench_embeddings(cfg)

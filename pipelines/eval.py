@@ -82,6 +82,7 @@ class EvalConfig(StageConfig):
     cases: str = DEFAULT_CASES
     limit: Optional[int] = Field(None, ge=1)
     out: Optional[str] = None               # default: <FLYWHEEL_HOME>/eval/<name>
+    force: bool = False                     # replace an existing `out` Flywheel did not write
     variants: list[str] = ["concise", "grounded"]
     prompts_dir: str = "configs/prompts"    # where bare variant names are looked up (cwd, then the repo)
     targets: list[TargetSpec] = [TargetSpec(name="base", base="smollm2-135m-instruct")]
@@ -260,7 +261,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
     from flywheel.evals.prompts.templates import load_template
     from flywheel.pipelines import tracking
     from flywheel.pipelines.config import flatten
-    from flywheel.foundation.io import atomic_dir, write_json, write_jsonl
+    from flywheel.foundation.io import atomic_dir, check_output_dir, write_json, write_jsonl
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -275,6 +276,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
     params = GenParams(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature,
                        top_p=g.top_p, seed=g.seed, batch_size=g.batch_size)
     out_dir = Path(cfg.out) if cfg.out else tracking.flywheel_home() / "eval" / cfg.name
+    check_output_dir(out_dir, inputs=[cfg.cases], force=cfg.force)  # now, not after the generation
     cache = JsonCache(Path(cfg.cache_dir) if cfg.cache_dir else tracking.flywheel_home() / "cache" / "eval",
                       enabled=cfg.cache)
     metrics = list(cfg.metrics)
@@ -371,7 +373,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                 "failures": sum(1 for r in rows if r["error"]),
                 "notes": matrix["notes"] + cmp_notes,
             }
-            with atomic_dir(out_dir) as tmp:
+            with atomic_dir(out_dir, force=cfg.force, inputs=[cfg.cases], stage="eval") as tmp:
                 write_json(tmp / "results.json", results)
                 write_jsonl(tmp / "cases.jsonl", rows)
                 (tmp / "config.yaml").write_text(_yaml(cfg), encoding="utf-8")
@@ -450,9 +452,10 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. cases=DIR limit=20 out=DIR"),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="configs/eval/<suite>.yaml"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary table"),
+        force: bool = typer.Option(False, "--force", help="replace an existing --out directory Flywheel did not write"),
     ) -> None:
         """Prompt variants x targets x cases: assertions, reference metrics, NLL; matrix + paired comparisons."""
-        cfg = load_config(EvalConfig, config, overrides or [])
+        cfg = load_config(EvalConfig, config, (overrides or []) + (["force=true"] if force else []))
         res = run_eval(cfg, show_progress=not quiet)
         if not quiet:
             _summary(res)

@@ -80,6 +80,7 @@ class GateConfig(StageConfig):
     baseline_target: str = "champion"                # target names inside results.json
     candidate_target: str = "candidate"
     out: Optional[str] = None                        # default <FLYWHEEL_HOME>/gate/<run id>
+    force: bool = False                              # replace an existing `out` Flywheel did not write
     tracking_uri: Optional[str] = None
     run_name: Optional[str] = None
 
@@ -191,9 +192,11 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
 
     from flywheel.evals import gate as rules_mod
     from flywheel.pipelines import registry, tracking
-    from flywheel.foundation.io import atomic_dir, write_json
+    from flywheel.foundation.io import atomic_dir, check_output_dir, write_json
 
     tracking.setup(cfg.tracking_uri)
+    if cfg.out:  # refuse a bad `out` before evaluating and promoting, not after
+        check_output_dir(cfg.out, inputs=[cfg.results] if cfg.results else [], force=cfg.force)
     problems: list[str] = []
     results = None
     eval_run_id = None
@@ -295,7 +298,7 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
         report = rules_mod.report_markdown(gate, baseline_label=baseline_label, candidate_label=candidate_label)
         if promoted:
             report += f"\nPromoted: `models:/{cfg.model_name}/{promoted}` is now `@champion`.\n"
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, force=cfg.force, inputs=[cfg.results] if cfg.results else [], stage="gate") as tmp:
             if (staging / "eval").exists():  # the eval outputs travel with the decision they support
                 (staging / "eval").rename(tmp / "eval")
             write_json(tmp / "gate.json", gate)
@@ -326,10 +329,11 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="configs/gate.yaml"),
         promote: bool = typer.Option(False, "--promote", help="on pass: register and move the champion alias"),
         results: Optional[Path] = typer.Option(None, "--results", help="re-gate this results.json (no eval)"),
+        force: bool = typer.Option(False, "--force", help="replace an existing --out directory Flywheel did not write"),
     ) -> None:
         """Gate a candidate against the champion: exit 0 pass, 1 fail, 2 error; writes gate_report.md."""
         extra = {"results": str(results)} if results else None
-        cfg = load_config(GateConfig, config, overrides or [], base=extra)
+        cfg = load_config(GateConfig, config, (overrides or []) + (["force=true"] if force else []), base=extra)
         res = run_gate(cfg, candidate, promote=promote, show_progress=True)
         typer.echo(Path(res["report_path"]).read_text(encoding="utf-8"))
         typer.echo(f"gate {res['decision']}: {res['report_path']}")

@@ -9,7 +9,7 @@ One pass:
    new; a file whose consumed prefix changed was rewritten and counts as new in full. No new bytes: nothing is
    run or logged, and the command says so.
 2. **Mine** the new slices plus any still-pending ones (`flywheel.pipelines.mine.run_mine`).
-3. **Threshold.** Fewer new kept records than `min_new_records` (default 100): no training. The slices stay
+3. **Threshold.** Fewer new kept records than `min_new_records` (the seed used 100): no training. The slices stay
    pending and are mined again together with the next logs, so small trickles add up instead of being lost.
 4. **Train** on the mined dataset (`flywheel.pipelines.train.run_train`), **gate** the adapter against the champion
    (`flywheel.pipelines.gate.run_gate`, which runs the eval), and on a pass **promote** and **publish** the new
@@ -138,7 +138,7 @@ def write_slices(slices: list[dict], batch_dir: Path) -> list[str]:
     from flywheel.foundation.io import atomic_dir
 
     written = []
-    with atomic_dir(batch_dir) as tmp:
+    with atomic_dir(batch_dir, inputs=[s["path"] for s in slices], stage="run") as tmp:
         for i, s in enumerate(slices):
             src = Path(s["path"])
             dst = tmp / f"{i:03d}-{src.name}"
@@ -200,6 +200,12 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
                f"{len(state.get('pending', []))} pending slice(s) kept): nothing to do")
         say(msg)
         return {**result, "status": "no_new_logs", "message": msg}
+
+    if cfg.publish:  # a publish folder Flywheel may not replace must stop the loop now, not after training
+        from flywheel.foundation.io import check_output_dir
+
+        check_output_dir(cfg.publish_out or Path("Modelfiles") / cfg.model_name,
+                         force=bool(cfg.publish_config.get("force", False)))
 
     # 1. cut the new bytes into a batch and remember them as consumed (the batch itself is now the record)
     batch = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{len(state.get('runs', [])):04d}"

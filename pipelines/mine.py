@@ -150,7 +150,7 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=False)
 
 
-def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig) -> dict:
+def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False) -> dict:
     """Steps 1-5 (no MLflow): write the dataset dir atomically, return the manifest."""
     from flywheel.mining import readers
     from flywheel.mining.card import render_card
@@ -186,7 +186,7 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig) -> d
         method = "fork" if threading.active_count() == 1 and "fork" in mp.get_all_start_methods() else "spawn"
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
     try:
-        with atomic_dir(out) as tmp, _progress(cfg.progress) as bar:
+        with atomic_dir(out, force=force, inputs=inputs, stage="mine") as tmp, _progress(cfg.progress) as bar:
             work = tmp / ".work"
             work.mkdir()
             gaps = GapMiner(work / "gaps", min_gap=cfg.preferences.min_rating_gap)
@@ -318,14 +318,14 @@ def _manifest(tmp: Path, per_input: list[dict], pii_counts: Counter, splits: dic
     return {"version": sha256_text(dumps(body))[:16], "schema": 1, **body}
 
 
-def run_mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig | None = None) -> dict:
+def run_mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig | None = None, force: bool = False) -> dict:
     """Mine `inputs` into `out` and log the run to MLflow (`flywheel/mine`).
 
     Returns {"run_id" (None when cfg.log_mlflow is false), "out" (absolute path), "manifest" (dict),
     "version", "counts", "splits"}.
     """
     cfg = cfg or MineConfig()
-    manifest = mine_to_dir(inputs, out, cfg)
+    manifest = mine_to_dir(inputs, out, cfg, force=force)
     out = Path(out).resolve()
     run_id = _log_run(out, manifest, cfg) if cfg.log_mlflow else None
     return {"run_id": run_id, "out": str(out), "manifest": manifest, "version": manifest["version"],
@@ -373,8 +373,9 @@ def register(app: typer.Typer) -> None:
         args: list[str] = typer.Argument(..., metavar="INPUT... [KEY=VALUE...]",
                                          help="log files or directories (JSONL/CSV/Parquet, oasst, hh), then "
                                               "key=value config overrides, e.g. min_rating=5"),
-        out: Path = typer.Option(..., "--out", "-o", help="dataset directory to write (replaced atomically)"),
+        out: Path = typer.Option(..., "--out", "-o", help="dataset directory to write (a new or empty one, or an earlier Flywheel output)"),
         config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (configs/mine.yaml)"),
+        force: bool = typer.Option(False, "--force", help="replace an existing --out directory Flywheel did not write"),
     ) -> None:
         """Rated chat logs -> versioned SFT + preference JSONL, tracked in MLflow (`flywheel/mine`)."""
         # One variadic argument holds both: an argument with '=' is an override (input paths never have one).
@@ -383,7 +384,7 @@ def register(app: typer.Typer) -> None:
         if not paths:
             raise typer.BadParameter("give at least one INPUT file or directory")
         cfg = load_config(MineConfig, config, extra)
-        res = run_mine(paths, out, cfg)
+        res = run_mine(paths, out, cfg, force=force)
         c = res["counts"]
         typer.echo(f"dataset {res['version']} -> {res['out']}")
         typer.echo(f"read {c['read']} = kept {c['kept']} + rejected {c['rejected']} + filtered "

@@ -47,6 +47,7 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 class PublishConfig(StageConfig):
     out: Optional[str] = None                 # default Modelfiles/<model name or run id>
+    force: bool = False                       # replace an existing `out` Flywheel did not write
     system: Optional[str] = None              # overrides the winning prompt variant's system prompt
     base: Literal["gguf", "ollama"] = "gguf"  # FROM ./base.gguf (exact weights) or an Ollama model name
     ollama_base: str = "smollm2:135m"         # FROM for `base: ollama` (and the fallback without converters)
@@ -254,7 +255,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
     import mlflow
 
     from flywheel.pipelines import registry, tracking
-    from flywheel.foundation.io import atomic_dir, write_json
+    from flywheel.foundation.io import atomic_dir, check_output_dir, write_json
     from flywheel.training.modelfile import ModelfileSpec, write
     from flywheel.training.models import resolve_base_model
 
@@ -264,6 +265,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
     meta = model.meta
     name = (model.name or f"flywheel-{(model.run_id or 'adapter')[:8]}").lower()
     out_dir = Path(out or cfg.out or Path("Modelfiles") / name)
+    check_output_dir(out_dir, inputs=[model.adapter_dir], force=cfg.force)  # before any conversion work
     warnings: list[str] = []
 
     # 1. the base, by hash
@@ -288,7 +290,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
 
     llama_cpp = converters_dir(cfg.llama_cpp_dir)
     files: dict[str, str | None] = {"Modelfile": "Ollama Modelfile", "adapter/": "PEFT safetensors adapter"}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, force=cfg.force, inputs=[model.adapter_dir], stage="publish") as tmp:
         (tmp / "adapter").mkdir()
         for f in ADAPTER_FILES:
             src = model.adapter_dir / f
@@ -367,9 +369,10 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="output folder (default Modelfiles/<name>)"),
         system: Optional[str] = typer.Option(None, "--system", help="system prompt (overrides the winning variant)"),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config for publish"),
+        force: bool = typer.Option(False, "--force", help="replace an existing --out directory Flywheel did not write"),
     ) -> None:
         """Write an Ollama Modelfile folder (Modelfile, adapter, GGUF adapter, README with lineage)."""
-        cfg = load_config(PublishConfig, config, overrides or [])
+        cfg = load_config(PublishConfig, config, (overrides or []) + (["force=true"] if force else []))
         res = run_publish(model_uri, out=out, system=system, cfg=cfg)
         for w in res["warnings"]:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)

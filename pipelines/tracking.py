@@ -47,17 +47,55 @@ def tracking_uri(configured: str | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured or default_tracking_uri()
 
 
+def store_paths() -> list[tuple[Path, bool]]:
+    """Paths an output directory must not be or contain; with True, it must not be inside them either."""
+    paths = [(flywheel_home(), False), (artifact_root(), True)]
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        paths.append((Path(uri[len("sqlite:///"):]).resolve(), False))
+    elif uri.startswith("file:") or ":" not in uri:  # a file store: runs and artifacts live inside it
+        paths.append((Path(uri.removeprefix("file://").removeprefix("file:")).resolve(), True))
+    return paths
+
+
+# sqlite URIs whose schema this process has already created or checked under the store lock.
+_READY: set[str] = set()
+
+
 def setup(configured_uri: str | None = None) -> str:
-    """Point mlflow at the store; create `.flywheel/` for the embedded one. Returns the URI."""
+    """Point mlflow at the store; create `.flywheel/` and the sqlite schema for the embedded one. Returns the URI."""
     import mlflow
 
     uri = tracking_uri(configured_uri)
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        _create_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     # The registry follows the tracking store unless told otherwise.
     mlflow.set_registry_uri(_USER_REGISTRY_URI or uri)
     return uri
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create and migrate a sqlite store once, under a file lock.
+
+    MLflow creates the schema on first use without any lock: several processes opening a fresh store at once
+    run the alembic migrations concurrently ("duplicate column", a stray `_alembic_tmp_*` table) and leave a
+    store every later command fails on. Opening the tracking and registry stores here, one process at a
+    time, means the migrations run exactly once; later processes find the tables and only check them.
+    """
+    if uri in _READY:
+        return
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(db.parent / ".store.lock"):
+        client = MlflowClient(tracking_uri=uri, registry_uri=_USER_REGISTRY_URI or uri)
+        client.search_experiments(max_results=1)  # builds the tracking store: runs its migrations
+        if not _USER_REGISTRY_URI:
+            client.search_registered_models(max_results=1)  # the registry store checks/creates its tables too
+    _READY.add(uri)
 
 
 def experiment_id(stage: str) -> str:

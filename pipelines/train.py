@@ -328,18 +328,15 @@ def launch_ranks(cfg: TrainConfig, run_id: str, *, resume: bool, progress: bool)
     import sys
     import tempfile
 
-    import flywheel.pipelines
     from flywheel.pipelines import tracking
     from flywheel.foundation.errors import FlywheelError
 
     with tempfile.TemporaryDirectory(prefix="flywheel-ddp-") as tmp:
         cfg_path, result_path = Path(tmp) / "config.yaml", Path(tmp) / "result.json"
         cfg_path.write_text(_config_yaml(cfg), encoding="utf-8")
-        code_root = str(Path(pipelines.__file__).resolve().parent.parent)  # ranks run this very code
+        # Ranks run with this interpreter and environment, so they import this very installed `flywheel`.
         env = {**os.environ, RUN_ID_ENV: run_id, RESULT_ENV: str(result_path),
-               "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg.tracking_uri),
-               "PYTHONPATH": os.pathsep.join([code_root, *filter(None, os.environ.get("PYTHONPATH", "").split(
-                   os.pathsep))])}
+               "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg.tracking_uri)}
         # One core per rank by default: N ranks x all cores each would oversubscribe the CPU.
         env.setdefault("OMP_NUM_THREADS", str(max(1, available_workers("cpu")[0] // cfg.nproc)))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",

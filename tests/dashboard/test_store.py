@@ -77,3 +77,46 @@ def test_runs_filters(dash_store):
     assert store.runs("gate", "tags.`flywheel.gate.decision` = 'fail'")[0]["run_name"] == "gate-refused"
     with pytest.raises(ValueError):
         store.runs("nope")
+
+
+def test_symlinked_run_folder_is_refused(tmp_path):
+    """Resolving a run folder that is itself a symlink would confine reads to wherever it points."""
+    root = tmp_path / "artifacts"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "secret.txt").write_text("no")
+    run = root / "mine" / "abc"
+    run.mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere", run / "artifacts")
+    for store_root in (root, None):
+        with pytest.raises(store.ArtifactPathError, match="symlink|leaves"):
+            store.resolve_local(run / "artifacts", "secret.txt", store_root)
+    os.symlink(tmp_path / "elsewhere", root / "prompts")  # an experiment folder pointing out of the root
+    (tmp_path / "elsewhere" / "r" / "artifacts").mkdir(parents=True)
+    with pytest.raises(store.ArtifactPathError):
+        store.resolve_local(root / "prompts" / "r" / "artifacts", "x", root)
+
+
+def test_symlinked_run_folder_in_a_real_store(mlflow_store, tmp_path):
+    import shutil
+
+    from flywheel.pipelines import tracking
+
+    import mlflow
+
+    with tracking.start_run("mine") as run:
+        (tmp_path / "m.json").write_text('{"ok": 1}')
+        mlflow.log_artifact(str(tmp_path / "m.json"))
+    run_id = run.info.run_id
+    store.st.cache_data.clear()
+    assert store.artifact_json(run_id, "m.json") == {"ok": 1}
+    local = store.local_artifact_dir(run.info.artifact_uri)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "m.json").write_text('{"secret": 1}')
+    shutil.rmtree(local)
+    os.symlink(outside, local)
+    store.st.cache_data.clear()
+    with pytest.raises(store.ArtifactPathError):
+        store.artifact_json(run_id, "m.json")
+    with pytest.raises(store.ArtifactPathError):
+        store.list_artifacts(run_id)

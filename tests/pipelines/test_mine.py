@@ -41,7 +41,7 @@ def test_counts_reconcile_and_outputs(logs, tmp_path):
     assert c["filtered"]["duplicate"] > 0 and c["filtered"]["near_duplicate"] > 0
     assert m["splits"]["train"] + m["splits"]["eval"] == c["kept"] and m["splits"]["eval"] > 0
     out = tmp_path / "ds"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "eval.jsonl", "manifest.json",
+    assert sorted(p.name for p in out.iterdir()) == [".flywheel-output.json", "README.md", "eval.jsonl", "manifest.json",
                                                       "preferences.jsonl", "rejects.jsonl", "samples.jsonl",
                                                       "train.jsonl"]
     train = read_jsonl(out / "train.jsonl")
