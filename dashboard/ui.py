@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 
 import streamlit as st
 
-from evals.markdown import code, text  # noqa: F401  (the pages escape through ui.text / ui.code)
+from flywheel.evals.markdown import code, text  # noqa: F401  (the pages escape through ui.text / ui.code)
 
 # The page files, relative to dashboard/app.py: st.page_link and st.switch_page take these paths.
 PAGES = {
@@ -136,7 +136,7 @@ def bad_run_shown(run: dict, what: str = "this run") -> Iterator[None]:
 
 
 def sidebar_footer(uri: str) -> None:
-    from dashboard import store
+    from flywheel.dashboard import store
 
     with st.sidebar:
         st.caption(f"Store: {code(uri)}")

@@ -37,7 +37,7 @@ def small_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import setup
+    from flywheel.pipelines.tracking import setup
 
     with _mlflow_uris_restored():
         setup()
@@ -62,7 +62,7 @@ def assert_inert(at):
 @pytest.mark.slow
 def test_hostile_strings_render_as_text(small_store):
     """A candidate URI with a backtick, an image in gate_report.md, hostile run names, tags and samples."""
-    from evals.gate import report_markdown
+    from flywheel.evals.gate import report_markdown
 
     client, tmp = small_store
     mine = _run(client, "mine", EVIL, tags={"flywheel.dataset_version": EVIL, "flywheel.dataset_path": EVIL})
@@ -91,7 +91,7 @@ def test_hostile_strings_render_as_text(small_store):
 
 def _symlinked_artifact(client, run_id: str, name: str, target: Path) -> None:
     """Replace the run's logged artifact by a symlink leaving the artifact root (a refused artifact)."""
-    from dashboard.store import local_artifact_dir
+    from flywheel.dashboard.store import local_artifact_dir
 
     path = local_artifact_dir(client.get_run(run_id).info.artifact_uri) / name
     path.unlink()

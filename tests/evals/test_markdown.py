@@ -1,4 +1,4 @@
-"""Untrusted strings in Markdown stay text: no image, link or HTML survives `evals.markdown` or gate_report.md."""
+"""Untrusted strings in Markdown stay text: no image, link or HTML survives `flywheel.evals.markdown` or gate_report.md."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from evals import gate as g
-from evals import markdown as md
+from flywheel.evals import gate as g
+from flywheel.evals import markdown as md
 
 EVIL = "x` ![p](http://evil.example/p.png)"
 HOSTILE = [

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import modelfile as mf
-from pipelines import registry, tracking
-from pipelines.publish import PublishConfig, check_gguf, converters_dir, run_publish
+from flywheel.training import modelfile as mf
+from flywheel.pipelines import registry, tracking
+from flywheel.pipelines.publish import PublishConfig, check_gguf, converters_dir, run_publish
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def _own_registry(monkeypatch):
 
 @pytest.fixture(scope="module")
 def base():
-    from training.models import resolve_base_model
+    from flywheel.training.models import resolve_base_model
 
     return resolve_base_model("smollm2-135m-instruct")
 
@@ -135,7 +135,7 @@ def test_system_override_and_hostile_prompt(mlflow_store, tmp_path, adapter_dir)
 
 
 def test_refuses_another_base(mlflow_store, tmp_path, adapter_dir):
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     bad = tmp_path / "bad"
     shutil.copytree(adapter_dir, bad)
@@ -221,7 +221,7 @@ def test_invalid_ollama_name_fails_before_any_work(tmp_path, name):
     env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / ".flywheel"), "PYTHONPATH": str(root),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / '.flywheel' / 'mlflow.db'}"}
     env.pop("MLFLOW_REGISTRY_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "pipelines", "publish", "models:/flywheel-demo@champion",
+    proc = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "publish", "models:/flywheel-demo@champion",
                            f"name={name}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
