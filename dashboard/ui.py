@@ -1,14 +1,22 @@
-"""Small presentation helpers the pages share: empty states, run pickers, formatting, placeholder highlights."""
+"""Small presentation helpers the pages share: empty states, run pickers, formatting, placeholder highlights.
+
+Everything a page shows that came from a run (names, tags, URIs, reasons, report text, samples, generations)
+is someone else's text: it goes into Markdown only through `text()` (escaped) or `code()` (a code span), or
+into elements that never parse Markdown (`st.text`, `st.code`, tables, widget options).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import html
 import math
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import streamlit as st
+
+from flywheel.evals.markdown import code, text  # noqa: F401  (the pages escape through ui.text / ui.code)
 
 # The page files, relative to dashboard/app.py: st.page_link and st.switch_page take these paths.
 PAGES = {
@@ -100,33 +108,38 @@ def run_link(label: str, page: str, run_id: str | None) -> None:
     if run_id:
         st.page_link(PAGES[page], label=label, query_params={"run": run_id}, icon=":material/arrow_forward:")
     else:
-        st.markdown(f"{label}: _unknown_")
+        st.markdown(f"{text(label)}: _unknown_")
 
 
-def highlight_placeholders(text: str) -> str:
-    """Markdown with `<EMAIL>`-style placeholders on an orange background (HTML escaped, never executed)."""
+def highlight_placeholders(message: str) -> str:
+    """Markdown with `<EMAIL>`-style placeholders on an orange background; the rest is escaped literal text."""
     out = []
     pos = 0
-    for m in PLACEHOLDER.finditer(text):
-        out.append(_md_escape(text[pos:m.start()]))
+    for m in PLACEHOLDER.finditer(message):
+        out.append(text(message[pos:m.start()], multiline=True))
         out.append(f":orange-background[**{html.escape(m.group(0))}**]")
         pos = m.end()
-    out.append(_md_escape(text[pos:]))
+    out.append(text(message[pos:], multiline=True))
     return "".join(out)
 
 
-def _md_escape(text: str) -> str:
-    text = html.escape(text, quote=False)
-    # Markdown control characters that would restyle a user's text; newlines kept as line breaks.
-    text = re.sub(r"([\\`*_\[\]#|~$])", r"\\\1", text)
-    return text.replace("\n", "  \n")
+@contextlib.contextmanager
+def bad_run_shown(run: dict, what: str = "this run") -> Iterator[None]:
+    """Show one run's part of a page; if its artifacts are refused, missing or malformed in a way the page did
+    not foresee, say so in a warning naming the run and the reason, and let the rest of the page live. One bad
+    run (often the newest, so the one preselected) must not replace a whole page with a traceback."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  (st.stop/st.rerun are BaseException and pass through)
+        st.warning(f"Cannot show {what}: run {code(run.get('run_name', '?'))} ({code(short(run.get('run_id')))}) "
+                   f"is unreadable: {text(type(e).__name__)}: {text(str(e)[:300])}", icon=":material/warning:")
 
 
 def sidebar_footer(uri: str) -> None:
     from flywheel.dashboard import store
 
     with st.sidebar:
-        st.caption(f"Store: `{uri}`")
+        st.caption(f"Store: {code(uri)}")
         if st.button("Refresh data", icon=":material/refresh:", help="Forget cached answers and re-read MLflow"):
             store.refresh()
             st.rerun()

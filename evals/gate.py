@@ -24,6 +24,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from flywheel.evals import markdown as md
+
 PASS, FAIL, ERROR = "pass", "fail", "error"
 EXIT_CODES = {PASS: 0, FAIL: 1, ERROR: 2}
 ZERO_BASELINE_EPS = 1e-10  # MLflow's fallback when the baseline is exactly 0
@@ -299,24 +301,26 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 
 
 def report_markdown(gate: dict, *, baseline_label: str, candidate_label: str, title: str = "Flywheel gate") -> str:
-    """`gate_report.md`: short enough for a PR comment, complete enough to audit the decision."""
+    """`gate_report.md`: short enough for a PR comment, complete enough to audit the decision. Labels, metric
+    names and reasons carry user data (a candidate URI, a config): escaped, so they cannot add markup."""
     icon = {PASS: "PASS", FAIL: "FAIL", ERROR: "ERROR"}[gate["decision"]]
     lines = [f"## {title}: **{icon}** (exit {gate['exit_code']})", "",
-             f"- champion / baseline: `{baseline_label}`", f"- candidate: `{candidate_label}`"]
+             f"- champion / baseline: {md.code(baseline_label)}", f"- candidate: {md.code(candidate_label)}"]
     if gate.get("variant"):
-        lines.append(f"- prompt variant: `{gate['variant']}`")
+        lines.append(f"- prompt variant: {md.code(gate['variant'])}")
     for k in ("eval_run_id", "gate_run_id"):
         if gate.get(k):
-            lines.append(f"- {k.replace('_', ' ')}: `{gate[k]}`")
+            lines.append(f"- {k.replace('_', ' ')}: {md.code(gate[k])}")
     lines += ["", "| check | metric | champion | candidate | difference | CI | p (adj.) | n | rule | result |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for c in gate["checks"]:
         ci = f"{_fmt(c['ci_low'], '+.4g')} .. {_fmt(c['ci_high'], '+.4g')}" if c["ci_low"] is not None else "–"
         p = f"{_fmt(c['p_value'], '.3g')} ({_fmt(c['p_adjusted'], '.3g')})" if c["p_value"] is not None else "–"
-        rule = (c["rule"] or "–").replace("|", "\\|")
-        lines.append(f"| {c['role']} | {c['metric']} | {_fmt(c['baseline'])} | {_fmt(c['candidate'])} | "
+        rule = md.text(c["rule"] or "–")
+        lines.append(f"| {md.text(c['role'])} | {md.text(c['metric'])} | {_fmt(c['baseline'])} | "
+                     f"{_fmt(c['candidate'])} | "
                      f"{_fmt(c['difference'], '+.4g')} | {ci} | {p} | {_fmt(c['n'])} | {rule} | "
                      f"{c['status'].upper()} |")
     if gate["reasons"]:
-        lines += ["", "Reasons:"] + [f"- {r}" for r in gate["reasons"]]
+        lines += ["", "Reasons:"] + [f"- {md.text(r)}" for r in gate["reasons"]]
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ from typing import Optional
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.evals import markdown as md
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.foundation.io import read_json
@@ -297,7 +298,7 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
 
         report = rules_mod.report_markdown(gate, baseline_label=baseline_label, candidate_label=candidate_label)
         if promoted:
-            report += f"\nPromoted: `models:/{cfg.model_name}/{promoted}` is now `@champion`.\n"
+            report += f"\nPromoted: {md.code(f'models:/{cfg.model_name}/{promoted}')} is now `@champion`.\n"
         with atomic_dir(out, force=cfg.force, inputs=[cfg.results] if cfg.results else [], stage="gate") as tmp:
             if (staging / "eval").exists():  # the eval outputs travel with the decision they support
                 (staging / "eval").rename(tmp / "eval")

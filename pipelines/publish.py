@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,7 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 class PublishConfig(StageConfig):
     out: Optional[str] = None                 # default Modelfiles/<model name or run id>
     force: bool = False                       # replace an existing `out` Flywheel did not write
+    name: Optional[str] = None                # Ollama model name; default the registered name, lower-cased
     system: Optional[str] = None              # overrides the winning prompt variant's system prompt
     base: Literal["gguf", "ollama"] = "gguf"  # FROM ./base.gguf (exact weights) or an Ollama model name
     ollama_base: str = "smollm2:135m"         # FROM for `base: ollama` (and the fallback without converters)
@@ -216,7 +218,7 @@ def readme(lin: dict, *, name: str, files: dict[str, str | None], warnings: list
         ("prompt variant", v(lin.get("prompt_variant"))),
     ]
     lines = [f"# {name}", "", "Published by `flywheel publish`. Run it with Ollama:", "", "```bash",
-             create_cmd, f"ollama run {name}", "```", "", "## Lineage", "", "| step | value |", "|---|---|"]
+             create_cmd, shlex.join(["ollama", "run", name]), "```", "", "## Lineage", "", "| step | value |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     lines += ["", "## Files", ""] + [f"- `{k}`: {v_ or 'not produced'}" for k, v_ in files.items()]
     if system:
@@ -227,6 +229,17 @@ def readme(lin: dict, *, name: str, files: dict[str, str | None], warnings: list
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
+
+def _ollama_name(name: str) -> str:
+    """`name` if Ollama takes it as a model name, else a one-line InputError (a shell-safe `ollama create`
+    line is only half the fix: `-rf` or `a b` would still fail, or mean something else, in Ollama)."""
+    from flywheel.training.modelfile import ModelfileError, check_model_name
+
+    try:
+        return check_model_name(name)
+    except ModelfileError as e:
+        raise InputError(f"{e}; choose one with `name=<ollama name>`") from None
+
 
 def chat_format_from_tokenizer(tok_dir: Path, meta: dict):
     """ChatFormat from the tokenizer the adapter was trained with (its chat template and special tokens)."""
@@ -256,14 +269,16 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
 
     from flywheel.pipelines import registry, tracking
     from flywheel.foundation.io import atomic_dir, check_output_dir, write_json
-    from flywheel.training.modelfile import ModelfileSpec, write
+    from flywheel.training.modelfile import ModelfileSpec, create_command, write
     from flywheel.training.models import resolve_base_model
 
     cfg = cfg or PublishConfig()
+    if cfg.name is not None:
+        _ollama_name(cfg.name)  # before any work: a bad name given by hand fails first
     tracking.setup(cfg.tracking_uri)
     model = registry.resolve_model(model_uri, "model")
     meta = model.meta
-    name = (model.name or f"flywheel-{(model.run_id or 'adapter')[:8]}").lower()
+    name = _ollama_name(cfg.name or (model.name or f"flywheel-{(model.run_id or 'adapter')[:8]}").lower())
     out_dir = Path(out or cfg.out or Path("Modelfiles") / name)
     check_output_dir(out_dir, inputs=[model.adapter_dir], force=cfg.force)  # before any conversion work
     warnings: list[str] = []
@@ -331,7 +346,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
         text, mf_warnings = write(spec)
         warnings += mf_warnings
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
-        create_cmd = f"ollama create {name} -f {out_dir.resolve() / 'Modelfile'}"
+        create_cmd = create_command(name, out_dir.resolve() / "Modelfile")
         final_system = system_text if system_text is not None else chat.default_system
         (tmp / "README.md").write_text(readme(lin, name=name, files=files, warnings=warnings, system=final_system,
                                               create_cmd=create_cmd), encoding="utf-8")

@@ -22,9 +22,10 @@ Each transformation is returned as a warning; publish prints them. No text can a
 from __future__ import annotations
 
 import re
+import shlex
 import unicodedata
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Sequence
 
 COMMANDS = ("from", "adapter", "template", "system", "parameter", "message", "license", "draft", "renderer",
@@ -359,6 +360,51 @@ def jinja_renderer(chat_template: str, **special: str) -> Render:
 
 
 # ---------------------------------------------------------------------------------------------- writer
+
+# Ollama model names, ported from ollama/ollama types/model/name.go (`ParseNameBare` + `isValidPart`):
+#   [[scheme://]host/][namespace/]model[:tag] -- the tag is what follows the last ':' when it comes after the
+#   last '/'; a separator with nothing on one side makes that part missing, hence invalid.
+#   every part starts with [A-Za-z0-9_] and goes on with [A-Za-z0-9_-]; model and tag also allow '.', the host
+#   '.' and ':'; host 1-350 characters, namespace, model and tag 1-80.
+# Stricter than Ollama in one point: a scheme, if given, must be http or https (Ollama does not check it).
+# Digests (`@sha256:...`) are not names `ollama create` takes; '@' fails the model pattern as in Ollama.
+_NAME_PARTS = {
+    "host": (re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*"), 350),
+    "namespace": (re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*"), 80),
+    "model": (re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*"), 80),
+    "tag": (re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*"), 80),
+}
+
+
+def check_model_name(name: str) -> str:
+    """`name` if Ollama accepts it as a model name (see the rule above), else ModelfileError saying which part."""
+    s, parts = name, {}
+    if s.rfind(":") > s.rfind("/"):
+        s, parts["tag"] = s.rsplit(":", 1)
+    for kind in ("model", "namespace"):
+        if "/" not in s:
+            parts[kind] = s
+            break
+        s, parts[kind] = s.rsplit("/", 1)
+    else:
+        scheme, sep, host = s.partition("://")
+        if sep and scheme not in ("http", "https"):
+            raise ModelfileError(f"model name {name!r}: scheme {scheme!r} is not http or https")
+        parts["host"] = host if sep else s
+    for kind, value in parts.items():
+        pattern, longest = _NAME_PARTS[kind]
+        if not (len(value) <= longest and pattern.fullmatch(value)):
+            raise ModelfileError(
+                f"model name {name!r}: {kind} {value!r} is not a valid Ollama name part (1-{longest} characters, "
+                f"starting with a letter, digit or '_', then letters, digits, '_', '-'"
+                + {"host": ", '.', ':'", "model": ", '.'", "tag": ", '.'"}.get(kind, "") + ")")
+    return name
+
+
+def create_command(name: str, modelfile: str | Path) -> str:
+    """The `ollama create` line, shell-quoted: the path can hold spaces, and the line is meant to be pasted."""
+    return shlex.join(["ollama", "create", check_model_name(name), "-f", str(modelfile)])
+
 
 @dataclass
 class ModelfileSpec:

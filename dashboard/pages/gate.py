@@ -35,18 +35,20 @@ else:
     st.dataframe(history, hide_index=True, width="stretch")
     gate = ui.pick_run(gates, "Report of", key="gate_run")
     decision = gate["tags"].get("flywheel.gate.decision", "?")
-    st.markdown(f"Decision: :{DECISION_COLOR.get(decision, 'gray')}-badge[{decision.upper()}] · "
-                f"candidate `{gate['tags'].get('flywheel.input.candidate', '-')}`")
-    report = store.artifact_text(gate["run_id"], "gate_report.md")
-    if report:
-        with st.container(border=True):
-            st.markdown(report)
-    else:
-        st.caption("No `gate_report.md` on this run.")
-    gate_json = store.artifact_json(gate["run_id"], "gate.json")
-    if gate_json is not None:
-        with st.expander("gate.json"):
-            st.json(gate_json, expanded=False)
+    st.markdown(f"Decision: :{DECISION_COLOR.get(decision, 'gray')}-badge[{ui.text(decision.upper())}] · "
+                f"candidate {ui.code(gate['tags'].get('flywheel.input.candidate', '-'))}")
+    with ui.bad_run_shown(gate, "this gate report"):
+        report = store.artifact_text(gate["run_id"], "gate_report.md")
+        if report:
+            # Shown as its source, never rendered: it quotes the candidate URI and reasons, which are anyone's
+            # text, and rendered Markdown would load any image it names in every reviewer's browser.
+            st.code(report, language="markdown", wrap_lines=True)
+        else:
+            st.caption("No `gate_report.md` on this run.")
+        gate_json = store.artifact_json(gate["run_id"], "gate.json")
+        if gate_json is not None:
+            with st.expander("gate.json"):
+                st.json(gate_json, expanded=False)
 
 # ------------------------------------------------------------------------------------------- registry
 st.header("Registry: champion alias history")
@@ -104,14 +106,15 @@ if not publishes:
     ui.empty_state("published Modelfiles", "flywheel publish models:/flywheel-demo@champion")
 else:
     pub = ui.pick_run(publishes, "Publication", key="gate_publish")
-    st.caption(f"from `{pub['tags'].get('flywheel.input.model_uri', '?')}` → "
-               f"`{pub['tags'].get('flywheel.modelfile_path', '?')}`")
-    modelfile = store.artifact_text(pub["run_id"], "Modelfile")
-    if modelfile:
-        st.code(modelfile, language="dockerfile")
-    else:
-        st.caption("No `Modelfile` artifact on this run.")
-    readme = store.artifact_text(pub["run_id"], "README.md")
-    if readme:
-        with st.expander("README (lineage)"):
-            st.markdown(readme)
+    st.caption(f"from {ui.code(pub['tags'].get('flywheel.input.model_uri', '?'))} → "
+               f"{ui.code(pub['tags'].get('flywheel.modelfile_path', '?'))}")
+    with ui.bad_run_shown(pub, "this publication"):
+        modelfile = store.artifact_text(pub["run_id"], "Modelfile")
+        if modelfile:
+            st.code(modelfile, language="dockerfile")
+        else:
+            st.caption("No `Modelfile` artifact on this run.")
+        readme = store.artifact_text(pub["run_id"], "README.md")
+        if readme:
+            with st.expander("README (lineage)"):
+                st.code(readme, language="markdown", wrap_lines=True)  # its source: it quotes run data

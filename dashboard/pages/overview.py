@@ -25,18 +25,19 @@ for version in champions:
     base = (tags.get("flywheel.base_model") or (hops["train"] or {}).get("tags", {}).get("flywheel.base_model")
             or tags.get("flywheel.base_model_sha256", "")[:12] or "unknown")
     with st.container(border=True):
-        st.markdown(f"### :material/trophy: `{version['name']}` v{version['version']}")
-        st.markdown(f"champion since **{since or 'unknown'}** · base model **{base}** · "
+        st.markdown(f"### :material/trophy: {ui.code(version['name'])} v{ui.text(version['version'])}")
+        st.markdown(f"champion since **{ui.text(since or 'unknown')}** · base model **{ui.text(base)}** · "
                     f"registered {ui.when(version['creation_timestamp'])}")
-    st.subheader(f"Lineage of `models:/{version['name']}@champion`")
+    champion_uri = f"models:/{version['name']}@champion"
+    st.subheader(f"Lineage of {ui.code(champion_uri)}")
     cols = st.columns(6)
     with cols[0]:
         st.markdown("**Logs**")
         for path in (hops["logs"] or "unknown").split(","):
-            st.caption(f"`{'/'.join(path.strip().split('/')[-2:])}`")
+            st.caption(ui.code("/".join(path.strip().split("/")[-2:])))
     with cols[1]:
         st.markdown("**Dataset**")
-        st.caption(f"version `{(hops['dataset_version'] or 'unknown')[:12]}`")
+        st.caption(f"version {ui.code((hops['dataset_version'] or 'unknown')[:12])}")
         ui.run_link("mine run", "datasets", (hops["mine"] or {}).get("run_id"))
     with cols[2]:
         st.markdown("**Training**")
@@ -48,13 +49,13 @@ for version in champions:
         st.markdown("**Gate**")
         gate = hops["gate"]
         if gate:
-            st.caption(f"decision: **{gate['tags'].get('flywheel.gate.decision', '?')}**")
+            st.caption(f"decision: **{ui.text(gate['tags'].get('flywheel.gate.decision', '?'))}**")
         ui.run_link("gate run", "gate", (gate or {}).get("run_id"))
     with cols[5]:
         st.markdown("**Modelfile**")
         publish = hops["publish"]
         if publish:
-            st.caption(f"`{publish['tags'].get('flywheel.modelfile_path', '?')}`")
+            st.caption(ui.code(publish["tags"].get("flywheel.modelfile_path", "?")))
         ui.run_link("publish run", "gate", (publish or {}).get("run_id"))
 
 # ------------------------------------------------------------------------------------------- stages
@@ -103,4 +104,4 @@ for col, row in zip(links, rows):
             st.page_link(ui.PAGES[row["page"]], label=row["stage"], query_params={"run": row["run_id"]},
                          icon=":material/open_in_new:")
 if all(r["run_id"] is None for r in rows):
-    ui.empty_state("runs in this store", "flywheel demo", f"Store: `{store.uri()}`")
+    ui.empty_state("runs in this store", "flywheel demo", f"Store: {ui.code(store.uri())}")

@@ -72,44 +72,46 @@ for col, key, title in zip(cols, ["tokens_per_s", "learning_rate", "grad_norm"],
 # ------------------------------------------------------------------------------------------- audit
 st.subheader("Loss-mask audit")
 run = chosen[0] if len(chosen) == 1 else ui.pick_run(chosen, "Audit of", key="training_audit")
-audit = store.artifact_json(run["run_id"], "audit.json")
-if not isinstance(audit, dict):
-    st.caption("No `audit.json` on this run.")
-elif "examples_used" in audit:
-    # The shape written by training/audit.py: what the trainer really trains on, checked before step 1.
-    problems = audit.get("problems") or []
-    if problems:
-        for problem in problems:
-            st.error(problem, icon=":material/error:")
+with ui.bad_run_shown(run, "this run's audit"):
+    audit = store.artifact_json(run["run_id"], "audit.json")
+    if not isinstance(audit, dict):
+        st.caption("No `audit.json` on this run.")
+    elif "examples_used" in audit:
+        # The shape written by training/audit.py: what the trainer really trains on, checked before step 1.
+        problems = audit.get("problems") or []
+        if problems:
+            for problem in problems:
+                st.error(ui.text(problem), icon=":material/error:")
+        else:
+            st.success("Audit passed: every example trains on something and the end-of-turn token is trained.",
+                       icon=":material/check_circle:")
+        per = audit.get("trained_per_example") or {}
+        ui.metrics_row([
+            ("examples used", f"{audit['examples_used']:,} / {audit.get('examples', '?'):,}"),
+            ("tokens trained", f"{audit.get('trained_fraction', 0):.0%} of {audit.get('tokens_total', 0):,}"),
+            ("trained per example", f"{per.get('min', '?')} / {per.get('mean', '?')} / {per.get('max', '?')}"),
+            ("zero-trained examples", audit.get("zero_trained_examples", 0)),
+        ])
+        ui.metrics_row([
+            (f"end-of-turn {ui.text(audit.get('eot_token', ''))} trained",
+             f"{audit.get('examples_with_eot_trained', 0):,} ex."),
+            ("truncated", audit.get("truncated", 0)),
+            ("dropped (overlong / emptied)", f"{audit.get('dropped_overlong', 0)} / "
+                                             f"{audit.get('dropped_truncated_to_nothing', 0)}"),
+            ("longest example", f"{audit.get('max_length_seen', 0):,} tok"),
+        ])
+        st.caption(f"min / mean / max trained tokens per example · template: {ui.text(audit.get('template', '?'))}")
+        with st.expander("Full audit"):
+            st.json(audit, expanded=False)
     else:
-        st.success("Audit passed: every example trains on something and the end-of-turn token is trained.",
-                   icon=":material/check_circle:")
-    per = audit.get("trained_per_example") or {}
-    ui.metrics_row([
-        ("examples used", f"{audit['examples_used']:,} / {audit.get('examples', '?'):,}"),
-        ("tokens trained", f"{audit.get('trained_fraction', 0):.0%} of {audit.get('tokens_total', 0):,}"),
-        ("trained per example", f"{per.get('min', '?')} / {per.get('mean', '?')} / {per.get('max', '?')}"),
-        ("zero-trained examples", audit.get("zero_trained_examples", 0)),
-    ])
-    ui.metrics_row([
-        (f"end-of-turn {audit.get('eot_token', '')} trained", f"{audit.get('examples_with_eot_trained', 0):,} ex."),
-        ("truncated", audit.get("truncated", 0)),
-        ("dropped (overlong / emptied)", f"{audit.get('dropped_overlong', 0)} / "
-                                         f"{audit.get('dropped_truncated_to_nothing', 0)}"),
-        ("longest example", f"{audit.get('max_length_seen', 0):,} tok"),
-    ])
-    st.caption(f"min / mean / max trained tokens per example · template: {audit.get('template', '?')}")
-    with st.expander("Full audit"):
         st.json(audit, expanded=False)
-else:
-    st.json(audit, expanded=False)
 
-generations = store.table_artifact(run["run_id"], "generations.json")
-if generations is not None:
-    st.subheader("Generations: base vs adapter")
-    st.dataframe(generations, hide_index=True, width="stretch")
+    generations = store.table_artifact(run["run_id"], "generations.json")
+    if generations is not None:
+        st.subheader("Generations: base vs adapter")
+        st.dataframe(generations, hide_index=True, width="stretch")
 
-adapter_meta = store.artifact_json(run["run_id"], "adapter/flywheel_adapter.json")
-if isinstance(adapter_meta, dict):
-    with st.expander("Adapter identity (`adapter/flywheel_adapter.json`)"):
-        st.json({k: v for k, v in adapter_meta.items() if k != "chat_template"}, expanded=True)
+    adapter_meta = store.artifact_json(run["run_id"], "adapter/flywheel_adapter.json")
+    if isinstance(adapter_meta, dict):
+        with st.expander("Adapter identity (`adapter/flywheel_adapter.json`)"):
+            st.json({k: v for k, v in adapter_meta.items() if k != "chat_template"}, expanded=True)

@@ -81,7 +81,7 @@ def test_training_overlays_runs_and_shows_audit(dash_store):
     assert len(at.get("plotly_chart")) == 4  # loss + tokens/s + lr + grad norm
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["examples used"] == "50 / 50" and metrics["zero-trained examples"] == "0"
-    assert metrics["end-of-turn <|im_end|> trained"] == "50 ex."
+    assert metrics["end-of-turn \\<\\|im_end\\|\\> trained"] == "50 ex."  # the token, escaped: it is run data
     assert "Audit passed" in shown
     assert "Tofu is" in shown  # generations table
 

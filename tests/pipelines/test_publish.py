@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,3 +212,28 @@ def test_llama_cpp_loads_and_follows_peft(published_gguf, adapter_dir, base):
     assert np.corrcoef(with_adapter, peft_logits)[0, 1] > 0.99
     assert np.abs(with_adapter - without).max() > 1e-3  # the adapter does something
     os.environ.pop("LLAMA_CPP_LIB", None)
+
+
+@pytest.mark.parametrize("name", ["a b", "x;touch y", "-rf"])
+def test_invalid_ollama_name_fails_before_any_work(tmp_path, name):
+    """One line, exit 2, and nothing written: no store, no output folder, no `y` from `touch y`."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / ".flywheel"), "PYTHONPATH": str(root),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / '.flywheel' / 'mlflow.db'}"}
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "publish", "models:/flywheel-demo@champion",
+                           f"name={name}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "not a valid Ollama name part" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ollama_create_line_is_quoted(mlflow_store, tmp_path, adapter_dir):
+    uri = champion_from(adapter_dir, tmp_path)
+    out = tmp_path / "my models" / "demo;x"
+    res = run_publish(uri, out=out, cfg=PublishConfig(llama_cpp_dir=str(tmp_path / "no-llama-cpp"),
+                                                      name="team/flywheel-demo:v1"))
+    modelfile = str((out / "Modelfile").resolve())
+    assert shlex.split(res["ollama_create"]) == ["ollama", "create", "team/flywheel-demo:v1", "-f", modelfile]
+    assert res["ollama_create"] in (out / "README.md").read_text()

@@ -164,3 +164,29 @@ def test_parser_reads_ollama_style_file():
     assert parsed.get("system") == 'multi\nline "quoted" """ text'
     msg = [c for c in parsed.commands if c.name == "message"][0]
     assert (msg.key, msg.args) == ("user", 'Is it "ok"?')
+
+
+# Ollama's own examples and edge cases for types/model/name.go's rule (ported in check_model_name).
+@pytest.mark.parametrize("name", ["flywheel-demo", "smollm2:135m", "_x", "ns/model:v1.0",
+                                  "registry.ollama.ai/library/llama3:8b", "https://host:8080/ns/m:latest"])
+def test_ollama_model_names_accepted(name):
+    assert mf.check_model_name(name) == name
+
+
+@pytest.mark.parametrize("name,part", [
+    ("a b", "model"), ("x;touch y", "model"), ("-rf", "model"), ("", "model"), ("a:", "tag"), ("/a", "namespace"),
+    ("n.s/m", "namespace"), ("m" * 81, "model"), ("x@sha256:ab", "model"), ("a/b/c/d", "host"),
+    ("$(id)", "model"), ("m:t'ag", "tag"),
+])
+def test_ollama_model_names_refused(name, part):
+    with pytest.raises(mf.ModelfileError, match=f": {part} "):
+        mf.check_model_name(name)
+
+
+def test_create_command_is_shell_quoted():
+    import shlex
+
+    line = mf.create_command("flywheel-demo", "/tmp/my models/x;y/Modelfile")
+    assert shlex.split(line) == ["ollama", "create", "flywheel-demo", "-f", "/tmp/my models/x;y/Modelfile"]
+    with pytest.raises(mf.ModelfileError):
+        mf.create_command("-rf", "/tmp/Modelfile")
