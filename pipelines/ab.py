@@ -264,6 +264,8 @@ def print_report(report: dict) -> None:
     color = {"ok": "green", "warning": "yellow", "alert": "red"}.get(srm["status"], "white")
     con.print(f"SRM: [{color}]{srm['status']}[/] (chi-square p={_fmt(srm.get('p_value'))}, observed "
               f"{srm.get('observed')}, expected {srm.get('expected')})")
+    for w in report.get("warnings", []):
+        con.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
     t = Table(title=f"comparisons vs {report['control']} (estimate = treatment - control; "
                     f"p_adj: {report['correction']})", show_lines=False)
     for col in ("variant", "metric", "test", "n c/t", "mean c -> t", "estimate [CI]", "lift [CI]", "p", "p_adj",

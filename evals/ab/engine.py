@@ -431,6 +431,7 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
     srm = srm_check(observed, s.allocation, warn_p=s.srm_warning_p, alert_p=s.srm_alert_p)
 
     comparisons, summaries, kinds = [], [], {}
+    not_evaluated: list[dict] = []  # variant x metric pairs that no test could be run on, with the reason
     plan: dict[str, dict] = {}
     cache: dict = {}  # column -> parsed values: rating and success read the same column
     for m in metrics:
@@ -452,8 +453,6 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
         agg = aggregate(yu, vu, V, discrete=discrete, buckets=s.buckets)
         for i, n in enumerate(names):
             if agg.n[i] == 0:
-                if i == 0:
-                    raise InputError(f"control {n!r} has no usable values for metric {m.name}")
                 continue
             se = math.sqrt(agg.var[i] / agg.n[i]) if agg.n[i] > 1 else float("nan")
             q = _tq(s.alpha, agg.n[i] - 1)
@@ -461,9 +460,13 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
                               "sd": math.sqrt(agg.var[i]), "ci_low": float(agg.mean[i] - q * se),
                               "ci_high": float(agg.mean[i] + q * se)})
         for t in range(1, V):
-            if agg.n[t] == 0:
-                continue
-            comparisons.append(_compare_independent(m, kind, agg, 0, t, names, s, cuped_info, max_rows))
+            why = _too_few(m, {names[0]: agg.n[0], names[t]: agg.n[t]})
+            res = None if why else _compare_independent(m, kind, agg, 0, t, names, s, cuped_info, max_rows)
+            why = why or _nonfinite(res)
+            if why:
+                not_evaluated.append(_not_evaluated(m, names[t], why))
+            else:
+                comparisons.append(res)
         if m.name == primary:
             plan = _plan_independent(m, kind, agg, names, s)
 
@@ -472,9 +475,34 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
     for v in names[1:]:
         mine = [c for c in comparisons if c["variant"] == v]
         verdicts[v] = decide(v, mine, srm=srm, alpha=s.alpha, primary=primary, sample_needed=plan.get(v),
-                             sequential=s.decision == "sequential")
+                             sequential=s.decision == "sequential",
+                             not_evaluated=[x for x in not_evaluated if x["variant"] == v])
     return _report("independent", df, names, probs, srm, summaries, comparisons, verdicts, s, metrics, kinds,
-                   primary, units={n: int(units[i]) for i, n in enumerate(names)})
+                   primary, units={n: int(units[i]) for i, n in enumerate(names)}, not_evaluated=not_evaluated)
+
+
+def _too_few(m: Metric, n_by_arm: dict[str, float]) -> str | None:
+    """Why `m` cannot be tested between these arms (fewer than 2 units with usable values in one), or None."""
+    short = {v: int(n) for v, n in n_by_arm.items() if n < 2}
+    if not short:
+        return None
+    return ", ".join(f"{v} has {n} unit{'s' if n != 1 else ''} with usable {m.name} values" for v, n in short.items()
+                     ) + " (a test needs at least 2 per arm)"
+
+
+def _nonfinite(res: dict) -> str | None:
+    """Why a computed comparison cannot be trusted (sums or variances overflowed to inf/NaN), or None."""
+    bad = [k for k in ("mean_control", "mean_treatment", "sd_control", "sd_treatment", "estimate", "se")
+           if not math.isfinite(res[k])]
+    if not bad:
+        return None
+    return (f"non-finite {', '.join(bad)}: the values overflow double precision (magnitudes near 1e308?); "
+            "rescale the metric (e.g. to thousands) before comparing")
+
+
+def _not_evaluated(m: Metric, variant: str, reason: str) -> dict:
+    return {"variant": variant, "metric": m.name, "role": "guardrail" if m.guardrail else "primary/secondary",
+            "reason": reason}
 
 
 def _tq(alpha: float, df: float) -> float:
@@ -508,6 +536,8 @@ def _plan_independent(m: Metric, kind: str, agg: Agg, names: list[str], s: Setti
     mde_abs = s.mde * abs(base) if s.mde_relative else s.mde
     for t in range(1, len(names)):
         have = int(min(agg.n[0], agg.n[t]))
+        if have < 2:  # not evaluated: no variance to plan with
+            continue
         try:
             if kind == "rate" and 0 < base < 1:
                 need = power.n_for_proportion(base, mde_abs if base + mde_abs < 1 else -mde_abs, alpha=s.alpha,
@@ -535,6 +565,7 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
     vcodes = np.where(miss, -1, vcodes)
     V = len(names)
     comparisons, summaries, kinds, plan = [], [], {}, {}
+    not_evaluated: list[dict] = []
     counts = {}
     rng = np.random.default_rng(s.seed)
     for m in metrics:
@@ -549,8 +580,6 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
         counts[m.name] = {names[int(k)]: int(wide[k].notna().sum()) for k in wide.columns}
         for i in range(V):
             if i not in wide.columns:
-                if i == 0:
-                    raise InputError(f"control {names[0]!r} has no usable values for metric {m.name}")
                 continue
             col = wide[i].dropna().to_numpy()
             if col.size:
@@ -560,7 +589,11 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
                                   "sd": float(col.std(ddof=1)) if col.size > 1 else float("nan"),
                                   "ci_low": float(col.mean() - q * se), "ci_high": float(col.mean() + q * se)})
         for t in range(1, V):
-            if t not in wide.columns:
+            pairs = int(wide[[0, t]].notna().all(axis=1).sum()) if {0, t} <= set(wide.columns) else 0
+            if pairs < 2:
+                not_evaluated.append(_not_evaluated(m, names[t], f"{pairs} item{'s' if pairs != 1 else ''} with "
+                                                    f"usable {m.name} values under both {names[0]} and {names[t]}"
+                                                    " (a paired test needs at least 2)"))
                 continue
             both = wide[[0, t]]
             incomplete = int(both.notna().any(axis=1).sum() - both.notna().all(axis=1).sum())
@@ -598,6 +631,11 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
                                    "ci_low": sq["ci_low"], "ci_high": sq["ci_high"]}
             if m.guardrail:
                 _noninferiority(r, m, se, r["n"] - 1, s.alpha)
+            why = _nonfinite({"mean_control": r["control_mean"], "mean_treatment": r["treatment_mean"],
+                              "sd_control": 0.0, "sd_treatment": r["sd_diff"], "estimate": r["estimate"], "se": se})
+            if why:
+                not_evaluated.append(_not_evaluated(m, names[t], why))
+                continue
             comparisons.append(r)
             if m.name == primary and r["sd_diff"] > 0:
                 mde_abs = s.mde * abs(c_mean) if s.mde_relative else s.mde
@@ -612,10 +650,11 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
     srm["note"] = "paired design: items scored per variant vs an equal count"
     _adjust(comparisons, s)
     verdicts = {v: decide(v, [c for c in comparisons if c["variant"] == v], srm=srm, alpha=s.alpha,
-                          primary=primary, sample_needed=plan.get(v), sequential=s.decision == "sequential")
+                          primary=primary, sample_needed=plan.get(v), sequential=s.decision == "sequential",
+                          not_evaluated=[x for x in not_evaluated if x["variant"] == v])
                 for v in names[1:]}
     return _report("paired", df, names, probs, srm, summaries, comparisons, verdicts, s, metrics, kinds, primary,
-                   units=counts[primary])
+                   units=counts[primary], not_evaluated=not_evaluated)
 
 
 def _zq(alpha: float) -> float:
@@ -624,8 +663,9 @@ def _zq(alpha: float) -> float:
     return float(sst.norm.ppf(1 - alpha / 2))
 
 
-def _report(design, df, names, probs, srm, summaries, comparisons, verdicts, s, metrics, kinds, primary, units):
-    for c in comparisons:
+def _report(design, df, names, probs, srm, summaries, comparisons, verdicts, s, metrics, kinds, primary, units,
+            not_evaluated=()):
+    for c in [*comparisons, *not_evaluated]:
         if c["role"] == "primary/secondary":
             c["role"] = "primary" if c["metric"] == primary else "secondary"
     n_read = int(len(df)) + int(probs.counts.get("invalid_json", 0))
@@ -645,9 +685,12 @@ def _report(design, df, names, probs, srm, summaries, comparisons, verdicts, s, 
                  "used": n_read - sum(row_level.values()), **probs.as_dict()},
         "srm": srm,
         "warnings": probs.warnings + [f"{c['variant']} / {c['metric']}: {c['warning']}" for c in comparisons
-                                      if c.get("warning")],
+                                      if c.get("warning")]
+                    + [f"{x['variant']} / {x['metric']} ({x['role']}) not evaluated: {x['reason']}"
+                       for x in not_evaluated],
         "summaries": summaries,
         "comparisons": comparisons,
+        "not_evaluated": list(not_evaluated),
         "verdicts": verdicts,
         "notes": {
             "bayesian": "bayesian.chance_to_beat_control and expected_loss are posterior quantities (flat prior, "

@@ -270,3 +270,47 @@ def test_sequential_decision_is_more_conservative():
     assert c["sequential"]["ci_low"] <= c["ci_low"] and c["sequential"]["ci_high"] >= c["ci_high"]
     assert seq["verdicts"]["b"]["basis"].startswith("always-valid")
     assert fixed["verdicts"]["b"]["basis"].startswith("fixed")
+
+
+def test_guardrail_without_data_in_one_arm_blocks_ship():
+    """A guardrail that cannot be evaluated must not vanish from the verdict: 'ship' needs it shown non-inferior."""
+    s = Settings(control="a")
+    for arm in ("b", "a"):
+        df = _frame(3000, 3000, effect=0.3)
+        df.loc[df.prompt_variant == arm, "latency_ms"] = np.nan
+        rep = analyze(df, METRICS2, s)
+        v = rep["verdicts"]["b"]
+        assert v["decision"] == "invalid", (arm, v)
+        assert any("guardrail latency_ms cannot be evaluated" in r and f"{arm} has 0 units" in r
+                   for r in v["reasons"])
+        assert rep["not_evaluated"] == [{"variant": "b", "metric": "latency_ms", "role": "guardrail",
+                                         "reason": rep["not_evaluated"][0]["reason"]}]
+        assert any("latency_ms (guardrail) not evaluated" in w for w in rep["warnings"])
+        json.dumps(rep, allow_nan=False)
+    # one usable unit is as blind as none
+    df = _frame(3000, 3000, effect=0.3)
+    df.loc[(df.prompt_variant == "b") & (df.user_id != 5000), "latency_ms"] = np.nan
+    assert analyze(df, METRICS2, s)["verdicts"]["b"]["decision"] == "invalid"
+
+
+def test_primary_without_data_in_one_arm_is_invalid_with_reason():
+    df = _frame(300, 300, effect=0.3)
+    df.loc[df.prompt_variant == "b", "rating"] = np.nan
+    v = analyze(df, METRICS2, Settings(control="a"))["verdicts"]["b"]
+    assert v["decision"] == "invalid"
+    assert v["reasons"] == ["primary metric rating cannot be evaluated: b has 0 units with usable rating values "
+                            "(a test needs at least 2 per arm)"]
+
+
+def test_paired_guardrail_without_data_blocks_ship():
+    rng = np.random.default_rng(1)
+    items = np.repeat(np.arange(400), 2)
+    arm = np.tile(["a", "b"], 400)
+    score = rng.normal(3, 1, 800) + 0.5 * (arm == "b")
+    lat = np.where(arm == "b", np.nan, rng.normal(1000, 50, 800))
+    df = pd.DataFrame({"item": items, "arm": arm, "score": score, "lat": lat})
+    metrics = [Metric("score", "score", kind="mean"),
+               Metric("lat", "lat", kind="mean", guardrail=True, higher_is_better=False, margin=0.1)]
+    rep = analyze(df, metrics, Settings(variant="arm", unit="item", control="a", paired=True))
+    assert rep["verdicts"]["b"]["decision"] == "invalid"
+    assert "guardrail lat cannot be evaluated: 0 items" in rep["verdicts"]["b"]["reasons"][0]

@@ -106,3 +106,25 @@ def test_module_imports_stay_light():
     code = "import sys, pipelines.ab; bad = [m for m in ('numpy', 'scipy', 'pandas', 'mlflow') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_guardrail_missing_in_one_arm_is_not_a_ship(tmp_path):
+    """v2 never logged latency: the CLI says the guardrail cannot be evaluated and does not ship."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for u in range(2000):
+        v = "v1" if u % 2 else "v2"
+        r = {"user_id": u, "prompt_variant": v, "rating": min(5, max(1, round(rng.gauss(3.3 + (v == "v2"), 1))))}
+        if v == "v1":
+            r["latency_ms"], r["tokens"] = rng.gauss(900, 50), rng.gauss(200, 20)
+        else:
+            r["tokens"] = rng.gauss(200, 20)
+        rows.append(json.dumps(r))
+    (tmp_path / "l.jsonl").write_text("\n".join(rows) + "\n")
+    res = runner.invoke(app, ["ab", "analyze", str(tmp_path / "l.jsonl"), "--config", str(ROOT / "configs/ab.yaml"),
+                              "log_mlflow=false"])
+    assert res.exit_code == 0, res.output
+    assert "INVALID" in res.stdout and "guardrail latency_ms cannot be evaluated" in res.stdout
+    assert "SHIP" not in res.stdout.replace("DON'T SHIP", "")
