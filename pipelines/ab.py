@@ -27,7 +27,7 @@ from typing import Literal
 import typer
 from pydantic import Field, field_validator
 
-from pipelines.config import StageConfig, flatten, load_config
+from pipelines.config import StageConfig, flatten, load_config, split_args
 
 
 class MetricConfig(StageConfig):
@@ -317,8 +317,7 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", "-o", help="also write report.json + plots here"),
     ) -> None:
         """Variant vs control for each metric: tests, CIs, corrections, SRM, sequential, verdicts."""
-        extra = [a for a in args if "=" in a and not Path(a).exists()]
-        paths = [a for a in args if a not in extra]
+        paths, extra = split_args(args)
         if not paths:
             raise typer.BadParameter("give at least one LOGS file")
         cfg = load_config(AbConfig, config, extra)
