@@ -82,6 +82,7 @@ class _Problems:
     def __init__(self, max_examples: int):
         self.counts: Counter = Counter()
         self.warnings: list[str] = []
+        self.units_in_multiple_variants = 0
         self.examples: dict[str, list[str]] = {}
         self.max = max_examples
 
@@ -155,6 +156,9 @@ def _unit_codes(df, s: Settings, vcodes: np.ndarray, probs: _Problems) -> tuple[
                          " (pass --unit COL, or unit=null to treat each row as a unit)")
     ucodes, uniq = pd.factorize(df[s.unit], use_na_sentinel=True)
     ucodes = ucodes.astype(np.int64)
+    if len(ucodes) and not (ucodes >= 0).any():
+        raise InputError(f"unit column {s.unit!r} is empty in every row (pass --unit COL for the right column, or "
+                         "--unit none to treat each row as a unit)")
     miss = (ucodes < 0) & (vcodes >= 0)
     probs.add("missing_unit", miss, df, s.unit)
     vcodes = np.where(ucodes < 0, -1, vcodes)
@@ -169,6 +173,10 @@ def _unit_codes(df, s: Settings, vcodes: np.ndarray, probs: _Problems) -> tuple[
             # A unit seen in two variants was exposed to both: its outcomes belong to neither arm.
             mask = ok & multi[np.where(ucodes >= 0, ucodes, 0)]
             probs.add("unit_in_multiple_variants", mask, df, s.unit)
+            probs.units_in_multiple_variants = int(multi.sum())
+            probs.warnings.append(
+                f"{int(multi.sum())} unit(s) appear in more than one variant ({int(mask.sum())} rows excluded): "
+                "assignment is broken for them (a unit must stay in one arm); check the randomisation")
             vcodes = np.where(mask, -1, vcodes)
     return ucodes, vcodes
 
@@ -309,8 +317,9 @@ def _compare_independent(m: Metric, kind: str, agg: Agg, c: int, t: int, names: 
            "sd_control": math.sqrt(agg.var[c]), "sd_treatment": math.sqrt(agg.var[t])}
     warnings = []
     if agg.var[c] == 0 and agg.var[t] == 0:
+        # no sampling noise: the observed difference is the difference (p = 1 if none, else 0), no test needed
         warnings.append(f"zero variance in both arms ({m.name} is constant: {agg.mean[c]:g} vs {agg.mean[t]:g}); "
-                        "the test is degenerate")
+                        + ("no difference" if agg.mean[c] == agg.mean[t] else "the difference is exact"))
     binary = kind == "rate" and max_rows_per_unit == 1 and cuped_info is None
     if binary:
         xc, xt = round(agg.mean[c] * nc), round(agg.mean[t] * nt)
@@ -450,9 +459,11 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
             xu, _, _ = _collapse(x, ok, vcodes, ucodes)
             yu, cuped_info = cuped_adjust(yu, xu)
         discrete = kind in ("ordinal", "rate") and cuped_info is None
-        agg = aggregate(yu, vu, V, discrete=discrete, buckets=s.buckets)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below and reported per arm
+            agg = aggregate(yu, vu, V, discrete=discrete, buckets=s.buckets)
+        overflow = {names[i] for i in range(V) if agg.n[i] and not np.isfinite([agg.mean[i], agg.var[i]]).all()}
         for i, n in enumerate(names):
-            if agg.n[i] == 0:
+            if agg.n[i] == 0 or n in overflow:
                 continue
             se = math.sqrt(agg.var[i] / agg.n[i]) if agg.n[i] > 1 else float("nan")
             q = _tq(s.alpha, agg.n[i] - 1)
@@ -460,7 +471,7 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
                               "sd": math.sqrt(agg.var[i]), "ci_low": float(agg.mean[i] - q * se),
                               "ci_high": float(agg.mean[i] + q * se)})
         for t in range(1, V):
-            why = _too_few(m, {names[0]: agg.n[0], names[t]: agg.n[t]})
+            why = _too_few(m, {names[0]: agg.n[0], names[t]: agg.n[t]}) or _overflowed(m, overflow & {names[0], names[t]})
             res = None if why else _compare_independent(m, kind, agg, 0, t, names, s, cuped_info, max_rows)
             why = why or _nonfinite(res)
             if why:
@@ -488,6 +499,13 @@ def _too_few(m: Metric, n_by_arm: dict[str, float]) -> str | None:
         return None
     return ", ".join(f"{v} has {n} unit{'s' if n != 1 else ''} with usable {m.name} values" for v, n in short.items()
                      ) + " (a test needs at least 2 per arm)"
+
+
+def _overflowed(m: Metric, arms: set[str]) -> str | None:
+    if not arms:
+        return None
+    return (f"the sum or variance of {m.name} overflows double precision in {', '.join(sorted(arms))} (values near "
+            "1e308?); rescale the metric (e.g. to thousands) before comparing")
 
 
 def _nonfinite(res: dict) -> str | None:
@@ -536,7 +554,7 @@ def _plan_independent(m: Metric, kind: str, agg: Agg, names: list[str], s: Setti
     mde_abs = s.mde * abs(base) if s.mde_relative else s.mde
     for t in range(1, len(names)):
         have = int(min(agg.n[0], agg.n[t]))
-        if have < 2:  # not evaluated: no variance to plan with
+        if have < 2 or not np.isfinite([base, agg.var[0], agg.var[t]]).all():  # not evaluated: nothing to plan with
             continue
         try:
             if kind == "rate" and 0 < base < 1:
@@ -683,6 +701,7 @@ def _report(design, df, names, probs, srm, summaries, comparisons, verdicts, s, 
         "decision_basis": s.decision,
         "rows": {"read": n_read, "excluded": sum(row_level.values()),
                  "used": n_read - sum(row_level.values()), **probs.as_dict()},
+        "units_in_multiple_variants": probs.units_in_multiple_variants,
         "srm": srm,
         "warnings": probs.warnings + [f"{c['variant']} / {c['metric']}: {c['warning']}" for c in comparisons
                                       if c.get("warning")]

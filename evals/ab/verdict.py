@@ -9,9 +9,11 @@ Order of rules (first match wins):
                   guardrail without data (say, latency not logged for one arm) proves nothing.
 4. ship         - the primary metric is significantly better (adjusted p < alpha) and every guardrail is shown
                   non-inferior within its margin.
-5. keep running - otherwise, while the planned sample (enough units to detect the MDE with the configured
+5. don't ship   - "no difference": the primary metric is the same constant in both arms (zero variance);
+                  no amount of data changes that.
+6. keep running - otherwise, while the planned sample (enough units to detect the MDE with the configured
                   power) is not reached; the units still needed per arm are given.
-6. don't ship   - planned sample reached and no significant improvement: the variant is not better by the MDE.
+7. don't ship   - planned sample reached and no significant improvement: the variant is not better by the MDE.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def decide(variant: str, comparisons: list[dict], *, srm: dict, alpha: float, pr
         return _v("keep running", basis, reasons + [f"primary metric significantly better: {desc}"] + [
             f"guardrail {g['metric']} not yet shown non-inferior within margin {_fmt(g.get('margin_abs'))} "
             f"(diff {_fmt(g['estimate'])}, p={_fmt(g.get('p_adjusted'))})" for g in unproven], needed)
+    if est == 0 and _constant(prim):
+        return _v("don't ship", basis, reasons + [
+            f"no difference: {primary} is {_fmt(prim.get('mean_control'))} for every unit in both arms (zero "
+            "variance), so more data cannot change the result"], 0)
     if needed is None or needed > 0:
         more = f"about {needed} more units per arm" if needed else "more data"
         return _v("keep running", basis, reasons + [f"no significant difference yet: {desc}",
@@ -91,6 +97,11 @@ def decide(variant: str, comparisons: list[dict], *, srm: dict, alpha: float, pr
                   needed)
     return _v("don't ship", basis, reasons + [f"planned sample reached without a significant improvement: {desc}"],
               0)
+
+
+def _constant(c: dict) -> bool:
+    """Zero variance: every unit has the same value in each arm (or, paired, every item the same difference)."""
+    return c.get("sd_control") == 0 and c.get("sd_treatment") == 0 or c.get("sd_diff") == 0
 
 
 def _v(decision: str, basis: str, reasons: list[str], needed) -> dict:

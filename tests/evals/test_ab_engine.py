@@ -314,3 +314,46 @@ def test_paired_guardrail_without_data_blocks_ship():
     rep = analyze(df, metrics, Settings(variant="arm", unit="item", control="a", paired=True))
     assert rep["verdicts"]["b"]["decision"] == "invalid"
     assert "guardrail lat cannot be evaluated: 0 items" in rep["verdicts"]["b"]["reasons"][0]
+
+
+def test_overflowing_values_are_named_not_tested():
+    """Values near 1e308: sums overflow to inf. The report says so instead of a wrong reason or a 'ship'."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"user_id": range(200), "prompt_variant": ["a", "b"] * 100,
+                       "x": rng.choice([0.5e308, 1e308, 1.5e308], 200)})
+    rep = analyze(df, [Metric("x", "x", kind="mean")], Settings(control="a"))
+    assert rep["comparisons"] == [] and rep["summaries"] == []
+    (ne,) = rep["not_evaluated"]
+    assert "overflows double precision in a, b" in ne["reason"]
+    v = rep["verdicts"]["b"]
+    assert v["decision"] == "invalid" and "primary metric x cannot be evaluated: the sum or variance" in v["reasons"][0]
+    json.dumps(rep, allow_nan=False)
+
+
+def test_units_in_both_variants_are_a_visible_warning():
+    df = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u3", "u4", "u4", "u5", "u6"],
+                       "prompt_variant": ["a", "b", "a", "a", "b", "a", "b", "b"],
+                       "rating": [5, 5, 2, 3, 4, 2, 4, 5]})
+    rep = analyze(df, [Metric("rating", "rating", kind="mean")], Settings(control="a", sequential=False))
+    assert rep["units_in_multiple_variants"] == 2
+    assert any(w.startswith("2 unit(s) appear in more than one variant (4 rows excluded)") for w in rep["warnings"])
+    clean = analyze(_frame(20, 20), METRICS2, Settings(control="a"))
+    assert clean["units_in_multiple_variants"] == 0 and not any("more than one variant" in w
+                                                                 for w in clean["warnings"])
+
+
+def test_zero_variance_verdicts_are_determinate():
+    same = pd.DataFrame({"user_id": range(40), "prompt_variant": ["a", "b"] * 20, "rating": [4] * 40})
+    v = analyze(same, [Metric("rating", "rating", kind="mean")], Settings(control="a"))["verdicts"]["b"]
+    assert v["decision"] == "don't ship" and v["sample_still_needed_per_arm"] == 0
+    assert v["reasons"][0].startswith("no difference: rating is 4 for every unit in both arms (zero variance)")
+    diff = same.assign(rating=np.where(same.prompt_variant == "b", 5, 4))
+    rep = analyze(diff, [Metric("rating", "rating", kind="mean")], Settings(control="a"))
+    assert rep["verdicts"]["b"]["decision"] == "ship"
+    assert "the difference is exact" in C(rep, "b", "rating")["warning"]
+
+
+def test_empty_unit_column_is_one_clear_error():
+    df = _frame(20, 20).assign(user_id=None)
+    with pytest.raises(InputError, match="unit column 'user_id' is empty in every row .*--unit none"):
+        analyze(df, METRICS2, Settings(control="a"))

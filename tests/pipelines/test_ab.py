@@ -128,3 +128,24 @@ def test_guardrail_missing_in_one_arm_is_not_a_ship(tmp_path):
     assert res.exit_code == 0, res.output
     assert "INVALID" in res.stdout and "guardrail latency_ms cannot be evaluated" in res.stdout
     assert "SHIP" not in res.stdout.replace("DON'T SHIP", "")
+
+
+def test_unreadable_inputs_are_one_line_errors(tmp_path):
+    import random
+
+    from pipelines.errors import InputError
+
+    junk = random.Random(0).randbytes(3000)
+    cases = {"r.csv": (junk, "not a UTF-8 CSV file"), "r.parquet": (junk, "not a readable Parquet file"),
+             "r.jsonl": (junk, "non-empty lines is a JSON object; is it JSONL?"),
+             "ragged.csv": (b"user_id,prompt_variant,rating\n1,v1,4\n2,v2,5,7,8\n", "Expected 3 fields in line 3"),
+             "nounit.csv": (b"user_id,prompt_variant,rating\n" + b"".join(b",v%d,4\n" % (i % 2 + 1) for i in range(20)),
+                            "unit column 'user_id' is empty in every row")}
+    for name, (data, msg) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        res = runner.invoke(app, ["ab", "analyze", str(tmp_path / name), "--metric", "rating", "log_mlflow=false"])
+        assert isinstance(res.exception, InputError) and msg in str(res.exception), (name, res.exception)
+        assert "\n" not in str(res.exception)
+    out = subprocess.run([sys.executable, "-m", "pipelines", "ab", "analyze", str(tmp_path / "ragged.csv"),
+                          "log_mlflow=false"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
