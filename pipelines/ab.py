@@ -27,6 +27,7 @@ from typing import Literal
 import typer
 from pydantic import Field, field_validator
 
+from evals.ab.verdict import GUARDRAIL_MARGIN
 from pipelines.config import StageConfig, flatten, load_config, split_args
 
 
@@ -39,7 +40,7 @@ class MetricConfig(StageConfig):
     max: float | None = None
     higher_is_better: bool = True
     guardrail: bool = False  # non-inferiority test: not worse than the control by more than `margin`
-    margin: float = Field(0.10, ge=0)
+    margin: float = Field(GUARDRAIL_MARGIN, ge=0)
     margin_relative: bool = True  # margin as a fraction of the control mean
     covariate: str | None = None  # CUPED: pre-period column of the same unit
 
@@ -57,10 +58,8 @@ class SequentialConfig(StageConfig):
 DEFAULT_METRICS = [
     MetricConfig(name="rating", column="rating", kind="ordinal", min=1, max=5),
     MetricConfig(name="success", column="rating", kind="rate", threshold=4, min=1, max=5),
-    MetricConfig(name="latency_ms", column="latency_ms", kind="mean", guardrail=True, higher_is_better=False,
-                 margin=0.10, min=0),
-    MetricConfig(name="tokens", column="tokens", kind="mean", guardrail=True, higher_is_better=False,
-                 margin=0.10, min=0),
+    MetricConfig(name="latency_ms", column="latency_ms", kind="mean", guardrail=True, higher_is_better=False, min=0),
+    MetricConfig(name="tokens", column="tokens", kind="mean", guardrail=True, higher_is_better=False, min=0),
 ]
 
 

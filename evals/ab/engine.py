@@ -30,7 +30,7 @@ from evals.ab.data import to_numeric
 from evals.ab.multiple import adjust_pvalues
 from evals.ab.paired import ORDINAL_MAX_LEVELS, compare_paired
 from evals.ab.srm import srm_check
-from evals.ab.verdict import decide
+from evals.ab.verdict import GUARDRAIL_MARGIN, decide
 from pipelines.errors import InputError
 
 KINDS = ("auto", "mean", "ordinal", "rate")
@@ -46,7 +46,7 @@ class Metric:
     max: float | None = None
     higher_is_better: bool = True
     guardrail: bool = False           # tested for non-inferiority within `margin`
-    margin: float = 0.05              # guardrail margin, relative to the control mean unless margin_relative=False
+    margin: float = GUARDRAIL_MARGIN  # guardrail margin, relative to the control mean unless margin_relative=False
     margin_relative: bool = True
     covariate: str | None = None      # CUPED pre-period column
 

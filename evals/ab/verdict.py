@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import math
 
+# Default guardrail non-inferiority margin: a variant may be at most 10 % (of the control mean) worse on a
+# guardrail. One number for the engine and the CLI config, so a Python caller and `flywheel ab` agree.
+GUARDRAIL_MARGIN = 0.10
+
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):

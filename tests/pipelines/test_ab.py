@@ -149,3 +149,12 @@ def test_unreadable_inputs_are_one_line_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipelines", "ab", "analyze", str(tmp_path / "ragged.csv"),
                           "log_mlflow=false"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_guardrail_margin_default_is_one_number():
+    """The engine (Python callers) and the CLI config must not disagree on the default margin."""
+    from evals.ab.engine import Metric
+    from pipelines.ab import DEFAULT_METRICS, MetricConfig
+
+    assert Metric("x", "x").margin == MetricConfig(name="x").margin == 0.10
+    assert [m.margin for m in DEFAULT_METRICS if m.guardrail] == [0.10, 0.10]
