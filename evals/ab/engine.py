@@ -471,7 +471,8 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
                               "sd": math.sqrt(agg.var[i]), "ci_low": float(agg.mean[i] - q * se),
                               "ci_high": float(agg.mean[i] + q * se)})
         for t in range(1, V):
-            why = _too_few(m, {names[0]: agg.n[0], names[t]: agg.n[t]}) or _overflowed(m, overflow & {names[0], names[t]})
+            why = (_too_few(m, {names[0]: agg.n[0], names[t]: agg.n[t]})
+                   or _overflowed(m, overflow & {names[0], names[t]}))
             res = None if why else _compare_independent(m, kind, agg, 0, t, names, s, cuped_info, max_rows)
             why = why or _nonfinite(res)
             if why:
