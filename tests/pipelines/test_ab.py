@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.ab import AbConfig, run_ab
-from pipelines.cli import app
-from pipelines.config import ConfigError
+from flywheel.pipelines.ab import AbConfig, run_ab
+from flywheel.pipelines.cli import app
+from flywheel.pipelines.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -18,7 +18,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def demo_logs(tmp_path_factory):
-    from pipelines.demo_logs import write_demo_logs
+    from flywheel.mining.demo_logs import write_demo_logs
 
     p = tmp_path_factory.mktemp("ablogs") / "logs.jsonl"
     write_demo_logs(p, n=300, seed=1)
@@ -83,7 +83,7 @@ def test_bad_config_and_input_are_one_line_errors(tmp_path):
     res = runner.invoke(app, ["ab", "analyze", "x.jsonl", "nonsense_key=1"])
     assert isinstance(res.exception, ConfigError) and "nonsense_key: unknown key" in str(res.exception)
     (tmp_path / "a.jsonl").write_text('{"user_id": 1, "prompt_variant": "v1", "rating": 4}\n')
-    out = subprocess.run([sys.executable, "-m", "pipelines", "ab", "analyze", str(tmp_path / "a.jsonl"),
+    out = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "ab", "analyze", str(tmp_path / "a.jsonl"),
                           "--metric", "rating", "log_mlflow=false"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "only one variant" in out.stderr and "Traceback" not in out.stderr
 
@@ -133,7 +133,7 @@ def test_guardrail_missing_in_one_arm_is_not_a_ship(tmp_path):
 def test_unreadable_inputs_are_one_line_errors(tmp_path):
     import random
 
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     junk = random.Random(0).randbytes(3000)
     cases = {"r.csv": (junk, "not a UTF-8 CSV file"), "r.parquet": (junk, "not a readable Parquet file"),
@@ -146,15 +146,15 @@ def test_unreadable_inputs_are_one_line_errors(tmp_path):
         res = runner.invoke(app, ["ab", "analyze", str(tmp_path / name), "--metric", "rating", "log_mlflow=false"])
         assert isinstance(res.exception, InputError) and msg in str(res.exception), (name, res.exception)
         assert "\n" not in str(res.exception)
-    out = subprocess.run([sys.executable, "-m", "pipelines", "ab", "analyze", str(tmp_path / "ragged.csv"),
+    out = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "ab", "analyze", str(tmp_path / "ragged.csv"),
                           "log_mlflow=false"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_guardrail_margin_default_is_one_number():
     """The engine (Python callers) and the CLI config must not disagree on the default margin."""
-    from evals.ab.engine import Metric
-    from pipelines.ab import DEFAULT_METRICS, MetricConfig
+    from flywheel.evals.ab.engine import Metric
+    from flywheel.pipelines.ab import DEFAULT_METRICS, MetricConfig
 
     assert Metric("x", "x").margin == MetricConfig(name="x").margin == 0.10
     assert [m.margin for m in DEFAULT_METRICS if m.guardrail] == [0.10, 0.10]

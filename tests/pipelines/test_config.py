@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field, ValidationError
 
-from pipelines.config import (ConfigError, StageConfig, apply_overrides, format_validation_error, load_config,
+from flywheel.pipelines.config import (ConfigError, StageConfig, apply_overrides, format_validation_error, load_config,
                               split_args)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,15 +132,15 @@ def test_huge_integers_and_binary_files_are_one_line_errors(tmp_path):
     binary = _write(tmp_path, b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "b.yaml")
     with pytest.raises(ConfigError, match=r"b\.yaml: not a UTF-8 text file \(byte 0x89 at offset 0\)"):
         load_config(Num, binary)
-    out = subprocess.run([sys.executable, "-m", "pipelines", "ab", "analyze", "x.jsonl", "--config", str(binary)],
+    out = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "ab", "analyze", "x.jsonl", "--config", str(binary)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "not a UTF-8 text file" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_bounds_on_training_steps_and_mine_workers():
-    from pipelines.mine import MineConfig, usable_cpus
-    from pipelines.train import TrainConfig
+    from flywheel.pipelines.mine import MineConfig, usable_cpus
+    from flywheel.pipelines.train import TrainConfig
 
     with pytest.raises(ConfigError, match="max_steps: .*greater than or equal to -1"):
         load_config(TrainConfig, None, ["max_steps=-100"])
@@ -161,8 +161,8 @@ def test_an_existing_path_with_equals_sign_is_an_input(tmp_path, monkeypatch):
 def test_mine_cli_reads_a_path_with_equals_sign(tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
-    from pipelines.demo_logs import write_demo_logs
+    from flywheel.pipelines.cli import app
+    from flywheel.mining.demo_logs import write_demo_logs
 
     logs = tmp_path / "logs_v=2.jsonl"
     write_demo_logs(logs, n=60, seed=0)
