@@ -27,7 +27,8 @@ from typing import Literal
 import typer
 from pydantic import Field, field_validator
 
-from flywheel.pipelines.config import StageConfig, flatten, load_config
+from flywheel.evals.ab.verdict import GUARDRAIL_MARGIN
+from flywheel.pipelines.config import StageConfig, flatten, load_config, split_args
 
 
 class MetricConfig(StageConfig):
@@ -39,7 +40,7 @@ class MetricConfig(StageConfig):
     max: float | None = None
     higher_is_better: bool = True
     guardrail: bool = False  # non-inferiority test: not worse than the control by more than `margin`
-    margin: float = Field(0.10, ge=0)
+    margin: float = Field(GUARDRAIL_MARGIN, ge=0)
     margin_relative: bool = True  # margin as a fraction of the control mean
     covariate: str | None = None  # CUPED: pre-period column of the same unit
 
@@ -57,10 +58,8 @@ class SequentialConfig(StageConfig):
 DEFAULT_METRICS = [
     MetricConfig(name="rating", column="rating", kind="ordinal", min=1, max=5),
     MetricConfig(name="success", column="rating", kind="rate", threshold=4, min=1, max=5),
-    MetricConfig(name="latency_ms", column="latency_ms", kind="mean", guardrail=True, higher_is_better=False,
-                 margin=0.10, min=0),
-    MetricConfig(name="tokens", column="tokens", kind="mean", guardrail=True, higher_is_better=False,
-                 margin=0.10, min=0),
+    MetricConfig(name="latency_ms", column="latency_ms", kind="mean", guardrail=True, higher_is_better=False, min=0),
+    MetricConfig(name="tokens", column="tokens", kind="mean", guardrail=True, higher_is_better=False, min=0),
 ]
 
 
@@ -265,6 +264,8 @@ def print_report(report: dict) -> None:
     color = {"ok": "green", "warning": "yellow", "alert": "red"}.get(srm["status"], "white")
     con.print(f"SRM: [{color}]{srm['status']}[/] (chi-square p={_fmt(srm.get('p_value'))}, observed "
               f"{srm.get('observed')}, expected {srm.get('expected')})")
+    for w in report.get("warnings", []):
+        con.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
     t = Table(title=f"comparisons vs {report['control']} (estimate = treatment - control; "
                     f"p_adj: {report['correction']})", show_lines=False)
     for col in ("variant", "metric", "test", "n c/t", "mean c -> t", "estimate [CI]", "lift [CI]", "p", "p_adj",
@@ -317,8 +318,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="replace an existing --out directory Flywheel did not write"),
     ) -> None:
         """Variant vs control for each metric: tests, CIs, corrections, SRM, sequential, verdicts."""
-        extra = [a for a in args if "=" in a and not Path(a).exists()]
-        paths = [a for a in args if a not in extra]
+        paths, extra = split_args(args)
         if not paths:
             raise typer.BadParameter("give at least one LOGS file")
         cfg = load_config(AbConfig, config, extra)

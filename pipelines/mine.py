@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 import typer
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.pipelines.config import StageConfig, load_config, split_args
 
 # Keys that change how fast a run goes or where it is logged, never what it writes: kept out of the version.
 RUNTIME_KEYS = ("workers", "batch_size", "tracking_uri", "log_mlflow", "progress")
@@ -68,6 +68,24 @@ class MineConfig(StageConfig):
     tracking_uri: str | None = None
     log_mlflow: bool = True
     progress: bool = True
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_fit_cpus(cls, v: int) -> int:
+        # more processes than CPUs only adds fork and pickling overhead (and memory: each holds a batch)
+        cpus = usable_cpus()
+        if v > cpus:
+            raise ValueError(f"workers={v} is more than the {cpus} CPUs this process may use; use at most {cpus} "
+                             "(0 picks min(2, CPUs))")
+        return v
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------------------------ the work
@@ -166,7 +184,7 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, forc
         if fmt in ("oasst1", "oasst2", "hh") and f.suffix.lower() not in (".jsonl", ".json"):
             raise InputError(f"{f}: format {fmt} is JSONL only")
     s = _settings(cfg)
-    workers = cfg.workers or min(2, os.cpu_count() or 1)
+    workers = cfg.workers or min(2, usable_cpus())
     per_input = [{"path": readers.display_name(f), "sha256": sha256_file(f), "format": fmt, "read": 0, "kept": 0,
                   "rejected": 0, "filtered": Counter()} for f, fmt in zip(files, fmts)]
     pii_counts: Counter = Counter()
@@ -378,9 +396,8 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="replace an existing --out directory Flywheel did not write"),
     ) -> None:
         """Rated chat logs -> versioned SFT + preference JSONL, tracked in MLflow (`flywheel/mine`)."""
-        # One variadic argument holds both: an argument with '=' is an override (input paths never have one).
-        extra = [a for a in args if "=" in a]
-        paths = [a for a in args if "=" not in a]
+        # One variadic argument holds both: an argument with '=' is an override unless it names an existing path.
+        paths, extra = split_args(args)
         if not paths:
             raise typer.BadParameter("give at least one INPUT file or directory")
         cfg = load_config(MineConfig, config, extra)

@@ -69,7 +69,7 @@ class TrainConfig(StageConfig):
     warmup_steps: float = Field(0, ge=0)       # < 1 is a ratio of total steps
     weight_decay: float = Field(0.0, ge=0)
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1                        # > 0 overrides epochs
+    max_steps: int = Field(-1, ge=-1)          # > 0 overrides epochs; -1 = train for `epochs`
     batch_size: int = Field(2, gt=0)
     grad_accum: int = Field(1, gt=0)
     eval_every: int = Field(20, ge=0)          # steps; 0 = no periodic eval

@@ -47,10 +47,10 @@ def load_table(paths: Iterable[str | Path], columns: list[str]) -> tuple["pd.Dat
         suffix = "".join(p.suffixes[-2:]).lower() if p.suffix == ".gz" else p.suffix.lower()
         if suffix in (".csv", ".tsv", ".csv.gz"):
             sep = "\t" if suffix == ".tsv" else ","
-            df = pd.read_csv(p, sep=sep, low_memory=False)
+            df = _read_or_explain(p, "CSV", lambda: pd.read_csv(p, sep=sep, low_memory=False))
             df["_line"] = _csv_start_lines(p, sep, len(df))
         elif suffix in (".parquet", ".pq"):
-            df = pd.read_parquet(p)
+            df = _read_or_explain(p, "Parquet", lambda: pd.read_parquet(p))
             df["_line"] = np.arange(1, len(df) + 1)
         elif suffix in (".jsonl", ".ndjson", ".json"):
             df = _read_json(p, cols, problems)
@@ -69,6 +69,22 @@ def load_table(paths: Iterable[str | Path], columns: list[str]) -> tuple["pd.Dat
         raise InputError("no input files given")
     out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     return out, problems
+
+
+def _read_or_explain(p: Path, kind: str, read):
+    """`read()`, with the parser's complaint about a corrupt, binary or ragged file turned into one line."""
+    import pandas as pd
+
+    try:
+        return read()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: not a UTF-8 {kind} file (byte {e.object[e.start]:#04x} at offset {e.start})"
+                         ) from None
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{p}: empty {kind} file (no header row)") from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        msg = " ".join(str(e).split())[:200]
+        raise InputError(f"{p}: not a readable {kind} file ({msg})") from None
 
 
 def _csv_start_lines(p: Path, sep: str, n_rows: int, max_bytes: int = 100 << 20) -> np.ndarray:
@@ -101,6 +117,7 @@ def _read_json(p: Path, cols: list[str], problems: dict):
         loads = json.loads
     text = p.read_bytes()
     head = text.lstrip()[:1]
+    bad_before = problems["invalid_json"]
     records: list[tuple[int, dict]] = []
     if head == b"[":
         try:
@@ -118,6 +135,9 @@ def _read_json(p: Path, cols: list[str], problems: dict):
                 problems["invalid_json"] += 1
                 if len(problems["examples"]) < 10:
                     problems["examples"].append(f"{p}:{i}: invalid JSON ({str(e)[:60]})")
+    if not records and problems["invalid_json"] > bad_before:
+        raise InputError(f"{p}: none of its {problems['invalid_json'] - bad_before} non-empty lines is a JSON "
+                         "object; is it JSONL?")
     data = {c: [] for c in cols}
     lines = []
     for i, r in records:

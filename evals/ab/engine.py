@@ -30,7 +30,7 @@ from flywheel.evals.ab.data import to_numeric
 from flywheel.evals.ab.multiple import adjust_pvalues
 from flywheel.evals.ab.paired import ORDINAL_MAX_LEVELS, compare_paired
 from flywheel.evals.ab.srm import srm_check
-from flywheel.evals.ab.verdict import decide
+from flywheel.evals.ab.verdict import GUARDRAIL_MARGIN, decide
 from flywheel.foundation.errors import InputError
 
 KINDS = ("auto", "mean", "ordinal", "rate")
@@ -46,7 +46,7 @@ class Metric:
     max: float | None = None
     higher_is_better: bool = True
     guardrail: bool = False           # tested for non-inferiority within `margin`
-    margin: float = 0.05              # guardrail margin, relative to the control mean unless margin_relative=False
+    margin: float = GUARDRAIL_MARGIN  # guardrail margin, relative to the control mean unless margin_relative=False
     margin_relative: bool = True
     covariate: str | None = None      # CUPED pre-period column
 
@@ -82,6 +82,7 @@ class _Problems:
     def __init__(self, max_examples: int):
         self.counts: Counter = Counter()
         self.warnings: list[str] = []
+        self.units_in_multiple_variants = 0
         self.examples: dict[str, list[str]] = {}
         self.max = max_examples
 
@@ -155,6 +156,9 @@ def _unit_codes(df, s: Settings, vcodes: np.ndarray, probs: _Problems) -> tuple[
                          " (pass --unit COL, or unit=null to treat each row as a unit)")
     ucodes, uniq = pd.factorize(df[s.unit], use_na_sentinel=True)
     ucodes = ucodes.astype(np.int64)
+    if len(ucodes) and not (ucodes >= 0).any():
+        raise InputError(f"unit column {s.unit!r} is empty in every row (pass --unit COL for the right column, or "
+                         "--unit none to treat each row as a unit)")
     miss = (ucodes < 0) & (vcodes >= 0)
     probs.add("missing_unit", miss, df, s.unit)
     vcodes = np.where(ucodes < 0, -1, vcodes)
@@ -169,6 +173,10 @@ def _unit_codes(df, s: Settings, vcodes: np.ndarray, probs: _Problems) -> tuple[
             # A unit seen in two variants was exposed to both: its outcomes belong to neither arm.
             mask = ok & multi[np.where(ucodes >= 0, ucodes, 0)]
             probs.add("unit_in_multiple_variants", mask, df, s.unit)
+            probs.units_in_multiple_variants = int(multi.sum())
+            probs.warnings.append(
+                f"{int(multi.sum())} unit(s) appear in more than one variant ({int(mask.sum())} rows excluded): "
+                "assignment is broken for them (a unit must stay in one arm); check the randomisation")
             vcodes = np.where(mask, -1, vcodes)
     return ucodes, vcodes
 
@@ -309,8 +317,9 @@ def _compare_independent(m: Metric, kind: str, agg: Agg, c: int, t: int, names: 
            "sd_control": math.sqrt(agg.var[c]), "sd_treatment": math.sqrt(agg.var[t])}
     warnings = []
     if agg.var[c] == 0 and agg.var[t] == 0:
+        # no sampling noise: the observed difference is the difference (p = 1 if none, else 0), no test needed
         warnings.append(f"zero variance in both arms ({m.name} is constant: {agg.mean[c]:g} vs {agg.mean[t]:g}); "
-                        "the test is degenerate")
+                        + ("no difference" if agg.mean[c] == agg.mean[t] else "the difference is exact"))
     binary = kind == "rate" and max_rows_per_unit == 1 and cuped_info is None
     if binary:
         xc, xt = round(agg.mean[c] * nc), round(agg.mean[t] * nt)
@@ -431,6 +440,7 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
     srm = srm_check(observed, s.allocation, warn_p=s.srm_warning_p, alert_p=s.srm_alert_p)
 
     comparisons, summaries, kinds = [], [], {}
+    not_evaluated: list[dict] = []  # variant x metric pairs that no test could be run on, with the reason
     plan: dict[str, dict] = {}
     cache: dict = {}  # column -> parsed values: rating and success read the same column
     for m in metrics:
@@ -449,11 +459,11 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
             xu, _, _ = _collapse(x, ok, vcodes, ucodes)
             yu, cuped_info = cuped_adjust(yu, xu)
         discrete = kind in ("ordinal", "rate") and cuped_info is None
-        agg = aggregate(yu, vu, V, discrete=discrete, buckets=s.buckets)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below and reported per arm
+            agg = aggregate(yu, vu, V, discrete=discrete, buckets=s.buckets)
+        overflow = {names[i] for i in range(V) if agg.n[i] and not np.isfinite([agg.mean[i], agg.var[i]]).all()}
         for i, n in enumerate(names):
-            if agg.n[i] == 0:
-                if i == 0:
-                    raise InputError(f"control {n!r} has no usable values for metric {m.name}")
+            if agg.n[i] == 0 or n in overflow:
                 continue
             se = math.sqrt(agg.var[i] / agg.n[i]) if agg.n[i] > 1 else float("nan")
             q = _tq(s.alpha, agg.n[i] - 1)
@@ -461,9 +471,14 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
                               "sd": math.sqrt(agg.var[i]), "ci_low": float(agg.mean[i] - q * se),
                               "ci_high": float(agg.mean[i] + q * se)})
         for t in range(1, V):
-            if agg.n[t] == 0:
-                continue
-            comparisons.append(_compare_independent(m, kind, agg, 0, t, names, s, cuped_info, max_rows))
+            why = (_too_few(m, {names[0]: agg.n[0], names[t]: agg.n[t]})
+                   or _overflowed(m, overflow & {names[0], names[t]}))
+            res = None if why else _compare_independent(m, kind, agg, 0, t, names, s, cuped_info, max_rows)
+            why = why or _nonfinite(res)
+            if why:
+                not_evaluated.append(_not_evaluated(m, names[t], why))
+            else:
+                comparisons.append(res)
         if m.name == primary:
             plan = _plan_independent(m, kind, agg, names, s)
 
@@ -472,9 +487,41 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
     for v in names[1:]:
         mine = [c for c in comparisons if c["variant"] == v]
         verdicts[v] = decide(v, mine, srm=srm, alpha=s.alpha, primary=primary, sample_needed=plan.get(v),
-                             sequential=s.decision == "sequential")
+                             sequential=s.decision == "sequential",
+                             not_evaluated=[x for x in not_evaluated if x["variant"] == v])
     return _report("independent", df, names, probs, srm, summaries, comparisons, verdicts, s, metrics, kinds,
-                   primary, units={n: int(units[i]) for i, n in enumerate(names)})
+                   primary, units={n: int(units[i]) for i, n in enumerate(names)}, not_evaluated=not_evaluated)
+
+
+def _too_few(m: Metric, n_by_arm: dict[str, float]) -> str | None:
+    """Why `m` cannot be tested between these arms (fewer than 2 units with usable values in one), or None."""
+    short = {v: int(n) for v, n in n_by_arm.items() if n < 2}
+    if not short:
+        return None
+    return ", ".join(f"{v} has {n} unit{'s' if n != 1 else ''} with usable {m.name} values" for v, n in short.items()
+                     ) + " (a test needs at least 2 per arm)"
+
+
+def _overflowed(m: Metric, arms: set[str]) -> str | None:
+    if not arms:
+        return None
+    return (f"the sum or variance of {m.name} overflows double precision in {', '.join(sorted(arms))} (values near "
+            "1e308?); rescale the metric (e.g. to thousands) before comparing")
+
+
+def _nonfinite(res: dict) -> str | None:
+    """Why a computed comparison cannot be trusted (sums or variances overflowed to inf/NaN), or None."""
+    bad = [k for k in ("mean_control", "mean_treatment", "sd_control", "sd_treatment", "estimate", "se")
+           if not math.isfinite(res[k])]
+    if not bad:
+        return None
+    return (f"non-finite {', '.join(bad)}: the values overflow double precision (magnitudes near 1e308?); "
+            "rescale the metric (e.g. to thousands) before comparing")
+
+
+def _not_evaluated(m: Metric, variant: str, reason: str) -> dict:
+    return {"variant": variant, "metric": m.name, "role": "guardrail" if m.guardrail else "primary/secondary",
+            "reason": reason}
 
 
 def _tq(alpha: float, df: float) -> float:
@@ -508,6 +555,8 @@ def _plan_independent(m: Metric, kind: str, agg: Agg, names: list[str], s: Setti
     mde_abs = s.mde * abs(base) if s.mde_relative else s.mde
     for t in range(1, len(names)):
         have = int(min(agg.n[0], agg.n[t]))
+        if have < 2 or not np.isfinite([base, agg.var[0], agg.var[t]]).all():  # not evaluated: nothing to plan with
+            continue
         try:
             if kind == "rate" and 0 < base < 1:
                 need = power.n_for_proportion(base, mde_abs if base + mde_abs < 1 else -mde_abs, alpha=s.alpha,
@@ -535,6 +584,7 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
     vcodes = np.where(miss, -1, vcodes)
     V = len(names)
     comparisons, summaries, kinds, plan = [], [], {}, {}
+    not_evaluated: list[dict] = []
     counts = {}
     rng = np.random.default_rng(s.seed)
     for m in metrics:
@@ -549,8 +599,6 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
         counts[m.name] = {names[int(k)]: int(wide[k].notna().sum()) for k in wide.columns}
         for i in range(V):
             if i not in wide.columns:
-                if i == 0:
-                    raise InputError(f"control {names[0]!r} has no usable values for metric {m.name}")
                 continue
             col = wide[i].dropna().to_numpy()
             if col.size:
@@ -560,7 +608,11 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
                                   "sd": float(col.std(ddof=1)) if col.size > 1 else float("nan"),
                                   "ci_low": float(col.mean() - q * se), "ci_high": float(col.mean() + q * se)})
         for t in range(1, V):
-            if t not in wide.columns:
+            pairs = int(wide[[0, t]].notna().all(axis=1).sum()) if {0, t} <= set(wide.columns) else 0
+            if pairs < 2:
+                not_evaluated.append(_not_evaluated(m, names[t], f"{pairs} item{'s' if pairs != 1 else ''} with "
+                                                    f"usable {m.name} values under both {names[0]} and {names[t]}"
+                                                    " (a paired test needs at least 2)"))
                 continue
             both = wide[[0, t]]
             incomplete = int(both.notna().any(axis=1).sum() - both.notna().all(axis=1).sum())
@@ -598,6 +650,11 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
                                    "ci_low": sq["ci_low"], "ci_high": sq["ci_high"]}
             if m.guardrail:
                 _noninferiority(r, m, se, r["n"] - 1, s.alpha)
+            why = _nonfinite({"mean_control": r["control_mean"], "mean_treatment": r["treatment_mean"],
+                              "sd_control": 0.0, "sd_treatment": r["sd_diff"], "estimate": r["estimate"], "se": se})
+            if why:
+                not_evaluated.append(_not_evaluated(m, names[t], why))
+                continue
             comparisons.append(r)
             if m.name == primary and r["sd_diff"] > 0:
                 mde_abs = s.mde * abs(c_mean) if s.mde_relative else s.mde
@@ -612,10 +669,11 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
     srm["note"] = "paired design: items scored per variant vs an equal count"
     _adjust(comparisons, s)
     verdicts = {v: decide(v, [c for c in comparisons if c["variant"] == v], srm=srm, alpha=s.alpha,
-                          primary=primary, sample_needed=plan.get(v), sequential=s.decision == "sequential")
+                          primary=primary, sample_needed=plan.get(v), sequential=s.decision == "sequential",
+                          not_evaluated=[x for x in not_evaluated if x["variant"] == v])
                 for v in names[1:]}
     return _report("paired", df, names, probs, srm, summaries, comparisons, verdicts, s, metrics, kinds, primary,
-                   units=counts[primary])
+                   units=counts[primary], not_evaluated=not_evaluated)
 
 
 def _zq(alpha: float) -> float:
@@ -624,8 +682,9 @@ def _zq(alpha: float) -> float:
     return float(sst.norm.ppf(1 - alpha / 2))
 
 
-def _report(design, df, names, probs, srm, summaries, comparisons, verdicts, s, metrics, kinds, primary, units):
-    for c in comparisons:
+def _report(design, df, names, probs, srm, summaries, comparisons, verdicts, s, metrics, kinds, primary, units,
+            not_evaluated=()):
+    for c in [*comparisons, *not_evaluated]:
         if c["role"] == "primary/secondary":
             c["role"] = "primary" if c["metric"] == primary else "secondary"
     n_read = int(len(df)) + int(probs.counts.get("invalid_json", 0))
@@ -643,11 +702,15 @@ def _report(design, df, names, probs, srm, summaries, comparisons, verdicts, s, 
         "decision_basis": s.decision,
         "rows": {"read": n_read, "excluded": sum(row_level.values()),
                  "used": n_read - sum(row_level.values()), **probs.as_dict()},
+        "units_in_multiple_variants": probs.units_in_multiple_variants,
         "srm": srm,
         "warnings": probs.warnings + [f"{c['variant']} / {c['metric']}: {c['warning']}" for c in comparisons
-                                      if c.get("warning")],
+                                      if c.get("warning")]
+                    + [f"{x['variant']} / {x['metric']} ({x['role']}) not evaluated: {x['reason']}"
+                       for x in not_evaluated],
         "summaries": summaries,
         "comparisons": comparisons,
+        "not_evaluated": list(not_evaluated),
         "verdicts": verdicts,
         "notes": {
             "bayesian": "bayesian.chance_to_beat_control and expected_loss are posterior quantities (flat prior, "

@@ -271,3 +271,90 @@ def test_sequential_decision_is_more_conservative():
     assert c["sequential"]["ci_low"] <= c["ci_low"] and c["sequential"]["ci_high"] >= c["ci_high"]
     assert seq["verdicts"]["b"]["basis"].startswith("always-valid")
     assert fixed["verdicts"]["b"]["basis"].startswith("fixed")
+
+
+def test_guardrail_without_data_in_one_arm_blocks_ship():
+    """A guardrail that cannot be evaluated must not vanish from the verdict: 'ship' needs it shown non-inferior."""
+    s = Settings(control="a")
+    for arm in ("b", "a"):
+        df = _frame(3000, 3000, effect=0.3)
+        df.loc[df.prompt_variant == arm, "latency_ms"] = np.nan
+        rep = analyze(df, METRICS2, s)
+        v = rep["verdicts"]["b"]
+        assert v["decision"] == "invalid", (arm, v)
+        assert any("guardrail latency_ms cannot be evaluated" in r and f"{arm} has 0 units" in r
+                   for r in v["reasons"])
+        assert rep["not_evaluated"] == [{"variant": "b", "metric": "latency_ms", "role": "guardrail",
+                                         "reason": rep["not_evaluated"][0]["reason"]}]
+        assert any("latency_ms (guardrail) not evaluated" in w for w in rep["warnings"])
+        json.dumps(rep, allow_nan=False)
+    # one usable unit is as blind as none
+    df = _frame(3000, 3000, effect=0.3)
+    df.loc[(df.prompt_variant == "b") & (df.user_id != 5000), "latency_ms"] = np.nan
+    assert analyze(df, METRICS2, s)["verdicts"]["b"]["decision"] == "invalid"
+
+
+def test_primary_without_data_in_one_arm_is_invalid_with_reason():
+    df = _frame(300, 300, effect=0.3)
+    df.loc[df.prompt_variant == "b", "rating"] = np.nan
+    v = analyze(df, METRICS2, Settings(control="a"))["verdicts"]["b"]
+    assert v["decision"] == "invalid"
+    assert v["reasons"] == ["primary metric rating cannot be evaluated: b has 0 units with usable rating values "
+                            "(a test needs at least 2 per arm)"]
+
+
+def test_paired_guardrail_without_data_blocks_ship():
+    rng = np.random.default_rng(1)
+    items = np.repeat(np.arange(400), 2)
+    arm = np.tile(["a", "b"], 400)
+    score = rng.normal(3, 1, 800) + 0.5 * (arm == "b")
+    lat = np.where(arm == "b", np.nan, rng.normal(1000, 50, 800))
+    df = pd.DataFrame({"item": items, "arm": arm, "score": score, "lat": lat})
+    metrics = [Metric("score", "score", kind="mean"),
+               Metric("lat", "lat", kind="mean", guardrail=True, higher_is_better=False, margin=0.1)]
+    rep = analyze(df, metrics, Settings(variant="arm", unit="item", control="a", paired=True))
+    assert rep["verdicts"]["b"]["decision"] == "invalid"
+    assert "guardrail lat cannot be evaluated: 0 items" in rep["verdicts"]["b"]["reasons"][0]
+
+
+def test_overflowing_values_are_named_not_tested():
+    """Values near 1e308: sums overflow to inf. The report says so instead of a wrong reason or a 'ship'."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"user_id": range(200), "prompt_variant": ["a", "b"] * 100,
+                       "x": rng.choice([0.5e308, 1e308, 1.5e308], 200)})
+    rep = analyze(df, [Metric("x", "x", kind="mean")], Settings(control="a"))
+    assert rep["comparisons"] == [] and rep["summaries"] == []
+    (ne,) = rep["not_evaluated"]
+    assert "overflows double precision in a, b" in ne["reason"]
+    v = rep["verdicts"]["b"]
+    assert v["decision"] == "invalid" and "primary metric x cannot be evaluated: the sum or variance" in v["reasons"][0]
+    json.dumps(rep, allow_nan=False)
+
+
+def test_units_in_both_variants_are_a_visible_warning():
+    df = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u3", "u4", "u4", "u5", "u6"],
+                       "prompt_variant": ["a", "b", "a", "a", "b", "a", "b", "b"],
+                       "rating": [5, 5, 2, 3, 4, 2, 4, 5]})
+    rep = analyze(df, [Metric("rating", "rating", kind="mean")], Settings(control="a", sequential=False))
+    assert rep["units_in_multiple_variants"] == 2
+    assert any(w.startswith("2 unit(s) appear in more than one variant (4 rows excluded)") for w in rep["warnings"])
+    clean = analyze(_frame(20, 20), METRICS2, Settings(control="a"))
+    assert clean["units_in_multiple_variants"] == 0 and not any("more than one variant" in w
+                                                                 for w in clean["warnings"])
+
+
+def test_zero_variance_verdicts_are_determinate():
+    same = pd.DataFrame({"user_id": range(40), "prompt_variant": ["a", "b"] * 20, "rating": [4] * 40})
+    v = analyze(same, [Metric("rating", "rating", kind="mean")], Settings(control="a"))["verdicts"]["b"]
+    assert v["decision"] == "don't ship" and v["sample_still_needed_per_arm"] == 0
+    assert v["reasons"][0].startswith("no difference: rating is 4 for every unit in both arms (zero variance)")
+    diff = same.assign(rating=np.where(same.prompt_variant == "b", 5, 4))
+    rep = analyze(diff, [Metric("rating", "rating", kind="mean")], Settings(control="a"))
+    assert rep["verdicts"]["b"]["decision"] == "ship"
+    assert "the difference is exact" in C(rep, "b", "rating")["warning"]
+
+
+def test_empty_unit_column_is_one_clear_error():
+    df = _frame(20, 20).assign(user_id=None)
+    with pytest.raises(InputError, match="unit column 'user_id' is empty in every row .*--unit none"):
+        analyze(df, METRICS2, Settings(control="a"))

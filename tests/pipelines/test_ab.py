@@ -106,3 +106,55 @@ def test_module_imports_stay_light():
     code = "import sys, flywheel.pipelines.ab; bad = [m for m in ('numpy', 'scipy', 'pandas', 'mlflow') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_guardrail_missing_in_one_arm_is_not_a_ship(tmp_path):
+    """v2 never logged latency: the CLI says the guardrail cannot be evaluated and does not ship."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for u in range(2000):
+        v = "v1" if u % 2 else "v2"
+        r = {"user_id": u, "prompt_variant": v, "rating": min(5, max(1, round(rng.gauss(3.3 + (v == "v2"), 1))))}
+        if v == "v1":
+            r["latency_ms"], r["tokens"] = rng.gauss(900, 50), rng.gauss(200, 20)
+        else:
+            r["tokens"] = rng.gauss(200, 20)
+        rows.append(json.dumps(r))
+    (tmp_path / "l.jsonl").write_text("\n".join(rows) + "\n")
+    res = runner.invoke(app, ["ab", "analyze", str(tmp_path / "l.jsonl"), "--config", str(ROOT / "configs/ab.yaml"),
+                              "log_mlflow=false"])
+    assert res.exit_code == 0, res.output
+    assert "INVALID" in res.stdout and "guardrail latency_ms cannot be evaluated" in res.stdout
+    assert "SHIP" not in res.stdout.replace("DON'T SHIP", "")
+
+
+def test_unreadable_inputs_are_one_line_errors(tmp_path):
+    import random
+
+    from flywheel.foundation.errors import InputError
+
+    junk = random.Random(0).randbytes(3000)
+    cases = {"r.csv": (junk, "not a UTF-8 CSV file"), "r.parquet": (junk, "not a readable Parquet file"),
+             "r.jsonl": (junk, "non-empty lines is a JSON object; is it JSONL?"),
+             "ragged.csv": (b"user_id,prompt_variant,rating\n1,v1,4\n2,v2,5,7,8\n", "Expected 3 fields in line 3"),
+             "nounit.csv": (b"user_id,prompt_variant,rating\n" + b"".join(b",v%d,4\n" % (i % 2 + 1) for i in range(20)),
+                            "unit column 'user_id' is empty in every row")}
+    for name, (data, msg) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        res = runner.invoke(app, ["ab", "analyze", str(tmp_path / name), "--metric", "rating", "log_mlflow=false"])
+        assert isinstance(res.exception, InputError) and msg in str(res.exception), (name, res.exception)
+        assert "\n" not in str(res.exception)
+    out = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "ab", "analyze", str(tmp_path / "ragged.csv"),
+                          "log_mlflow=false"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_guardrail_margin_default_is_one_number():
+    """The engine (Python callers) and the CLI config must not disagree on the default margin."""
+    from flywheel.evals.ab.engine import Metric
+    from flywheel.pipelines.ab import DEFAULT_METRICS, MetricConfig
+
+    assert Metric("x", "x").margin == MetricConfig(name="x").margin == 0.10
+    assert [m.margin for m in DEFAULT_METRICS if m.guardrail] == [0.10, 0.10]
