@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -89,12 +89,19 @@ def check_output_dir(out: str | Path, *, inputs: Iterable[str | Path] = (), forc
     return res
 
 
-def _store_paths() -> list[tuple[Path, bool]]:
-    # The store's location is the shell's business (FLYWHEEL_HOME, MLFLOW_TRACKING_URI); tracking.py imports
-    # nothing heavy at module level, so asking it here keeps one definition of where the store is.
-    from flywheel.pipelines.tracking import store_paths
+# Where the tracking store lives is the shell's business (FLYWHEEL_HOME, MLFLOW_TRACKING_URI): the shell's tracking
+# module registers a function here when it is imported, so this layer never imports the one above it.
+_PROTECTED: list[Callable[[], list[tuple[Path, bool]]]] = []
 
-    return store_paths()
+
+def protect_paths(fn: Callable[[], list[tuple[Path, bool]]]) -> None:
+    """Register `fn() -> [(path, no_inside)]`: outputs must not be or contain `path` (with no_inside, nor be in it)."""
+    if fn not in _PROTECTED:
+        _PROTECTED.append(fn)
+
+
+def _store_paths() -> list[tuple[Path, bool]]:
+    return [p for fn in _PROTECTED for p in fn()]
 
 
 def _clean_stale(final: Path) -> None:

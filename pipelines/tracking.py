@@ -19,6 +19,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from flywheel.foundation.io import protect_paths
+
 STAGES = ("mine", "train", "embeddings", "prompts", "ab", "gate", "publish", "run")
 TAG_STAGE = "flywheel.stage"
 TAG_COMMIT = "flywheel.git_commit"
@@ -56,6 +58,9 @@ def store_paths() -> list[tuple[Path, bool]]:
     elif uri.startswith("file:") or ":" not in uri:  # a file store: runs and artifacts live inside it
         paths.append((Path(uri.removeprefix("file://").removeprefix("file:")).resolve(), True))
     return paths
+
+
+protect_paths(store_paths)  # an output directory never replaces or swallows the store
 
 
 # sqlite URIs whose schema this process has already created or checked under the store lock.
