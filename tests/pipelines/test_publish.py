@@ -225,14 +225,155 @@ def published_gguf(tmp_path_factory, adapter_dir):
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
     try:
-        res = run_publish(str(adapter_dir), out=tmp / "pub", cfg=PublishConfig())
+        res = run_publish(str(adapter_dir), out=tmp / "pub", cfg=PublishConfig(mode="adapter"))
+    finally:
+        mp.undo()
+    return res
+
+
+@pytest.fixture(scope="module")
+def published_merged(tmp_path_factory, adapter_dir):
+    """One merged f16 publish of a champion with the grounded variant, shared by the merged-mode checks."""
+    _converters_or_skip()
+    tmp = tmp_path_factory.mktemp("merged")
+    mp = pytest.MonkeyPatch()
+    home = tmp / ".flywheel"
+    mp.setenv("FLYWHEEL_HOME", str(home))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    try:
+        uri = champion_from(adapter_dir, tmp, system="filled at promotion: (no context was retrieved for this)",
+                            variant="grounded")
+        res = run_publish(uri, out=tmp / "pub", cfg=PublishConfig())
     finally:
         mp.undo()
     return res
 
 
 @pytest.mark.slow
-def test_publish_with_gguf(published_gguf):
+def test_merged_publish(published_merged, base):
+    from training.export import read_gguf
+
+    out = Path(published_merged["out"])
+    assert sorted(p.name for p in out.iterdir()) == [".gitignore", "Modelfile", "README.md", "lineage.json",
+                                                     "model.gguf"]
+    text = (out / "Modelfile").read_text()
+    parsed = mf.parse(text)
+    assert parsed.get("from") == "./model.gguf" and parsed.get("adapter") is None
+    assert "\nADAPTER" not in text
+    system = parsed.get("system")
+    assert system.startswith("You are a helpful nutrition assistant. Use the context below")
+    assert "no context was retrieved" not in system and "{{" not in system and "Context:" not in system
+
+    info = read_gguf(out / "model.gguf")
+    assert info["type"] in (None, "model") and info["architecture"] == "llama"
+    assert info["chat_template"] == (base.path / "chat_template.jinja").read_text()
+    assert {"<|im_start|>", "<|im_end|>"} <= set(info["tokens"])
+    types = {t["type"] for t in info["tensors"].values()}
+    assert types == {"F16", "F32"} and len(info["tensors"]) == 272  # 30 layers x 9 + embeddings + final norm
+
+    readme = (out / "README.md").read_text()
+    lin = json.loads((out / "lineage.json").read_text())
+    for needle in ("| quantization | `f16` |", "| mode | `merged` |", lin["dataset_version"], lin["train_run"],
+                   lin["gate_run"], "llama-quantize model.gguf", "/api/chat", "<context for this request>"):
+        assert needle in readme, needle
+    assert lin["gguf_check"]["tensors"] == 272
+    assert published_merged["model_gguf"] and published_merged["gguf_adapter"] is None
+    assert not any("v0.34.1" in w for w in published_merged["warnings"])
+    # memory: neither the merge nor the converter holds two copies of the fp32 base
+    fp32 = sum(f.stat().st_size for f in base.path.glob("*.safetensors"))
+    for k in ("merge", "convert"):
+        assert published_merged["peak_rss"][k] < 2 * fp32, (k, published_merged["peak_rss"][k])
+
+
+def _greedy_prompts(tok):
+    prompts = ["What is a good breakfast for an athlete?", "Explain what a LoRA adapter is in one sentence.",
+               "List three vegetables high in iron."]
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+def _kl(p, q):
+    import torch
+
+    lp, lq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum())
+
+
+@pytest.mark.slow
+def test_merged_gguf_matches_peft_in_transformers(published_merged, adapter_dir, base):
+    """Without llama.cpp: transformers dequantizes the published GGUF; greedy tokens must follow PEFT's."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(published_merged["out"])
+    tok = AutoTokenizer.from_pretrained(str(base.path))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32),
+                                     str(adapter_dir)).eval()
+    gguf = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+    same = total = 0
+    kls = []
+    for prompt in _greedy_prompts(tok):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            a = peft.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+            b = gguf.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+            kls.append(_kl(peft(ids).logits[0, -1], gguf(ids).logits[0, -1]))
+        same += int((a == b).sum())
+        total += len(a)
+    print(f"transformers-on-GGUF vs PEFT: {same}/{total} greedy tokens, next-token KL {max(kls):.2e}")
+    assert total == 60 and same >= 58
+    assert max(kls) < 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize, min_same", [("f16", 58), ("q8_0", None)])
+def test_merged_gguf_in_llama_cpp_matches_peft(quantize, min_same, tmp_path, adapter_dir, base, monkeypatch):
+    """llama.cpp greedy on the merged GGUF vs PEFT through the same chat template; q8_0 only reports."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (make llama-cpp)")
+    d = _converters_or_skip()
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.export import convert_hf, merge_lora
+
+    merge_lora(base.path, adapter_dir, tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "model.gguf", d, quantize)
+    tok = AutoTokenizer.from_pretrained(str(base.path))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32),
+                                     str(adapter_dir)).eval()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=512, n_threads=1, logits_all=True,
+                          verbose=False, seed=0)
+    same = total = 0
+    kls = []
+    for prompt in _greedy_prompts(tok):
+        ids = tok(prompt)["input_ids"]
+        with torch.no_grad():
+            a = peft.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+            ref = peft(torch.tensor([ids])).logits[0, -1]
+        b = []
+        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            b.append(t)
+            if len(b) >= 20:
+                break
+        llm.reset()
+        llm.eval(ids)
+        kls.append(_kl(ref, torch.tensor(np.asarray(llm.scores[len(ids) - 1]))))
+        same += sum(int(x == y) for x, y in zip(a, b))
+        total += len(a)
+    print(f"llama.cpp {quantize} vs PEFT: {same}/{total} greedy tokens, next-token KL max {max(kls):.2e}")
+    if min_same is not None:
+        assert same >= min_same
+
+
+@pytest.mark.slow
+def test_publish_adapter_mode_with_gguf(published_gguf):
     out = Path(published_gguf["out"])
     assert check_gguf(out / "adapter.gguf", "adapter")["type"] == "adapter"
     assert check_gguf(out / "base.gguf", "model")["size"] > 100_000_000
