@@ -298,7 +298,7 @@ OLLAMA_NOTES = {
                "imports GGUF files accepts (including v0.34.1 and later, reported to reject `ADAPTER`), and which "
                "llama.cpp loads directly (`llama-cli -m model.gguf`)."],
     "adapter": ["`base.gguf` + `adapter.gguf`: for llama.cpp (`llama-cli -m base.gguf --lora adapter.gguf`) and "
-                "Ollama up to v0.33/v0.34.0, whose `ADAPTER` takes one GGUF adapter. " + ADAPTER_CAVEAT + "."],
+                "Ollama releases before v0.34.1, whose `ADAPTER` takes one GGUF adapter. " + ADAPTER_CAVEAT + "."],
 }
 
 

@@ -139,7 +139,7 @@ def test_adapter_mode_caveat_is_one_warning(mlflow_store, tmp_path, adapter_dir)
 
 
 def test_system_split_keeps_context_out_of_system():
-    from pipelines.publish import split_system, static_system, variant_system
+    from pipelines.publish import split_system, variant_system
 
     static, dynamic, full = variant_system("grounded")
     assert static.startswith("You are a helpful nutrition assistant. Use the context below")
