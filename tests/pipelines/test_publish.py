@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -219,16 +220,22 @@ def published_gguf(tmp_path_factory, adapter_dir):
     """One publish with GGUF adapter and base, shared by the checks below (conversion is the slow part)."""
     _converters_or_skip()
     tmp = tmp_path_factory.mktemp("gguf")
+    with _scratch_home(tmp):
+        return run_publish(str(adapter_dir), out=tmp / "pub", cfg=PublishConfig(mode="adapter"))
+
+
+@contextlib.contextmanager
+def _scratch_home(tmp: Path):
+    """A module-scoped MLflow store and FLYWHEEL_HOME (function-scoped fixtures cannot serve module fixtures)."""
     mp = pytest.MonkeyPatch()
     home = tmp / ".flywheel"
     mp.setenv("FLYWHEEL_HOME", str(home))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
     try:
-        res = run_publish(str(adapter_dir), out=tmp / "pub", cfg=PublishConfig(mode="adapter"))
+        yield
     finally:
         mp.undo()
-    return res
 
 
 @pytest.fixture(scope="module")
@@ -236,18 +243,10 @@ def published_merged(tmp_path_factory, adapter_dir):
     """One merged f16 publish of a champion with the grounded variant, shared by the merged-mode checks."""
     _converters_or_skip()
     tmp = tmp_path_factory.mktemp("merged")
-    mp = pytest.MonkeyPatch()
-    home = tmp / ".flywheel"
-    mp.setenv("FLYWHEEL_HOME", str(home))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    try:
+    with _scratch_home(tmp):
         uri = champion_from(adapter_dir, tmp, system="filled at promotion: (no context was retrieved for this)",
                             variant="grounded")
-        res = run_publish(uri, out=tmp / "pub", cfg=PublishConfig())
-    finally:
-        mp.undo()
-    return res
+        return run_publish(uri, out=tmp / "pub", cfg=PublishConfig())
 
 
 @pytest.mark.slow
