@@ -28,7 +28,7 @@ CASES = [("merged", "f16"), ("merged", "q8_0"), ("adapter", "f16")]
 
 ONE = """
 import json, sys
-from pipelines.publish import PublishConfig, run_publish
+from flywheel.pipelines.publish import PublishConfig, run_publish
 res = run_publish(sys.argv[1], out=sys.argv[2], cfg=PublishConfig(mode=sys.argv[3], quantize=sys.argv[4]))
 print("RESULT " + json.dumps({k: res[k] for k in ("seconds", "peak_rss", "mode", "quantize")}))
 """
@@ -40,8 +40,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from bench.bench_llamacpp import random_adapter
-    from pipelines.publish import converters_dir
-    from training.models import resolve_base_model
+    from flywheel.pipelines.publish import converters_dir
+    from flywheel.training.models import resolve_base_model
 
     if converters_dir() is None:
         print("skipped: llama.cpp converters not installed (make llama-cpp-converters)")

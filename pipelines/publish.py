@@ -20,9 +20,9 @@ Why each choice:
   merged GGUF loads in every llama.cpp-based runtime.
 - The base is checked by hash: the adapter records the sha256 of the weights it was trained on and publish
   refuses any other base. An adapter on the wrong base loads fine and produces gibberish.
-- TEMPLATE and stop tokens are derived from the tokenizer (`pipelines.modelfile.derive_chat_format`), never
+- TEMPLATE and stop tokens are derived from the tokenizer (`flywheel.training.modelfile.derive_chat_format`), never
   typed in; the Modelfile is parsed back before it is written, and the GGUF is read back: GGUF magic, the
-  chat template, every stop token in its vocabulary, tensor count and types as merged (`training.export`).
+  chat template, every stop token in its vocabulary, tensor count and types as merged (`flywheel.training.export`).
 - SYSTEM holds only the variant's static text: fields filled per request (a grounded variant's retrieved
   context) are the application's to send; a placeholder baked into SYSTEM would be answered from forever.
 
@@ -46,8 +46,8 @@ from typing import Any, Literal, Optional
 import typer
 from pydantic import Field, field_validator
 
-from pipelines.config import StageConfig, load_config
-from pipelines.errors import FlywheelError, InputError
+from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.foundation.errors import FlywheelError, InputError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -77,7 +77,7 @@ class PublishConfig(StageConfig):
     @field_validator("quantize")
     @classmethod
     def _converter_type(cls, v: str) -> str:
-        from training.export import ExportError, check_outtype
+        from flywheel.training.export import ExportError, check_outtype
 
         try:
             return check_outtype(v)
@@ -102,7 +102,7 @@ def converters_dir(configured: str | None = None) -> Path | None:
 
 
 def _run_converter(script: Path, args: list[str], timeout: int) -> dict:
-    from training.export import converter_env, run_measured
+    from flywheel.training.export import converter_env, run_measured
 
     m = run_measured([sys.executable, str(script), *args], env=converter_env(), timeout=timeout)
     if m.timed_out:
@@ -131,7 +131,7 @@ def convert_base(base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f1
 
 def check_gguf(path: Path, expect_type: str | None = None) -> dict:
     """Open a GGUF and read `general.type`: llama.cpp segfaults on a bad `lora_path` instead of raising."""
-    from training.export import ExportError, read_gguf
+    from flywheel.training.export import ExportError, read_gguf
 
     try:
         info = read_gguf(path, converters_dir())
@@ -146,7 +146,7 @@ def check_gguf(path: Path, expect_type: str | None = None) -> dict:
 
 def _cached_base_gguf(base_dir: Path, sha256: str, llama_cpp: Path, outtype: str, timeout: int) -> Path:
     """Converting the base takes ~10 s and 270 MB: do it once per base hash, then hard-link into folders."""
-    from pipelines.tracking import flywheel_home
+    from flywheel.pipelines.tracking import flywheel_home
 
     cache = flywheel_home() / "cache" / "gguf" / f"{sha256[:16]}-{outtype}.gguf"
     if not cache.exists():
@@ -204,7 +204,7 @@ def variant_system(variant: str | None) -> tuple[str, str, str] | None:
     """(static, per-request, full template text) of a prompt variant's system prompt, or None if not found."""
     if not variant:
         return None
-    from evals.prompts.templates import load_template
+    from flywheel.evals.prompts.templates import load_template
 
     search = Path(__file__).resolve().parents[1] / "configs" / "prompts"
     try:
@@ -229,7 +229,7 @@ def chat_api_example(name: str, static: str, dynamic: str) -> str:
 def export_merged(adapter_dir: Path, base_dir: Path, tok_dir: Path, chat_template: str, stops: list[str],
                   dest: Path, llama_cpp: Path, quantize: str, timeout: int) -> dict:
     """Merge (child process), convert (child process), check; the merged HF copy lives only beside `dest`."""
-    from training.export import ExportError, check_merged_gguf, convert_hf, merge_in_subprocess
+    from flywheel.training.export import ExportError, check_merged_gguf, convert_hf, merge_in_subprocess
 
     work = dest.parent / ".merged-hf"
     try:
@@ -397,7 +397,7 @@ def _write_adapter_pair(tmp: Path, adapter_dir: Path, info: Any, llama_cpp: Path
 
 def check_modelfile(text: str, folder: Path, mode: str) -> None:
     """Parse what will be written (Ollama's grammar); merged: no ADAPTER; local FROM/ADAPTER files exist."""
-    from pipelines.modelfile import ModelfileError, parse
+    from flywheel.training.modelfile import ModelfileError, parse
 
     try:
         mf = parse(text)
@@ -418,7 +418,7 @@ def chat_format_from_tokenizer(tok_dir: Path, meta: dict):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    from pipelines.modelfile import derive_chat_format
+    from flywheel.training.modelfile import derive_chat_format
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     if meta.get("chat_template"):
@@ -439,10 +439,10 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
     """Publish `model_uri` (models:/name@champion, models:/name/3, runs:/…, run id, adapter dir)."""
     import mlflow
 
-    from pipelines import registry, tracking
-    from pipelines.io import atomic_dir, write_json
-    from pipelines.modelfile import ModelfileSpec, write
-    from training.models import resolve_base_model
+    from flywheel.pipelines import registry, tracking
+    from flywheel.foundation.io import atomic_dir, write_json
+    from flywheel.training.modelfile import ModelfileSpec, write
+    from flywheel.training.models import resolve_base_model
 
     cfg = cfg or PublishConfig()
     tracking.setup(cfg.tracking_uri)

@@ -1,8 +1,8 @@
 """Merge a LoRA adapter into its base, convert the merged model to GGUF, and check the GGUF that came out.
 
-Plain functions over paths and dicts (no MLflow, no CLI framework); `pipelines.publish` orchestrates them.
+Plain functions over paths and dicts (no MLflow, no CLI framework); `flywheel.pipelines.publish` orchestrates them.
 
-    python -m training.export merge BASE_DIR ADAPTER_DIR DEST [--tokenizer DIR] [--chat-template-file F]
+    python -m flywheel.training.export merge BASE_DIR ADAPTER_DIR DEST [--tokenizer DIR] [--chat-template-file F]
 
 Why a merged model: one GGUF with the LoRA folded into the weights is what every llama.cpp-based runtime loads,
 including Ollamas that no longer take an `ADAPTER` line. The merge runs on the full-precision base the adapter
@@ -138,7 +138,7 @@ def merge_lora(base_dir: Path, adapter_dir: Path, dest: Path, *, tokenizer_dir: 
 def merge_in_subprocess(base_dir: Path, adapter_dir: Path, dest: Path, *, tokenizer_dir: Path | None = None,
                         chat_template: str | None = None, timeout: float = 900) -> dict:
     """`merge_lora` in a child process: its memory is returned to the OS before the converter starts."""
-    cmd = [sys.executable, "-m", "training.export", "merge", str(base_dir), str(adapter_dir), str(dest)]
+    cmd = [sys.executable, "-m", "flywheel.training.export", "merge", str(base_dir), str(adapter_dir), str(dest)]
     if tokenizer_dir:
         cmd += ["--tokenizer", str(tokenizer_dir)]
     with tempfile.TemporaryDirectory(prefix="flywheel-merge-") as td:
@@ -292,7 +292,7 @@ def check_merged_gguf(path: Path, *, hf_tensors: dict[str, dict], outtype: str, 
 def _main(argv: list[str]) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m training.export")
+    ap = argparse.ArgumentParser(prog="python -m flywheel.training.export")
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base and save a HF directory")
     m.add_argument("base")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import modelfile as mf
-from pipelines import registry, tracking
-from pipelines.publish import PublishConfig, check_gguf, converters_dir, run_publish
+from flywheel.training import modelfile as mf
+from flywheel.pipelines import registry, tracking
+from flywheel.pipelines.publish import PublishConfig, check_gguf, converters_dir, run_publish
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def _own_registry(monkeypatch):
 
 @pytest.fixture(scope="module")
 def base():
-    from training.models import resolve_base_model
+    from flywheel.training.models import resolve_base_model
 
     return resolve_base_model("smollm2-135m-instruct")
 
@@ -140,7 +140,7 @@ def test_adapter_mode_caveat_is_one_warning(mlflow_store, tmp_path, adapter_dir)
 
 
 def test_system_split_keeps_context_out_of_system():
-    from pipelines.publish import split_system, variant_system
+    from flywheel.pipelines.publish import split_system, variant_system
 
     static, dynamic, full = variant_system("grounded")
     assert static.startswith("You are a helpful nutrition assistant. Use the context below")
@@ -152,15 +152,15 @@ def test_system_split_keeps_context_out_of_system():
 @pytest.mark.parametrize("text", ["Use this: {{ context }}", "Answer using this context:\n{context}", "  \n",
                                   "{% if x %}y{% endif %}"])
 def test_static_system_refuses_fields_and_empty(text):
-    from pipelines.errors import InputError
-    from pipelines.publish import static_system
+    from flywheel.foundation.errors import InputError
+    from flywheel.pipelines.publish import static_system
 
     with pytest.raises(InputError, match="template field|empty"):
         static_system(text, "--system")
 
 
 def test_refuses_system_with_fields(mlflow_store, tmp_path, adapter_dir):
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     uri = champion_from(adapter_dir, tmp_path)
     with pytest.raises(InputError, match="template field"):
@@ -170,7 +170,7 @@ def test_refuses_system_with_fields(mlflow_store, tmp_path, adapter_dir):
 
 
 def test_merged_needs_the_converter(mlflow_store, tmp_path, adapter_dir):
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     uri = champion_from(adapter_dir, tmp_path)
     with pytest.raises(InputError, match="make llama-cpp-converters") as e:
@@ -181,14 +181,14 @@ def test_merged_needs_the_converter(mlflow_store, tmp_path, adapter_dir):
 
 @pytest.mark.parametrize("value, needle", [("q4_k_m", "llama-quantize"), ("int3", "not a GGUF type")])
 def test_quantize_the_converter_cannot_write(value, needle):
-    from pipelines.config import ConfigError, load_config
+    from flywheel.pipelines.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=needle):
         load_config(PublishConfig, None, [f"quantize={value}"])
 
 
 def test_unresolvable_model_uri(mlflow_store, tmp_path):
-    from pipelines.errors import FlywheelError
+    from flywheel.foundation.errors import FlywheelError
 
     with pytest.raises(FlywheelError):
         run_publish("models:/no-such-model@champion", out=tmp_path / "x", cfg=PublishConfig())
@@ -196,7 +196,7 @@ def test_unresolvable_model_uri(mlflow_store, tmp_path):
 
 
 def test_refuses_another_base(mlflow_store, tmp_path, adapter_dir):
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     bad = tmp_path / "bad"
     shutil.copytree(adapter_dir, bad)
@@ -251,7 +251,7 @@ def published_merged(tmp_path_factory, adapter_dir):
 
 @pytest.mark.slow
 def test_merged_publish(published_merged, base):
-    from training.export import read_gguf
+    from flywheel.training.export import read_gguf
 
     out = Path(published_merged["out"])
     assert sorted(p.name for p in out.iterdir()) == [".gitignore", "Modelfile", "README.md", "lineage.json",
@@ -339,7 +339,7 @@ def test_merged_gguf_in_llama_cpp_matches_peft(quantize, min_same, tmp_path, ada
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.export import convert_hf, merge_lora
+    from flywheel.training.export import convert_hf, merge_lora
 
     merge_lora(base.path, adapter_dir, tmp_path / "hf")
     convert_hf(tmp_path / "hf", tmp_path / "model.gguf", d, quantize)
