@@ -5,13 +5,15 @@
 Needs llama-cpp-python (`make llama-cpp`, a 13-16 min build on 2 cores) and llama.cpp's converters
 (`make llama-cpp-converters`, or FLYWHEEL_LLAMA_CPP). Without them it says so and exits 0 without results.
 
-What it measures, for the same ChatML prompts:
-1. the base converted to GGUF (f16) from the dequantized weights the adapter was trained on, and the adapter
-   converted with convert_lora_to_gguf.py, exactly as `flywheel publish` writes them;
+What it measures, for the same ChatML prompts, for both publish modes and both converter quantizations
+(f16, q8_0):
+1. mode=adapter: the base converted to GGUF from the dequantized weights the adapter was trained on, and the
+   adapter converted with convert_lora_to_gguf.py; mode=merged: the LoRA merged into that base
+   (training.export.merge_lora) and converted with convert_hf_to_gguf.py, exactly as `flywheel publish` does;
 2. greedy generation in PEFT and in llama.cpp (adapter on), token agreement;
 3. teacher-forced on PEFT's tokens: KL(PEFT || llama.cpp) per position and top-1 agreement, with the adapter
    (lora_scale 1) and without (lora_scale 0 vs the plain base), so "the adapter changes the output" and
-   "llama.cpp applies it like PEFT" are both numbers;
+   "llama.cpp applies it like PEFT" are both numbers (mode=adapter; mode=merged has no "off" switch);
 4. speed: generated tokens/s in each engine (1 thread for llama.cpp: faster than 2 on a busy 2-core box).
 Default adapter: a random LoRA (seeded) on q/k/v/o with visible effect; pass --adapter for a trained one.
 """
@@ -64,6 +66,74 @@ def kl(p_logits, q_logits) -> float:
     return float((np.exp(lp) * (lp - lq)).sum())
 
 
+def run_case(args, tok, peft, load, mode, files, convert_s) -> dict:
+    """Greedy generation and teacher-forced KL for one (mode, quantization) against PEFT."""
+    import numpy as np
+    import torch
+
+    llm_on = load(1.0)
+    llm_off = load(0.0) if mode == "adapter" else None
+    rows = []
+    peft_time = cpp_time = 0.0
+    peft_tokens = cpp_tokens = 0
+    for text in PROMPTS[: args.prompts]:
+        prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+        ids = tok(prompt)["input_ids"]
+        t = time.perf_counter()
+        with torch.no_grad():
+            gen = peft.generate(torch.tensor([ids]), max_new_tokens=args.tokens, do_sample=False,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+        peft_time += time.perf_counter() - t
+        peft_tokens += len(gen)
+        llm_on.reset()
+        t = time.perf_counter()
+        cpp_gen = []
+        for token in llm_on.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            if token == llm_on.token_eos() or len(cpp_gen) >= args.tokens:
+                break
+            cpp_gen.append(token)
+        cpp_time += time.perf_counter() - t
+        cpp_tokens += len(cpp_gen)
+        n_same = next((i for i, (a, b) in enumerate(zip(gen, cpp_gen)) if a != b), min(len(gen), len(cpp_gen)))
+        seq = ids + gen
+        with torch.no_grad():
+            p_on = peft(torch.tensor([seq])).logits[0].numpy()
+            with peft.disable_adapter():
+                p_off = peft(torch.tensor([seq])).logits[0].numpy()
+        pos = range(len(ids) - 1, len(seq) - 1)
+        out = {}
+        for name, llm, ref in (("adapter", llm_on, p_on), ("base", llm_off, p_off)):
+            if llm is None:
+                continue
+            llm.reset()
+            llm.eval(seq)
+            scores = np.asarray(llm.scores[: len(seq)])
+            kls = [kl(ref[i], scores[i]) for i in pos]
+            top1 = [int(ref[i].argmax() == scores[i].argmax()) for i in pos]
+            out[name] = {"mean_kl": float(np.mean(kls)), "max_kl": float(np.max(kls)), "next_token_kl": kls[0],
+                         "top1_agreement": float(np.mean(top1))}
+        effect = float(np.mean([kl(p_on[i], p_off[i]) for i in pos]))
+        rows.append({"prompt": text, "peft": tok.decode(gen), "llama_cpp": llm_on.detokenize(cpp_gen).decode(
+            "utf-8", "replace"), "greedy_tokens_identical": n_same, "greedy_tokens": len(gen),
+            "teacher_forced": out, "adapter_effect_kl_peft_on_vs_off": effect})
+    return {
+        "mode": mode, "files": {k: str(v) for k, v in files.items()},
+        "sizes_bytes": {k: Path(v).stat().st_size for k, v in files.items()}, "convert_s": convert_s,
+        "greedy_tokens_identical": sum(r["greedy_tokens_identical"] for r in rows),
+        "greedy_tokens": sum(r["greedy_tokens"] for r in rows),
+        "mean_kl": float(np.mean([r["teacher_forced"]["adapter"]["mean_kl"] for r in rows])),
+        "mean_next_token_kl": float(np.mean([r["teacher_forced"]["adapter"]["next_token_kl"] for r in rows])),
+        "top1_agreement": float(np.mean([r["teacher_forced"]["adapter"]["top1_agreement"] for r in rows])),
+        "mean_kl_base": (float(np.mean([r["teacher_forced"]["base"]["mean_kl"] for r in rows]))
+                         if mode == "adapter" else None),
+        "adapter_effect_kl": float(np.mean([r["adapter_effect_kl_peft_on_vs_off"] for r in rows])),
+        "tokens_per_s": {"peft": peft_tokens / peft_time, "llama_cpp": cpp_tokens / cpp_time},
+        "speed_ratio_llama_cpp_over_peft": (cpp_tokens / cpp_time) / (peft_tokens / peft_time),
+        "rows": rows,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapter", help="a PEFT adapter dir trained on the SmolLM2 base (default: random LoRA)")
@@ -85,11 +155,11 @@ def main() -> int:
                                          else ""))
         return 0
 
-    import numpy as np
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from flywheel.training.export import convert_hf, merge_lora
     from flywheel.training.models import resolve_base_model
 
     torch.set_num_threads(1)
@@ -97,91 +167,52 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
     adapter = Path(args.adapter) if args.adapter else random_adapter(info.path, tmp / "adapter")
 
-    t = time.perf_counter()
-    base_gguf = convert_base(info.path, tmp / "base.gguf", llama_dir)
-    t_base = time.perf_counter() - t
-    t = time.perf_counter()
-    adapter_gguf = convert_adapter(adapter, info.path, tmp / "adapter.gguf", llama_dir)
-    t_adapter = time.perf_counter() - t
-    check_gguf(adapter_gguf, "adapter")
-
     tok = AutoTokenizer.from_pretrained(str(info.path))
     base_model = AutoModelForCausalLM.from_pretrained(str(info.path), dtype=torch.float32)
     peft = PeftModel.from_pretrained(base_model, str(adapter)).eval()
+    t = time.perf_counter()
+    merge_lora(info.path, adapter, tmp / "merged-hf")
+    t_merge = time.perf_counter() - t
 
-    def load(scale):
-        return llama_cpp.Llama(model_path=str(base_gguf), lora_path=str(adapter_gguf), lora_scale=scale,
-                               n_ctx=512, n_threads=1, logits_all=True, verbose=False, seed=0)
-
-    llm_on, llm_off = load(1.0), load(0.0)
-    rows = []
-    peft_time = cpp_time = 0.0
-    peft_tokens = cpp_tokens = 0
-    for text in PROMPTS[: args.prompts]:
-        prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
-        ids = tok(prompt)["input_ids"]
-        # PEFT greedy
+    def build(mode, quant):
+        """GGUF files for one case and a loader: llama(scale) -> Llama (scale is ignored for merged)."""
         t = time.perf_counter()
-        with torch.no_grad():
-            gen = peft.generate(torch.tensor([ids]), max_new_tokens=args.tokens, do_sample=False,
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
-        peft_time += time.perf_counter() - t
-        peft_tokens += len(gen)
-        # llama.cpp greedy (adapter on)
-        llm_on.reset()
-        t = time.perf_counter()
-        cpp_gen = []
-        for token in llm_on.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
-            if token == llm_on.token_eos() or len(cpp_gen) >= args.tokens:
-                break
-            cpp_gen.append(token)
-        cpp_time += time.perf_counter() - t
-        cpp_tokens += len(cpp_gen)
-        n_same = next((i for i, (a, b) in enumerate(zip(gen, cpp_gen)) if a != b), min(len(gen), len(cpp_gen)))
-        # teacher-forced on PEFT's path
-        seq = ids + gen
-        with torch.no_grad():
-            p_on = peft(torch.tensor([seq])).logits[0].numpy()
-            with peft.disable_adapter():
-                p_off = peft(torch.tensor([seq])).logits[0].numpy()
-        pos = range(len(ids) - 1, len(seq) - 1)
-        out = {}
-        for name, llm, ref in (("adapter", llm_on, p_on), ("base", llm_off, p_off)):
-            llm.reset()
-            llm.eval(seq)
-            scores = np.asarray(llm.scores[: len(seq)])
-            kls = [kl(ref[i], scores[i]) for i in pos]
-            top1 = [int(ref[i].argmax() == scores[i].argmax()) for i in pos]
-            out[name] = {"mean_kl": float(np.mean(kls)), "max_kl": float(np.max(kls)), "top1_agreement":
-                         float(np.mean(top1))}
-        effect = float(np.mean([kl(p_on[i], p_off[i]) for i in pos]))
-        rows.append({"prompt": text, "peft": tok.decode(gen), "llama_cpp": llm_on.detokenize(cpp_gen).decode(
-            "utf-8", "replace"), "greedy_tokens_identical": n_same, "greedy_tokens": len(gen),
-            "teacher_forced": out, "adapter_effect_kl_peft_on_vs_off": effect})
-        print(f"{text[:40]!r}: {n_same}/{len(gen)} greedy tokens identical; KL adapter "
-              f"{out['adapter']['mean_kl']:.2e}, base {out['base']['mean_kl']:.2e}; adapter effect {effect:.2e}")
+        if mode == "merged":
+            model = tmp / f"model-{quant}.gguf"
+            convert_hf(tmp / "merged-hf", model, llama_dir, quant)
+            files = {"model_gguf": model}
+        else:
+            base_gguf = convert_base(info.path, tmp / f"base-{quant}.gguf", llama_dir, quant)
+            adapter_gguf = convert_adapter(adapter, info.path, tmp / f"adapter-{quant}.gguf", llama_dir, quant)
+            check_gguf(adapter_gguf, "adapter")
+            files = {"base_gguf": base_gguf, "adapter_gguf": adapter_gguf}
+        seconds = time.perf_counter() - t
 
-    agree = sum(r["greedy_tokens_identical"] for r in rows) / max(1, sum(r["greedy_tokens"] for r in rows))
+        def load(scale):
+            if mode == "merged":
+                return llama_cpp.Llama(model_path=str(files["model_gguf"]), n_ctx=512, n_threads=1,
+                                       logits_all=True, verbose=False, seed=0)
+            return llama_cpp.Llama(model_path=str(files["base_gguf"]), lora_path=str(files["adapter_gguf"]),
+                                   lora_scale=scale, n_ctx=512, n_threads=1, logits_all=True, verbose=False, seed=0)
+        return files, seconds, load
+
+    cases = {}
+    for mode in ("merged", "adapter"):
+        for quant in ("f16", "q8_0"):
+            files, seconds, load = build(mode, quant)
+            cases[f"{mode}-{quant}"] = run_case(args, tok, peft, load, mode, files, seconds)
     res = {
-        "what": "SmolLM2-135M base (f16 GGUF from the dequantized weights) + LoRA GGUF in llama.cpp vs PEFT, greedy",
+        "what": "SmolLM2-135M + LoRA in llama.cpp vs PEFT, greedy: merged GGUF and base+adapter GGUF, f16 and q8_0",
         "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
         "adapter": str(args.adapter or "random LoRA r=8 q/k/v/o, B ~ N(0, 0.04), seed 0"),
-        "prompts": len(rows), "max_new_tokens": args.tokens,
-        "greedy_token_agreement": agree,
-        "mean_kl_adapter": float(np.mean([r["teacher_forced"]["adapter"]["mean_kl"] for r in rows])),
-        "mean_kl_base": float(np.mean([r["teacher_forced"]["base"]["mean_kl"] for r in rows])),
-        "top1_agreement_adapter": float(np.mean([r["teacher_forced"]["adapter"]["top1_agreement"] for r in rows])),
-        "adapter_effect_kl": float(np.mean([r["adapter_effect_kl_peft_on_vs_off"] for r in rows])),
-        "tokens_per_s": {"peft": peft_tokens / peft_time, "llama_cpp": cpp_tokens / cpp_time},
-        "speed_ratio_llama_cpp_over_peft": (cpp_tokens / cpp_time) / (peft_tokens / peft_time),
-        "convert_s": {"base_f16": t_base, "adapter_f16": t_adapter},
-        "sizes_bytes": {"base_gguf": base_gguf.stat().st_size, "adapter_gguf": adapter_gguf.stat().st_size},
-        "rows": rows,
+        "prompts": args.prompts, "max_new_tokens": args.tokens, "merge_s": t_merge,
+        "f16_merged_pass": cases["merged-f16"]["greedy_tokens_identical"] >= (args.tokens * args.prompts) - 2,
+        "cases": cases,
     }
-    print(f"greedy token agreement {agree:.3f}; mean KL with adapter {res['mean_kl_adapter']:.2e} "
-          f"(adapter effect {res['adapter_effect_kl']:.2e}); llama.cpp/PEFT speed "
-          f"{res['speed_ratio_llama_cpp_over_peft']:.2f}x")
+    for k, c in cases.items():
+        print(f"{k}: {c['greedy_tokens_identical']}/{c['greedy_tokens']} greedy tokens identical; mean KL "
+              f"{c['mean_kl']:.2e}; next-token KL {c['mean_next_token_kl']:.2e}; llama.cpp/PEFT speed "
+              f"{c['speed_ratio_llama_cpp_over_peft']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")

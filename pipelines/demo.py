@@ -106,7 +106,7 @@ def _summary(result: dict[str, Any]) -> None:
                   str(gate.get("report_path")))
     pub = loop.get("publish") or {}
     if pub:
-        t.add_row("publish", "Modelfile + adapter", str(pub.get("modelfile")))
+        t.add_row("publish", "Modelfile + merged model.gguf", str(pub.get("modelfile")))
     if "embeddings" in result:
         t.add_row("embeddings", f"{len(result['embeddings'].get('leaderboard', []))} leaderboard rows",
                   str(result["embeddings"].get("out")))

@@ -2,28 +2,32 @@
 
     flywheel publish MODEL_URI [--out Modelfiles/<name>] [--system TEXT] [--config configs/publish.yaml] [k=v ...]
 
-Writes, atomically (a failed publish leaves the previous folder intact):
-    Modelfile          FROM (the base the adapter was trained on), ADAPTER, TEMPLATE, PARAMETER stop..., sampling
-                       parameters, SYSTEM (the winning prompt variant, or --system), LICENSE
-    adapter/           the PEFT safetensors adapter (Ollama takes it for Llama-family bases)
-    adapter.gguf       the same adapter converted by llama.cpp's convert_lora_to_gguf.py, when available
-    base.gguf          the base converted from the exact weights the adapter was trained on (`base: gguf`)
-    README.md          lineage: logs -> dataset version -> train run -> eval -> gate decision
+Writes, atomically (a failed publish leaves the previous folder intact, and no half-written one):
+    Modelfile          FROM ./model.gguf, TEMPLATE, PARAMETER stop..., sampling parameters, SYSTEM (the static
+                       part of the winning prompt variant, or --system), LICENSE. No ADAPTER line.
+    model.gguf         `mode: merged` (default): the LoRA merged into the exact base weights it was trained on
+                       (PEFT merge_and_unload), converted by llama.cpp's convert_hf_to_gguf.py as `quantize`
+                       (f16 default, bf16, q8_0)
+    base.gguf + adapter.gguf (+ adapter/)   `mode: adapter`: the older pair for llama.cpp `--lora` and Ollama
+                       versions that still take ADAPTER
+    README.md          lineage: logs -> dataset version -> train run -> eval -> gate decision; quantization; how
+                       to send per-request context; Ollama version notes
     lineage.json       the same, as data
 
 Why each choice:
+- Merged by default: Ollama's ADAPTER support is narrow (one adapter; safetensors adapters convert only for
+  llama/gemma2 bases) and newer Ollama releases are reported to reject ADAPTER at `ollama create`. A single
+  merged GGUF loads in every llama.cpp-based runtime.
 - The base is checked by hash: the adapter records the sha256 of the weights it was trained on and publish
   refuses any other base. An adapter on the wrong base loads fine and produces gibberish.
 - TEMPLATE and stop tokens are derived from the tokenizer (`flywheel.training.modelfile.derive_chat_format`), never
-  typed in; the Modelfile is parsed back before it is written.
-- `base: gguf` converts the dequantized base (f16) into the folder: llama.cpp with that base and the GGUF adapter
-  matched PEFT token for token in our check (bench/bench_llamacpp.py). `base: ollama` names an Ollama model
-  instead (smaller folder; its weights are Ollama's own quantization, so outputs drift slightly).
-- When llama.cpp's converters are not installed (`make llama-cpp-converters`), the folder still gets the
-  Modelfile and the safetensors adapter, and publish says clearly that no GGUF was produced.
+  typed in; the Modelfile is parsed back before it is written, and the GGUF is read back: GGUF magic, the
+  chat template, every stop token in its vocabulary, tensor count and types as merged (`flywheel.training.export`).
+- SYSTEM holds only the variant's static text: fields filled per request (a grounded variant's retrieved
+  context) are the application's to send; a placeholder baked into SYSTEM would be answered from forever.
 
-Python entry: `run_publish(model_uri, out=None, system=None, cfg=None) -> {out, modelfile, run_id, gguf_adapter,
-base_gguf, warnings, ollama_create}`.
+Python entry: `run_publish(model_uri, out=None, system=None, cfg=None) -> {out, modelfile, run_id, mode, model_gguf,
+gguf_adapter, base_gguf, quantize, peak_rss, seconds, warnings, ollama_create}`.
 """
 
 from __future__ import annotations
@@ -32,16 +36,19 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
+import re
+import resource
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import typer
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from flywheel.pipelines.config import StageConfig, load_config
-from flywheel.foundation.errors import InputError
+from flywheel.foundation.errors import FlywheelError, InputError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -51,10 +58,11 @@ class PublishConfig(StageConfig):
     force: bool = False                       # replace an existing `out` Flywheel did not write
     name: Optional[str] = None                # Ollama model name; default the registered name, lower-cased
     system: Optional[str] = None              # overrides the winning prompt variant's system prompt
-    base: Literal["gguf", "ollama"] = "gguf"  # FROM ./base.gguf (exact weights) or an Ollama model name
-    ollama_base: str = "smollm2:135m"         # FROM for `base: ollama` (and the fallback without converters)
-    gguf_adapter: bool = True                 # convert the adapter with llama.cpp's convert_lora_to_gguf.py
-    gguf_outtype: Literal["f16", "f32", "q8_0"] = "f16"
+    mode: Literal["merged", "adapter"] = "merged"  # one merged model.gguf, or base.gguf + ADAPTER (older Ollama)
+    quantize: str = "f16"                     # GGUF type convert_hf_to_gguf.py writes: f16, bf16 or q8_0
+    base: Literal["gguf", "ollama"] = "gguf"  # mode=adapter: FROM ./base.gguf (exact weights) or an Ollama model
+    ollama_base: str = "smollm2:135m"         # FROM for `base: ollama` (and the adapter-mode fallback)
+    gguf_adapter: bool = True                 # mode=adapter: convert the adapter with convert_lora_to_gguf.py
     llama_cpp_dir: Optional[str] = None       # converters; default $FLYWHEEL_LLAMA_CPP or <venv>/share/flywheel/llama.cpp
     convert_timeout_s: int = Field(900, gt=0)
     parameters: dict[str, Any] = Field(default_factory=lambda: {
@@ -68,6 +76,16 @@ class PublishConfig(StageConfig):
     model_cache: Optional[str] = None
     tracking_uri: Optional[str] = None
     run_name: Optional[str] = None
+
+    @field_validator("quantize")
+    @classmethod
+    def _converter_type(cls, v: str) -> str:
+        from flywheel.training.export import ExportError, check_outtype
+
+        try:
+            return check_outtype(v)
+        except ExportError as e:
+            raise ValueError(str(e).removeprefix("quantize: ")) from None
 
 
 # -- llama.cpp converters -------------------------------------------------------------------------------------
@@ -86,17 +104,16 @@ def converters_dir(configured: str | None = None) -> Path | None:
     return None
 
 
-def _run_converter(script: Path, args: list[str], timeout: int) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("NO_LOCAL_GGUF", None)  # the converters must use their own gguf-py: PyPI's gguf lags behind them
-    try:
-        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        raise InputError(f"{script.name}: timed out after {timeout}s") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise InputError(f"{script.name} failed (exit {proc.returncode}): {' | '.join(tail)[:400]}")
+def _run_converter(script: Path, args: list[str], timeout: int) -> dict:
+    from flywheel.training.export import converter_env, run_measured
+
+    m = run_measured([sys.executable, str(script), *args], env=converter_env(), timeout=timeout)
+    if m.timed_out:
+        raise InputError(f"{script.name}: timed out after {timeout}s")
+    if m.returncode != 0:
+        tail = (m.stderr or m.stdout).strip().splitlines()[-3:]
+        raise InputError(f"{script.name} failed (exit {m.returncode}): {' | '.join(tail)[:400]}")
+    return {"seconds": m.seconds, "peak_rss_bytes": m.peak_rss_bytes}
 
 
 def convert_adapter(adapter_dir: Path, base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f16",
@@ -117,22 +134,17 @@ def convert_base(base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f1
 
 def check_gguf(path: Path, expect_type: str | None = None) -> dict:
     """Open a GGUF and read `general.type`: llama.cpp segfaults on a bad `lora_path` instead of raising."""
-    if not path.exists() or path.stat().st_size < 32:
-        raise InputError(f"{path}: missing or empty GGUF")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise InputError(f"{path}: not a GGUF file (bad magic)")
-    from gguf import GGUFReader
+    from flywheel.training.export import ExportError, read_gguf
 
-    fields = GGUFReader(str(path)).fields
-    kind = None
-    if "general.type" in fields:
-        fld = fields["general.type"]
-        kind = bytes(fld.parts[fld.data[0]]).decode()
+    try:
+        info = read_gguf(path, converters_dir())
+    except ExportError as e:
+        raise InputError(str(e)) from None
+    kind = info["type"]
     ok = kind == "adapter" if expect_type == "adapter" else kind in ("model", None)
     if expect_type and not ok:
         raise InputError(f"{path}: general.type is {kind!r}, expected {expect_type!r}")
-    return {"type": kind, "size": path.stat().st_size}
+    return {"type": kind, "size": info["size"], "tensors": len(info["tensors"])}
 
 
 def _cached_base_gguf(base_dir: Path, sha256: str, llama_cpp: Path, outtype: str, timeout: int) -> Path:
@@ -156,6 +168,85 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+# -- system prompt --------------------------------------------------------------------------------------------
+
+# Template fields in any of the syntaxes the project writes: `{{ context }}` (prompt variants), `{context}`
+# (mine's system_template), and Jinja blocks.
+FIELD_RE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{[A-Za-z_][A-Za-z0-9_.]*\}", re.S)
+
+
+def split_system(template_system: str) -> tuple[str, str]:
+    """(static part, per-request part) of a variant's system text, split at blank-line paragraphs.
+
+    A paragraph that names a field (and so its label, e.g. "Context:") belongs to the request; the rest is
+    the same for every request and goes into SYSTEM.
+    """
+    paras = re.split(r"\n\s*\n", template_system.strip())
+    static = [p for p in paras if not FIELD_RE.search(p)]
+    dynamic = [p for p in paras if FIELD_RE.search(p)]
+    return "\n\n".join(static).strip(), "\n\n".join(dynamic).strip()
+
+
+def static_system(text: str | None, source: str) -> str | None:
+    """Refuse a SYSTEM that is empty or still holds template fields (Ollama would send them literally)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise InputError(f"{source}: the static system prompt is empty; nothing to put in SYSTEM "
+                         "(pass --system TEXT)")
+    found = FIELD_RE.findall(text)
+    if found:
+        raise InputError(f"{source}: the system prompt still contains template field(s) {found[:3]}; SYSTEM "
+                         "cannot fill them per request (pass --system with the static text)")
+    return text.strip()
+
+
+def variant_system(variant: str | None) -> tuple[str, str, str] | None:
+    """(static, per-request, full template text) of a prompt variant's system prompt, or None if not found."""
+    if not variant:
+        return None
+    from flywheel.evals.prompts.templates import load_template
+
+    search = Path(__file__).resolve().parents[1] / "configs" / "prompts"
+    try:
+        t = load_template(variant, search_dir=search)
+    except FlywheelError:
+        return None
+    static, dynamic = split_system(t.system)
+    return static, dynamic, t.system.strip()
+
+
+def chat_api_example(name: str, static: str, dynamic: str) -> str:
+    """An Ollama /api/chat request whose system message carries the static text plus the request's fields."""
+    filled = FIELD_RE.sub(lambda m: "<" + re.sub(r"[{}%\s]", "", m.group(0)) + " for this request>", dynamic)
+    body = {"model": name, "stream": False, "messages": [
+        {"role": "system", "content": f"{static}\n\n{filled}"},
+        {"role": "user", "content": "<the user's question>"}]}
+    return "curl http://localhost:11434/api/chat -d " + shlex.quote(json.dumps(body, ensure_ascii=False))
+
+
+# -- merged model ---------------------------------------------------------------------------------------------
+
+def export_merged(adapter_dir: Path, base_dir: Path, tok_dir: Path, chat_template: str, stops: list[str],
+                  dest: Path, llama_cpp: Path, quantize: str, timeout: int) -> dict:
+    """Merge (child process), convert (child process), check; the merged HF copy lives only beside `dest`."""
+    from flywheel.training.export import ExportError, check_merged_gguf, convert_hf, merge_in_subprocess
+
+    work = dest.parent / ".merged-hf"
+    try:
+        merged = merge_in_subprocess(base_dir, adapter_dir, work, tokenizer_dir=tok_dir, chat_template=chat_template,
+                                     timeout=timeout)
+        conv = convert_hf(work, dest, llama_cpp, quantize, timeout)
+        check = check_merged_gguf(dest, hf_tensors=merged["tensors"], outtype=quantize, chat_template=chat_template,
+                                  stops=stops, llama_cpp=llama_cpp)
+    except ExportError as e:
+        raise InputError(str(e)) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"check": check, "merge_s": merged["seconds"], "convert_s": conv["seconds"],
+            "peak_rss_merge": merged["peak_rss_bytes"], "peak_rss_convert": conv["peak_rss_bytes"]}
 
 
 # -- lineage --------------------------------------------------------------------------------------------------
@@ -201,8 +292,22 @@ def lineage(model: Any) -> dict:
     return out
 
 
+ADAPTER_CAVEAT = ("mode=adapter writes an ADAPTER line: Ollama takes one GGUF adapter (or a safetensors adapter "
+                  "for llama/gemma2 bases only), and Ollama v0.34.1 and later are reported to reject any Modelfile "
+                  "with ADAPTER at `ollama create`; use the default mode=merged for current Ollama")
+
+OLLAMA_NOTES = {
+    "merged": ["This folder has no `ADAPTER` line: the LoRA is merged into `model.gguf`, which any Ollama that "
+               "imports GGUF files accepts (including v0.34.1 and later, reported to reject `ADAPTER`), and which "
+               "llama.cpp loads directly (`llama-cli -m model.gguf`)."],
+    "adapter": ["`base.gguf` + `adapter.gguf`: for llama.cpp (`llama-cli -m base.gguf --lora adapter.gguf`) and "
+                "Ollama releases before v0.34.1, whose `ADAPTER` takes one GGUF adapter. " + ADAPTER_CAVEAT + "."],
+}
+
+
 def readme(lin: dict, *, name: str, files: dict[str, str | None], warnings: list[str], system: str | None,
-           create_cmd: str) -> str:
+           create_cmd: str, mode: str = "merged", quantize: str = "f16",
+           request_system: tuple[str, str] | None = None) -> str:
     def v(x):
         return f"`{x}`" if x else "unknown"
 
@@ -216,16 +321,97 @@ def readme(lin: dict, *, name: str, files: dict[str, str | None], warnings: list
         ("registered model", f"{v(lin.get('registered_model'))} version {v(lin.get('version'))}"),
         ("base model", f"{v(lin.get('base_model'))} sha256 {v(lin.get('base_model_sha256'))}"),
         ("prompt variant", v(lin.get("prompt_variant"))),
+        ("mode", v(mode)),
+        ("quantization", v(quantize)),
     ]
     lines = [f"# {name}", "", "Published by `flywheel publish`. Run it with Ollama:", "", "```bash",
-             create_cmd, shlex.join(["ollama", "run", name]), "```", "", "## Lineage", "", "| step | value |", "|---|---|"]
+             create_cmd, shlex.join(["ollama", "run", name]), "```", ""] + OLLAMA_NOTES[mode]
+    if mode == "merged":
+        lines += ["", "## Quantization", "",
+                  f"`model.gguf` is `{quantize}`, written by llama.cpp's `convert_hf_to_gguf.py` (which writes f16, "
+                  "bf16 and q8_0: `flywheel publish ... quantize=q8_0`). Smaller k-quants (Q4_K_M, Q5_K_M, Q6_K, "
+                  "...) need llama.cpp's `llama-quantize` on the f16 file, then point FROM at the result:", "",
+                  "```bash", "llama-quantize model.gguf model-Q4_K_M.gguf Q4_K_M",
+                  "sed -i 's#^FROM ./model.gguf#FROM ./model-Q4_K_M.gguf#' Modelfile", "```",
+                  "", "(`ollama create --quantize q4_K_M` does the same inside Ollama for f16/bf16 models.)"]
+    lines += ["", "## Lineage", "", "| step | value |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     lines += ["", "## Files", ""] + [f"- `{k}`: {v_ or 'not produced'}" for k, v_ in files.items()]
     if system:
-        lines += ["", "## System prompt", "", "```text", system, "```"]
+        lines += ["", "## System prompt", "", "`SYSTEM` in the Modelfile (used when a request sends no system "
+                  "message):", "", "```text", system, "```"]
+    if request_system:
+        static, dynamic = request_system
+        lines += ["", "## Per-request context", "",
+                  "The prompt variant also has per-request fields, which are not in `SYSTEM` (a fixed placeholder "
+                  "there would be answered from on every request). Send them in your own system message; it "
+                  "replaces `SYSTEM` for that request:", "", "```text", dynamic, "```", "", "```bash",
+                  chat_api_example(name, static, dynamic), "```"]
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
     return "\n".join(lines) + "\n"
+
+
+def check_readme(text: str, lin: dict, quantize: str) -> None:
+    """The lineage a reader needs to trace the model: dataset, train run, gate run and the quantization."""
+    for key in ("dataset_version", "train_run", "gate_run"):
+        if lin.get(key) and f"`{lin[key]}`" not in text:
+            raise InputError(f"README.md: lineage row {key} ({lin[key]}) missing")
+    if f"| quantization | `{quantize}` |" not in text:
+        raise InputError("README.md: quantization row missing")
+
+
+def _write_adapter_pair(tmp: Path, adapter_dir: Path, info: Any, llama_cpp: Path | None, cfg: PublishConfig,
+                        warnings: list[str]) -> tuple[dict, str, bool, str, Path | None, Path | None]:
+    """mode=adapter: adapter/ (safetensors), adapter.gguf and base.gguf when the converters are installed.
+
+    Returns (files, FROM, FROM is a path, ADAPTER, adapter.gguf or None, base.gguf or None).
+    """
+    files: dict[str, str | None] = {"Modelfile": "Ollama Modelfile", "adapter/": "PEFT safetensors adapter"}
+    (tmp / "adapter").mkdir()
+    for f in ADAPTER_FILES:
+        src = adapter_dir / f
+        if not src.exists():
+            raise InputError(f"{adapter_dir}: {f} missing")
+        shutil.copyfile(src, tmp / "adapter" / f)
+    gguf_adapter = base_gguf = None
+    if cfg.gguf_adapter:
+        if llama_cpp is None:
+            warnings.append("GGUF adapter NOT produced: llama.cpp's converters are not installed "
+                            "(run `make llama-cpp-converters` or set FLYWHEEL_LLAMA_CPP); the Modelfile "
+                            "uses the safetensors adapter")
+        else:
+            gguf_adapter = convert_adapter(tmp / "adapter", info.path, tmp / "adapter.gguf", llama_cpp,
+                                           cfg.quantize, cfg.convert_timeout_s)
+    files["adapter.gguf"] = "GGUF LoRA adapter (llama.cpp convert_lora_to_gguf.py)" if gguf_adapter else None
+    base_ref, base_is_path = cfg.ollama_base, False
+    if cfg.base == "gguf":
+        if llama_cpp is None:
+            warnings.append(f"base.gguf NOT produced (no llama.cpp converters): FROM {cfg.ollama_base}, "
+                            "Ollama's own weights, which may differ slightly from the evaluated base")
+        else:
+            cached = _cached_base_gguf(info.path, info.sha256, llama_cpp, cfg.quantize, cfg.convert_timeout_s)
+            _link_or_copy(cached, tmp / "base.gguf")
+            base_gguf = tmp / "base.gguf"
+            base_ref, base_is_path = "./base.gguf", True
+    files["base.gguf"] = f"{info.name} converted to GGUF ({cfg.quantize})" if base_gguf else None
+    return files, base_ref, base_is_path, "./adapter.gguf" if gguf_adapter else "./adapter", gguf_adapter, base_gguf
+
+
+def check_modelfile(text: str, folder: Path, mode: str) -> None:
+    """Parse what will be written (Ollama's grammar); merged: no ADAPTER; local FROM/ADAPTER files exist."""
+    from flywheel.training.modelfile import ModelfileError, parse
+
+    try:
+        mf = parse(text)
+    except ModelfileError as e:
+        raise InputError(f"Modelfile: {e}") from None
+    if mode == "merged" and (mf.get("adapter") is not None or mf.get("from") != "./model.gguf"):
+        raise InputError("Modelfile: mode=merged must be FROM ./model.gguf with no ADAPTER line")
+    for key in ("from", "adapter"):
+        ref = mf.get(key)
+        if ref and ref.startswith("./") and not (folder / ref).exists():
+            raise InputError(f"Modelfile: {key.upper()} {ref} does not exist in the published folder")
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
@@ -259,7 +445,7 @@ def chat_format_from_tokenizer(tok_dir: Path, meta: dict):
 
     specials = list(tok.all_special_tokens) + list(tok.get_added_vocab().keys())
     eos = list(meta.get("eos_tokens") or []) + ([tok.eos_token] if tok.eos_token else [])
-    return derive_chat_format(render, specials, eos)
+    return derive_chat_format(render, specials, eos), tok.chat_template
 
 
 def run_publish(model_uri: str, out: str | Path | None = None, system: str | None = None,
@@ -295,61 +481,74 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
 
     # 2. template + stops from the tokenizer the adapter carries (else the base's)
     tok_dir = model.adapter_dir if (model.adapter_dir / "tokenizer_config.json").exists() else info.path
-    chat = chat_format_from_tokenizer(tok_dir, meta)
-    system_text = system if system is not None else cfg.system
-    if system_text is None:
-        system_text = model.tags.get("flywheel.system_prompt") or None
-    if system_text is None:
-        warnings.append("no system prompt recorded for this model (no winning prompt variant): using the "
-                        "tokenizer's default")
+    chat, chat_template = chat_format_from_tokenizer(tok_dir, meta)
 
+    # 3. SYSTEM: only what is the same for every request
+    variant = model.tags.get("flywheel.prompt_variant")
+    parts = variant_system(variant)
+    request_system = None
+    explicit = system if system is not None else cfg.system
+    if explicit is not None:
+        system_text = static_system(explicit, "--system")
+    elif parts is not None:
+        system_text = static_system(parts[0], f"prompt variant {variant!r}")
+        request_system = (parts[0], parts[1]) if parts[1] else None
+    else:
+        system_text = static_system(model.tags.get("flywheel.system_prompt") or None, "flywheel.system_prompt tag")
+        if system_text is None:
+            warnings.append("no system prompt recorded for this model (no winning prompt variant): using the "
+                            "tokenizer's default")
+        elif variant:
+            warnings.append(f"prompt variant {variant!r} not found under configs/prompts: SYSTEM is the system "
+                            "prompt recorded at promotion, as is")
+
+    # 4. converters: merged mode cannot do without them, so fail before anything is written
     llama_cpp = converters_dir(cfg.llama_cpp_dir)
-    files: dict[str, str | None] = {"Modelfile": "Ollama Modelfile", "adapter/": "PEFT safetensors adapter"}
+    if cfg.mode == "merged":
+        if cfg.base != "gguf":
+            raise InputError("base=ollama applies to mode=adapter only: a merged model carries its own weights")
+        if llama_cpp is None or not (llama_cpp / "convert_hf_to_gguf.py").exists():
+            raise InputError("mode=merged needs llama.cpp's convert_hf_to_gguf.py: run `make llama-cpp-converters` "
+                             "or set FLYWHEEL_LLAMA_CPP (or publish mode=adapter)")
+    else:
+        warnings.append(ADAPTER_CAVEAT)
+
+    t0 = time.perf_counter()
+    export: dict[str, Any] = {}
+    gguf_adapter = base_gguf = model_gguf = None
     with atomic_dir(out_dir, force=cfg.force, inputs=[model.adapter_dir], stage="publish") as tmp:
-        (tmp / "adapter").mkdir()
-        for f in ADAPTER_FILES:
-            src = model.adapter_dir / f
-            if not src.exists():
-                raise InputError(f"{model.adapter_dir}: {f} missing")
-            shutil.copyfile(src, tmp / "adapter" / f)
-        gguf_adapter = base_gguf = None
-        if cfg.gguf_adapter:
-            if llama_cpp is None:
-                warnings.append("GGUF adapter NOT produced: llama.cpp's converters are not installed "
-                                "(run `make llama-cpp-converters` or set FLYWHEEL_LLAMA_CPP); the Modelfile "
-                                "uses the safetensors adapter")
-            else:
-                gguf_adapter = convert_adapter(tmp / "adapter", info.path, tmp / "adapter.gguf", llama_cpp,
-                                               cfg.gguf_outtype, cfg.convert_timeout_s)
-        files["adapter.gguf"] = "GGUF LoRA adapter (llama.cpp convert_lora_to_gguf.py)" if gguf_adapter else None
-        base_ref, base_is_path = cfg.ollama_base, False
-        if cfg.base == "gguf":
-            if llama_cpp is None:
-                warnings.append(f"base.gguf NOT produced (no llama.cpp converters): FROM {cfg.ollama_base}, "
-                                "Ollama's own weights, which may differ slightly from the evaluated base")
-            else:
-                cached = _cached_base_gguf(info.path, info.sha256, llama_cpp, cfg.gguf_outtype,
-                                           cfg.convert_timeout_s)
-                _link_or_copy(cached, tmp / "base.gguf")
-                base_gguf = tmp / "base.gguf"
-                base_ref, base_is_path = "./base.gguf", True
-        files["base.gguf"] = f"{info.name} converted to GGUF ({cfg.gguf_outtype})" if base_gguf else None
+        if cfg.mode == "merged":
+            export = export_merged(model.adapter_dir, info.path, tok_dir, chat_template, list(chat.stop),
+                                   tmp / "model.gguf", llama_cpp, cfg.quantize, cfg.convert_timeout_s)
+            model_gguf = tmp / "model.gguf"
+            files: dict[str, str | None] = {
+                "Modelfile": "Ollama Modelfile (no ADAPTER line)",
+                "model.gguf": f"{info.name} + LoRA merged (PEFT merge_and_unload), GGUF {cfg.quantize} "
+                              f"({export['check']['tensors']} tensors)"}
+            base_ref, base_is_path, adapter_ref = "./model.gguf", True, None
+        else:
+            files, base_ref, base_is_path, adapter_ref, gguf_adapter, base_gguf = _write_adapter_pair(
+                tmp, model.adapter_dir, info, llama_cpp, cfg, warnings)
 
         lin = lineage(model)
-        header = [f"Published by flywheel publish from {model.uri}",
+        header = [f"Published by flywheel publish from {model.uri} (mode {cfg.mode}, {cfg.quantize})",
                   f"base {info.name} sha256 {info.sha256}",
                   f"dataset {lin.get('dataset_version')} | train run {lin.get('train_run')} | "
                   f"gate run {lin.get('gate_run')} ({lin.get('gate_decision')})"]
-        spec = ModelfileSpec(base=base_ref, base_is_path=base_is_path, chat=chat,
-                             adapter="./adapter.gguf" if gguf_adapter else "./adapter", system=system_text,
-                             parameters=cfg.parameters, license=cfg.license, header=header)
+        spec = ModelfileSpec(base=base_ref, base_is_path=base_is_path, chat=chat, adapter=adapter_ref,
+                             system=system_text, parameters=cfg.parameters, license=cfg.license, header=header)
         text, mf_warnings = write(spec)
         warnings += mf_warnings
+        check_modelfile(text, tmp, cfg.mode)
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
         create_cmd = create_command(name, out_dir.resolve() / "Modelfile")
         final_system = system_text if system_text is not None else chat.default_system
-        (tmp / "README.md").write_text(readme(lin, name=name, files=files, warnings=warnings, system=final_system,
-                                              create_cmd=create_cmd), encoding="utf-8")
+        readme_text = readme(lin, name=name, files=files, warnings=warnings, system=final_system,
+                             create_cmd=create_cmd, mode=cfg.mode, quantize=cfg.quantize,
+                             request_system=request_system)
+        check_readme(readme_text, lin, cfg.quantize)
+        (tmp / "README.md").write_text(readme_text, encoding="utf-8")
+        lin.update(mode=cfg.mode, quantize=cfg.quantize, gguf_check=export.get("check"))
         write_json(tmp / "lineage.json", {**lin, "files": files, "warnings": warnings})
         # GGUFs are large and rebuilt by `flywheel publish`: keep them out of git if the folder is in a repo.
         (tmp / ".gitignore").write_text("# written by flywheel publish: GGUF files are rebuilt, not versioned\n"
@@ -357,6 +556,9 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
         # Temp files are private (0600/0700); a published folder is meant to be read by others (ollama, CI).
         for p in [tmp, *tmp.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
+    seconds = time.perf_counter() - t0
+    peak_rss = {"publish": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "merge": export.get("peak_rss_merge"), "convert": export.get("peak_rss_convert")}
 
     inputs = {"model_uri": model.uri, "train_run": lin.get("train_run"), "gate_run": lin.get("gate_run"),
               "dataset_version": lin.get("dataset_version")}
@@ -364,13 +566,17 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
                             configured_uri=cfg.tracking_uri,
                             tags={"flywheel.modelfile_path": str((out_dir / "Modelfile").resolve()),
                                   "flywheel.publish.gguf_adapter": "yes" if gguf_adapter else "no",
+                                  "flywheel.publish.mode": cfg.mode,
                                   "flywheel.base_model_sha256": info.sha256},
-                            params={"base": cfg.base, "gguf_outtype": cfg.gguf_outtype,
+                            params={"mode": cfg.mode, "base": cfg.base, "quantize": cfg.quantize,
                                     **{f"parameters.{k}": v for k, v in cfg.parameters.items()}}) as run:
         mlflow.log_artifact(str(out_dir / "Modelfile"))
         mlflow.log_artifact(str(out_dir / "README.md"))
         mlflow.log_artifact(str(out_dir / "lineage.json"))
+        mlflow.log_metrics({"publish_s": seconds, **{f"peak_rss_mb.{k}": v / 2**20 for k, v in peak_rss.items() if v}})
     return {"out": str(out_dir.resolve()), "modelfile": str((out_dir / "Modelfile").resolve()), "run_id": run.info.run_id,
+            "mode": cfg.mode, "quantize": cfg.quantize, "seconds": seconds, "peak_rss": peak_rss,
+            "model_gguf": str(out_dir / "model.gguf") if model_gguf else None,
             "gguf_adapter": str(out_dir / "adapter.gguf") if gguf_adapter else None,
             "base_gguf": str(out_dir / "base.gguf") if base_gguf else None, "warnings": warnings,
             "ollama_create": create_cmd, "name": name}
@@ -380,18 +586,21 @@ def register(app: typer.Typer) -> None:
     @app.command("publish")
     def publish_cmd(
         model_uri: str = typer.Argument(..., help="models:/<name>@champion, models:/<name>/<v>, runs:/…, or a dir"),
-        overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. base=ollama"),
+        overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. quantize=q8_0 mode=adapter"),
         out: Optional[Path] = typer.Option(None, "--out", help="output folder (default Modelfiles/<name>)"),
         system: Optional[str] = typer.Option(None, "--system", help="system prompt (overrides the winning variant)"),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config for publish"),
         force: bool = typer.Option(False, "--force", help="replace an existing --out directory Flywheel did not write"),
     ) -> None:
-        """Write an Ollama Modelfile folder (Modelfile, adapter, GGUF adapter, README with lineage)."""
+        """Write an Ollama Modelfile folder (Modelfile + merged model.gguf, or base + adapter; README with lineage)."""
         cfg = load_config(PublishConfig, config, (overrides or []) + (["force=true"] if force else []))
         res = run_publish(model_uri, out=out, system=system, cfg=cfg)
         for w in res["warnings"]:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"published {res['out']}")
         typer.echo(f"Modelfile: {res['modelfile']}")
-        typer.echo(f"GGUF adapter: {res['gguf_adapter'] or 'NOT produced (see warning)'}")
+        if res["mode"] == "merged":
+            typer.echo(f"model: {res['model_gguf']} ({res['quantize']}, LoRA merged) in {res['seconds']:.0f} s")
+        else:
+            typer.echo(f"GGUF adapter: {res['gguf_adapter'] or 'NOT produced (see warning)'}")
         typer.echo(f"next: {res['ollama_create']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -64,7 +65,8 @@ def adapter_dir(tmp_path_factory, base):
     return d
 
 
-def champion_from(adapter: Path, tmp_path: Path, system: str | None = "Answer briefly.") -> str:
+def champion_from(adapter: Path, tmp_path: Path, system: str | None = "Answer briefly.",
+                  variant: str | None = "concise") -> str:
     """Log the adapter as a train run, register it, make it champion (the state `make demo` leaves)."""
     import mlflow
 
@@ -82,7 +84,7 @@ def champion_from(adapter: Path, tmp_path: Path, system: str | None = "Answer br
         pass
     v = registry.register_adapter("flywheel-demo", registry.resolve_model(run.info.run_id),
                                   tags={"flywheel.input.gate_run": gate.info.run_id,
-                                        "flywheel.system_prompt": system, "flywheel.prompt_variant": "concise"})
+                                        "flywheel.system_prompt": system, "flywheel.prompt_variant": variant})
     registry.promote("flywheel-demo", v, gate.info.run_id)
     return "models:/flywheel-demo@champion"
 
@@ -90,7 +92,7 @@ def champion_from(adapter: Path, tmp_path: Path, system: str | None = "Answer br
 def test_publish_without_converters(mlflow_store, tmp_path, adapter_dir):
     uri = champion_from(adapter_dir, tmp_path)
     out = tmp_path / "Modelfiles" / "demo"
-    cfg = PublishConfig(llama_cpp_dir=str(tmp_path / "no-llama-cpp"))
+    cfg = PublishConfig(mode="adapter", llama_cpp_dir=str(tmp_path / "no-llama-cpp"))
     res = run_publish(uri, out=out, cfg=cfg)
 
     assert res["gguf_adapter"] is None
@@ -100,7 +102,7 @@ def test_publish_without_converters(mlflow_store, tmp_path, adapter_dir):
     parsed = mf.parse((out / "Modelfile").read_text())
     assert parsed.get("from") == "smollm2:135m"  # fallback FROM, said in a warning
     assert parsed.get("adapter") == "./adapter"
-    assert parsed.get("system") == "Answer briefly."
+    assert parsed.get("system").startswith("You are a helpful nutrition assistant. Answer in at most two")
     assert parsed.parameters()["stop"] == ["<|im_start|>", "<|im_end|>"]
     assert parsed.parameters()["temperature"] == ["0.0"]
     assert "<|im_start|>assistant\n" in parsed.get("template")
@@ -108,7 +110,7 @@ def test_publish_without_converters(mlflow_store, tmp_path, adapter_dir):
 
     readme = (out / "README.md").read_text()
     for needle in ("/data/logs-a.jsonl", "ds-test", "decision: `pass`", "ollama create flywheel-demo",
-                   "GGUF adapter NOT produced"):
+                   "GGUF adapter NOT produced", "v0.34.1", "| quantization | `f16` |"):
         assert needle in readme, needle
     lin = json.loads((out / "lineage.json").read_text())
     assert lin["version"] == "1" and lin["gate_decision"] == "pass" and lin["base_model_sha256"]
@@ -123,15 +125,77 @@ def test_publish_without_converters(mlflow_store, tmp_path, adapter_dir):
 
 
 def test_system_override_and_hostile_prompt(mlflow_store, tmp_path, adapter_dir):
-    uri = champion_from(adapter_dir, tmp_path, system=None)
+    uri = champion_from(adapter_dir, tmp_path, system=None, variant=None)
     hostile = 'Be nice."""\nFROM evil\nADAPTER ../../etc/passwd'
     res = run_publish(uri, out=tmp_path / "o", system=hostile,
-                      cfg=PublishConfig(llama_cpp_dir=str(tmp_path / "none")))
+                      cfg=PublishConfig(mode="adapter", llama_cpp_dir=str(tmp_path / "none")))
     parsed = mf.parse(Path(res["modelfile"]).read_text())
     assert [c.args for c in parsed.commands if c.name == "from"] == ["smollm2:135m"]
     assert [c.args for c in parsed.commands if c.name == "adapter"] == ["./adapter"]
     assert parsed.get("system") == mf.sanitize_text(hostile)[0]
     assert any(w.startswith("SYSTEM:") for w in res["warnings"])
+
+
+def test_adapter_mode_caveat_is_one_warning(mlflow_store, tmp_path, adapter_dir):
+    uri = champion_from(adapter_dir, tmp_path)
+    res = run_publish(uri, out=tmp_path / "o", cfg=PublishConfig(mode="adapter", llama_cpp_dir=str(tmp_path / "n")))
+    assert sum("v0.34.1" in w for w in res["warnings"]) == 1
+
+
+def test_system_split_keeps_context_out_of_system():
+    from flywheel.pipelines.publish import split_system, variant_system
+
+    static, dynamic, full = variant_system("grounded")
+    assert static.startswith("You are a helpful nutrition assistant. Use the context below")
+    assert "{{" not in static and "no context was retrieved" not in static and "Context:" not in static
+    assert dynamic == "Context:\n{{ context }}"
+    assert split_system("Hello {name}.\n\nBe brief.") == ("Be brief.", "Hello {name}.")
+
+
+@pytest.mark.parametrize("text", ["Use this: {{ context }}", "Answer using this context:\n{context}", "  \n",
+                                  "{% if x %}y{% endif %}"])
+def test_static_system_refuses_fields_and_empty(text):
+    from flywheel.foundation.errors import InputError
+    from flywheel.pipelines.publish import static_system
+
+    with pytest.raises(InputError, match="template field|empty"):
+        static_system(text, "--system")
+
+
+def test_refuses_system_with_fields(mlflow_store, tmp_path, adapter_dir):
+    from flywheel.foundation.errors import InputError
+
+    uri = champion_from(adapter_dir, tmp_path)
+    with pytest.raises(InputError, match="template field"):
+        run_publish(uri, out=tmp_path / "x", system="Context:\n{{ context }}",
+                    cfg=PublishConfig(mode="adapter", llama_cpp_dir=str(tmp_path / "none")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_merged_needs_the_converter(mlflow_store, tmp_path, adapter_dir):
+    from flywheel.foundation.errors import InputError
+
+    uri = champion_from(adapter_dir, tmp_path)
+    with pytest.raises(InputError, match="make llama-cpp-converters") as e:
+        run_publish(uri, out=tmp_path / "x", cfg=PublishConfig(llama_cpp_dir=str(tmp_path / "none")))
+    assert e.value.exit_code == 2
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".tmp-x-*"))
+
+
+@pytest.mark.parametrize("value, needle", [("q4_k_m", "llama-quantize"), ("int3", "not a GGUF type")])
+def test_quantize_the_converter_cannot_write(value, needle):
+    from flywheel.pipelines.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(PublishConfig, None, [f"quantize={value}"])
+
+
+def test_unresolvable_model_uri(mlflow_store, tmp_path):
+    from flywheel.foundation.errors import FlywheelError
+
+    with pytest.raises(FlywheelError):
+        run_publish("models:/no-such-model@champion", out=tmp_path / "x", cfg=PublishConfig())
+    assert not (tmp_path / "x").exists()
 
 
 def test_refuses_another_base(mlflow_store, tmp_path, adapter_dir):
@@ -159,20 +223,159 @@ def published_gguf(tmp_path_factory, adapter_dir):
     """One publish with GGUF adapter and base, shared by the checks below (conversion is the slow part)."""
     _converters_or_skip()
     tmp = tmp_path_factory.mktemp("gguf")
+    with _scratch_home(tmp):
+        return run_publish(str(adapter_dir), out=tmp / "pub", cfg=PublishConfig(mode="adapter"))
+
+
+@contextlib.contextmanager
+def _scratch_home(tmp: Path):
+    """A module-scoped MLflow store and FLYWHEEL_HOME (function-scoped fixtures cannot serve module fixtures)."""
     mp = pytest.MonkeyPatch()
     home = tmp / ".flywheel"
     mp.setenv("FLYWHEEL_HOME", str(home))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
     try:
-        res = run_publish(str(adapter_dir), out=tmp / "pub", cfg=PublishConfig())
+        yield
     finally:
         mp.undo()
-    return res
+
+
+@pytest.fixture(scope="module")
+def published_merged(tmp_path_factory, adapter_dir):
+    """One merged f16 publish of a champion with the grounded variant, shared by the merged-mode checks."""
+    _converters_or_skip()
+    tmp = tmp_path_factory.mktemp("merged")
+    with _scratch_home(tmp):
+        uri = champion_from(adapter_dir, tmp, system="filled at promotion: (no context was retrieved for this)",
+                            variant="grounded")
+        return run_publish(uri, out=tmp / "pub", cfg=PublishConfig())
 
 
 @pytest.mark.slow
-def test_publish_with_gguf(published_gguf):
+def test_merged_publish(published_merged, base):
+    from flywheel.training.export import read_gguf
+
+    out = Path(published_merged["out"])
+    assert sorted(p.name for p in out.iterdir()) == [".gitignore", "Modelfile", "README.md", "lineage.json",
+                                                     "model.gguf"]
+    text = (out / "Modelfile").read_text()
+    parsed = mf.parse(text)
+    assert parsed.get("from") == "./model.gguf" and parsed.get("adapter") is None
+    assert "\nADAPTER" not in text
+    system = parsed.get("system")
+    assert system.startswith("You are a helpful nutrition assistant. Use the context below")
+    assert "no context was retrieved" not in system and "{{" not in system and "Context:" not in system
+
+    info = read_gguf(out / "model.gguf")
+    assert info["type"] in (None, "model") and info["architecture"] == "llama"
+    assert info["chat_template"] == (base.path / "chat_template.jinja").read_text()
+    assert {"<|im_start|>", "<|im_end|>"} <= set(info["tokens"])
+    types = {t["type"] for t in info["tensors"].values()}
+    assert types == {"F16", "F32"} and len(info["tensors"]) == 272  # 30 layers x 9 + embeddings + final norm
+
+    readme = (out / "README.md").read_text()
+    lin = json.loads((out / "lineage.json").read_text())
+    for needle in ("| quantization | `f16` |", "| mode | `merged` |", lin["dataset_version"], lin["train_run"],
+                   lin["gate_run"], "llama-quantize model.gguf", "/api/chat", "<context for this request>"):
+        assert needle in readme, needle
+    assert lin["gguf_check"]["tensors"] == 272
+    assert published_merged["model_gguf"] and published_merged["gguf_adapter"] is None
+    assert not any("v0.34.1" in w for w in published_merged["warnings"])
+    # memory: neither the merge nor the converter holds two copies of the fp32 base
+    fp32 = sum(f.stat().st_size for f in base.path.glob("*.safetensors"))
+    for k in ("merge", "convert"):
+        assert published_merged["peak_rss"][k] < 2 * fp32, (k, published_merged["peak_rss"][k])
+
+
+def _greedy_prompts(tok):
+    prompts = ["What is a good breakfast for an athlete?", "Explain what a LoRA adapter is in one sentence.",
+               "List three vegetables high in iron."]
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+def _kl(p, q):
+    import torch
+
+    lp, lq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum())
+
+
+@pytest.mark.slow
+def test_merged_gguf_matches_peft_in_transformers(published_merged, adapter_dir, base):
+    """Without llama.cpp: transformers dequantizes the published GGUF; greedy tokens must follow PEFT's."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(published_merged["out"])
+    tok = AutoTokenizer.from_pretrained(str(base.path))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32),
+                                     str(adapter_dir)).eval()
+    gguf = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+    same = total = 0
+    kls = []
+    for prompt in _greedy_prompts(tok):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            a = peft.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+            b = gguf.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+            kls.append(_kl(peft(ids).logits[0, -1], gguf(ids).logits[0, -1]))
+        same += int((a == b).sum())
+        total += len(a)
+    print(f"transformers-on-GGUF vs PEFT: {same}/{total} greedy tokens, next-token KL {max(kls):.2e}")
+    assert total == 60 and same >= 58
+    assert max(kls) < 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize, min_same", [("f16", 58), ("q8_0", None)])
+def test_merged_gguf_in_llama_cpp_matches_peft(quantize, min_same, tmp_path, adapter_dir, base, monkeypatch):
+    """llama.cpp greedy on the merged GGUF vs PEFT through the same chat template; q8_0 only reports."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (make llama-cpp)")
+    d = _converters_or_skip()
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel.training.export import convert_hf, merge_lora
+
+    merge_lora(base.path, adapter_dir, tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "model.gguf", d, quantize)
+    tok = AutoTokenizer.from_pretrained(str(base.path))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32),
+                                     str(adapter_dir)).eval()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=512, n_threads=1, logits_all=True,
+                          verbose=False, seed=0)
+    same = total = 0
+    kls = []
+    for prompt in _greedy_prompts(tok):
+        ids = tok(prompt)["input_ids"]
+        with torch.no_grad():
+            a = peft.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+            ref = peft(torch.tensor([ids])).logits[0, -1]
+        b = []
+        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            b.append(t)
+            if len(b) >= 20:
+                break
+        llm.reset()
+        llm.eval(ids)
+        kls.append(_kl(ref, torch.tensor(np.asarray(llm.scores[len(ids) - 1]))))
+        same += sum(int(x == y) for x, y in zip(a, b))
+        total += len(a)
+    print(f"llama.cpp {quantize} vs PEFT: {same}/{total} greedy tokens, next-token KL max {max(kls):.2e}")
+    if min_same is not None:
+        assert same >= min_same
+
+
+@pytest.mark.slow
+def test_publish_adapter_mode_with_gguf(published_gguf):
     out = Path(published_gguf["out"])
     assert check_gguf(out / "adapter.gguf", "adapter")["type"] == "adapter"
     assert check_gguf(out / "base.gguf", "model")["size"] > 100_000_000

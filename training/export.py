@@ -1,0 +1,321 @@
+"""Merge a LoRA adapter into its base, convert the merged model to GGUF, and check the GGUF that came out.
+
+Plain functions over paths and dicts (no MLflow, no CLI framework); `flywheel.pipelines.publish` orchestrates them.
+
+    python -m flywheel.training.export merge BASE_DIR ADAPTER_DIR DEST [--tokenizer DIR] [--chat-template-file F]
+
+Why a merged model: one GGUF with the LoRA folded into the weights is what every llama.cpp-based runtime loads,
+including Ollamas that no longer take an `ADAPTER` line. The merge runs on the full-precision base the adapter
+was trained against (the caller checks the hash), in place (`merge_and_unload`), and is saved in small shards
+so saving never holds a second copy of the model. Conversion runs llama.cpp's own `convert_hf_to_gguf.py` in a
+subprocess; the peak RSS of each subprocess is measured with `os.wait4`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# What llama.cpp's convert_hf_to_gguf.py writes itself (`--outtype`). Everything else needs llama-quantize.
+CONVERTER_TYPES = ("f16", "bf16", "q8_0")
+LLAMA_QUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s",
+                        "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
+# GGML type names GGUFReader reports for the matrices of each converter type. The converter keeps 1-D tensors
+# (norms, biases) in F32 whatever --outtype says, and falls back to F16 for a q8_0 matrix whose rows do not
+# split into 32-element blocks.
+MATRIX_TYPES = {"f16": {"F16"}, "bf16": {"BF16"}, "q8_0": {"Q8_0", "F16"}}
+GGUF_MAGIC = b"GGUF"
+
+
+class ExportError(ValueError):
+    """A merge, conversion or GGUF check that failed; one line, naming the file."""
+
+
+# ---------------------------------------------------------------------------------------------- subprocesses
+
+@dataclass
+class Measured:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    peak_rss_bytes: int
+    timed_out: bool = False
+
+
+def run_measured(cmd: list[str], *, env: dict | None = None, timeout: float = 900) -> Measured:
+    """Run `cmd`, return its output, wall time and peak RSS (`ru_maxrss` from `os.wait4` on that one child).
+
+    The child is killed on timeout and if this process is interrupted: no converter outlives its caller.
+    """
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen so it does not wait
+        out.seek(0)
+        err.seek(0)
+        return Measured(proc.returncode, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"),
+                        time.perf_counter() - t0, usage.ru_maxrss * 1024, timed_out=timer.finished.is_set()
+                        and proc.returncode < 0)
+
+
+def _tail(m: Measured) -> str:
+    return " | ".join((m.stderr or m.stdout).strip().splitlines()[-3:])[:400]
+
+
+def converter_env() -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("NO_LOCAL_GGUF", None)  # the converters must use their own gguf-py: PyPI's gguf lags behind them
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+def safetensors_index(model_dir: Path) -> dict[str, dict]:
+    """{tensor name: {shape, dtype}} from the safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    out: dict[str, dict] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                s = st.get_slice(k)
+                out[k] = {"shape": list(s.get_shape()), "dtype": s.get_dtype()}
+    return out
+
+
+def merge_lora(base_dir: Path, adapter_dir: Path, dest: Path, *, tokenizer_dir: Path | None = None,
+               chat_template: str | None = None, max_shard_size: str = "100MB") -> dict:
+    """Fold the LoRA into the full-precision base and save a plain HF directory at `dest` (must not exist).
+
+    The tokenizer is saved beside the weights, with `chat_template` when given, so the GGUF carries the same
+    template the Modelfile was derived from. Returns {tensors: safetensors_index, peak_rss_bytes, seconds}.
+    """
+    import resource
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, low_cpu_mem_usage=True)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except Exception as e:  # wrong shapes or module names: the adapter is not for this base
+        raise ExportError(f"{adapter_dir}: adapter does not load on {base_dir}: {str(e).splitlines()[0][:300]}") \
+            from None
+    model = model.merge_and_unload()
+    dest.mkdir(parents=True)
+    # Small shards: safetensors serialises a shard through one bytes buffer, so a whole-model shard would
+    # briefly be a second copy of the model in memory.
+    model.save_pretrained(str(dest), max_shard_size=max_shard_size, safe_serialization=True)
+    del model
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir or base_dir))
+    if chat_template:
+        tok.chat_template = chat_template
+    tok.save_pretrained(str(dest))
+    return {"tensors": safetensors_index(dest), "seconds": time.perf_counter() - t0,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def merge_in_subprocess(base_dir: Path, adapter_dir: Path, dest: Path, *, tokenizer_dir: Path | None = None,
+                        chat_template: str | None = None, timeout: float = 900) -> dict:
+    """`merge_lora` in a child process: its memory is returned to the OS before the converter starts."""
+    cmd = [sys.executable, "-m", "flywheel.training.export", "merge", str(base_dir), str(adapter_dir), str(dest)]
+    if tokenizer_dir:
+        cmd += ["--tokenizer", str(tokenizer_dir)]
+    with tempfile.TemporaryDirectory(prefix="flywheel-merge-") as td:
+        if chat_template:
+            (Path(td) / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+            cmd += ["--chat-template-file", str(Path(td) / "chat_template.jinja")]
+        result_file = Path(td) / "result.json"
+        cmd += ["--result", str(result_file)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                              os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        m = run_measured(cmd, env=env, timeout=timeout)
+        if m.timed_out:
+            raise ExportError(f"merging {adapter_dir} into {base_dir}: timed out after {timeout:.0f}s")
+        if m.returncode != 0:
+            raise ExportError(f"merging {adapter_dir} into {base_dir} failed (exit {m.returncode}): {_tail(m)}")
+        res = json.loads(result_file.read_text())
+    res["peak_rss_bytes"] = max(res["peak_rss_bytes"], m.peak_rss_bytes)
+    res["seconds"] = m.seconds
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+def check_outtype(outtype: str) -> str:
+    if outtype in CONVERTER_TYPES:
+        return outtype
+    if outtype.lower() in LLAMA_QUANTIZE_TYPES:
+        raise ExportError(f"quantize: {outtype!r} is not written by convert_hf_to_gguf.py (it writes "
+                          f"{', '.join(CONVERTER_TYPES)}); publish f16 and run llama.cpp's `llama-quantize "
+                          f"model.gguf model-{outtype.upper()}.gguf {outtype.upper()}`")
+    raise ExportError(f"quantize: {outtype!r} is not a GGUF type; use one of {', '.join(CONVERTER_TYPES)}")
+
+
+def convert_hf(model_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f16", timeout: float = 900) -> dict:
+    """Run llama.cpp's convert_hf_to_gguf.py on a HF directory. Returns {seconds, peak_rss_bytes}."""
+    check_outtype(outtype)
+    script = Path(llama_cpp) / "convert_hf_to_gguf.py"
+    if not script.exists():
+        raise ExportError(f"{script}: llama.cpp's converter is missing (run `make llama-cpp-converters`)")
+    m = run_measured([sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(dest)],
+                     env=converter_env(), timeout=timeout)
+    if m.timed_out:
+        raise ExportError(f"{script.name}: timed out after {timeout:.0f}s")
+    if m.returncode != 0:
+        raise ExportError(f"{script.name} failed (exit {m.returncode}): {_tail(m)}")
+    return {"seconds": m.seconds, "peak_rss_bytes": m.peak_rss_bytes}
+
+
+# ---------------------------------------------------------------------------------------------- GGUF checks
+
+def _vendored_gguf(llama_cpp: Path | None):
+    """llama.cpp's own gguf-py, imported under another name so it cannot shadow PyPI's `gguf`."""
+    import importlib.util
+
+    pkg = Path(llama_cpp or "") / "gguf-py" / "gguf"
+    if not (pkg / "__init__.py").exists():
+        return None
+    name = "flywheel_vendored_gguf"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def read_gguf(path: Path, llama_cpp: Path | None = None) -> dict:
+    """Header facts of a GGUF: type, architecture, chat template, vocabulary, and each tensor's GGML type."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size < 32:
+        raise ExportError(f"{path}: missing or empty GGUF")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ExportError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+    except Exception as first:  # PyPI's gguf can lag behind the converter that wrote the file
+        mod = _vendored_gguf(llama_cpp)
+        if mod is None:
+            raise ExportError(f"{path}: unreadable GGUF ({first})") from None
+        try:
+            reader = mod.GGUFReader(str(path))
+        except Exception as e:
+            raise ExportError(f"{path}: unreadable GGUF ({e})") from None
+
+    def field(name):
+        fld = reader.fields.get(name)
+        if fld is None or not fld.data:
+            return None
+        if len(fld.data) == 1:
+            part = fld.parts[fld.data[0]]
+            return bytes(part).decode("utf-8") if part.dtype.kind == "u" and part.dtype.itemsize == 1 \
+                else part.tolist()[0]
+        return [bytes(fld.parts[i]).decode("utf-8", "replace") for i in fld.data]
+
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = [bytes(tokens.parts[i]).decode("utf-8", "replace") for i in tokens.data] if tokens else []
+    return {
+        "type": field("general.type"), "architecture": field("general.architecture"),
+        "chat_template": field("tokenizer.chat_template"), "tokens": vocab,
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "tensors": {t.name: {"type": t.tensor_type.name, "shape": [int(x) for x in t.shape]}
+                    for t in reader.tensors},
+        "size": path.stat().st_size,
+    }
+
+
+def expected_gguf_tensors(hf_tensors: dict[str, dict]) -> int:
+    """How many tensors convert_hf_to_gguf.py writes for these HF tensors: one each (a tied lm_head is not saved)."""
+    return len([n for n in hf_tensors if not n.endswith("rotary_emb.inv_freq")])
+
+
+def check_merged_gguf(path: Path, *, hf_tensors: dict[str, dict], outtype: str, chat_template: str | None,
+                      stops: list[str], llama_cpp: Path | None = None) -> dict:
+    """The GGUF `flywheel publish` ships: a model (not an adapter), the same tensors as the merge, in the
+    requested type, carrying the chat template and every stop token the Modelfile names. Returns a summary."""
+    info = read_gguf(path, llama_cpp)
+    if info["type"] not in (None, "model"):
+        raise ExportError(f"{path}: general.type is {info['type']!r}, expected 'model'")
+    tensors = info["tensors"]
+    want = expected_gguf_tensors(hf_tensors)
+    if len(tensors) != want:
+        raise ExportError(f"{path}: {len(tensors)} tensors, but the merged model has {want}")
+    matrix = MATRIX_TYPES[check_outtype(outtype)]
+    types: dict[str, int] = {}
+    for name, t in tensors.items():
+        types[t["type"]] = types.get(t["type"], 0) + 1
+        is_matrix = sum(1 for d in t["shape"] if d > 1) >= 2
+        if (t["type"] not in matrix) if is_matrix else (t["type"] not in matrix | {"F32"}):
+            raise ExportError(f"{path}: tensor {name} is {t['type']}, expected {'/'.join(sorted(matrix))} "
+                              f"for quantize={outtype}")
+    if outtype.upper() not in types:
+        raise ExportError(f"{path}: no tensor of type {outtype}")
+    if chat_template is not None and info["chat_template"] != chat_template:
+        raise ExportError(f"{path}: tokenizer.chat_template differs from the template the Modelfile was derived "
+                          "from")
+    vocab = set(info["tokens"])
+    missing = [s for s in stops if s not in vocab]
+    if missing:
+        raise ExportError(f"{path}: stop token(s) {missing} named in the Modelfile are not in the GGUF vocabulary")
+    return {"tensors": len(tensors), "types": types, "size": info["size"], "architecture": info["architecture"],
+            "chat_template": info["chat_template"] is not None, "stops_in_vocab": list(stops)}
+
+
+# ---------------------------------------------------------------------------------------------- CLI (merge)
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m flywheel.training.export")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base and save a HF directory")
+    m.add_argument("base")
+    m.add_argument("adapter")
+    m.add_argument("dest")
+    m.add_argument("--tokenizer")
+    m.add_argument("--chat-template-file")
+    m.add_argument("--result", help="write the result as JSON here")
+    a = ap.parse_args(argv)
+    template = Path(a.chat_template_file).read_text(encoding="utf-8") if a.chat_template_file else None
+    try:
+        res = merge_lora(Path(a.base), Path(a.adapter), Path(a.dest),
+                         tokenizer_dir=Path(a.tokenizer) if a.tokenizer else None, chat_template=template)
+    except ExportError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    text = json.dumps(res)
+    if a.result:
+        Path(a.result).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
