@@ -38,7 +38,6 @@ import shlex
 import shutil
 import re
 import resource
-import shlex
 import sys
 import time
 from pathlib import Path
