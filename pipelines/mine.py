@@ -53,7 +53,9 @@ class MineConfig(StageConfig):
     min_rating: int = Field(4, ge=1, le=5)  # as in the seed: 4-5 stars is "good enough to imitate"
     min_chars: int = Field(2, ge=0)  # shortest assistant reply kept
     max_chars: int = Field(20_000, gt=0)  # longest conversation (all turns + context) kept
-    languages: list[str] = []  # e.g. [en]; empty = no language filter (only records that declare `lang`)
+    languages: list[str] = []  # e.g. [en]; empty = no language filter. A declared `lang` decides, else detection
+    detect_language: bool = True  # with `languages`: detect the reply's language when no `lang` is declared
+    detect_min_chars: int = Field(20, ge=1)  # shorter replies are not judged by the detector (they pass)
     oasst_rating: Literal["quality", "helpfulness", "rank", "quality_then_rank"] = "quality"
     redact_pii: bool = True
     phone_region: str = "US"  # region for phone numbers written without a +country code
@@ -74,6 +76,7 @@ class MineConfig(StageConfig):
 def _settings(cfg: MineConfig) -> dict:
     return {"min_rating": cfg.min_rating, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars,
             "languages": [x.lower() for x in cfg.languages], "redact": cfg.redact_pii,
+            "detect_min_chars": cfg.detect_min_chars if cfg.detect_language else None,
             "gap_prefs": cfg.preferences.from_rating_gap, "near_dedupe": cfg.dedupe.near,
             "num_perm": cfg.dedupe.num_perm, "shingle": cfg.dedupe.shingle, "region": cfg.phone_region,
             "oasst_rating": cfg.oasst_rating, "max_line_bytes": cfg.max_line_bytes,

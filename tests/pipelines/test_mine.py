@@ -137,3 +137,21 @@ def test_config_file_matches_defaults():
     f = Path(__file__).resolve().parents[2] / "configs" / "mine.yaml"
     assert f.read_text().startswith("# Run with: flywheel mine")
     assert load_config(MineConfig, f) == MineConfig()
+
+
+def test_language_filter_detects_undeclared_languages(tmp_path):
+    """`languages: [en]` on logs without `lang` used to keep everything; now the reply's language is detected and
+    the drop is counted under its own reason."""
+    replies = {"en": "Lentils are a cheap source of protein and iron; pair them with vitamin C for absorption.",
+               "de": "Linsen sind eine günstige Quelle für Eiweiß und Eisen; kombiniere sie mit Vitamin C.",
+               "es": "Las lentejas son una fuente barata de proteínas y hierro; combínalas con vitamina C."}
+    path = tmp_path / "logs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (lang, text) in enumerate(replies.items()):
+            f.write(json.dumps({"conversation_id": f"c{i}", "rating": 5, "messages": [
+                {"role": "user", "content": f"question {i} about lentils"},
+                {"role": "assistant", "content": text}]}) + "\n")
+    m = mine_to_dir([path], tmp_path / "ds", cfg(languages=["en"]))
+    assert m["counts"]["kept"] == 1 and m["counts"]["filtered"] == {"language_detected": 2}
+    off = mine_to_dir([path], tmp_path / "ds2", cfg(languages=["en"], detect_language=False))
+    assert off["counts"]["kept"] == 3
