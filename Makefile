@@ -33,6 +33,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser tests will skip"; }
 
 test: install browser
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/actionlint  # the PR gate workflow, with shellcheck on its scripts
 	OMP_NUM_THREADS=2 $(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install
