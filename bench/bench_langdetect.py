@@ -5,7 +5,7 @@ OpenAssistant's annotators declared, and its cost.
 
 Every oasst1 message (validation slice, English) and every oasst2 tree node (multilingual) with a declared `lang`
 and at least `--min-chars` characters (the filter's threshold: shorter texts are not judged) is detected exactly as
-`pipelines.data.curate.detect_language` does in `flywheel mine`. Reports accuracy on the primary language code,
+`flywheel.mining.curate.detect_language` does in `flywheel mine`. Reports accuracy on the primary language code,
 the `languages: [en]` decision (precision/recall of "keep as English"), per-language counts, and texts/s of the
 detector call alone (model loaded and warmed up first). Writes bench/results/langdetect.json.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.data.curate import detect_language  # noqa: E402
+from flywheel.mining.curate import detect_language  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 

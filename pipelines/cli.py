@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from pipelines.errors import FlywheelError
+from flywheel.foundation.errors import FlywheelError
 
 app = typer.Typer(
     name="flywheel",
@@ -31,23 +31,23 @@ def _global_options(
 ) -> None:
     # Runs before any command, so the switches are in the environment before the heavy libraries are imported.
     if not verbose:
-        from pipelines.quiet import quiet_third_party
+        from flywheel.pipelines.quiet import quiet_third_party
 
         quiet_third_party()
 
 
 # Order is the order of `flywheel --help`, which is the order of the loop.
 STAGE_MODULES = [
-    "pipelines.mine",
-    "pipelines.train",
-    "pipelines.embeddings",
-    "pipelines.eval",
-    "pipelines.ab",
-    "pipelines.gate",
-    "pipelines.publish",
-    "pipelines.loop",
-    "pipelines.dashboard_cmd",
-    "pipelines.demo",
+    "flywheel.pipelines.mine",
+    "flywheel.pipelines.train",
+    "flywheel.pipelines.embeddings",
+    "flywheel.pipelines.eval",
+    "flywheel.pipelines.ab",
+    "flywheel.pipelines.gate",
+    "flywheel.pipelines.publish",
+    "flywheel.pipelines.loop",
+    "flywheel.pipelines.dashboard_cmd",
+    "flywheel.pipelines.demo",
 ]
 
 for _name in STAGE_MODULES:

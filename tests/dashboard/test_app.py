@@ -134,7 +134,7 @@ def test_ab_report(dash_store):
 
 
 def ui_num(x, digits=3):
-    from dashboard import ui
+    from flywheel.dashboard import ui
 
     return ui.num(x, digits)
 
@@ -197,7 +197,7 @@ def test_prompt_eval_labels_one_token_generations(mlflow_store, tmp_path, with_s
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import setup
+    from flywheel.pipelines.tracking import setup
     from tests.dashboard.conftest import _log_text, _run
 
     setup()

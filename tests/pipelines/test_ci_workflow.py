@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.demo_logs import write_demo_logs
+from flywheel.mining.demo_logs import write_demo_logs
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "flywheel-gate.yml"
@@ -32,7 +32,7 @@ def _workspace(tmp_path: Path) -> Path:
     (ws / ".venv" / "bin").mkdir(parents=True)
     (ws / "configs").symlink_to(ROOT / "configs")
     for name, cmd in (("python", f'exec "{sys.executable}" "$@"'),
-                      ("flywheel", f'exec "{sys.executable}" -m pipelines "$@"')):
+                      ("flywheel", f'exec "{sys.executable}" -m flywheel.pipelines "$@"')):
         p = ws / ".venv" / "bin" / name
         p.write_text(f"#!/bin/sh\n{cmd}\n")
         p.chmod(0o755)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.demo_logs import write_demo_logs
-from pipelines.quiet import QUIET_ENV
+from flywheel.mining.demo_logs import write_demo_logs
+from flywheel.pipelines.quiet import QUIET_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def _mine(tmp_path: Path, *global_opts: str) -> subprocess.CompletedProcess:
         write_demo_logs(logs, n=20)
     out = tmp_path / f"out{len(global_opts)}"
     env = _env(tmp_path / f"h{len(global_opts)}")
-    return subprocess.run([sys.executable, "-m", "pipelines", *global_opts, "mine", str(logs), "--out", str(out),
+    return subprocess.run([sys.executable, "-m", "flywheel.pipelines", *global_opts, "mine", str(logs), "--out", str(out),
                            "workers=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -48,7 +48,7 @@ def test_library_switches(tmp_path, verbose):
     """What the switches do inside the libraries: transformers/datasets verbosity and bars, tqdm, hub bars."""
     code = """
 import os
-from pipelines.quiet import quiet_third_party
+from flywheel.pipelines.quiet import quiet_third_party
 if not {verbose}:
     quiet_third_party()
 import datasets, transformers, tqdm, huggingface_hub.utils as hu
