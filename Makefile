@@ -35,6 +35,7 @@ browser:
 # lint-imports checks the layer contract in pyproject.toml ([tool.importlinter]) before any test runs.
 test: install browser
 	$(BIN)/lint-imports
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/actionlint  # the PR gate workflow, with shellcheck on its scripts
 	OMP_NUM_THREADS=2 $(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -53,7 +53,9 @@ class RecordError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- inputs
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
-    """Files to read: a directory stands for its data files (sorted). Missing/empty inputs are InputErrors."""
+    """Files to read: a directory stands for its data files (sorted). A missing input is an InputError; an empty
+    file is kept (a rotated, empty log among others is normal: the miner counts it, 0 records, and warns), but
+    inputs that are *all* empty are an InputError: there is nothing to mine."""
     out: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
@@ -65,10 +67,15 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
             out.extend(files)
         else:
             out.append(p)
-    for f in out:
-        if f.stat().st_size == 0:
-            raise InputError(f"{f}: input file is empty")
+    empty = [f for f in out if is_empty(f)]
+    if empty and len(empty) == len(out):
+        names = ", ".join(map(str, empty[:3])) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise InputError(f"{names}: input file{'s are' if len(empty) > 1 else ' is'} empty (nothing to mine)")
     return out
+
+
+def is_empty(path: Path) -> bool:
+    return path.stat().st_size == 0
 
 
 def display_name(path: Path) -> str:

@@ -21,6 +21,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _global_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Show third-party progress bars, INFO logs and FutureWarnings "
+                                      "(transformers, datasets, huggingface_hub, MLflow); quiet by default."),
+) -> None:
+    # Runs before any command, so the switches are in the environment before the heavy libraries are imported.
+    if not verbose:
+        from flywheel.pipelines.quiet import quiet_third_party
+
+        quiet_third_party()
+
+
 # Order is the order of `flywheel --help`, which is the order of the loop.
 STAGE_MODULES = [
     "flywheel.pipelines.mine",

@@ -83,6 +83,8 @@ class EmbeddingsConfig(StageConfig):
     max_docs: int | None = Field(None, ge=1)
     max_queries: int | None = Field(None, ge=1)
     max_pairs: int | None = Field(None, ge=2)
+    title_dedupe: bool = Field(False, description="BEIR: drop a title the text already starts with (Cranfield); "
+                               "false embeds title + ' ' + text like BEIR, MTEB and sentence-transformers")
     batch_size: int = Field(32, ge=1)
     cache: bool = True
     cache_dir: str | None = None  # embedding vectors + speed records; default $FLYWHEEL_CACHE/embeddings
@@ -252,7 +254,8 @@ def run_bench_embeddings(cfg: EmbeddingsConfig | None = None, *, quiet: bool = F
     data_dir = Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR
     # 1. Everything validated before any encoding.
     tasks = [resolve_task(t, data_dir, split=cfg.qrels_split, sts_split=cfg.sts_split, max_docs=cfg.max_docs,
-                          max_queries=cfg.max_queries, max_pairs=cfg.max_pairs, seed=cfg.seed) for t in cfg.tasks]
+                          max_queries=cfg.max_queries, max_pairs=cfg.max_pairs, seed=cfg.seed,
+                          title_dedupe=cfg.title_dedupe) for t in cfg.tasks]
     inputs = [data_dir] + [t for t in cfg.tasks if Path(t).exists()]
     check_output_dir(cfg.out, inputs=inputs, force=cfg.force)  # now, not after the benchmark
     names = [t.name for t in tasks]
@@ -390,6 +393,8 @@ def _markdown(leaderboard, comparisons, tasks, cfg) -> str:
         n = task.info.get("queries", task.info.get("pairs"))
         unit = "queries" if task.kind == "retrieval" else "pairs"
         lines += [f"## {task.name} ({task.kind}, {n} {unit}, {task.info.get('docs', '-')} docs)", ""]
+        if task.info.get("doc_text"):
+            lines += [f"Documents embedded as `{task.info['doc_text']}`.", ""]
         if task.kind == "retrieval" and n < cfg.stats.min_queries:
             lines += [f"> {n} queries: differences between models smaller than the `detectable_diff` column of "
                       "comparisons.csv cannot be told apart; a non-significant result here is not evidence of "

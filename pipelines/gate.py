@@ -64,6 +64,11 @@ class AbSection(_Section):
     max_age_hours: float = Field(24 * 7, gt=0)
 
 
+class SampleSection(_Section):
+    n_cases: int = Field(8, ge=0)                    # 0: no sample (the dashboard then says so)
+    max_new_tokens: int = Field(64, ge=2)
+
+
 class GateConfig(StageConfig):
     model_name: str = "flywheel-demo"                # registered model; the baseline is its @champion
     base_model: Optional[str] = None                 # baseline with no champion (default: candidate's base)
@@ -77,6 +82,8 @@ class GateConfig(StageConfig):
     correction: str = "holm"
     min_cases: int = Field(20, ge=2)                 # fewer paired cases than this: error, not a decision
     ab: AbSection = Field(default_factory=AbSection)
+    # An NLL-only gate generates one token per case; reviewers get real answers on a few cases, for display only.
+    sample_generations: SampleSection = Field(default_factory=SampleSection)
     results: Optional[str] = None                    # re-gate an existing results.json (no eval run)
     baseline_target: str = "champion"                # target names inside results.json
     candidate_target: str = "candidate"
@@ -128,6 +135,37 @@ def _eval_config(cfg: GateConfig, baseline: dict, candidate_uri: str, out: Path)
         if isinstance(e, ValidationError):
             raise ConfigError(format_validation_error(e, f"{path} + gate eval overrides")) from None
         raise
+
+
+def _sample_generations(cfg: GateConfig, ecfg, eval_run_id: str, out: Path, show_progress: bool) -> str | None:
+    """When the gate's eval generated too little to read (NLL only: one token), evaluate the first
+    `sample_generations.n_cases` cases again with real generations: an eval run of its own (`gate-sample`),
+    linked both ways by tags (`flywheel.eval.sample_run` / `flywheel.eval.sample_of`). It never decides
+    anything; a failure is a warning, not a gate error."""
+    s = cfg.sample_generations
+    if s.n_cases == 0 or ecfg.generation.max_new_tokens >= s.max_new_tokens:
+        return None
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines.eval import EvalConfig, run_eval
+
+    data = ecfg.model_dump()
+    data.update(name="gate-sample", run_name="gate-sample", out=str(out), limit=min(ecfg.limit or s.n_cases,
+                                                                                     s.n_cases))
+    data["generation"]["max_new_tokens"] = s.max_new_tokens
+    try:
+        res = run_eval(EvalConfig.model_validate(data), show_progress=show_progress)
+    except Exception as e:  # display only: the decision does not depend on it
+        typer.secho(f"warning: sample generations failed ({type(e).__name__}: {e})", fg=typer.colors.YELLOW,
+                    err=True)
+        while mlflow.active_run():
+            mlflow.end_run(status="FAILED")
+        return None
+    client = MlflowClient()
+    client.set_tag(eval_run_id, "flywheel.eval.sample_run", res["run_id"])
+    client.set_tag(res["run_id"], "flywheel.eval.sample_of", eval_run_id)
+    return res["run_id"]
 
 
 def pick_variant(results: dict, metric: str, candidate: str) -> str | None:
@@ -200,7 +238,7 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
         check_output_dir(cfg.out, inputs=[cfg.results] if cfg.results else [], force=cfg.force)
     problems: list[str] = []
     results = None
-    eval_run_id = None
+    eval_run_id = sample_run_id = None
     cand = None
     champ_version = None
     baseline_label, candidate_label = "?", candidate
@@ -242,6 +280,7 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
                                 else str(cand.adapter_dir), staging)
             res = run_eval(ecfg, show_progress=show_progress)
             results, eval_run_id = res["results"], res["run_id"]
+            sample_run_id = _sample_generations(cfg, ecfg, eval_run_id, staging / "sample", show_progress)
     except FlywheelError as e:
         problems.append(str(e))
     except Exception as e:  # a crashed evaluation is an error decision, with the cause in the report
@@ -262,7 +301,7 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
             system_prompt = None
 
     # Phase 2, the decision, in its own run.
-    inputs = {"candidate": candidate, "eval_run": eval_run_id,
+    inputs = {"candidate": candidate, "eval_run": eval_run_id, "sample_eval_run": sample_run_id,
               "champion": f"{cfg.model_name}/{champ_version}" if champ_version else None,
               "dataset_version": cand.meta.get("dataset_version") if cand else None,
               "train_run": (cand.meta.get("train_run_id") or cand.run_id) if cand else None}
@@ -278,7 +317,8 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
         gate = rules_mod.evaluate(results, rules_from_config(cfg), baseline=baseline_target,
                                   candidate=candidate_target, variant=variant, ab_verdict=ab_verdict,
                                   problems=problems)
-        gate.update(gate_run_id=run_id, eval_run_id=eval_run_id, candidate=candidate,
+        gate.update(gate_run_id=run_id, eval_run_id=eval_run_id, sample_eval_run_id=sample_run_id,
+                    candidate=candidate,
                     candidate_label=candidate_label, baseline=baseline_label, champion_version=champ_version,
                     model_name=cfg.model_name, system_prompt=system_prompt, config=cfg.model_dump(mode="json"))
 
@@ -302,6 +342,8 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
         with atomic_dir(out, force=cfg.force, inputs=[cfg.results] if cfg.results else [], stage="gate") as tmp:
             if (staging / "eval").exists():  # the eval outputs travel with the decision they support
                 (staging / "eval").rename(tmp / "eval")
+            if (staging / "sample").exists():
+                (staging / "sample").rename(tmp / "sample")
             write_json(tmp / "gate.json", gate)
             (tmp / "gate_report.md").write_text(report, encoding="utf-8")
         mlflow.log_artifact(str(out / "gate.json"))

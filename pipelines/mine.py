@@ -14,7 +14,9 @@ The recipe, top to bottom:
 6. MLflow run in `flywheel/mine`: params, counts (one batched call), the dataset as an `mlflow.data` input,
    manifest/card/samples as artifacts.
 
-Python entry for `flywheel demo` / `flywheel run`: `run_mine(inputs, out, cfg) -> dict`.
+Python entry for `flywheel demo` / `flywheel run`: `run_mine(inputs, out, cfg) -> dict`. An empty input file (a
+rotated log) is counted (0 records, `"empty": true` in the manifest) and named in the result's `warnings`; only a
+run whose inputs are all empty is an error.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ class MineConfig(StageConfig):
     min_rating: int = Field(4, ge=1, le=5)  # 4-5 stars is "good enough to imitate"
     min_chars: int = Field(2, ge=0)  # shortest assistant reply kept
     max_chars: int = Field(20_000, gt=0)  # longest conversation (all turns + context) kept
-    languages: list[str] = []  # e.g. [en]; empty = no language filter (only records that declare `lang`)
+    languages: list[str] = []  # e.g. [en]; empty = no language filter. A declared `lang` decides, else detection
+    detect_language: bool = True  # with `languages`: detect the reply's language when no `lang` is declared
+    detect_min_chars: int = Field(20, ge=1)  # shorter replies are not judged by the detector (they pass)
     oasst_rating: Literal["quality", "helpfulness", "rank", "quality_then_rank"] = "quality"
     redact_pii: bool = True
     phone_region: str = "US"  # region for phone numbers written without a +country code
@@ -92,6 +96,7 @@ def usable_cpus() -> int:
 def _settings(cfg: MineConfig) -> dict:
     return {"min_rating": cfg.min_rating, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars,
             "languages": [x.lower() for x in cfg.languages], "redact": cfg.redact_pii,
+            "detect_min_chars": cfg.detect_min_chars if cfg.detect_language else None,
             "gap_prefs": cfg.preferences.from_rating_gap, "near_dedupe": cfg.dedupe.near,
             "num_perm": cfg.dedupe.num_perm, "shingle": cfg.dedupe.shingle, "region": cfg.phone_region,
             "oasst_rating": cfg.oasst_rating, "max_line_bytes": cfg.max_line_bytes,
@@ -179,14 +184,17 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, forc
     from flywheel.foundation.io import atomic_dir, dumps, sha256_file, write_json
 
     files = readers.expand_inputs(inputs)
-    fmts = [readers.detect_format(f) if cfg.format == "auto" else cfg.format for f in files]
+    # An empty file (a rotated log) is counted with 0 records and named in the manifest and the warnings.
+    fmts = ["empty" if readers.is_empty(f) else readers.detect_format(f) if cfg.format == "auto" else cfg.format
+            for f in files]
     for f, fmt in zip(files, fmts):
         if fmt in ("oasst1", "oasst2", "hh") and f.suffix.lower() not in (".jsonl", ".json"):
             raise InputError(f"{f}: format {fmt} is JSONL only")
     s = _settings(cfg)
     workers = cfg.workers or min(2, usable_cpus())
     per_input = [{"path": readers.display_name(f), "sha256": sha256_file(f), "format": fmt, "read": 0, "kept": 0,
-                  "rejected": 0, "filtered": Counter()} for f, fmt in zip(files, fmts)]
+                  "rejected": 0, "filtered": Counter(), **({"empty": True} if fmt == "empty" else {})}
+                 for f, fmt in zip(files, fmts)]
     pii_counts: Counter = Counter()
     dedup = Deduper(near=cfg.dedupe.near, threshold=cfg.dedupe.threshold, num_perm=cfg.dedupe.num_perm)
     seen_prefs: set[str] = set()
@@ -221,6 +229,8 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, forc
                     n_prefs += 1
 
             for i, (f, fmt) in enumerate(zip(files, fmts)):
+                if fmt == "empty":
+                    continue
                 c = per_input[i]
                 filtered = c["filtered"]
                 task = bar.add_task(f"mine {c['path']}", total=f.stat().st_size)
@@ -347,7 +357,11 @@ def run_mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig | None =
     out = Path(out).resolve()
     run_id = _log_run(out, manifest, cfg) if cfg.log_mlflow else None
     return {"run_id": run_id, "out": str(out), "manifest": manifest, "version": manifest["version"],
-            "counts": manifest["counts"], "splits": manifest["splits"]}
+            "counts": manifest["counts"], "splits": manifest["splits"], "warnings": input_warnings(manifest)}
+
+
+def input_warnings(manifest: dict) -> list[str]:
+    return [f"{i['path']}: empty input file (0 records)" for i in manifest["inputs"] if i.get("empty")]
 
 
 def _log_run(out: Path, manifest: dict, cfg: MineConfig) -> str:
@@ -403,6 +417,8 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(MineConfig, config, extra)
         res = run_mine(paths, out, cfg, force=force)
         c = res["counts"]
+        for w in res["warnings"]:
+            typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"dataset {res['version']} -> {res['out']}")
         typer.echo(f"read {c['read']} = kept {c['kept']} + rejected {c['rejected']} + filtered "
                    f"{sum(c['filtered'].values())} {dict(c['filtered'])}")

@@ -85,6 +85,13 @@ with ui.bad_run_shown(run, "this evaluation"):
 
     # ------------------------------------------------------------------------------------------- cases
     st.subheader("Generations side by side")
+    gen_tokens = (results.get("generation") or {}).get("max_new_tokens")
+    if isinstance(gen_tokens, int) and gen_tokens <= 1:
+        sample = run["tags"].get("flywheel.eval.sample_run")
+        st.info(f"This evaluation scored the reference answers only (NLL), so each generation below stops after "
+                f"{gen_tokens} token: it is not what a user would read. "
+                + (f"Real answers to the first cases are in the evaluation run `gate-sample` ({ui.short(sample)})."
+                   if sample else "No sample with full answers was generated for it."))
     kids = store.children("prompts", run["run_id"])
     if not kids:
         st.caption("No child runs (variant × target) under this evaluation.")

@@ -5,6 +5,11 @@ Every loader checks its input and raises `InputError` naming the file, line and 
 What a loader legitimately leaves out (queries without any relevant document, mined records without context) is
 counted in `task.info` so the benchmark reports it.
 
+A BEIR document is embedded as `title + " " + text` (stripped), the convention of BEIR, MTEB and
+sentence-transformers' `InformationRetrievalEvaluator`, so the numbers are comparable with theirs. Cranfield's
+texts repeat their title; `title_dedupe=True` drops the title when the text already starts with it (a different
+number: the convention is recorded in `task.info["doc_text"]`).
+
 Relevance follows BEIR / trec_eval: a qrels score > 0 is relevant, the score itself is the graded gain for
 nDCG; 0 means "judged, not relevant" (Cranfield uses it).
 """
@@ -88,16 +93,20 @@ def _unique_ids(path: Path, rows: list[tuple[int, dict]]) -> dict[str, tuple[int
     return seen
 
 
-def _doc_text(obj: dict, path: Path, line: int) -> str:
+DOC_TEXT_REFERENCE = 'title + " " + text'
+DOC_TEXT_DEDUPE = 'title + " " + text, title dropped when the text starts with it'
+
+
+def _doc_text(obj: dict, path: Path, line: int, title_dedupe: bool = False) -> tuple[str, bool]:
+    """The text to embed and whether a repeated title was dropped."""
     title, text = obj.get("title") or "", obj.get("text")
     if text is None:
         text = ""
     if not isinstance(text, str) or not isinstance(title, str):
         raise InputError(f"{path}:{line}: text/title: must be strings")
-    # BEIR embeds "title text". Cranfield's text already starts with its title: do not say it twice.
-    if title and not text.startswith(title.strip()):
-        return f"{title} {text}".strip()
-    return text
+    if title_dedupe and title.strip() and text.startswith(title.strip()):
+        return text.strip(), True
+    return f"{title} {text}".strip(), False
 
 
 def _sample(ids: list[str], n: int | None, seed: int) -> list[str]:
@@ -110,11 +119,12 @@ def _sample(ids: list[str], n: int | None, seed: int) -> list[str]:
 
 
 def load_beir(root: str | Path, split: str = "test", *, name: str | None = None, max_docs: int | None = None,
-              max_queries: int | None = None, seed: int = 0) -> RetrievalTask:
+              max_queries: int | None = None, seed: int = 0, title_dedupe: bool = False) -> RetrievalTask:
     """A BEIR directory: `corpus.jsonl`, `queries.jsonl`, `qrels/<split>.tsv` (header optional, graded scores).
 
     `max_queries` samples queries (seeded); `max_docs` samples the corpus but always keeps every document judged
     relevant to a kept query, so subsampling makes the task easier, never wrong. Both are recorded in `info`.
+    Documents are `title + " " + text` (BEIR/MTEB); `title_dedupe` drops a title the text already starts with.
     """
     root = Path(root)
     name = name or root.name
@@ -123,7 +133,8 @@ def load_beir(root: str | Path, split: str = "test", *, name: str | None = None,
     docs = _unique_ids(corpus_path, _read_jsonl(corpus_path, ("_id",)))
     if not docs:
         raise InputError(f"{corpus_path}: empty corpus (0 documents)")
-    corpus = {i: _doc_text(obj, corpus_path, line) for i, (line, obj) in docs.items()}
+    texts = {i: _doc_text(obj, corpus_path, line, title_dedupe) for i, (line, obj) in docs.items()}
+    corpus = {i: t for i, (t, _) in texts.items()}
     qs = _unique_ids(queries_path, _read_jsonl(queries_path, ("_id", "text")))
     if not qs:
         raise InputError(f"{queries_path}: no queries")
@@ -145,7 +156,10 @@ def load_beir(root: str | Path, split: str = "test", *, name: str | None = None,
     # Queries with no relevant document cannot score anything: left out, and counted (BEIR does the same).
     judged = {q for q, d in qrels.items() if any(s > 0 for s in d.values())}
     info: dict[str, Any] = {"queries_in_file": len(queries), "queries_without_relevant": len(queries) - len(judged),
-                            "docs_in_file": len(corpus)}
+                            "docs_in_file": len(corpus),
+                            "doc_text": DOC_TEXT_DEDUPE if title_dedupe else DOC_TEXT_REFERENCE}
+    if title_dedupe:
+        info["titles_dropped"] = sum(dropped for _, dropped in texts.values())
     keep_q = _sample([q for q in queries if q in judged], max_queries, seed)
     if not keep_q:
         raise InputError(f"{qrels_path}: no query has a relevant document (score > 0)")
@@ -345,7 +359,7 @@ def load_domain(root: str | Path, *, name: str | None = None, max_queries: int |
 
 def resolve_task(spec: str, data_dir: str | Path, *, split: str = "test", sts_split: str = "dev",
                  max_docs: int | None = None, max_queries: int | None = None, max_pairs: int | None = None,
-                 seed: int = 0) -> RetrievalTask | PairsTask:
+                 seed: int = 0, title_dedupe: bool = False) -> RetrievalTask | PairsTask:
     """`medline` / `cranfield` / `stsb` (under data_dir), or a directory: BEIR, STS or a mined dataset."""
     name = None
     if spec in KNOWN_TASKS:
@@ -358,7 +372,8 @@ def resolve_task(spec: str, data_dir: str | Path, *, split: str = "test", sts_sp
         if not path.exists():
             raise InputError(f"task {spec!r}: not a known task ({', '.join(KNOWN_TASKS)}) and not a path")
     if path.is_dir() and (path / "corpus.jsonl").exists():
-        return load_beir(path, split, name=name, max_docs=max_docs, max_queries=max_queries, seed=seed)
+        return load_beir(path, split, name=name, max_docs=max_docs, max_queries=max_queries, seed=seed,
+                         title_dedupe=title_dedupe)
     is_sts_file = path.is_file() and path.suffix in (".csv", ".tsv")
     if is_sts_file or (path.is_dir() and (path / f"sts-{sts_split}.csv").exists()):
         return load_sts(path, sts_split, name=name, max_pairs=max_pairs, seed=seed)

@@ -184,3 +184,39 @@ def test_pages_tolerate_runs_without_artifacts(bare_runs_store):
         assert at.title, page
     assert "no `leaderboard.csv`" in texts(render("embeddings"))
     assert "no `report.json`" in texts(render("ab"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_sample", [True, False])
+def test_prompt_eval_labels_one_token_generations(mlflow_store, tmp_path, with_sample):
+    """An NLL-only evaluation (the gate's) generated one token per case: the panel says so and points at the
+    gate's sample run, or says there is none, instead of showing one-word answers as if they were answers."""
+    import json
+
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines.tracking import setup
+    from tests.dashboard.conftest import _log_text, _run
+
+    setup()
+    client = MlflowClient()
+    sample = _run(client, "prompts", "gate-sample") if with_sample else None
+    ev = _run(client, "prompts", "gate", tags={"flywheel.eval.sample_run": sample} if sample else None)
+    cells = [{"variant": "concise", "target": t, "metric": "nll", "mean": 2.0, "ci_low": 1.9, "ci_high": 2.1,
+              "n": 4, "direction": "lower"} for t in ("base", "candidate")]
+    _log_text(client, ev, "results.json", json.dumps({"cells": cells, "generation": {"max_new_tokens": 1}}),
+              tmp_path)
+    kid = _run(client, "prompts", "concise-candidate", parent=ev)
+    client.log_batch(kid, params=[mlflow.entities.Param("variant", "concise"),
+                                  mlflow.entities.Param("target", "candidate")])
+    client.log_table(kid, pd.DataFrame({"case_id": ["c1"], "question": ["Is kale healthy?"], "output": ["Yes"]}),
+                     "cases.json")
+    at = render("prompt_eval", run=ev)
+    info = "\n".join(str(e.value) for e in at.info)
+    assert "stops after 1 token: it is not what a user would read" in info
+    if with_sample:
+        assert "gate-sample" in info and sample[:8] in info
+    else:
+        assert "No sample with full answers" in info

@@ -40,8 +40,25 @@ def test_each_filter_names_its_reason():
 
 
 def test_pure_filter_functions():
-    assert curate.language_reason(cand(lang=None), ["en"]) is None  # undeclared language passes (no detector)
+    assert curate.language_reason(cand(lang=None), ["en"]) is None  # undeclared, detection off: passes
     assert curate.length_reason(cand(), 2, 10_000) is None
     assert curate.normalise("  Hello\n  WORLD ") == "hello world"
     assert curate.prompt_key(cand()) == curate.prompt_key(cand(messages=[
         {"role": "user", "content": "MAIL me at a@b.org "}, {"role": "assistant", "content": "other"}]))
+
+
+def _reply(text, **kw):
+    return cand(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": text}], **kw)
+
+
+def test_language_detected_when_no_lang_is_declared():
+    de = "Seitan ist ein Fleischersatz aus Weizeneiweiß, der viel Protein enthält und gut gewürzt werden muss."
+    en = "Seitan is a meat substitute made from wheat gluten; it is rich in protein and takes spices well."
+    assert curate.language_reason(_reply(de), ["en"], 20) == "language_detected"
+    assert curate.language_reason(_reply(en), ["en"], 20) is None
+    assert curate.language_reason(_reply(de), ["de", "en"], 20) is None
+    assert curate.language_reason(_reply("Ja, genau."), ["en"], 20) is None  # too short to judge: passes
+    assert curate.language_reason(_reply(de), ["en"], None) is None  # detection off
+    assert curate.language_reason(_reply(de, lang="en"), ["en"], 20) is None  # a declared lang decides
+    assert curate.language_reason(_reply(en, lang="de"), ["en"], 20) == "language"
+    assert curate.language_reason(_reply(de), [], 20) is None  # no language filter: the detector never runs

@@ -125,6 +125,13 @@ def test_whole_file_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(InputError, match="empty"):
         readers.expand_inputs([tmp_path / "empty.jsonl"])
+    # a rotated, empty log next to a real one is read (counted as 0 records by the miner), not an error
+    (tmp_path / "full.jsonl").write_text('{"x": 1}\n')
+    assert readers.expand_inputs([tmp_path / "empty.jsonl", tmp_path / "full.jsonl"]) == [
+        tmp_path / "empty.jsonl", tmp_path / "full.jsonl"]
+    (tmp_path / "empty2.jsonl").write_text("")
+    with pytest.raises(InputError, match="empty.jsonl, .*empty2.jsonl: input files are empty"):
+        readers.expand_inputs([tmp_path / "empty.jsonl", tmp_path / "empty2.jsonl"])
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(InputError, match="unknown format"):
         readers.detect_format(tmp_path / "x.txt")

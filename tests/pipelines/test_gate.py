@@ -207,3 +207,25 @@ def test_real_eval_refuses_a_harmful_adapter(mlflow_store, tmp_path, harmful_ada
     assert out["gate"]["baseline"].startswith("base model smollm2-135m-instruct")
     assert registry.champion("flywheel-demo") is None  # refused: nothing promoted
     assert (tmp_path / "gate" / "eval" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_nll_only_gate_keeps_a_readable_sample(mlflow_store, tmp_path, harmful_adapter):
+    """An NLL-only gate generates one token per case; reviewers get real answers on a few cases, in a linked run."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = GateConfig(out=str(tmp_path / "gate"), min_cases=4, guardrails=[],
+                     sample_generations={"n_cases": 2, "max_new_tokens": 12},
+                     eval={"limit": 4, "variants": ["concise"], "cache_dir": str(tmp_path / "cache"),
+                           "register_prompts": False})
+    out = run_gate(cfg, str(harmful_adapter))
+    gate_eval = [json.loads(x) for x in (tmp_path / "gate" / "eval" / "cases.jsonl").read_text().splitlines()]
+    sample = [json.loads(x) for x in (tmp_path / "gate" / "sample" / "cases.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "gate" / "eval" / "results.json").read_text())["generation"]["max_new_tokens"] == 1
+    assert len(sample) == 2 * 2  # 2 cases x (base, candidate)
+    assert max(len(r["output"].split()) for r in sample) > max(len(r["output"].split()) for r in gate_eval)
+    sid = out["gate"]["sample_eval_run_id"]
+    client = MlflowClient()
+    assert client.get_run(out["eval_run_id"]).data.tags["flywheel.eval.sample_run"] == sid
+    assert client.get_run(sid).data.tags["flywheel.eval.sample_of"] == out["eval_run_id"]
+    assert out["decision"] == "fail"  # the sample decides nothing

@@ -145,3 +145,43 @@ def test_config_file_matches_defaults():
     f = Path(__file__).resolve().parents[2] / "configs" / "mine.yaml"
     assert f.read_text().startswith("# Run with: flywheel mine")
     assert load_config(MineConfig, f) == MineConfig()
+
+
+def test_language_filter_detects_undeclared_languages(tmp_path):
+    """`languages: [en]` on logs without `lang` used to keep everything; now the reply's language is detected and
+    the drop is counted under its own reason."""
+    replies = {"en": "Lentils are a cheap source of protein and iron; pair them with vitamin C for absorption.",
+               "de": "Linsen sind eine günstige Quelle für Eiweiß und Eisen; kombiniere sie mit Vitamin C.",
+               "es": "Las lentejas son una fuente barata de proteínas y hierro; combínalas con vitamina C."}
+    path = tmp_path / "logs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (lang, text) in enumerate(replies.items()):
+            f.write(json.dumps({"conversation_id": f"c{i}", "rating": 5, "messages": [
+                {"role": "user", "content": f"question {i} about lentils"},
+                {"role": "assistant", "content": text}]}) + "\n")
+    m = mine_to_dir([path], tmp_path / "ds", cfg(languages=["en"]))
+    assert m["counts"]["kept"] == 1 and m["counts"]["filtered"] == {"language_detected": 2}
+    off = mine_to_dir([path], tmp_path / "ds2", cfg(languages=["en"], detect_language=False))
+    assert off["counts"]["kept"] == 3
+
+
+def test_an_empty_rotated_log_is_counted_and_warned_not_an_error(logs, tmp_path, monkeypatch):
+    from flywheel.pipelines.cli import app
+
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    path, summary = logs
+    d = tmp_path / "logs"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(path.read_bytes())
+    (d / "b.jsonl").write_text("")  # rotated, nothing logged since
+    r = CliRunner().invoke(app, ["mine", str(d), "--out", str(tmp_path / "o"), "log_mlflow=false",
+                                 "progress=false"])
+    assert r.exit_code == 0, r.output
+    assert "warning: logs/b.jsonl: empty input file (0 records)" in r.stderr
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [(i["path"], i["read"], i.get("empty", False)) for i in manifest["inputs"]] == [
+        ("logs/a.jsonl", summary["n_lines"], False), ("logs/b.jsonl", 0, True)]
+    assert manifest["counts"]["read"] == summary["n_lines"]
+    (d / "a.jsonl").write_text("")  # every input empty: nothing to mine, a one-line error (exit 2)
+    r = CliRunner().invoke(app, ["mine", str(d), "--out", str(tmp_path / "o2"), "log_mlflow=false"])
+    assert getattr(r.exception, "exit_code", None) == 2 and "empty" in str(r.exception)
