@@ -435,7 +435,7 @@ def test_invalid_ollama_name_fails_before_any_work(tmp_path, name):
 def test_ollama_create_line_is_quoted(mlflow_store, tmp_path, adapter_dir):
     uri = champion_from(adapter_dir, tmp_path)
     out = tmp_path / "my models" / "demo;x"
-    res = run_publish(uri, out=out, cfg=PublishConfig(llama_cpp_dir=str(tmp_path / "no-llama-cpp"),
+    res = run_publish(uri, out=out, cfg=PublishConfig(mode="adapter", llama_cpp_dir=str(tmp_path / "no-llama-cpp"),
                                                       name="team/flywheel-demo:v1"))
     modelfile = str((out / "Modelfile").resolve())
     assert shlex.split(res["ollama_create"]) == ["ollama", "create", "team/flywheel-demo:v1", "-f", modelfile]
