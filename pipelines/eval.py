@@ -26,13 +26,13 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.evals.prompts.results import RESULTS_SCHEMA, build_results  # noqa: F401 (RESULTS_SCHEMA: callers)
 from flywheel.evals.prompts.scorers import default_metrics
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = str(ROOT / "evals" / "prompts" / "demo_cases.yaml")
-RESULTS_SCHEMA = 1
 
 
 class _Section(BaseModel):
@@ -329,8 +329,6 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                                                      correction=cfg.compare.correction, test=cfg.compare.test)
 
             # 3. one child run per cell
-            from flywheel.evals.prompts.scorers import METRICS
-
             child_runs = {}
             for v in variants:
                 for t in targets:
@@ -350,29 +348,15 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                         mlflow.log_table(_table(cell_rows), artifact_file="cases.json")
                         child_runs[f"{t.name}/{v.name}"] = child.info.run_id
 
-            results = {
-                "schema": RESULTS_SCHEMA,
-                "name": cfg.name,
-                "run_id": parent.info.run_id,
-                "child_runs": child_runs,
-                "primary_metric": cfg.primary_metric,
-                "metrics": {m: {"direction": spec.direction, "description": spec.description,
-                                "binary": spec.binary} for m, spec in METRICS.items()
-                            if any(c["metric"] == m for c in cells)},
-                "cases": {"path": caseset.path, "kind": caseset.kind, "n": len(caseset.cases),
-                          "dataset_version": caseset.dataset_version},
-                "variants": [{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
-                              "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
-                             for v in variants],
-                "targets": [t.describe() for t in targets],
-                "generation": {**params.key(), "repeat": g.repeat, "batch_size": g.batch_size},
-                "cells": cells,
-                "comparisons": comparisons,
-                "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)},
-                "generated": sum(1 for r in rows if not r["cached"]),
-                "failures": sum(1 for r in rows if r["error"]),
-                "notes": matrix["notes"] + cmp_notes,
-            }
+            results = build_results(
+                name=cfg.name, run_id=parent.info.run_id, child_runs=child_runs, primary_metric=cfg.primary_metric,
+                caseset=caseset, targets=[t.describe() for t in targets], cells=cells, comparisons=comparisons,
+                variants=[{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
+                           "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
+                          for v in variants],
+                generation={**params.key(), "repeat": g.repeat, "batch_size": g.batch_size},
+                cache={"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)}, rows=rows,
+                notes=matrix["notes"] + cmp_notes)
             with atomic_dir(out_dir, force=cfg.force, inputs=[cfg.cases], stage="eval") as tmp:
                 write_json(tmp / "results.json", results)
                 write_jsonl(tmp / "cases.jsonl", rows)
