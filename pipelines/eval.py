@@ -66,15 +66,17 @@ class JudgeSection(_Section):
 
 
 class ComparePair(_Section):
-    control: dict[str, str]                 # {variant, target}
-    treatment: dict[str, str]
+    control: dict[str, str] = Field(description="the control cell: {variant, target}")
+    treatment: dict[str, str] = Field(description="the treatment cell: {variant, target}")
 
 
 class CompareSection(_Section):
-    alpha: float = Field(0.05, gt=0, lt=1)
-    correction: str = "holm"                # per metric, across the compared pairs
-    test: str = "auto"                      # auto | t | wilcoxon (flywheel.evals.ab.paired)
-    pairs: Optional[list[ComparePair]] = None  # default: each variant vs the first, each target vs the first
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level; cell CIs are 1 - alpha")
+    correction: str = Field("holm", description="per metric, across the compared pairs "
+                            "(flywheel.evals.ab.multiple)")
+    test: str = Field("auto", description="auto | t | wilcoxon (flywheel.evals.ab.paired)")
+    pairs: Optional[list[ComparePair]] = Field(None, description="pairs to compare; default: each variant vs the "
+                                               "first, each target vs the first")
 
 
 class EvalConfig(StageConfig):
