@@ -214,18 +214,25 @@ def evaluate(results: dict | None, rules: GateRules, *, baseline: str, candidate
     return _decide(checks, reasons, variant, variant_family)
 
 
+def _read_check(results: dict, rule: PrimaryRule | GuardrailRule, role: str, rules: GateRules, baseline: str,
+                candidate: str, variant: str | None) -> tuple[Check, bool | None]:
+    """A check filled from the evidence for `rule.metric`, or an ERROR check saying what is missing."""
+    b, c, comp, problem = find_evidence(results, rule.metric, baseline, candidate, variant)
+    chk = Check(metric=rule.metric, role=role, status=PASS)
+    gib = _direction(results, rule.metric, rule.greater_is_better)
+    if problem or gib is None:
+        chk.status = ERROR
+        chk.reasons.append(problem or f"{rule.metric}: direction unknown; set greater_is_better")
+        return chk, gib
+    _fill(chk, b, c, comp)
+    _check_numbers(chk, rules.min_cases)
+    return chk, gib
+
+
 def _primary_check(results: dict, rules: GateRules, baseline: str, candidate: str, variant: str | None,
                    family: Sequence[str]) -> Check:
     pr = rules.primary
-    b, c, comp, problem = find_evidence(results, pr.metric, baseline, candidate, variant)
-    chk = Check(metric=pr.metric, role="primary", status=PASS)
-    gib = _direction(results, pr.metric, pr.greater_is_better)
-    if problem or gib is None:
-        chk.status = ERROR
-        chk.reasons.append(problem or f"{pr.metric}: direction unknown; set greater_is_better")
-        return chk
-    _fill(chk, b, c, comp)
-    _check_numbers(chk, rules.min_cases)
+    chk, gib = _read_check(results, pr, "primary", rules, baseline, candidate, variant)
     if chk.status == ERROR:
         return chk
     desc = [("higher" if gib else "lower") + " is better"]
@@ -273,15 +280,7 @@ def _significance(chk: Check, results: dict, rules: GateRules, baseline: str, ca
 
 def _guardrail_check(results: dict, g: GuardrailRule, rules: GateRules, baseline: str, candidate: str,
                      variant: str | None) -> Check:
-    b, c, comp, problem = find_evidence(results, g.metric, baseline, candidate, variant)
-    chk = Check(metric=g.metric, role="guardrail", status=PASS)
-    gib = _direction(results, g.metric, g.greater_is_better)
-    if problem or gib is None:
-        chk.status = ERROR
-        chk.reasons.append(problem or f"{g.metric}: direction unknown; set greater_is_better")
-        return chk
-    _fill(chk, b, c, comp)
-    _check_numbers(chk, rules.min_cases)
+    chk, gib = _read_check(results, g, "guardrail", rules, baseline, candidate, variant)
     if chk.status == ERROR:
         return chk
     margin = max(g.margin, (g.relative_margin or 0.0) * abs(chk.baseline))
