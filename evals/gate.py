@@ -8,8 +8,11 @@ The rule set, and why each part is there:
   matter" half.
 - **Significance after correction**: the paired difference on the same cases (computed by the eval stage with
   `flywheel.evals.ab.paired.compare_paired`, Holm-corrected there per metric) must point the right way with adjusted
-  p < alpha; the gate corrects again across its own family of significance checks (several primary variants),
-  so "we looked at three prompts" cannot buy a pass. This is the "not luck" half.
+  p < alpha. When the gate picks the shipped prompt variant itself (the candidate's best of several,
+  `pick_variant`), it corrects again (`correction`, Holm by default) across the candidate-vs-baseline comparisons
+  of every variant it could have picked and uses the chosen variant's corrected p, so "we looked at three prompts
+  and kept the best" cannot buy a pass. A variant fixed in advance is a family of one. This is the "not luck"
+  half.
 - **Guardrails, non-inferiority**: a guardrail may get worse, but not by more than its margin: the whole
   confidence interval of the difference must stay on the good side of `-margin` (a margin can be absolute or
   relative to the baseline). An interval that is merely wide fails: no evidence is not evidence of no harm.
@@ -22,41 +25,73 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
+
+from pydantic import Field
 
 from flywheel.evals import markdown as md
+from flywheel.evals.prompts import results as rs
+from flywheel.foundation.config import StageConfig
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
 EXIT_CODES = {PASS: 0, FAIL: 1, ERROR: 2}
 ZERO_BASELINE_EPS = 1e-10  # MLflow's fallback when the baseline is exactly 0
 
 
-@dataclass
-class PrimaryRule:
-    metric: str
-    greater_is_better: bool | None = None  # None: take the eval stage's `direction` for the metric
-    threshold: float | None = None
-    min_absolute_change: float | None = None
-    min_relative_change: float | None = None
-    require_significance: bool = True
+CorrectionMethod = Literal["holm", "bonferroni", "bh", "fdr_bh", "by", "fdr_by", "hommel", "none"]
+TEACHER_FORCED = frozenset({"nll"})  # metrics computed from the reference answer, not from generated text
 
 
-@dataclass
-class GuardrailRule:
-    metric: str
-    margin: float = 0.0  # absolute non-inferiority margin
-    relative_margin: float | None = None  # or a fraction of |baseline|; the larger of the two is used
-    greater_is_better: bool | None = None
+class PrimaryRule(StageConfig):
+    """The metric that decides: MLflow `MetricThreshold` semantics plus corrected significance."""
+
+    metric: str = Field("nll", description="the eval stage's metric that decides (nll: reference NLL, lower is "
+                        "better)")
+    greater_is_better: bool | None = Field(None, description="None: the direction results.json records for the "
+                                           "metric")
+    threshold: float | None = Field(None, description="MetricThreshold.threshold: an absolute bar the candidate "
+                                    "must reach; None: no bar")
+    min_absolute_change: float | None = Field(None, gt=0, description="the candidate must beat the baseline by at "
+                                              "least this much; None: no such rule")
+    # One default for the CLI and for Python callers: "better" means better by at least 1 % of |baseline|, so a
+    # rounding-sized gain on a large eval set cannot replace the champion. None turns the rule off.
+    min_relative_change: float | None = Field(0.01, ge=0, le=1, description="the candidate must beat the "
+                                              "baseline by at least this fraction of |baseline| (0.01 = 1 %); "
+                                              "None: no such rule")
+    require_significance: bool = Field(True, description="the paired difference must point the right way with "
+                                       "adjusted p < alpha")
 
 
-@dataclass
-class GateRules:
-    primary: PrimaryRule
-    guardrails: list[GuardrailRule] = field(default_factory=list)
-    alpha: float = 0.05
-    correction: str = "holm"
-    min_cases: int = 20
-    require_ab_verdict: bool = False
+class GuardrailRule(StageConfig):
+    """A metric that may get worse, but not by more than its margin (non-inferiority)."""
+
+    metric: str = Field(description="the eval stage's metric to protect")
+    margin: float = Field(0.0, ge=0, description="absolute non-inferiority margin")
+    relative_margin: float | None = Field(None, ge=0, description="or a fraction of |baseline|; the larger of the "
+                                          "two margins applies")
+    greater_is_better: bool | None = Field(None, description="None: the direction results.json records")
+
+
+class AbRule(StageConfig):
+    """An optional `flywheel ab` verdict the gate must see."""
+
+    require: bool = Field(False, description="a recent `flywheel ab` verdict must say ship")
+    variant: str | None = Field(None, description="the A/B variant whose verdict counts; None: the gate's variant")
+    max_age_hours: float = Field(24 * 7, gt=0, description="verdicts older than this are not read")
+
+
+class GateRules(StageConfig):
+    """The whole rule set. `flywheel gate`'s config extends it with where the evidence comes from."""
+
+    primary: PrimaryRule = Field(default_factory=PrimaryRule, description="the deciding metric")
+    guardrails: list[GuardrailRule] = Field(default_factory=list, description="metrics that may not get worse "
+                                            "by more than their margin")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level (after correction); guardrail CIs "
+                         "are 1 - alpha")
+    correction: CorrectionMethod = Field("holm", description="multiple-comparison correction across the prompt "
+                                         "variants the gate picked from (flywheel.evals.ab.multiple)")
+    min_cases: int = Field(20, ge=2, description="fewer paired cases than this: error, not a decision")
+    ab: AbRule = Field(default_factory=AbRule, description="the optional `flywheel ab` verdict")
 
 
 @dataclass
@@ -81,34 +116,33 @@ def _finite(*xs: Any) -> bool:
     return all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in xs)
 
 
-def _direction(cells: Sequence[dict], metric: str, configured: bool | None) -> bool | None:
-    if configured is not None:
-        return configured
-    dirs = {c.get("direction") for c in cells if c.get("metric") == metric}
-    if dirs == {"higher"}:
-        return True
-    if dirs == {"lower"}:
-        return False
-    return None
+def _direction(results: dict, metric: str, configured: bool | None) -> bool | None:
+    return configured if configured is not None else rs.direction(results, metric)
+
+
+def pick_variant(results: dict, metric: str, candidate: str) -> tuple[str | None, list[str]]:
+    """The prompt variant that ships when none is configured: the candidate's best on `metric`. Returns it and the
+    family it was picked from (every variant the candidate has a cell for), which `evaluate` corrects across."""
+    cells = [c for c in rs.cells_for(results, metric, candidate) if _finite(c.get("mean"))]
+    if not cells:
+        return None, []
+    sign = -1.0 if rs.direction(results, metric) is False else 1.0
+    best = max(cells, key=lambda c: sign * c["mean"])["variant"]
+    return best, rs.variants_of(results, metric, candidate)
 
 
 def find_evidence(results: dict, metric: str, baseline: str, candidate: str,
                   variant: str | None = None) -> tuple[dict | None, dict | None, dict | None, str | None]:
-    """(baseline cell, candidate cell, comparison, problem) for one metric between two targets.
-
-    Comparisons carry `control_target`/`treatment_target` (+ variants); older files only the labels
-    `target/variant` in `control`/`variant`, which are accepted too.
-    """
-    cells = [c for c in results.get("cells", []) if c.get("metric") == metric]
-    variants = sorted({c.get("variant") for c in cells if c.get("target") in (baseline, candidate)})
+    """(baseline cell, candidate cell, comparison, problem) for one metric between two targets."""
     if variant is None:
+        variants = sorted({c.get("variant") for t in (baseline, candidate) for c in rs.cells_for(results, metric, t)})
         if len(variants) > 1:
             return None, None, None, (f"{metric}: results hold several prompt variants {variants}; set the gate's "
                                       "`variant` to the one that will ship")
         variant = variants[0] if variants else None
 
     def cell(target):
-        hits = [c for c in cells if c.get("target") == target and (variant is None or c.get("variant") == variant)]
+        hits = rs.cells_for(results, metric, target, variant)
         return hits[0] if len(hits) == 1 else None
 
     b, c = cell(baseline), cell(candidate)
@@ -116,23 +150,28 @@ def find_evidence(results: dict, metric: str, baseline: str, candidate: str,
         missing = [n for n, x in (("baseline " + baseline, b), ("candidate " + candidate, c)) if x is None]
         return b, c, None, f"{metric}: no result for {' and '.join(missing)}" + (
             f" (variant {variant})" if variant else "")
-    comp = None
-    for x in results.get("comparisons", []):
-        if x.get("metric") != metric:
-            continue
-        if "control_target" in x:
-            hit = (x.get("control_target") == baseline and x.get("treatment_target") == candidate
-                   and (variant is None or (x.get("control_variant") == variant
-                                            and x.get("treatment_variant") == variant)))
-        else:
-            hit = (x.get("control") in (baseline, f"{baseline}/{variant}")
-                   and x.get("variant") in (candidate, f"{candidate}/{variant}"))
-        if hit:
-            comp = x
-            break
+    comp = rs.comparison_for(results, metric, baseline, candidate, variant)
     if comp is None:
         return b, c, None, f"{metric}: no paired comparison of {candidate} against {baseline} in the results"
     return b, c, comp, None
+
+
+def _family_p(results: dict, metric: str, baseline: str, candidate: str, variant: str | None,
+              family: Sequence[str], own_p: float, method: str) -> float:
+    """The chosen variant's p, corrected across every variant the gate could have picked: each variant's
+    candidate-vs-baseline comparison on the primary metric is one test of the family. A variant without a
+    comparison counts as p = 1 (it was still a look), so a missing row cannot shrink the family."""
+    from flywheel.evals.ab.multiple import adjust_pvalues
+
+    ps = []
+    for v in dict.fromkeys(list(family) + [variant]):
+        if v == variant:
+            ps.append(own_p)
+            continue
+        comp = rs.comparison_for(results, metric, baseline, candidate, v)
+        p = comp.get("p_adjusted", comp.get("p_value")) if comp else None
+        ps.append(p if _finite(p) else 1.0)
+    return adjust_pvalues(ps, method)[list(dict.fromkeys(list(family) + [variant])).index(variant)]
 
 
 def _abs_needed(rule: PrimaryRule, base: float) -> tuple[float, list[str]]:
@@ -149,115 +188,122 @@ def _abs_needed(rule: PrimaryRule, base: float) -> tuple[float, list[str]]:
 
 
 def evaluate(results: dict | None, rules: GateRules, *, baseline: str, candidate: str,
-             variant: str | None = None, ab_verdict: str | None = None, problems: Sequence[str] = ()) -> dict:
+             variant: str | None = None, variant_family: Sequence[str] = (), ab_verdict: str | None = None,
+             problems: Sequence[str] = ()) -> dict:
     """Apply `rules` to `results` (an eval results.json) comparing target `candidate` against `baseline`.
 
+    `variant_family`: the prompt variants `variant` was picked from (`pick_variant`); the primary metric's p is
+    corrected across their comparisons. Empty when the variant was fixed in advance (a family of one).
     `problems` are errors found upstream (crashed eval, unreadable champion): they force `error`.
-    Returns {decision, exit_code, checks: [Check as dict], reasons: [str], variant}.
+    Returns {decision, exit_code, checks: [Check as dict], reasons: [str], variant, variant_family}.
     """
-    checks: list[Check] = []
+    checks = [Check(metric="-", role="evidence", status=ERROR, reasons=[p]) for p in problems]
     reasons: list[str] = list(problems)
-    for p in problems:
-        checks.append(Check(metric="-", role="evidence", status=ERROR, reasons=[p]))
     if results is None:
         if not problems:
             checks.append(Check(metric="-", role="evidence", status=ERROR, reasons=["no evaluation results"]))
             reasons.append("no evaluation results")
-        return _decide(checks, reasons, variant)
-    if not 0 < rules.alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {rules.alpha}")
-
-    cells = results.get("cells", [])
-    pr = rules.primary
-    b, c, comp, problem = find_evidence(results, pr.metric, baseline, candidate, variant)
-    primary = Check(metric=pr.metric, role="primary", status=PASS)
-    checks.append(primary)
-    gib = _direction(cells, pr.metric, pr.greater_is_better)
-    if problem or gib is None:
-        primary.status = ERROR
-        primary.reasons.append(problem or f"{pr.metric}: direction unknown; set greater_is_better")
-    else:
-        _fill(primary, b, c, comp)
-        _check_numbers(primary, rules.min_cases)
-        if primary.status != ERROR:
-            sign = 1.0 if gib else -1.0
-            gain = sign * (primary.candidate - primary.baseline)  # > 0 means better
-            need, parts = _abs_needed(pr, primary.baseline)
-            desc = [("higher" if gib else "lower") + " is better"]
-            if pr.threshold is not None:
-                desc.append(f"threshold {pr.threshold:g}")
-                ok = primary.candidate >= pr.threshold if gib else primary.candidate <= pr.threshold
-                if not ok:
-                    primary.status = FAIL
-                    primary.reasons.append(f"{pr.metric} = {primary.candidate:.4g} is not "
-                                           f"{'>=' if gib else '<='} threshold {pr.threshold:g}")
-            desc += parts
-            # Compared the way MLflow writes it (candidate vs baseline +/- need), not as a difference, so
-            # that 1.6 vs 2.0 - 0.4 is the exact boundary it looks like.
-            meets = (primary.candidate >= primary.baseline + need if gib
-                     else primary.candidate <= primary.baseline - need)
-            if parts and not meets:
-                primary.status = FAIL
-                primary.reasons.append(f"{pr.metric} improved by {gain + 0.0:+.4g} ({'higher' if gib else 'lower'} is "
-                                       f"better); the rule needs at least {need:.4g}")
-            if pr.require_significance:
-                desc.append(f"adjusted p < {rules.alpha:g}")
-            primary.rule = ", ".join(desc)
-
-    # Significance: corrected again across the gate's own family (here: the primary check).
-    fam = [x for x in checks if x.role == "primary" and x.status != ERROR and pr.require_significance]
-    if fam:
-        from flywheel.evals.ab.multiple import adjust_pvalues
-
-        adj = adjust_pvalues([x.p_adjusted if x.p_adjusted is not None else x.p_value for x in fam],
-                             rules.correction)
-        for x, p in zip(fam, adj):
-            x.p_adjusted = p
-            sign = 1.0 if gib else -1.0
-            if not (p < rules.alpha and sign * x.difference > 0):
-                x.status = FAIL
-                why = ("no difference: the candidate scores exactly what the champion scores" if x.difference == 0
-                       else f"difference {x.difference:+.4g} is in the wrong direction" if sign * x.difference < 0
-                       else f"not significant: adjusted p = {p:.3g} >= {rules.alpha:g}")
-                x.reasons.append(f"{x.metric}: {why}")
-
-    for g in rules.guardrails:
-        b, c, comp, problem = find_evidence(results, g.metric, baseline, candidate, variant)
-        chk = Check(metric=g.metric, role="guardrail", status=PASS)
-        checks.append(chk)
-        ggib = _direction(cells, g.metric, g.greater_is_better)
-        if problem or ggib is None:
-            chk.status = ERROR
-            chk.reasons.append(problem or f"{g.metric}: direction unknown; set greater_is_better")
-            continue
-        _fill(chk, b, c, comp)
-        _check_numbers(chk, rules.min_cases)
-        if chk.status == ERROR:
-            continue
-        margin = max(g.margin, (g.relative_margin or 0.0) * abs(chk.baseline))
-        # Worst plausible change in the good direction: the CI end on the bad side.
-        worst = chk.ci_low if ggib else -chk.ci_high
-        chk.rule = (f"non-inferior within {margin:.4g} ({'higher' if ggib else 'lower'} is better; "
-                    f"{100 * (1 - rules.alpha):g}% CI of the difference)")
-        if worst < -margin:
-            chk.status = FAIL
-            chk.reasons.append(f"{g.metric}: may have got worse by up to {-worst:.4g} (CI {chk.ci_low:+.4g} .. "
-                               f"{chk.ci_high:+.4g}), more than the margin {margin:.4g}")
-
-    if rules.require_ab_verdict:
-        chk = Check(metric="ab verdict", role="ab", status=PASS, rule="latest `flywheel ab` verdict is ship")
-        if ab_verdict is None:
-            chk.status = ERROR
-            chk.reasons.append("a recent `flywheel ab` verdict is required and none was found")
-        elif ab_verdict.lower() != "ship":
-            chk.status = FAIL
-            chk.reasons.append(f"the latest `flywheel ab` verdict is {ab_verdict!r}, not 'ship'")
-        checks.append(chk)
-
+        return _decide(checks, reasons, variant, variant_family)
+    checks.append(_primary_check(results, rules, baseline, candidate, variant, variant_family))
+    checks += [_guardrail_check(results, g, rules, baseline, candidate, variant) for g in rules.guardrails]
+    if rules.ab.require:
+        checks.append(_ab_check(ab_verdict))
     for x in checks:
         if x.role != "evidence":
             reasons.extend(x.reasons)
-    return _decide(checks, reasons, variant)
+    return _decide(checks, reasons, variant, variant_family)
+
+
+def _read_check(results: dict, rule: PrimaryRule | GuardrailRule, role: str, rules: GateRules, baseline: str,
+                candidate: str, variant: str | None) -> tuple[Check, bool | None]:
+    """A check filled from the evidence for `rule.metric`, or an ERROR check saying what is missing."""
+    b, c, comp, problem = find_evidence(results, rule.metric, baseline, candidate, variant)
+    chk = Check(metric=rule.metric, role=role, status=PASS)
+    gib = _direction(results, rule.metric, rule.greater_is_better)
+    if problem or gib is None:
+        chk.status = ERROR
+        chk.reasons.append(problem or f"{rule.metric}: direction unknown; set greater_is_better")
+        return chk, gib
+    _fill(chk, b, c, comp)
+    _check_numbers(chk, rules.min_cases)
+    return chk, gib
+
+
+def _primary_check(results: dict, rules: GateRules, baseline: str, candidate: str, variant: str | None,
+                   family: Sequence[str]) -> Check:
+    pr = rules.primary
+    chk, gib = _read_check(results, pr, "primary", rules, baseline, candidate, variant)
+    if chk.status == ERROR:
+        return chk
+    desc = [("higher" if gib else "lower") + " is better"]
+    if pr.threshold is not None:
+        desc.append(f"threshold {pr.threshold:g}")
+        if not (chk.candidate >= pr.threshold if gib else chk.candidate <= pr.threshold):
+            chk.status = FAIL
+            chk.reasons.append(f"{pr.metric} = {chk.candidate:.4g} is not {'>=' if gib else '<='} threshold "
+                               f"{pr.threshold:g}")
+    need, parts = _abs_needed(pr, chk.baseline)
+    desc += parts
+    # Compared the way MLflow writes it (candidate vs baseline +/- need), not as a difference, so
+    # that 1.6 vs 2.0 - 0.4 is the exact boundary it looks like.
+    meets = chk.candidate >= chk.baseline + need if gib else chk.candidate <= chk.baseline - need
+    if parts and not meets:
+        gain = (1.0 if gib else -1.0) * (chk.candidate - chk.baseline)
+        chk.status = FAIL
+        chk.reasons.append(f"{pr.metric} improved by {gain + 0.0:+.4g} ({'higher' if gib else 'lower'} is "
+                           f"better); the rule needs at least {need:.4g}")
+    if pr.require_significance:
+        n_fam = len(set(family) | {variant})
+        desc.append(f"adjusted p < {rules.alpha:g}" + (f" ({rules.correction} across {n_fam} prompt variants)"
+                                                        if n_fam > 1 else ""))
+        _significance(chk, results, rules, baseline, candidate, variant, family, gib)
+    chk.rule = ", ".join(desc)
+    return chk
+
+
+def _significance(chk: Check, results: dict, rules: GateRules, baseline: str, candidate: str,
+                  variant: str | None, family: Sequence[str], gib: bool) -> None:
+    """The "not luck" half: the eval's p (already corrected per metric across its pairs), corrected again across
+    the variants the gate picked from, must be < alpha with the difference pointing the right way."""
+    own = chk.p_adjusted if chk.p_adjusted is not None else chk.p_value
+    p = _family_p(results, chk.metric, baseline, candidate, variant, family, own, rules.correction)
+    chk.p_adjusted = p
+    sign = 1.0 if gib else -1.0
+    if p < rules.alpha and sign * chk.difference > 0:
+        return
+    chk.status = FAIL
+    why = ("no difference: the candidate scores exactly what the champion scores" if chk.difference == 0
+           else f"difference {chk.difference:+.4g} is in the wrong direction" if sign * chk.difference < 0
+           else f"not significant: adjusted p = {p:.3g} >= {rules.alpha:g}")
+    chk.reasons.append(f"{chk.metric}: {why}")
+
+
+def _guardrail_check(results: dict, g: GuardrailRule, rules: GateRules, baseline: str, candidate: str,
+                     variant: str | None) -> Check:
+    chk, gib = _read_check(results, g, "guardrail", rules, baseline, candidate, variant)
+    if chk.status == ERROR:
+        return chk
+    margin = max(g.margin, (g.relative_margin or 0.0) * abs(chk.baseline))
+    # Worst plausible change in the good direction: the CI end on the bad side.
+    worst = chk.ci_low if gib else -chk.ci_high
+    chk.rule = (f"non-inferior within {margin:.4g} ({'higher' if gib else 'lower'} is better; "
+                f"{100 * (1 - rules.alpha):g}% CI of the difference)")
+    if worst < -margin:
+        chk.status = FAIL
+        chk.reasons.append(f"{g.metric}: may have got worse by up to {-worst:.4g} (CI {chk.ci_low:+.4g} .. "
+                           f"{chk.ci_high:+.4g}), more than the margin {margin:.4g}")
+    return chk
+
+
+def _ab_check(ab_verdict: str | None) -> Check:
+    chk = Check(metric="ab verdict", role="ab", status=PASS, rule="latest `flywheel ab` verdict is ship")
+    if ab_verdict is None:
+        chk.status = ERROR
+        chk.reasons.append("a recent `flywheel ab` verdict is required and none was found")
+    elif ab_verdict.lower() != "ship":
+        chk.status = FAIL
+        chk.reasons.append(f"the latest `flywheel ab` verdict is {ab_verdict!r}, not 'ship'")
+    return chk
 
 
 def _fill(chk: Check, b: dict, c: dict, comp: dict) -> None:
@@ -283,12 +329,13 @@ def _check_numbers(chk: Check, min_cases: int) -> None:
         chk.reasons.append(f"{chk.metric}: {chk.n} paired cases, fewer than the minimum {min_cases}")
 
 
-def _decide(checks: list[Check], reasons: list[str], variant: str | None) -> dict:
+def _decide(checks: list[Check], reasons: list[str], variant: str | None, family: Sequence[str] = ()) -> dict:
     statuses = {c.status for c in checks}
     decision = ERROR if ERROR in statuses or not checks else FAIL if FAIL in statuses else PASS
     if decision == PASS:
         reasons = []
     return {"decision": decision, "exit_code": EXIT_CODES[decision], "variant": variant,
+            "variant_family": sorted(set(family) | ({variant} if family and variant else set())),
             "checks": [asdict(c) for c in checks], "reasons": list(dict.fromkeys(reasons))}
 
 
@@ -307,7 +354,9 @@ def report_markdown(gate: dict, *, baseline_label: str, candidate_label: str, ti
     lines = [f"## {title}: **{icon}** (exit {gate['exit_code']})", "",
              f"- champion / baseline: {md.code(baseline_label)}", f"- candidate: {md.code(candidate_label)}"]
     if gate.get("variant"):
-        lines.append(f"- prompt variant: {md.code(gate['variant'])}")
+        picked = [v for v in gate.get("variant_family") or [] if v != gate["variant"]]
+        lines.append(f"- prompt variant: {md.code(gate['variant'])}" + (
+            f" (best of {len(picked) + 1}; significance corrected across them)" if picked else ""))
     for k in ("eval_run_id", "gate_run_id"):
         if gate.get(k):
             lines.append(f"- {k.replace('_', ' ')}: {md.code(gate[k])}")

@@ -22,101 +22,12 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Literal
-
 import typer
-from pydantic import Field, field_validator
 
-from flywheel.evals.ab.verdict import GUARDRAIL_MARGIN
-from flywheel.pipelines.config import StageConfig, flatten, load_config, split_args
-
-
-class MetricConfig(StageConfig):
-    name: str
-    column: str | None = None  # defaults to name; dotted for nested fields (scores.overall)
-    kind: Literal["auto", "mean", "ordinal", "rate"] = "auto"  # auto: 0/1 -> rate, <=15 levels -> ordinal
-    threshold: float | None = None  # a rate from a score: success = value >= threshold
-    min: float | None = None  # values outside [min, max] are counted as out of range and left out
-    max: float | None = None
-    higher_is_better: bool = True
-    guardrail: bool = False  # non-inferiority test: not worse than the control by more than `margin`
-    margin: float = Field(GUARDRAIL_MARGIN, ge=0)
-    margin_relative: bool = True  # margin as a fraction of the control mean
-    covariate: str | None = None  # CUPED: pre-period column of the same unit
-
-
-class SrmConfig(StageConfig):
-    warning_p: float = Field(0.01, gt=0, lt=1)  # Statsig-like: warn below 0.01,
-    alert_p: float = Field(0.001, gt=0, lt=1)  # alert (verdict "invalid") below 0.001
-
-
-class SequentialConfig(StageConfig):
-    enabled: bool = True
-    tuning_n: float = Field(1000, gt=0)  # units per arm where the confidence sequence is tightest
-
-
-DEFAULT_METRICS = [
-    MetricConfig(name="rating", column="rating", kind="ordinal", min=1, max=5),
-    MetricConfig(name="success", column="rating", kind="rate", threshold=4, min=1, max=5),
-    MetricConfig(name="latency_ms", column="latency_ms", kind="mean", guardrail=True, higher_is_better=False, min=0),
-    MetricConfig(name="tokens", column="tokens", kind="mean", guardrail=True, higher_is_better=False, min=0),
-]
-
-
-class AbConfig(StageConfig):
-    unit: str | None = "user_id"  # randomisation unit; null = every row is its own unit
-    variant: str = "prompt_variant"
-    control: str | None = None  # default: "control" if present, else the first variant name in sort order
-    variants: list[str] | None = None  # allowed variant names; others are counted as unknown_variant
-    allocation: dict[str, float] | None = None  # configured split for the SRM check; None = equal
-    paired: bool = False  # the unit is an item scored under every variant
-    alpha: float = Field(0.05, gt=0, lt=1)
-    correction: Literal["holm", "bh", "bonferroni", "none"] = "holm"
-    primary: str | None = None  # metric that decides ship; default the first non-guardrail metric
-    metrics: list[MetricConfig] = DEFAULT_METRICS
-    mde: float = Field(0.05, gt=0)  # planned minimum detectable effect (relative to control unless mde_relative)
-    mde_relative: bool = True
-    power: float = Field(0.8, gt=0, lt=1)
-    decision: Literal["fixed", "sequential"] = "fixed"  # fixed-horizon or always-valid p-values decide
-    srm: SrmConfig = SrmConfig()
-    sequential: SequentialConfig = SequentialConfig()
-    n_boot: int = Field(2000, ge=100)  # bootstrap resamples for the cross-check CI
-    seed: int = 0
-    out: str | None = None  # directory for report.json + plots; None = only MLflow artifacts
-    force: bool = False  # replace an existing `out` Flywheel did not write
-    tracking_uri: str | None = None
-    log_mlflow: bool = True
-
-    # Variant names are compared as strings (a CSV column of 0/1 arms reads as "0"/"1"); YAML may give numbers.
-    @field_validator("control", mode="before")
-    @classmethod
-    def _str_control(cls, v):
-        return None if v is None else str(v)
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _str_variants(cls, v):
-        return None if v is None else [str(x) for x in v] if isinstance(v, list) else v
-
-    @field_validator("allocation", mode="before")
-    @classmethod
-    def _str_allocation(cls, v):
-        return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v
-
-
-def _settings(cfg: AbConfig):
-    from flywheel.evals.ab.engine import Metric, Settings
-
-    metrics = [Metric(name=m.name, column=m.column or m.name, kind=m.kind, threshold=m.threshold, min=m.min,
-                      max=m.max, higher_is_better=m.higher_is_better, guardrail=m.guardrail, margin=m.margin,
-                      margin_relative=m.margin_relative, covariate=m.covariate) for m in cfg.metrics]
-    s = Settings(variant=cfg.variant, unit=cfg.unit, control=cfg.control, variants=cfg.variants,
-                 allocation=cfg.allocation, paired=cfg.paired, alpha=cfg.alpha, correction=cfg.correction,
-                 primary=cfg.primary, mde=cfg.mde, mde_relative=cfg.mde_relative, power=cfg.power,
-                 srm_warning_p=cfg.srm.warning_p, srm_alert_p=cfg.srm.alert_p, sequential=cfg.sequential.enabled,
-                 sequential_tuning_n=cfg.sequential.tuning_n, decision=cfg.decision, n_boot=cfg.n_boot,
-                 seed=cfg.seed)
-    return metrics, s
+# The settings live in the core; imported here for the stage's callers (demo, tests).
+from flywheel.evals.ab.config import (DEFAULT_METRICS, AbConfig, MetricConfig, SequentialConfig,  # noqa: F401
+                                      SrmConfig, engine_inputs)
+from flywheel.pipelines.config import flatten, load_config, split_args
 
 
 def analyze_logs(logs: list[str | Path], cfg: AbConfig) -> dict:
@@ -124,7 +35,7 @@ def analyze_logs(logs: list[str | Path], cfg: AbConfig) -> dict:
     from flywheel.evals.ab.data import load_table
     from flywheel.evals.ab.engine import analyze
 
-    metrics, s = _settings(cfg)
+    metrics, s = engine_inputs(cfg)
     cols = [cfg.variant, cfg.unit] + [m.column for m in metrics] + [m.covariate for m in metrics]
     df, problems = load_table(logs, [c for c in cols if c])
     report = analyze(df, metrics, s, problems=problems)

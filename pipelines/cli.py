@@ -48,6 +48,7 @@ STAGE_MODULES = [
     "flywheel.pipelines.loop",
     "flywheel.pipelines.dashboard_cmd",
     "flywheel.pipelines.demo",
+    "flywheel.pipelines.config_cmd",
 ]
 
 # Every stage ships with the package: a module that fails to import is a packaging bug and must fail loudly.

@@ -26,13 +26,13 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.evals.prompts.results import RESULTS_SCHEMA, build_results  # noqa: F401 (RESULTS_SCHEMA: callers)
 from flywheel.evals.prompts.scorers import default_metrics
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = str(ROOT / "evals" / "prompts" / "demo_cases.yaml")
-RESULTS_SCHEMA = 1
 
 
 class _Section(BaseModel):
@@ -66,15 +66,17 @@ class JudgeSection(_Section):
 
 
 class ComparePair(_Section):
-    control: dict[str, str]                 # {variant, target}
-    treatment: dict[str, str]
+    control: dict[str, str] = Field(description="the control cell: {variant, target}")
+    treatment: dict[str, str] = Field(description="the treatment cell: {variant, target}")
 
 
 class CompareSection(_Section):
-    alpha: float = Field(0.05, gt=0, lt=1)
-    correction: str = "holm"                # per metric, across the compared pairs
-    test: str = "auto"                      # auto | t | wilcoxon (flywheel.evals.ab.paired)
-    pairs: Optional[list[ComparePair]] = None  # default: each variant vs the first, each target vs the first
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level; cell CIs are 1 - alpha")
+    correction: str = Field("holm", description="per metric, across the compared pairs "
+                            "(flywheel.evals.ab.multiple)")
+    test: str = Field("auto", description="auto | t | wilcoxon (flywheel.evals.ab.paired)")
+    pairs: Optional[list[ComparePair]] = Field(None, description="pairs to compare; default: each variant vs the "
+                                               "first, each target vs the first")
 
 
 class EvalConfig(StageConfig):
@@ -329,8 +331,6 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                                                      correction=cfg.compare.correction, test=cfg.compare.test)
 
             # 3. one child run per cell
-            from flywheel.evals.prompts.scorers import METRICS
-
             child_runs = {}
             for v in variants:
                 for t in targets:
@@ -350,29 +350,15 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                         mlflow.log_table(_table(cell_rows), artifact_file="cases.json")
                         child_runs[f"{t.name}/{v.name}"] = child.info.run_id
 
-            results = {
-                "schema": RESULTS_SCHEMA,
-                "name": cfg.name,
-                "run_id": parent.info.run_id,
-                "child_runs": child_runs,
-                "primary_metric": cfg.primary_metric,
-                "metrics": {m: {"direction": spec.direction, "description": spec.description,
-                                "binary": spec.binary} for m, spec in METRICS.items()
-                            if any(c["metric"] == m for c in cells)},
-                "cases": {"path": caseset.path, "kind": caseset.kind, "n": len(caseset.cases),
-                          "dataset_version": caseset.dataset_version},
-                "variants": [{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
-                              "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
-                             for v in variants],
-                "targets": [t.describe() for t in targets],
-                "generation": {**params.key(), "repeat": g.repeat, "batch_size": g.batch_size},
-                "cells": cells,
-                "comparisons": comparisons,
-                "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)},
-                "generated": sum(1 for r in rows if not r["cached"]),
-                "failures": sum(1 for r in rows if r["error"]),
-                "notes": matrix["notes"] + cmp_notes,
-            }
+            results = build_results(
+                name=cfg.name, run_id=parent.info.run_id, child_runs=child_runs, primary_metric=cfg.primary_metric,
+                caseset=caseset, targets=[t.describe() for t in targets], cells=cells, comparisons=comparisons,
+                variants=[{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
+                           "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
+                          for v in variants],
+                generation={**params.key(), "repeat": g.repeat, "batch_size": g.batch_size},
+                cache={"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)}, rows=rows,
+                notes=matrix["notes"] + cmp_notes)
             with atomic_dir(out_dir, force=cfg.force, inputs=[cfg.cases], stage="eval") as tmp:
                 write_json(tmp / "results.json", results)
                 write_jsonl(tmp / "cases.jsonl", rows)

@@ -27,79 +27,47 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from flywheel.evals import markdown as md
+from flywheel.evals.gate import TEACHER_FORCED, GateRules, pick_variant
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.foundation.io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
-TEACHER_FORCED = {"nll"}  # metrics computed from the reference answer, not from generated text
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+class SampleSection(StageConfig):
+    """Real answers on a few cases for reviewers (display only, never decides)."""
+
+    n_cases: int = Field(8, ge=0, description="cases re-evaluated with real generations; 0: no sample (the "
+                         "dashboard then says so)")
+    max_new_tokens: int = Field(64, ge=2, description="generation length of the sample")
 
 
-class PrimarySection(_Section):
-    metric: str = "nll"                              # the eval stage's reference NLL: lower is better
-    greater_is_better: Optional[bool] = None         # None: the direction results.json records for the metric
-    threshold: Optional[float] = None                # MetricThreshold.threshold (absolute bar for the candidate)
-    min_absolute_change: Optional[float] = Field(None, gt=0)
-    min_relative_change: Optional[float] = Field(0.01, ge=0, le=1)  # 1 % of |baseline|
-    require_significance: bool = True                # paired difference, adjusted p < alpha
+class GateConfig(GateRules):
+    """The rule set (primary, guardrails, alpha, correction, min_cases, ab: `flywheel.evals.gate.GateRules`) plus
+    where the evidence comes from and where the decision goes."""
 
-
-class GuardrailSection(_Section):
-    metric: str
-    margin: float = Field(0.0, ge=0)                 # absolute non-inferiority margin
-    relative_margin: Optional[float] = Field(None, ge=0)  # or a fraction of |baseline| (the larger one applies)
-    greater_is_better: Optional[bool] = None
-
-
-class AbSection(_Section):
-    require: bool = False                            # a recent `flywheel ab` verdict must say ship
-    variant: Optional[str] = None                    # the A/B variant whose verdict counts (default: gate variant)
-    max_age_hours: float = Field(24 * 7, gt=0)
-
-
-class SampleSection(_Section):
-    n_cases: int = Field(8, ge=0)                    # 0: no sample (the dashboard then says so)
-    max_new_tokens: int = Field(64, ge=2)
-
-
-class GateConfig(StageConfig):
-    model_name: str = "flywheel-demo"                # registered model; the baseline is its @champion
-    base_model: Optional[str] = None                 # baseline with no champion (default: candidate's base)
-    eval_config: str = "configs/eval/demo.yaml"      # the suite both sides are evaluated on
-    eval: dict = Field(default_factory=dict)         # overrides for that suite (cases, limit, variants, ...)
-    restrict_metrics: bool = True                    # compute only the metrics the rules read (faster)
-    variant: Optional[str] = None                    # prompt variant that ships; None: best candidate variant
-    primary: PrimarySection = Field(default_factory=PrimarySection)
-    guardrails: list[GuardrailSection] = Field(default_factory=list)
-    alpha: float = Field(0.05, gt=0, lt=1)
-    correction: str = "holm"
-    min_cases: int = Field(20, ge=2)                 # fewer paired cases than this: error, not a decision
-    ab: AbSection = Field(default_factory=AbSection)
+    model_name: str = Field("flywheel-demo", description="registered model; the baseline is its @champion")
+    base_model: Optional[str] = Field(None, description="baseline when there is no champion; default: the "
+                                      "candidate's base model")
+    eval_config: str = Field("configs/eval/demo.yaml", description="the eval suite both sides are evaluated on")
+    eval: dict = Field(default_factory=dict, description="overrides for that suite (cases, limit, variants, ...)")
+    restrict_metrics: bool = Field(True, description="compute only the metrics the rules read (faster)")
+    variant: Optional[str] = Field(None, description="prompt variant that ships; None: the candidate's best, "
+                                   "with significance corrected across the variants it was picked from")
     # An NLL-only gate generates one token per case; reviewers get real answers on a few cases, for display only.
-    sample_generations: SampleSection = Field(default_factory=SampleSection)
-    results: Optional[str] = None                    # re-gate an existing results.json (no eval run)
-    baseline_target: str = "champion"                # target names inside results.json
-    candidate_target: str = "candidate"
-    out: Optional[str] = None                        # default <FLYWHEEL_HOME>/gate/<run id>
-    force: bool = False                              # replace an existing `out` Flywheel did not write
-    tracking_uri: Optional[str] = None
-    run_name: Optional[str] = None
-
-
-def rules_from_config(cfg: GateConfig):
-    from flywheel.evals.gate import GateRules, GuardrailRule, PrimaryRule
-
-    return GateRules(primary=PrimaryRule(**cfg.primary.model_dump()),
-                     guardrails=[GuardrailRule(**g.model_dump()) for g in cfg.guardrails],
-                     alpha=cfg.alpha, correction=cfg.correction, min_cases=cfg.min_cases,
-                     require_ab_verdict=cfg.ab.require)
+    sample_generations: SampleSection = Field(default_factory=SampleSection,
+                                              description="real answers on a few cases, for display")
+    results: Optional[str] = Field(None, description="re-gate an existing results.json (no eval run)")
+    baseline_target: str = Field("champion", description="baseline target name inside results.json")
+    candidate_target: str = Field("candidate", description="candidate target name inside results.json")
+    out: Optional[str] = Field(None, description="output directory; default <FLYWHEEL_HOME>/gate/<run id>")
+    force: bool = Field(False, description="replace an existing `out` Flywheel did not write")
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default: Flywheel's store")
+    run_name: Optional[str] = Field(None, description="MLflow run name")
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
@@ -166,16 +134,6 @@ def _sample_generations(cfg: GateConfig, ecfg, eval_run_id: str, out: Path, show
     client.set_tag(eval_run_id, "flywheel.eval.sample_run", res["run_id"])
     client.set_tag(res["run_id"], "flywheel.eval.sample_of", eval_run_id)
     return res["run_id"]
-
-
-def pick_variant(results: dict, metric: str, candidate: str) -> str | None:
-    """The prompt variant that ships: the candidate's best on the primary metric (eval corrected for the choice)."""
-    cells = [c for c in results.get("cells", []) if c.get("metric") == metric and c.get("target") == candidate]
-    cells = [c for c in cells if isinstance(c.get("mean"), (int, float))]
-    if not cells:
-        return None
-    sign = -1.0 if cells[0].get("direction") == "lower" else 1.0
-    return max(cells, key=lambda c: sign * c["mean"])["variant"]
 
 
 def system_prompt_for(results: dict, variant: str | None) -> str | None:
@@ -290,9 +248,9 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
         while mlflow.active_run():  # a crash inside eval may leave its run open
             mlflow.end_run(status="FAILED")
 
-    variant = cfg.variant
-    if results is not None and variant is None:
-        variant = pick_variant(results, cfg.primary.metric, candidate_target)
+    variant, family = cfg.variant, []
+    if results is not None and variant is None:  # the gate picks: it then corrects for the choice
+        variant, family = pick_variant(results, cfg.primary.metric, candidate_target)
     system_prompt = None
     if results is not None:
         try:
@@ -314,8 +272,9 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
         ab_verdict = None
         if cfg.ab.require:
             ab_verdict = latest_ab_verdict(cfg.ab.variant or variant, cfg.ab.max_age_hours)
-        gate = rules_mod.evaluate(results, rules_from_config(cfg), baseline=baseline_target,
-                                  candidate=candidate_target, variant=variant, ab_verdict=ab_verdict,
+        gate = rules_mod.evaluate(results, cfg, baseline=baseline_target,
+                                  candidate=candidate_target, variant=variant, variant_family=family,
+                                  ab_verdict=ab_verdict,
                                   problems=problems)
         gate.update(gate_run_id=run_id, eval_run_id=eval_run_id, sample_eval_run_id=sample_run_id,
                     candidate=candidate,

@@ -32,8 +32,8 @@ def results(nll=(2.0, 1.6), nll_ci=(-0.5, -0.3), nll_p=0.001, rouge=(0.30, 0.31)
 
 
 def rules(**kw):
-    primary = kw.pop("primary", g.PrimaryRule("nll", min_relative_change=0.05))
-    guard = kw.pop("guardrails", [g.GuardrailRule("rouge_l", margin=0.02)])
+    primary = kw.pop("primary", g.PrimaryRule(metric="nll", min_relative_change=0.05))
+    guard = kw.pop("guardrails", [g.GuardrailRule(metric="rouge_l", margin=0.02)])
     return g.GateRules(primary=primary, guardrails=guard, min_cases=kw.pop("min_cases", 20), **kw)
 
 
@@ -50,7 +50,7 @@ def test_clear_improvement_passes():
 
 def test_direction_comes_from_the_eval_stage_or_the_config():
     # Same numbers, but told greater is better: a lower NLL is now a regression.
-    out = run(results(), rules(primary=g.PrimaryRule("nll", greater_is_better=True, min_absolute_change=0.1)))
+    out = run(results(), rules(primary=g.PrimaryRule(metric="nll", greater_is_better=True, min_absolute_change=0.1)))
     assert out["decision"] == "fail"
 
 
@@ -63,13 +63,13 @@ def test_direction_comes_from_the_eval_stage_or_the_config():
     ({"threshold": 1.5}, "fail"),
 ])
 def test_metric_threshold_semantics(kw, expect):
-    out = run(results(), rules(primary=g.PrimaryRule("nll", **kw)))
+    out = run(results(), rules(primary=g.PrimaryRule(metric="nll", **kw)))
     assert out["decision"] == expect, out["reasons"]
 
 
 def test_zero_baseline_relative_rule_falls_back_to_strictly_better():
     res = results(nll=(0.0, 0.0), nll_ci=(-0.01, 0.01), nll_p=0.9)
-    out = run(res, rules(primary=g.PrimaryRule("nll", min_relative_change=0.1, require_significance=False)))
+    out = run(res, rules(primary=g.PrimaryRule(metric="nll", min_relative_change=0.1, require_significance=False)))
     assert out["decision"] == "fail" and "needs at least 1e-10" in out["reasons"][0]
 
 
@@ -81,16 +81,48 @@ def test_big_but_not_significant_fails():
 
 def test_significant_in_the_wrong_direction_fails():
     out = run(results(nll=(1.6, 2.0), nll_ci=(0.3, 0.5), nll_p=0.001),
-              rules(primary=g.PrimaryRule("nll")))
+              rules(primary=g.PrimaryRule(metric="nll")))
     assert out["decision"] == "fail" and any("wrong direction" in r for r in out["reasons"])
 
 
-def test_gate_corrects_again_when_eval_did_not():
+def test_a_fixed_variant_is_a_family_of_one_and_raw_p_is_used_when_eval_did_not_adjust():
     res = results(nll_p=0.03)
     del res["comparisons"][0]["p_adjusted"]
     out = run(res, rules(correction="bonferroni"))
-    assert out["checks"][0]["p_adjusted"] == pytest.approx(0.03)  # family of one
+    assert out["checks"][0]["p_adjusted"] == pytest.approx(0.03)  # nothing picked: nothing to correct for
     assert out["decision"] == "pass"
+
+
+def three_variants(ps=(0.02, 0.5, 0.6), means=(1.6, 1.8, 1.9)):
+    """The candidate evaluated with three prompt variants; `concise` is its best and significant on its own."""
+    res = {"cells": [], "comparisons": []}
+    for name, p, mean in zip(("concise", "grounded", "plain"), ps, means):
+        one = results(nll=(2.0, mean), nll_ci=(mean - 2.0 - 0.1, mean - 2.0 + 0.1), nll_p=p, variant=name)
+        res["cells"] += one["cells"]
+        res["comparisons"] += one["comparisons"]
+    return res
+
+
+def test_picking_the_best_of_three_variants_is_corrected_across_all_three():
+    res = three_variants()
+    variant, family = g.pick_variant(res, "nll", "candidate")
+    assert variant == "concise" and family == ["concise", "grounded", "plain"]
+    alone = run(res, variant="concise")  # fixed in advance: p = 0.02 < 0.05
+    assert alone["decision"] == "pass" and alone["checks"][0]["p_adjusted"] == pytest.approx(0.02)
+    picked = run(res, variant=variant, variant_family=family)  # Holm over 3: 0.02 * 3 = 0.06
+    assert picked["checks"][0]["p_adjusted"] == pytest.approx(0.06)
+    assert picked["decision"] == "fail" and any("not significant: adjusted p = 0.06" in r for r in picked["reasons"])
+    assert "holm across 3 prompt variants" in picked["checks"][0]["rule"]
+    assert "best of 3" in g.report_markdown(picked, baseline_label="b", candidate_label="c")
+    # Strong enough evidence survives the correction.
+    assert run(three_variants(ps=(0.001, 0.5, 0.6)), variant=variant, variant_family=family)["decision"] == "pass"
+
+
+def test_a_variant_without_a_comparison_still_counts_in_the_family():
+    res = three_variants()
+    res["comparisons"] = [c for c in res["comparisons"] if c["control_variant"] != "plain"]
+    out = run(res, variant="concise", variant_family=["concise", "grounded", "plain"])
+    assert out["checks"][0]["p_adjusted"] == pytest.approx(0.06)  # plain counts as p = 1, not as no test
 
 
 def test_guardrail_non_inferiority():
@@ -98,7 +130,7 @@ def test_guardrail_non_inferiority():
     out = run(results(rouge_ci=(-0.05, 0.03)))
     assert out["decision"] == "fail" and any("rouge_l: may have got worse" in r for r in out["reasons"])
     # relative margin: 20 % of a 0.30 baseline = 0.06 covers -0.05
-    out = run(results(rouge_ci=(-0.05, 0.03)), rules(guardrails=[g.GuardrailRule("rouge_l", relative_margin=0.2)]))
+    out = run(results(rouge_ci=(-0.05, 0.03)), rules(guardrails=[g.GuardrailRule(metric="rouge_l", relative_margin=0.2)]))
     assert out["decision"] == "pass"
 
 
@@ -144,10 +176,17 @@ def test_several_variants_need_a_choice():
 
 
 def test_ab_verdict_required():
-    r = rules(require_ab_verdict=True)
+    r = rules(ab=g.AbRule(require=True))
     assert run(results(), r, ab_verdict="ship")["decision"] == "pass"
     assert run(results(), r, ab_verdict="don't ship")["decision"] == "fail"
     assert run(results(), r)["decision"] == "error"
+
+
+def test_one_default_for_min_relative_change():
+    from flywheel.pipelines.gate import GateConfig
+
+    assert g.PrimaryRule().min_relative_change == GateConfig().primary.min_relative_change == 0.01
+    assert isinstance(GateConfig(), g.GateRules)  # the shell's config is the rule set, not a copy of it
 
 
 def test_label_only_comparisons_are_understood():

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.pipelines.config import ConfigError, load_config
 from flywheel.pipelines.embeddings import COLUMNS, EmbeddingsConfig, run_bench_embeddings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,18 +114,6 @@ def test_bench_end_to_end_mlflow_and_warm_rerun(data, mlflow_store, tmp_path):
     children2 = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{res2['run_id']}'")
     assert {c.data.params["encoded"] for c in children2} == {"0"}
     assert {c.data.params["speed_cached"] for c in children2} == {"True"}
-
-
-def test_config_errors(tmp_path):
-    from flywheel.pipelines.embeddings import demo_config
-
-    cfg = demo_config(tmp_path / "ds", tmp_path / "out")
-    assert cfg.models == ["static-64", "paraphrase-MiniLM-L3-v2"] and cfg.tasks[0] == str(tmp_path / "ds")
-    assert load_config(EmbeddingsConfig, ROOT / "configs" / "embeddings.yaml").models[2] == "all-mpnet-base-v2"
-    with pytest.raises(ConfigError, match="modles: unknown key"):
-        load_config(EmbeddingsConfig, None, ["modles=[x]"])
-    with pytest.raises(ConfigError, match="duplicates"):
-        load_config(EmbeddingsConfig, None, ["models=[static-64,static-64]"])
 
 
 def test_cli_bad_input_is_one_line_exit_2(data, tmp_path):
