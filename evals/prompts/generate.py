@@ -410,8 +410,8 @@ def server_fingerprint(client: Any, base_url: str, model: str) -> dict:
     root = base_url.rstrip("/").removesuffix("/v1")
     for path, pick in (("/props", lambda d: {"model_path": d.get("model_path")} if d.get("model_path") else {}),
                        ("/api/tags", lambda d: next(({"digest": m["digest"]} for m in d.get("models", [])
-                                                      if m.get("digest") and model in (m.get("name"), m.get("model"),
-                                                                                       f"{model}:latest")), {}))):
+                                                      if m.get("digest") and {m.get("name"), m.get("model")}
+                                                      & {model, f"{model}:latest"}), {}))):
         try:
             resp = client.get(root + path, cast_to=object, options={"max_retries": 0})
         except openai.APIError:
