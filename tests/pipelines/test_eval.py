@@ -239,3 +239,64 @@ def test_a_target_that_dies_mid_run_is_an_error_with_counted_failures(mlflow_sto
     assert cells[("grounded", "latency_ms")]["n"] == 0  # not dropped silently: counted as failed
     assert not any(c["metric"] == "rouge_l" for c in results["comparisons"])
     assert any("3 of 3 cases left out of every comparison" in n for n in results["notes"])
+
+
+def test_published_parameters_are_the_evaluated_sampling():
+    """`flywheel publish` pins exactly what `flywheel eval` sent: no server default (repeat_penalty 1.1) slips in."""
+    from flywheel.pipelines.eval import gen_params
+    from flywheel.pipelines.publish import PublishConfig
+
+    evaluated = gen_params(EvalConfig()).modelfile_parameters()
+    shipped = PublishConfig().parameters
+    assert {k: shipped[k] for k in evaluated} == evaluated
+    assert evaluated["repeat_penalty"] == 1.0 and evaluated["temperature"] == 0.0 and evaluated["top_k"] == 1
+
+
+@pytest.mark.slow
+def test_greedy_outputs_of_peft_and_a_llama_cpp_server_agree(mlflow_store, tmp_path, adapter_dir, base):
+    """The same adapter in PEFT and merged to GGUF behind `python -m llama_cpp.server`: with every sampling
+    parameter sent (repeat_penalty 1 above all), greedy outputs match."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] not installed (make llama-cpp)")
+    from flywheel.pipelines.publish import converters_dir
+    from flywheel.training.export import convert_hf, merge_lora
+
+    conv = converters_dir()
+    if conv is None:
+        pytest.skip("llama.cpp converters not installed (make llama-cpp-converters)")
+    merge_lora(base.path, adapter_dir, tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "model.gguf", conv, "f16")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(tmp_path / "model.gguf"),
+                             "--model_alias", "cand", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        for _ in range(120):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        cfg = EvalConfig.model_validate(dict(
+            name="parity", limit=8, prompts_dir=PROMPTS, out=str(tmp_path / "out"), cache=False,
+            targets=[{"name": "peft", "adapter": str(adapter_dir)},
+                     {"name": "gguf", "endpoint": url, "model": "cand", "revision": "test"}],
+            metrics=["exact_match"], primary_metric="exact_match", register_prompts=False,
+            generation={"max_new_tokens": 16}))
+        rows = run_eval(cfg, show_progress=False)["results"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    out = [json.loads(x) for x in (tmp_path / "out" / "cases.jsonl").read_text().splitlines()]
+    by = {(r["variant"], r["case_id"], r["target"]): r["output"] for r in out}
+    keys = {(v, c) for v, c, _ in by}
+    same = sum(by[(v, c, "peft")] == by[(v, c, "gguf")] for v, c in keys)
+    assert rows["failures"]["gguf/concise"]["failed"] == 0
+    assert same >= len(keys) - 1, f"{same}/{len(keys)} greedy outputs equal"
