@@ -150,6 +150,10 @@ def find_evidence(results: dict, metric: str, baseline: str, candidate: str,
         missing = [n for n, x in (("baseline " + baseline, b), ("candidate " + candidate, c)) if x is None]
         return b, c, None, f"{metric}: no result for {' and '.join(missing)}" + (
             f" (variant {variant})" if variant else "")
+    broken = [f"{role} {name}: {x['n_failed']} failed generations" for role, name, x in
+              (("baseline", baseline, b), ("candidate", candidate, c)) if x.get("n_failed")]
+    if broken:  # failed cases are missing evidence: the cells' means describe the survivors only
+        return b, c, None, f"{metric}: " + "; ".join(broken) + " (fix the target and re-run the eval)"
     comp = rs.comparison_for(results, metric, baseline, candidate, variant)
     if comp is None:
         return b, c, None, f"{metric}: no paired comparison of {candidate} against {baseline} in the results"

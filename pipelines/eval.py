@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flywheel.evals.prompts.results import RESULTS_SCHEMA, build_results  # noqa: F401 (RESULTS_SCHEMA: callers)
 from flywheel.evals.prompts.scorers import default_metrics
 from flywheel.pipelines.config import StageConfig, load_config
-from flywheel.foundation.errors import InputError
+from flywheel.foundation.errors import FlywheelError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = str(ROOT / "evals" / "prompts" / "demo_cases.yaml")
@@ -46,6 +46,12 @@ class TargetSpec(_Section):
     endpoint: Optional[str] = None   # OpenAI-compatible base URL (e.g. http://localhost:11434/v1): no local model
     model: Optional[str] = None      # the endpoint's model name
     api_key_env: Optional[str] = None  # env var holding the endpoint's key (never the key itself in a config)
+    revision: Optional[str] = Field(None, description=(
+        "endpoint: what identifies the served weights when the server reports nothing (e.g. the GGUF's sha256); "
+        "part of the cache key. Without it and without a server fingerprint, endpoint answers are not cached"))
+    extra_body: dict[str, Any] = Field(default_factory=dict, description=(
+        "endpoint: extra request fields merged over the sampling fields Flywheel sends (a null drops one, e.g. "
+        "`{top_k: null}` for a server that rejects it)"))
 
 
 class GenerationSection(_Section):
@@ -53,9 +59,25 @@ class GenerationSection(_Section):
     do_sample: bool = False                 # greedy: deterministic, cache-friendly; sampling for `repeat`
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="sampling only: top-k (0 = off); greedy sends top_k 1")
+    min_p: float = Field(0.0, ge=0, le=1, description="sampling only: min-p (0 = off; llama.cpp defaults to 0.05)")
+    repeat_penalty: float = Field(1.0, gt=0, description=(
+        "repetition penalty, sent to every target and pinned in the published Modelfile (llama.cpp and Ollama "
+        "default to 1.1, Hugging Face to 1.0)"))
+    stop: list[str] = Field(default_factory=list, description="extra stop strings (end-of-turn tokens always stop)")
     seed: int = 0
     batch_size: int = Field(8, ge=1)
     repeat: int = Field(1, ge=1)            # > 1 with do_sample: per-case consistency rate
+
+
+class EndpointSection(_Section):
+    connect_timeout_s: float = Field(5.0, gt=0, description="endpoint and judge requests: connect timeout, seconds")
+    read_timeout_s: float = Field(60.0, gt=0, description="endpoint and judge requests: read timeout, seconds")
+    max_retries: int = Field(3, ge=0, description=(
+        "retries per request on 408/409/429/5xx and connection errors, exponential backoff with jitter "
+        "(openai SDK; Retry-After honoured)"))
+    max_consecutive_failures: int = Field(5, ge=1, description=(
+        "abort the run, naming the target, after this many failed requests in a row"))
 
 
 class JudgeSection(_Section):
@@ -96,6 +118,11 @@ class EvalConfig(StageConfig):
     generation: GenerationSection = GenerationSection()
     judge: JudgeSection = JudgeSection()
     compare: CompareSection = CompareSection()
+    endpoints: EndpointSection = Field(default_factory=EndpointSection, description=(
+        "timeouts, retries and abort policy for endpoint targets and the judge"))
+    max_failure_rate: float = Field(0.0, ge=0, le=1, description=(
+        "a cell whose share of failed generations is above this makes `flywheel eval` exit 2 (results are still "
+        "written); the gate refuses a primary cell with any failure"))
     nll_batch_size: int = Field(4, ge=1)
     nll_max_length: int = Field(384, ge=16)  # prompt + reference tokens; long references are cut at the end
     cache: bool = True
@@ -157,7 +184,8 @@ def build_targets(cfg: EvalConfig, scratch: Path) -> tuple[list[Any], dict[str, 
             if spec.adapter:
                 raise InputError(f"target {spec.name!r}: an endpoint target cannot take a local adapter")
             key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-            targets.append(EndpointTarget(spec.name, spec.endpoint, spec.model or "default", api_key=key))
+            targets.append(EndpointTarget(spec.name, spec.endpoint, spec.model or "default", api_key=key,
+                                          options=_endpoint_options(cfg, spec.extra_body), revision=spec.revision))
             continue
         adapter = None
         if spec.adapter:
@@ -191,22 +219,49 @@ class _LazyEmbedder:
         return embedding_similarity(self._model, outputs, references)
 
 
+def _endpoint_options(cfg: EvalConfig, extra_body: dict | None = None):
+    from flywheel.evals.prompts.generate import EndpointOptions
+
+    e = cfg.endpoints
+    return EndpointOptions(connect_timeout_s=e.connect_timeout_s, read_timeout_s=e.read_timeout_s,
+                           max_retries=e.max_retries, max_consecutive_failures=e.max_consecutive_failures,
+                           extra_body=dict(extra_body or {}))
+
+
+def gen_params(cfg: EvalConfig):
+    """The one GenParams of a config: what every target gets and what results.json records."""
+    from flywheel.evals.prompts.generate import GenParams
+
+    g = cfg.generation
+    return GenParams(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature,
+                     top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, repeat_penalty=g.repeat_penalty, seed=g.seed,
+                     stop=tuple(g.stop), batch_size=g.batch_size)
+
+
 def _judge(cfg: EvalConfig):
-    from flywheel.evals.prompts.generate import chat_completion, check_endpoint
-    from flywheel.evals.prompts.scorers import DEFAULT_RUBRIC, judge_messages, parse_judge_score
+    """The judge: a score, or NoScore("failed") for a request that failed after retries, NoScore("unparseable")
+    for a reply without `Score: N`; both are counted per cell."""
+    import openai
+
+    from flywheel.evals.prompts.generate import GenParams, chat_completion, check_endpoint, openai_client
+    from flywheel.evals.prompts.scorers import DEFAULT_RUBRIC, NoScore, judge_messages, parse_judge_score
 
     j = cfg.judge
     key = os.environ.get(j.api_key_env) if j.api_key_env else None
-    check_endpoint(j.endpoint, key, what="judge endpoint")
+    check_endpoint(j.endpoint, key, timeout=cfg.endpoints.connect_timeout_s, what="judge endpoint")
+    client = openai_client(j.endpoint, key, _endpoint_options(cfg))
+    params = GenParams(max_new_tokens=64)  # greedy, no repeat penalty: the same judgement every time
 
     def judge(question: str, answer: str, reference: str | None) -> float | None:
         try:
-            text, _ = chat_completion(j.endpoint, j.model or "default",
-                                      judge_messages(j.rubric or DEFAULT_RUBRIC, question, answer, reference),
-                                      api_key=key, max_tokens=64, temperature=0.0)
-        except Exception:  # noqa: BLE001 - one failed judgement is a missing score, counted in n
-            return None
-        return parse_judge_score(text)
+            reply = chat_completion(client, j.model or "default",
+                                    judge_messages(j.rubric or DEFAULT_RUBRIC, question, answer, reference), params)
+        except (openai.APIError, ValueError) as e:
+            raise NoScore("failed", f"{type(e).__name__}: {e}"[:200]) from None
+        score = parse_judge_score(reply.text)
+        if score is None:
+            raise NoScore("unparseable", reply.text[:80])
+        return score
 
     return judge
 
@@ -248,8 +303,38 @@ def demo_config(cases: str | Path, candidate: str | None = None, out: str | Path
     return cfg
 
 
-def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
-    """Evaluate `cfg.variants` x `cfg.targets` on `cfg.cases`. Returns {run_id, results_path, results, out}."""
+def _progress(bar: Any, task: Any, show: bool):
+    """The bar advances per case; a failure is printed above it as it happens and counted in its label."""
+    failed = [0]
+
+    def update(phase: str, n: int, detail: str | None = None) -> None:
+        if phase == "failed":
+            failed[0] += n
+            if show:
+                bar.console.print(f"[red]failed:[/] {detail}")
+            bar.update(task, description=f"generate ({failed[0]} failed)")
+            return
+        label = phase if not failed[0] else f"{phase} ({failed[0]} failed)"
+        bar.update(task, advance=n if phase == "generate" else 0, description=label)
+
+    return update
+
+
+def check_failures(results: dict) -> None:
+    """A broken target is an error (exit 2), not a gate "fail": raise when a cell's share of failed generations
+    is above `max_failure_rate`. Called after results.json is written, so the failures can be read there."""
+    limit = results.get("max_failure_rate", 0.0)
+    bad = [(label, f) for label, f in results["failures"].items() if f["failure_rate"] > limit]
+    if bad:
+        parts = "; ".join(f"{label}: {f['failed']}/{f['rows']} failed (first: {f['first_error']})"[:300]
+                          for label, f in bad)
+        raise FlywheelError(f"eval: generations failed above max_failure_rate={limit:g}: {parts}; results in "
+                            f"{results.get('results_path', 'results.json')}")
+
+
+def run_eval(cfg: EvalConfig, *, show_progress: bool = True, fail_on_failures: bool = True) -> dict:
+    """Evaluate `cfg.variants` x `cfg.targets` on `cfg.cases`. Returns {run_id, results_path, results, out}.
+    Raises FlywheelError (after writing the results) when generations failed above `cfg.max_failure_rate`."""
     import tempfile
 
     import mlflow
@@ -258,7 +343,6 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
 
     from flywheel.evals.prompts import harness
     from flywheel.evals.prompts.cases import load_cases
-    from flywheel.evals.prompts.generate import GenParams
     from flywheel.foundation.cache import JsonCache
     from flywheel.evals.prompts.templates import load_template
     from flywheel.pipelines import tracking
@@ -275,8 +359,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
     target_names = [t.name for t in cfg.targets] + (["candidate"] if cfg.candidate else [])
     harness.validate_static(caseset.cases, variants, target_names, cfg.assertions, cfg.metrics)
     g = cfg.generation
-    params = GenParams(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature,
-                       top_p=g.top_p, seed=g.seed, batch_size=g.batch_size)
+    params = gen_params(cfg)
     out_dir = Path(cfg.out) if cfg.out else tracking.flywheel_home() / "eval" / cfg.name
     check_output_dir(out_dir, inputs=[cfg.cases], force=cfg.force)  # now, not after the generation
     cache = JsonCache(Path(cfg.cache_dir) if cfg.cache_dir else tracking.flywheel_home() / "cache" / "eval",
@@ -296,6 +379,8 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
     tracking.setup(cfg.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="flywheel-eval-") as scratch:
         targets, lineage = build_targets(cfg, Path(scratch))
+        for t in targets:  # an unreachable endpoint fails here, before the MLflow run exists
+            t.check()
         inputs = {"cases": caseset.path, "dataset_version": caseset.dataset_version, **lineage}
         with tracking.start_run("prompts", cfg.run_name or f"eval-{cfg.name}", inputs=inputs,
                                 params=flatten(cfg.model_dump(mode="json")), configured_uri=cfg.tracking_uri,
@@ -317,10 +402,10 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                     caseset.cases, variants, targets, params=params, cache=cache, metrics=metrics,
                     suite_assertions=cfg.assertions, repeat=g.repeat, embedder=embedder, judge=judge,
                     nll_batch_size=cfg.nll_batch_size, nll_max_length=cfg.nll_max_length,
-                    progress=lambda phase, n: bar.update(task, advance=n if phase == "generate" else 0,
-                                                         description=phase))
+                    progress=_progress(bar, task, show_progress))
             rows = matrix["rows"]
             cells = harness.cells(rows, alpha=cfg.compare.alpha)
+            failures = harness.failures(rows)
             if cfg.compare.pairs:
                 pairs = [((p.control["variant"], p.control["target"]), (p.treatment["variant"],
                                                                          p.treatment["target"]))
@@ -356,9 +441,11 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                 variants=[{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
                            "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
                           for v in variants],
-                generation={**params.key(), "repeat": g.repeat, "batch_size": g.batch_size},
+                # every sampling parameter as sent (greedy spelled out: temperature 0, top_k 1): what publish pins
+                generation={**params.sampling(), "do_sample": params.do_sample, "repeat": g.repeat,
+                            "batch_size": g.batch_size},
                 cache={"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)}, rows=rows,
-                notes=matrix["notes"] + cmp_notes)
+                failures=failures, max_failure_rate=cfg.max_failure_rate, notes=matrix["notes"] + cmp_notes)
             with atomic_dir(out_dir, force=cfg.force, inputs=[cfg.cases], stage="eval") as tmp:
                 write_json(tmp / "results.json", results)
                 write_jsonl(tmp / "cases.jsonl", rows)
@@ -368,9 +455,13 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
             pm = [c for c in cells if c["metric"] == cfg.primary_metric]
             tracking.log_metrics({f"{c['target']}.{c['variant']}.{c['metric']}": c["mean"] for c in pm})
             tracking.log_metrics({"cases": len(caseset.cases), "generated": results["generated"],
-                                  "failures": results["failures"], "cache_hits": cache.hits})
-    return {"run_id": results["run_id"], "results_path": str(out_dir / "results.json"), "results": results,
-            "out": str(out_dir)}
+                                  "failures": sum(f["failed"] for f in failures.values()),
+                                  "cache_hits": cache.hits})
+    res = {"run_id": results["run_id"], "results_path": str(out_dir / "results.json"), "results": results,
+           "out": str(out_dir)}
+    if fail_on_failures:
+        check_failures({**results, "results_path": res["results_path"]})
+    return res
 
 
 def _table(rows: list[dict]) -> dict[str, list]:
@@ -422,6 +513,12 @@ def _summary(res: dict) -> None:
             vals.append("" if c is None or c["mean"] is None else f"{c['mean']:.3g}")
         table.add_row(m + (" ↓" if d == "lower" else " ↑" if d == "higher" else ""), *vals)
     console.print(table)
+    for label, f in results["failures"].items():
+        if f["failed"]:
+            console.print(f"[red]failures:[/] {label}: {f['failed']} of {f['rows']} generations failed "
+                          f"(first: {f['first_error']})")
+        for kind, n in f["misses"].items():
+            console.print(f"[yellow]no score:[/] {label}: {n} x {kind}")
     for c in results["comparisons"]:
         if c["metric"] == results["primary_metric"]:
             console.print(f"{c['variant']} vs {c['control']} {c['metric']}: {c['estimate']:+.4f} "
@@ -442,8 +539,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Prompt variants x targets x cases: assertions, reference metrics, NLL; matrix + paired comparisons."""
         cfg = load_config(EvalConfig, config, (overrides or []) + (["force=true"] if force else []))
-        res = run_eval(cfg, show_progress=not quiet)
+        res = run_eval(cfg, show_progress=not quiet, fail_on_failures=False)
         if not quiet:
             _summary(res)
         else:
             typer.echo(res["results_path"])
+        check_failures({**res["results"], "results_path": res["results_path"]})

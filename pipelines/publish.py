@@ -52,6 +52,12 @@ from flywheel.foundation.errors import FlywheelError, InputError
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
+def _eval_sampling() -> dict[str, Any]:
+    from flywheel.evals.prompts.generate import GenParams
+
+    return GenParams().modelfile_parameters()
+
+
 class PublishConfig(StageConfig):
     out: Optional[str] = None                 # default Modelfiles/<model name or run id>
     force: bool = False                       # replace an existing `out` Flywheel did not write
@@ -64,12 +70,12 @@ class PublishConfig(StageConfig):
     gguf_adapter: bool = True                 # mode=adapter: convert the adapter with convert_lora_to_gguf.py
     llama_cpp_dir: Optional[str] = None       # converters; default $FLYWHEEL_LLAMA_CPP or <venv>/share/flywheel/llama.cpp
     convert_timeout_s: int = Field(900, gt=0)
+    # The eval's sampling, every parameter pinned (temperature 0 with top_k 1, repeat_penalty 1, min_p 0, seed,
+    # num_predict = the eval's max_new_tokens): Ollama's defaults (repeat_penalty 1.1, ...) would answer otherwise.
     parameters: dict[str, Any] = Field(default_factory=lambda: {
-        "temperature": 0.0,   # the eval generated greedily: the published model should answer the same way
-        "top_p": 0.95,
+        **_eval_sampling(),
         "num_ctx": 2048,      # SmolLM2 was trained with 8k; 2k keeps Ollama's memory small
-        "num_predict": 256,
-    })
+    }, description="Modelfile PARAMETERs; default: exactly the sampling `flywheel eval` evaluated with, plus num_ctx")
     license: str = ("Apache-2.0. Base model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0). "
                     "LoRA adapter trained by Flywheel on the logs named in README.md.")
     model_cache: Optional[str] = None

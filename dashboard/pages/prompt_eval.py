@@ -79,9 +79,11 @@ with ui.bad_run_shown(run, "this evaluation"):
 
     for note in results.get("notes") or []:
         st.caption(f"note: {ui.text(note)}")
-    if results.get("failures"):
-        st.warning(f"{ui.text(results['failures'])} case(s) failed to generate or score: they count as failures, "
-                   "see below.")
+    failures = results.get("failures") or {}
+    failed = (sum(int(f.get("failed") or 0) for f in failures.values() if isinstance(f, dict))
+              if isinstance(failures, dict) else int(failures))  # schema 1 wrote one count
+    if failed:
+        st.warning(f"{failed} case(s) failed to generate or score: they count as failures, see below.")
 
     # ------------------------------------------------------------------------------------------- cases
     st.subheader("Generations side by side")

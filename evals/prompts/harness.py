@@ -6,7 +6,8 @@ Order of work, and why:
 1. `validate` everything that can be wrong before a single token is generated: template fields against every
    case, every assertion against its case, every target's base/adapter/endpoint.
 2. Per target (loaded once, unloaded after): per variant, generate `repeat` times (cached), then reference NLL
-   (cached); score each case. A failed generation is a row with `error` set, scored as a failure.
+   (cached); score each case. A failed generation is a row with `failed` set: no metric has a value for it
+   (never a zero that looks like a score), its cell counts it in `n_failed`, comparisons leave its pairs out.
 3. Embedding similarity in one batch over all rows (one model load), then cells and paired comparisons.
 
 Cell CIs: Wilson for 0/1 metrics (statsmodels), Student t for the rest (scipy). Comparisons reuse the A/B engine
@@ -18,6 +19,7 @@ each metric is its own question, and the gate decides on one primary metric.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 from flywheel.evals.prompts import scorers
@@ -34,7 +36,7 @@ KNOWN_METRICS = set(scorers.METRICS)
 
 Embedder = Callable[[Sequence[str], Sequence[str]], list[float]]
 Judge = Callable[[str, str, str | None], float | None]
-Progress = Callable[[str, int], None]  # (phase, advance)
+Progress = Callable[..., None]  # (phase, advance, detail=None)
 
 
 def case_assertions(case: Case, suite: Sequence[dict]) -> list[dict]:
@@ -92,7 +94,10 @@ def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], target
                suite_assertions: Sequence[dict] = (), repeat: int = 1, embedder: Embedder | None = None,
                judge: Judge | None = None, nll_batch_size: int = 4, nll_max_length: int = 384,
                progress: Progress | None = None) -> dict:
-    """Returns {"rows": [...], "notes": [...]}: one row per case x variant x target (never fewer)."""
+    """Returns {"rows": [...], "notes": [...]}: one row per case x variant x target (never fewer).
+
+    `progress(phase, advance, detail=None)`: phase "generate"/"nll", or "failed" with the failure's message as it
+    happens. An endpoint that fails `max_consecutive_failures` times in a row raises EndpointAborted."""
     metrics = list(metrics)
     validate(cases, variants, targets, suite_assertions, metrics)
     if repeat < 1:
@@ -105,12 +110,20 @@ def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], target
         notes.append("judge_score skipped: no judge endpoint configured")
     if "embedding_similarity" in metrics and embedder is None:
         notes.append("embedding_similarity skipped: no embedding model")
-    tick = (lambda n: progress("generate", n)) if progress else None
+
+    def tick(n: int, error: str | None = None) -> None:
+        if progress:
+            progress("generate", n)
+            if error:
+                progress("failed", 1, error)
 
     rows: list[dict] = []
     for target in targets:
         if "nll" in metrics and getattr(target, "kind", "") != "hf":
             notes.append(f"nll not available for target {target.name!r} ({target.kind}: no teacher forcing)")
+        if getattr(target, "kind", "") == "openai" and not getattr(target, "cacheable", True):
+            notes.append(f"target {target.name!r}: not cached: the server reports nothing that identifies its "
+                         f"weights (set the target's `revision` to cache it)")
         for variant in variants:
             prompts = [render(c, variant) for c in cases]
             runs = [target.generate(prompts, params, cache, repeat=r, progress=tick) for r in range(repeat)]
@@ -131,15 +144,36 @@ def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], target
 
     if "embedding_similarity" in metrics and embedder is not None:
         _embedding_similarity(rows, embedder, cache)
+    if "judge_score" in metrics and judge is not None:
+        notes += judge_notes(rows)
     return {"rows": rows, "notes": notes}
+
+
+def judge_notes(rows: Sequence[dict]) -> list[str]:
+    """Say plainly how many answers the judge scored, and why the others have no score."""
+    scored = sum(1 for r in rows if r["metrics"].get("judge_score") is not None)
+    miss = Counter()
+    for r in rows:
+        miss.update({k.split(".", 1)[1]: v for k, v in r["misses"].items() if k.startswith("judge_score.")})
+    if not miss:
+        return []
+    why = ", ".join(f"{v} {k}" for k, v in sorted(miss.items()))
+    if scored == 0:
+        return [f"judge_score: the judge produced no score at all ({why}); check the judge model and that it "
+                f"replies `Score: N`"]
+    return [f"judge_score: {sum(miss.values())} judgements without a score ({why}); {scored} rows scored"]
 
 
 def _embedding_similarity(rows: list[dict], embedder: Embedder, cache: JsonCache) -> None:
     """One batch over every (output, reference) pair not in the cache; the embedder loads only if needed.
 
-    Cached only when the embedder has a `name` (its identity); a bare function is always recomputed."""
+    Cached only when the embedder has a `name` (its identity); a bare function is always recomputed. A failed row
+    is not embedded: its similarity is missing, like its other metrics."""
     name = getattr(embedder, "name", None)
-    todo = [r for r in rows if r["reference"] is not None]
+    for r in rows:
+        if r["reference"] is not None and r["failed"]:
+            r["metrics"]["embedding_similarity"] = None
+    todo = [r for r in rows if r["reference"] is not None and not r["failed"]]
     pairs = [(o, r["reference"]) for r in todo for o in r["outputs"]]
     keys = [cache.key("emb", name, o, ref) for o, ref in pairs] if name else [None] * len(pairs)
     sims: list[float | None] = [None] * len(pairs)
@@ -159,14 +193,19 @@ def _embedding_similarity(rows: list[dict], embedder: Embedder, cache: JsonCache
     k = 0
     for r in todo:
         n = len(r["outputs"])
-        vals = [s if err is None else None for s, err in zip(sims[k:k + n], r["errors"])]
-        r["metrics"]["embedding_similarity"] = _mean(vals)
+        r["metrics"]["embedding_similarity"] = _mean(sims[k:k + n])
         k += n
 
 
 def _score_row(case: Case, variant: PromptTemplate, target: Any, prompt: list[dict], gens: list, nll: float | None,
                metrics: Sequence[str], suite_assertions: Sequence[dict], judge: Judge | None) -> dict:
+    """One row. A failed generation (any repeat) fails the whole row: every metric but error_rate is None, never
+    a zero that looks like a score, and the row is counted in its cell's `n_failed`."""
     assertions = case_assertions(case, suite_assertions)
+    errors = [g.error for g in gens]
+    error = next((e for e in errors if e), None)
+    failed = error is not None
+    misses: Counter = Counter()
     per_rep: list[dict[str, float | None]] = []
     assertion_rows: list[dict] = []
     for rep, g in enumerate(gens):
@@ -174,35 +213,51 @@ def _score_row(case: Case, variant: PromptTemplate, target: Any, prompt: list[di
         if assertions:
             oks = []
             for a in assertions:
-                if g.error:
-                    ok, why = False, f"generation failed: {g.error}"
-                else:
-                    ok, why = scorers.check_assertion(a, g.text, case.reference)
+                ok, why = (None, f"generation failed: {error}") if failed else \
+                    scorers.check_assertion(a, g.text, case.reference)
                 oks.append(ok)
-                m[f"assert.{scorers.assertion_name(a)}"] = float(ok)
+                m[f"assert.{scorers.assertion_name(a)}"] = None if ok is None else float(ok)
                 if rep == 0:
                     assertion_rows.append({"name": scorers.assertion_name(a), "type": a["type"], "passed": ok,
                                            "reason": why})
-            m["pass_rate"] = float(all(oks))
+            m["pass_rate"] = None if failed else float(all(oks))
         out = scorers.Scored(text=g.text, reference=case.reference, question=case.question,
-                             latency_ms=g.latency_ms, tokens=g.tokens, judge=judge)
-        m.update(scorers.score_output(metrics, out, failed=bool(g.error)))
+                             latency_ms=g.latency_ms, tokens=g.tokens, judge=judge,
+                             batch_latency_ms=getattr(g, "batch_latency_ms", None))
+        m.update(scorers.score_output(metrics, out, failed=failed, misses=misses))
         per_rep.append(m)
     keys = sorted({k for m in per_rep for k in m})
     agg = {k: _mean([m.get(k) for m in per_rep]) for k in keys}
     if "nll" in metrics and nll is not None:
-        agg["nll"] = nll
+        agg["nll"] = None if failed else nll
     if len(gens) > 1:
-        ok_texts = [g.text for g in gens if not g.error]
-        agg["consistency"] = scorers.consistency_rate(ok_texts) if ok_texts else 0.0
-    errors = [g.error for g in gens]
+        agg["consistency"] = None if failed else scorers.consistency_rate([g.text for g in gens])
     return {
         "case_id": case.id, "variant": variant.name, "variant_version": variant.version, "target": target.name,
         "source": case.source, "question": case.question, "reference": case.reference,
         "prompt": prompt, "output": gens[0].text, "outputs": [g.text for g in gens],
-        "error": next((e for e in errors if e), None), "errors": errors,
+        "error": error, "errors": errors, "failed": failed, "misses": dict(misses),
+        "retries": sum(getattr(g, "retries", 0) or 0 for g in gens),
         "cached": all(g.cached for g in gens), "assertions": assertion_rows, "metrics": agg,
     }
+
+
+def failures(rows: Sequence[dict]) -> dict[str, dict]:
+    """Per cell (`target/variant`): rows, failed generations, their rate, scorer misses by kind, retries taken."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        f = out.setdefault(cell_label(r["variant"], r["target"]),
+                           {"target": r["target"], "variant": r["variant"], "rows": 0, "failed": 0,
+                            "misses": Counter(), "retries": 0, "first_error": None})
+        f["rows"] += 1
+        f["failed"] += bool(r["failed"])
+        f["misses"].update(r["misses"])
+        f["retries"] += r["retries"]
+        f["first_error"] = f["first_error"] or r["error"]
+    for f in out.values():
+        f["failure_rate"] = f["failed"] / f["rows"] if f["rows"] else 0.0
+        f["misses"] = dict(sorted(f["misses"].items()))
+    return out
 
 
 # -- cells ----------------------------------------------------------------------------------------------------
@@ -232,20 +287,33 @@ def mean_ci(values: Sequence[float], *, binary: bool, alpha: float = 0.05) -> tu
 
 
 def cells(rows: Sequence[dict], alpha: float = 0.05) -> list[dict]:
-    """One cell per variant x target x metric (metrics that have at least one value), in matrix order."""
+    """One cell per variant x target x metric, in matrix order: each metric with a value in the cell, or missing
+    for a reason (a failed generation, a scorer's miss). `n` counts values; `n_failed` the cell's failed
+    generations (no value in any metric); `n_missing` the scorer's misses by kind (e.g. unparseable judgements)."""
     order: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         order.setdefault((r["variant"], r["target"]), []).append(r)
     out = []
     for (variant, target), rs in order.items():
-        names = sorted({k for r in rs for k, v in r["metrics"].items() if v is not None})
-        for metric in names:
+        n_failed = sum(1 for r in rs if r.get("failed"))
+        misses: Counter = Counter()
+        for r in rs:
+            misses.update(r.get("misses", {}))
+        names = {k for r in rs for k, v in r["metrics"].items() if v is not None}
+        names |= {k.split(".", 1)[0] for k in misses}
+        if n_failed == len(rs):  # nothing succeeded: show every metric the rows name, each with no value
+            names |= {k for r in rs for k in r["metrics"]}
+        for metric in sorted(names):
             vals = [r["metrics"].get(metric) for r in rs]
             vals = [v for v in vals if v is not None]
             binary = scorers.is_binary(metric)
             mean, lo, hi = mean_ci(vals, binary=binary, alpha=alpha)
-            out.append({"variant": variant, "target": target, "metric": metric, "mean": mean, "ci_low": lo,
-                        "ci_high": hi, "n": len(vals), "direction": scorers.direction(metric)})
+            cell = {"variant": variant, "target": target, "metric": metric, "mean": mean, "ci_low": lo,
+                    "ci_high": hi, "n": len(vals), "n_failed": n_failed, "direction": scorers.direction(metric)}
+            missing = {k.split(".", 1)[1]: v for k, v in misses.items() if k.split(".", 1)[0] == metric}
+            if missing:
+                cell["n_missing"] = missing
+            out.append(cell)
     return out
 
 
@@ -277,10 +345,14 @@ def compare(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, str], tuple[s
     from flywheel.evals.ab.paired import compare_paired
 
     by_cell: dict[tuple[str, str], dict[str, dict]] = {}
+    failed: set[tuple[str, str, str]] = set()
     for r in rows:
         by_cell.setdefault((r["variant"], r["target"]), {})[r["case_id"]] = r["metrics"]
+        if r.get("failed"):
+            failed.add((r["variant"], r["target"], r["case_id"]))
     notes: list[str] = []
     skipped: dict[str, int] = {}
+    empty: set[str] = set()
     out: list[dict] = []
     for (cv, ct), (tv, tt) in pairs:
         for cell in ((cv, ct), (tv, tt)):
@@ -288,8 +360,14 @@ def compare(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, str], tuple[s
                 raise InputError(f"comparison names cell variant={cell[0]!r} target={cell[1]!r}, which is not in "
                                  f"the matrix")
         c_rows, t_rows = by_cell[(cv, ct)], by_cell[(tv, tt)]
-        ids = [i for i in c_rows if i in t_rows]
-        names = sorted({k for i in ids for k in c_rows[i]} & {k for i in ids for k in t_rows[i]})
+        common = [i for i in c_rows if i in t_rows]
+        # A failed generation on either side: the pair is missing in every metric, and said so.
+        ids = [i for i in common if (cv, ct, i) not in failed and (tv, tt, i) not in failed]
+        n_failed_pairs = len(common) - len(ids)
+        if n_failed_pairs:
+            notes.append(f"{cell_label(tv, tt)} vs {cell_label(cv, ct)}: {n_failed_pairs} of {len(common)} cases "
+                         f"left out of every comparison (failed generation)")
+        names = sorted({k for i in common for k in c_rows[i]} & {k for i in common for k in t_rows[i]})
         if metrics is not None:
             names = [n for n in names if n in metrics or n.startswith("assert.") and "pass_rate" in metrics]
         for metric in names:
@@ -297,6 +375,9 @@ def compare(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, str], tuple[s
                 continue
             cvals = [_nan(c_rows[i].get(metric)) for i in ids]
             tvals = [_nan(t_rows[i].get(metric)) for i in ids]
+            if not any(math.isfinite(x) for x in cvals) or not any(math.isfinite(x) for x in tvals):
+                empty.add(metric)  # e.g. a judge that scored nothing: not "too few pairs", no values at all
+                continue
             if sum(1 for a, b in zip(cvals, tvals) if math.isfinite(a) and math.isfinite(b)) < 2:
                 skipped[metric] = skipped.get(metric, 0) + 1  # e.g. an assertion only one case carries
                 continue
@@ -307,10 +388,13 @@ def compare(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, str], tuple[s
                 notes.append(f"not compared: {e}")
                 continue
             res.update(control_variant=cv, control_target=ct, treatment_variant=tv, treatment_target=tt,
-                       direction=scorers.direction(metric))
+                       direction=scorers.direction(metric), n_failed_pairs=n_failed_pairs)
             out.append(res)
-    if skipped:
-        notes.append("not compared (fewer than 2 paired cases): " + ", ".join(sorted(skipped)))
+    if empty:
+        notes.append("not compared (no values in a compared cell): " + ", ".join(sorted(empty)))
+    few = sorted(set(skipped) - empty)
+    if few:
+        notes.append("not compared (fewer than 2 paired cases): " + ", ".join(few))
     for metric in sorted({c["metric"] for c in out}):
         fam = [c for c in out if c["metric"] == metric]
         for c, p in zip(fam, adjust_pvalues([c["p_value"] for c in fam], correction)):

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-RESULTS_SCHEMA = 1
+RESULTS_SCHEMA = 2  # 2: `failures` is per cell (was one count)
 
 
 def build_results(*, name: str, run_id: str, child_runs: dict[str, str], primary_metric: str, caseset: Any,
                   variants: Sequence[dict], targets: Sequence[dict], generation: dict, cells: list[dict],
-                  comparisons: list[dict], cache: dict, rows: Sequence[dict], notes: Sequence[str]) -> dict:
+                  comparisons: list[dict], cache: dict, rows: Sequence[dict], failures: dict,
+                  max_failure_rate: float, notes: Sequence[str]) -> dict:
     """The results.json document. `caseset` has path/kind/cases/dataset_version (flywheel.evals.prompts.cases);
-    `rows` are the per-case rows (their `cached`/`error` fields give the generated and failure counts)."""
+    `rows` are the per-case rows (their `cached` field gives the generated count); `failures` is per cell
+    (`rows`, `failed`, `failure_rate`, `first_error`, `retries`, `misses`)."""
     from flywheel.evals.prompts.scorers import METRICS
 
     return {
@@ -44,7 +46,8 @@ def build_results(*, name: str, run_id: str, child_runs: dict[str, str], primary
         "comparisons": comparisons,
         "cache": dict(cache),
         "generated": sum(1 for r in rows if not r["cached"]),
-        "failures": sum(1 for r in rows if r["error"]),
+        "failures": dict(failures),
+        "max_failure_rate": max_failure_rate,
         "notes": list(notes),
     }
 

@@ -39,6 +39,7 @@ class Scored:
     latency_ms: float | None
     tokens: int | None
     judge: Callable[[str, str, str | None], float | None] | None = None
+    batch_latency_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,14 @@ class MetricSpec:
     binary: bool                                   # one 0/1 outcome per case
     description: str
     # Scores one generated output; None for metrics the harness computes itself (teacher-forced NLL, one batched
-    # embedding pass, assertions, repeats, failures).
+    # embedding pass, assertions, repeats, failures). It may raise `NoScore` (e.g. an unparseable judge reply):
+    # the output then has no value for this metric, and the miss is counted by kind.
     score: Callable[[Scored], float | None] | None = None
     needs_reference: bool = False
-    on_failure: float | None = None  # the value a failed generation gets (None: no value for that output)
-    scores_failures: bool = False    # measures the attempt itself (latency, tokens): scored on failures too
+    # A failed generation: "missing" (every metric but error_rate) leaves the metric without a value for that
+    # output, never a zero that looks like a score; the row counts in its cell's `n_failed`. "count": the metric
+    # measures the failure itself (error_rate = 1).
+    on_failure: Literal["missing", "count"] = "missing"
     default: bool = False            # part of the default metric list of `flywheel eval`
     aggregate: Literal["mean"] = "mean"  # over repeats of a case, then over cases
 
@@ -61,30 +65,46 @@ METRICS: dict[str, MetricSpec] = {}
 
 
 def metric(name: str, *, direction: Literal["higher", "lower", "none"], description: str, binary: bool = False,
-           needs_reference: bool = False, on_failure: float | None = None, scores_failures: bool = False,
+           needs_reference: bool = False, on_failure: Literal["missing", "count"] = "missing",
            default: bool = False):
     """Register `fn(Scored) -> float | None` as metric `name` (or declare a harness-computed one with fn=None)."""
     def register(fn: Callable[[Scored], float | None] | None):
         if name in METRICS:
             raise ValueError(f"metric {name!r} registered twice")
-        METRICS[name] = MetricSpec(name, direction, binary, description, fn, needs_reference, on_failure,
-                                   scores_failures, default)
+        METRICS[name] = MetricSpec(name, direction, binary, description, fn, needs_reference, on_failure, default)
         return fn
     return register
 
 
-def score_output(names: Sequence[str], out: Scored, failed: bool) -> dict[str, float | None]:
-    """The registered per-output metrics among `names` for one generation (a failed one per each `on_failure`)."""
+class NoScore(Exception):
+    """A scorer could not score this output: `kind` says why ("unparseable", "failed"), and is counted per cell."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+def score_output(names: Sequence[str], out: Scored, failed: bool,
+                 misses: Counter | None = None) -> dict[str, float | None]:
+    """The registered per-output metrics among `names` for one generation. A failed generation gets None for
+    every metric (its `on_failure` is "missing"); a scorer's `NoScore` gives None and counts in `misses` under
+    "<metric>.<kind>"."""
     vals: dict[str, float | None] = {}
     for name in names:
         spec = METRICS.get(name)
         if spec is None or spec.score is None or (spec.needs_reference and out.reference is None):
             continue
-        if failed and not spec.scores_failures:
-            if spec.on_failure is not None:  # a failed generation scores as the worst answer, not as missing
-                vals[name] = spec.on_failure
+        if failed:
+            vals[name] = None
             continue
-        vals[name] = spec.score(out)
+        try:
+            v = spec.score(out)
+            if v is not None:  # None: does not apply to this output (e.g. per-request latency of a local batch)
+                vals[name] = v
+        except NoScore as e:
+            vals[name] = None
+            if misses is not None:
+                misses[f"{name}.{e.kind}"] += 1
     return vals
 
 
@@ -311,17 +331,18 @@ def parse_judge_score(text: str) -> float | None:
 # NLL, repeats); they are declared here so that direction, type and description live in one place.
 
 metric("pass_rate", direction="higher", binary=True,
-       description="share of cases whose assertions all passed (a failed generation counts as a fail)")(None)
-metric("error_rate", direction="lower", binary=True, description="share of cases whose generation or scoring failed")(None)
+       description="share of cases whose assertions all passed (a failed generation has no value: see n_failed)")(None)
+metric("error_rate", direction="lower", binary=True, on_failure="count",
+       description="share of cases whose generation failed")(None)
 
 
-@metric("exact_match", direction="higher", binary=True, needs_reference=True, on_failure=0.0, default=True,
+@metric("exact_match", direction="higher", binary=True, needs_reference=True, default=True,
         description="normalised output == normalised reference")
 def _exact_match(o: Scored) -> float:
     return exact_match(o.text, o.reference or "")
 
 
-@metric("rouge_l", direction="higher", needs_reference=True, on_failure=0.0, default=True,
+@metric("rouge_l", direction="higher", needs_reference=True, default=True,
         description="ROUGE-L F1 against the reference (rouge-score, stemmed)")
 def _rouge_l(o: Scored) -> float:
     return rouge_l(o.text, o.reference or "")
@@ -340,13 +361,21 @@ def _pii(o: Scored) -> float:
     return 1.0 if find_pii(o.text) else 0.0
 
 
-@metric("latency_ms", direction="lower", default=True, scores_failures=True,
-        description="generation wall time per case (batch time / batch size), ms")
+@metric("latency_ms", direction="lower", default=True,
+        description="wall time of one request to an endpoint target, ms (retries included)")
 def _latency(o: Scored) -> float | None:
     return o.latency_ms
 
 
-@metric("generated_tokens", direction="none", default=True, scores_failures=True, description="tokens generated per case")
+# Local generation is batched: every case of a batch gets the same share, so its spread is not a per-case latency
+# and it is never compared (direction "none"), least of all with an endpoint's per-request `latency_ms`.
+@metric("batch_latency_ms", direction="none", default=True,
+        description="local batched generation: batch wall time / batch size, ms (descriptive, not compared)")
+def _batch_latency(o: Scored) -> float | None:
+    return o.batch_latency_ms
+
+
+@metric("generated_tokens", direction="none", default=True, description="tokens generated per case")
 def _tokens(o: Scored) -> float | None:
     return None if o.tokens is None else float(o.tokens)
 
@@ -355,6 +384,8 @@ metric("consistency", direction="higher",
        description="share of repeats equal to the most common output (normalised), per case")(None)
 
 
-@metric("judge_score", direction="higher", description="LLM-as-judge rubric score 1-5")
+@metric("judge_score", direction="higher",
+        description="LLM-as-judge rubric score 1-5 (unparseable and failed judgements counted per cell)")
 def _judge(o: Scored) -> float | None:
+    """The judge returns a score or raises NoScore("unparseable" | "failed")."""
     return o.judge(o.question, o.text, o.reference) if o.judge is not None else None

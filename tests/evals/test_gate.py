@@ -142,6 +142,11 @@ def test_guardrail_non_inferiority():
     (lambda r: r["cells"].pop(1), "no result for candidate"),
     (lambda r: [c.update(n=5) for c in r["comparisons"]], "fewer than the minimum 20"),
     (lambda r: r["comparisons"].pop(1), "rouge_l: no paired comparison"),
+    # the primary metric's value missing (e.g. every generation of the candidate failed)
+    (lambda r: r["cells"][1].update(mean=None, n=0), "candidate missing or not a finite number"),
+    # failed generations in the primary cell: the survivors' mean is not evidence
+    (lambda r: r["cells"][1].update(n_failed=3), "candidate candidate: 3 failed generations"),
+    (lambda r: r["cells"][0].update(n_failed=1), "baseline champion: 1 failed generations"),
 ])
 def test_fails_closed(mutate, needle):
     res = results()

@@ -101,21 +101,31 @@ def test_matrix_rows_cells_and_comparisons(tmp_path):
     assert max(c["p_adjusted"] for c in fam) >= max(c["p_value"] for c in fam)
 
 
-def test_generation_failure_is_a_recorded_failure(tmp_path):
+def test_generation_failure_is_a_failure_in_every_metric_never_a_score(tmp_path):
     def flaky(m, r):
         if "food 3" in m[-1]["content"]:
             raise RuntimeError("CUDA out of memory (pretend)")
         return "Protein: plenty."
-    res = _run([ScriptedTarget("base", flaky)], variants=[CONCISE], tmp_path=tmp_path)
-    rows = res["rows"]
+    healthy = ScriptedTarget("healthy", lambda m, r: "Protein: plenty.")
+    res = _run([healthy, ScriptedTarget("base", flaky)], variants=[CONCISE], tmp_path=tmp_path)
+    rows = [r for r in res["rows"] if r["target"] == "base"]
     assert len(rows) == 6  # never dropped
     bad = next(r for r in rows if r["case_id"] == "c3")
-    assert bad["error"].startswith("CUDA out of memory")
-    assert bad["metrics"]["pass_rate"] == 0.0 and bad["metrics"]["error_rate"] == 1.0
-    assert bad["metrics"]["rouge_l"] == 0.0
-    assert bad["assertions"][0]["passed"] is False and "generation failed" in bad["assertions"][0]["reason"]
-    cell = {c["metric"]: c for c in harness.cells(rows)}
-    assert cell["error_rate"]["mean"] == pytest.approx(1 / 6) and cell["pass_rate"]["n"] == 6
+    assert bad["error"].startswith("CUDA out of memory") and bad["failed"] is True
+    assert bad["metrics"]["error_rate"] == 1.0
+    # no zero that looks like a score: every other metric of the row has no value
+    assert {k: v for k, v in bad["metrics"].items() if k != "error_rate"} == {
+        k: None for k in bad["metrics"] if k != "error_rate"}
+    assert {"pass_rate", "rouge_l", "exact_match", "nll"} <= set(bad["metrics"])
+    assert bad["assertions"][0]["passed"] is None and "generation failed" in bad["assertions"][0]["reason"]
+    cell = {c["metric"]: c for c in harness.cells(res["rows"]) if c["target"] == "base"}
+    assert cell["error_rate"]["mean"] == pytest.approx(1 / 6) and cell["pass_rate"]["n"] == 5
+    assert all(c["n_failed"] == 1 for c in cell.values()) and cell["rouge_l"]["n"] == 5
+    assert harness.failures(res["rows"])["base/concise"]["failed"] == 1
+    # the comparison leaves the failed pair out, and says so
+    comps, notes = harness.compare(res["rows"], [(("concise", "healthy"), ("concise", "base"))])
+    assert comps and all(c["n"] <= 5 and c["n_failed_pairs"] == 1 for c in comps)
+    assert any("1 of 6 cases left out of every comparison (failed generation)" in n for n in notes)
 
 
 def test_broken_template_fails_before_any_generation(tmp_path):

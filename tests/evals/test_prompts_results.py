@@ -24,6 +24,7 @@ def _built():
         caseset=caseset, variants=[{"name": "concise"}, {"name": "grounded"}],
         targets=[{"name": "champion"}, {"name": "candidate"}], generation={"max_new_tokens": 1}, cells=cells,
         comparisons=comparisons, cache={"hits": 0, "misses": 4}, rows=[{"cached": False, "error": None}] * 4,
+        failures={"candidate/concise": {"rows": 2, "failed": 0, "failure_rate": 0.0}}, max_failure_rate=0.0,
         notes=["a note"])
 
 
@@ -33,7 +34,7 @@ def test_build_write_read_round_trip(tmp_path):
     back = read_json(tmp_path / "results.json")
     assert back == built and back["schema"] == rs.RESULTS_SCHEMA
     assert back["metrics"]["nll"]["direction"] == "lower" and back["cases"]["n"] == 30
-    assert back["generated"] == 4 and back["failures"] == 0
+    assert back["generated"] == 4 and back["failures"]["candidate/concise"]["failed"] == 0
     assert rs.targets(back) == ["champion", "candidate"]
     assert [c["mean"] for c in rs.cells_for(back, "nll", "candidate", "grounded")] == [1.6]
     assert rs.variants_of(back, "nll", "candidate") == ["concise", "grounded"]

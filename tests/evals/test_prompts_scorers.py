@@ -105,10 +105,21 @@ def test_a_new_metric_is_one_registered_function():
         assert scorers.direction(name) == "higher" and scorers.is_binary(name)
         out = scorers.Scored(text="Lentils: iron!", reference=None, question="q", latency_ms=1.0, tokens=3)
         assert scorers.score_output([name, "pii"], out, failed=False) == {name: 1.0, "pii": 0.0}
-        # a failed generation: a metric without `on_failure` has no value; exact_match scores the worst answer
+        # a failed generation has no value in any metric: never a 0.0 that looks like the worst answer
         ref = scorers.Scored(text="", reference="x", question="q", latency_ms=5.0, tokens=None)
-        assert scorers.score_output([name, "exact_match", "latency_ms"], ref, failed=True) == {
-            "exact_match": 0.0, "latency_ms": 5.0}
+        assert scorers.score_output([name, "exact_match", "rouge_l", "latency_ms"], ref, failed=True) == {
+            name: None, "exact_match": None, "rouge_l": None, "latency_ms": None}
+        assert all(s.on_failure == "missing" for m, s in scorers.METRICS.items() if m != "error_rate")
+        # a scorer that cannot score (an unparseable judge reply) gives None and is counted by kind
+        from collections import Counter
+
+        def judge(q, a, r):
+            raise scorers.NoScore("unparseable", "no Score: line")
+        misses: Counter = Counter()
+        out2 = scorers.Scored(text="a", reference=None, question="q", latency_ms=None, tokens=None, judge=judge)
+        assert scorers.score_output(["judge_score", "latency_ms"], out2, failed=False, misses=misses) == {
+            "judge_score": None}
+        assert misses == {"judge_score.unparseable": 1}
         with pytest.raises(ValueError, match="twice"):
             scorers.metric(name, direction="higher", description="dup")(None)
     finally:
@@ -117,10 +128,12 @@ def test_a_new_metric_is_one_registered_function():
 
 def test_registry_declares_every_metric_once_with_a_direction():
     assert scorers.default_metrics() == ["exact_match", "rouge_l", "embedding_similarity", "nll", "pii",
-                                         "latency_ms", "generated_tokens"]
+                                         "latency_ms", "batch_latency_ms", "generated_tokens"]
     for name, spec in scorers.METRICS.items():
         assert spec.direction in ("higher", "lower", "none") and spec.description, name
     assert {m for m, s in scorers.METRICS.items() if s.binary} == {"pass_rate", "error_rate", "exact_match", "pii"}
+    # per-request and per-batch latency are different quantities: two names, the batch one never compared
+    assert scorers.direction("latency_ms") == "lower" and scorers.direction("batch_latency_ms") == "none"
 
 
 @pytest.mark.parametrize("text, kind", [
