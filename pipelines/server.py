@@ -91,11 +91,23 @@ def _started_at(pid: int) -> float | None:
 
 
 def alive(proc: dict | None) -> bool:
-    """The recorded process is still the one we started (same PID *and* the same start time)."""
+    """The recorded process is still the one we started (same PID *and* the same start time), not a zombie."""
+    import psutil
+
     if not proc or not proc.get("pid"):
         return False
-    t = _started_at(proc["pid"])
-    return t is not None and abs(t - proc["started_at"]) < 1.0
+    try:
+        p = psutil.Process(proc["pid"])
+        return abs(p.create_time() - proc["started_at"]) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(proc: dict, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(proc) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(proc)
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -196,8 +208,10 @@ def _create_database(port: int, name: str) -> None:
 def stop_postgres(pg: dict) -> None:
     subprocess.run(_as_owner([str(Path(pg["bindir"]) / "pg_ctl"), "-D", pg["data"], "-m", "fast", "-w", "stop"],
                              pg.get("owner")), capture_output=True, text=True)
-    if alive(pg):  # pg_ctl could not stop it: the recorded postmaster, and only it
+    # pg_ctl returns when postmaster.pid is gone, a moment before the process itself.
+    if not _wait_gone(pg, 10.0):  # pg_ctl could not stop it: the recorded postmaster, and only it
         os.kill(pg["pid"], signal.SIGQUIT)
+        _wait_gone(pg, 10.0)
 
 
 # -- MLflow ---------------------------------------------------------------------------------------------------
@@ -259,11 +273,9 @@ def _terminate(proc: dict, timeout: float = 30.0) -> None:
     if not alive(proc):
         return
     os.kill(proc["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while alive(proc) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if alive(proc):
+    if not _wait_gone(proc, timeout):
         os.killpg(proc["pid"], signal.SIGKILL)  # started with its own session: pgid == pid
+        _wait_gone(proc, 5.0)
 
 
 # -- the commands ---------------------------------------------------------------------------------------------
