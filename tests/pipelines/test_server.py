@@ -61,8 +61,9 @@ def team(tmp_path_factory):
 
 def client_env(url: str, home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in STORAGE_VARS}
-    env.update(MLFLOW_TRACKING_URI=url, FLYWHEEL_HOME=str(home), OMP_NUM_THREADS="1",
-               MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0", **extra)
+    # Few, fast retries: a stopped server must fail in seconds, not after MLflow's default minutes of backoff.
+    env.update({"MLFLOW_TRACKING_URI": url, "FLYWHEEL_HOME": str(home), "OMP_NUM_THREADS": "1",
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0", **extra})
     return env
 
 
@@ -116,7 +117,7 @@ def test_every_stage_through_the_server(team, tmp_path, monkeypatch):
     mined = flywheel(env, "mine", str(tmp_path / "logs"), "--out", str(tmp_path / "ds"))
     assert mined.returncode == 0, mined.stderr[-2000:]
     train = flywheel(env, "train", f"dataset={tmp_path / 'ds'}", f"output_dir={tmp_path / 'train'}", "max_steps=2",
-                     "batch_size=2", "max_length=96", "eval_every=0", "save_every=2", "max_train_examples=8",
+                     "batch_size=2", "max_length=256", "eval_every=0", "save_every=2", "max_train_examples=8",
                      "generations=0", "backend=trl")
     assert train.returncode == 0, train.stderr[-2000:]
     cl = _client(url)
