@@ -230,9 +230,7 @@ def mlflow_command(cfg: ServerConfig, pg_port: int, port: int, artifacts: str) -
 
 
 def _auth_env(d: Path, pg_port: int) -> dict[str, str]:
-    password = os.environ.get(PASSWORD_ENV)
-    if not password:
-        raise ServerError(f"--auth needs the admin password in the {PASSWORD_ENV} environment variable")
+    password = os.environ[PASSWORD_ENV]  # checked by start()
     # The ini holds where the users live, never the password: that reaches the server through its environment.
     ini = d / "basic_auth.ini"
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
@@ -283,6 +281,8 @@ def _terminate(proc: dict, timeout: float = 30.0) -> None:
 # -- the commands ---------------------------------------------------------------------------------------------
 
 def start(cfg: ServerConfig, log=print) -> dict:
+    if cfg.auth and not os.environ.get(PASSWORD_ENV):  # before anything starts
+        raise ServerError(f"--auth needs the admin password in the {PASSWORD_ENV} environment variable")
     d = Path(cfg.dir).resolve()
     d.mkdir(parents=True, exist_ok=True)
     st = read_state(d)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,8 +30,7 @@ PASSWORD = "s3cret-Flywheel-admin-" + "x7Q2"  # built, so a grep of the logs can
 STORAGE_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL", server.PASSWORD_ENV,
                 "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
-pytestmark = pytest.mark.skipif(not (os.environ.get("PATH") and server.shutil.which("pg_ctl")),
-                                reason="no system PostgreSQL (initdb/pg_ctl) on PATH")
+pytestmark = pytest.mark.skipif(shutil.which("pg_ctl") is None, reason="no system PostgreSQL (pg_ctl) on PATH")
 
 
 def _server_dir() -> Path:
@@ -38,6 +38,11 @@ def _server_dir() -> Path:
     d = Path(tempfile.mkdtemp(prefix="flywheel-server-"))
     d.chmod(0o755)
     return d
+
+
+def _remove(d: Path) -> None:
+    server.stop(d, log=lambda _m: None)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _start(d: Path, **kw) -> dict:
@@ -56,7 +61,7 @@ def team(tmp_path_factory):
         state = _start(d)
         yield {"dir": d, "url": state["mlflow"]["url"], "state": state}
     finally:
-        server.stop(d, log=lambda _m: None)
+        _remove(d)
 
 
 def client_env(url: str, home: Path, **extra: str) -> dict[str, str]:
@@ -99,9 +104,18 @@ def test_stop_ends_exactly_what_start_started():
     assert server.alive(pg) and pg["which"] == "system"
     server.stop_postgres(pg)
     assert not server.alive(pg) and not (d / "pg" / "data" / "postmaster.pid").exists()
+    shutil.rmtree(d)
     # `stop` with no state is a message, not an error, and signals nothing.
     said: list[str] = []
     assert server.stop(d, log=said.append) is False and "nothing to stop" in said[0]
+
+
+def test_auth_without_password_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.delenv(server.PASSWORD_ENV, raising=False)
+    out = flywheel(dict(os.environ), "server", "start", "--auth", f"dir={tmp_path}", "port=0", "pg_port=0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == f"error: --auth needs the admin password in the {server.PASSWORD_ENV} environment variable"
+    assert not (tmp_path / "pg").exists()  # refused before anything started
 
 
 # -- every stage through the server --------------------------------------------------------------------------
@@ -235,7 +249,7 @@ def secure(moto):
     try:
         yield {"dir": d, "url": state["mlflow"]["url"]}
     finally:
-        server.stop(d, log=lambda _m: None)
+        _remove(d)
 
 
 @pytest.mark.slow
@@ -281,7 +295,8 @@ def test_stopped_server_is_one_line_error_naming_the_uri(secure, tmp_path):
     write_demo_logs(tmp_path / "logs" / "demo.jsonl", n=60, seed=2)
     stop = flywheel(dict(os.environ), "server", "stop", "--dir", str(secure["dir"]))
     assert stop.returncode == 0 and "stopped" in stop.stdout
-    assert server.status(secure["dir"]) == {**server.status(secure["dir"]), "mlflow": False, "postgres": False}
+    s = server.status(secure["dir"])
+    assert not s["mlflow"] and not s["postgres"] and not s["healthy"]
     # The mine stage does its work, then finds the server gone when it logs the run.
     for args in (["mine", str(tmp_path / "logs"), "--out", str(tmp_path / "ds")], ["history", "flywheel-demo"]):
         out = flywheel(env, *args, timeout=120)
