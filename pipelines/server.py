@@ -258,14 +258,27 @@ def start_mlflow(cfg: ServerConfig, d: Path, pg_port: int) -> dict:
     info = {"pid": proc.pid, "started_at": _started_at(proc.pid), "port": port, "url": url,
             "artifacts": artifacts, "auth": cfg.auth, "log": str(log)}
     deadline = time.monotonic() + cfg.start_timeout_s
-    while not healthy(url):
-        if proc.poll() is not None:
-            raise ServerError(f"mlflow server exited with {proc.returncode}: {_tail(log)}")
-        if time.monotonic() > deadline:
-            _terminate(info)
-            raise ServerError(f"mlflow server not healthy at {url} after {cfg.start_timeout_s:.0f} s: {_tail(log)}")
-        time.sleep(0.5)
+    try:
+        while not healthy(url):
+            if proc.poll() is not None:
+                raise ServerError(f"mlflow server exited with {proc.returncode}: {_tail(log)}")
+            if time.monotonic() > deadline:
+                raise ServerError(f"mlflow server not healthy at {url} after {cfg.start_timeout_s:.0f} s: "
+                                  f"{_tail(log)}")
+            time.sleep(0.5)
+    except BaseException:  # also Ctrl-C: nothing we started may outlive a failed start
+        _terminate(info)
+        _kill_session(proc.pid)
+        raise
     return info
+
+
+def _kill_session(pid: int) -> None:
+    """Workers left behind by a server that died: its session (pgid == pid, started with its own session)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _terminate(proc: dict, timeout: float = 30.0) -> None:
@@ -274,7 +287,7 @@ def _terminate(proc: dict, timeout: float = 30.0) -> None:
         return
     os.kill(proc["pid"], signal.SIGTERM)
     if not _wait_gone(proc, timeout):
-        os.killpg(proc["pid"], signal.SIGKILL)  # started with its own session: pgid == pid
+        _kill_session(proc["pid"])
         _wait_gone(proc, 5.0)
 
 
