@@ -58,7 +58,9 @@ class ServerConfig(StageConfig):
     host: str = "127.0.0.1"                # the MLflow server's address; 0.0.0.0 exposes it to the network
     port: int = Field(5000, ge=0, le=65535)        # MLflow server port; 0 = any free port
     pg_port: int = Field(5433, ge=0, le=65535)     # PostgreSQL port (always on 127.0.0.1); 0 = any free port
-    workers: int = Field(2, ge=1)          # MLflow server worker processes
+    # MLflow server worker processes. More than 1 puts uvicorn in multi-process mode, where every request on a
+    # kept-alive connection stalls ~44 ms here (measured: bench/bench_tracking.py): raise it only for many writers.
+    workers: int = Field(1, ge=1)
     artifacts: Optional[str] = None        # folder or s3://bucket/prefix; default <dir>/artifacts
     auth: bool = False                     # MLflow basic-auth; admin password from FLYWHEEL_SERVER_ADMIN_PASSWORD
     start_timeout_s: float = Field(180, gt=0)  # how long to wait for /health

@@ -26,7 +26,7 @@ from pipelines import server
 from tests.pipelines.test_gate import results_file
 
 ROOT = Path(__file__).resolve().parents[2]
-PASSWORD = "s3cret-Flywheel-admin-" + "x7Q2"  # built, so a grep of the logs cannot match this line by accident
+PASSWORD = "s3cret-Flywheel-admin-x7Q2"
 STORAGE_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL", server.PASSWORD_ENV,
                 "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
@@ -46,16 +46,12 @@ def _remove(d: Path) -> None:
 
 
 def _start(d: Path, **kw) -> dict:
-    cfg = server.ServerConfig(dir=str(d), port=0, pg_port=0, workers=2, **kw)
-    try:
-        return server.start(cfg, log=lambda _m: None)
-    except BaseException:
-        server.stop(d, log=lambda _m: None)
-        raise
+    # A failed start ends what it started itself (tested through --auth without a password below).
+    return server.start(server.ServerConfig(dir=str(d), port=0, pg_port=0, workers=2, **kw), log=lambda _m: None)
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory):
+def team():
     d = _server_dir()
     try:
         state = _start(d)
@@ -239,13 +235,10 @@ def moto():
 def secure(moto):
     """Basic-auth + S3 artifacts. Storage credentials and the admin password reach the server process only."""
     d = _server_dir()
-    saved = {k: os.environ.get(k) for k in [*moto["env"], server.PASSWORD_ENV]}
-    os.environ.update(moto["env"], **{server.PASSWORD_ENV: PASSWORD})
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the server inherits them; the test process keeps none
+        for k, v in {**moto["env"], server.PASSWORD_ENV: PASSWORD}.items():
+            mp.setenv(k, v)
         state = _start(d, auth=True, artifacts="s3://flywheel/mlflow")
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     try:
         yield {"dir": d, "url": state["mlflow"]["url"]}
     finally:
@@ -253,7 +246,7 @@ def secure(moto):
 
 
 @pytest.mark.slow
-def test_auth_refuses_anonymous_and_artifacts_land_in_s3(secure, moto, tmp_path):
+def test_auth_refuses_anonymous_and_artifacts_land_in_s3(secure, moto, tmp_path, monkeypatch):
     url = secure["url"]
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
@@ -273,12 +266,10 @@ def test_auth_refuses_anonymous_and_artifacts_land_in_s3(secure, moto, tmp_path)
     assert any(k.endswith("/artifacts/manifest.json") for k in keys), keys
 
     # The password is nowhere in what MLflow or Flywheel recorded.
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", PASSWORD
-    try:
-        cl = _client(url)
-        run = cl.search_runs([cl.get_experiment_by_name("flywheel/mine").experiment_id])[0]
-    finally:
-        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    cl = _client(url)
+    run = cl.search_runs([cl.get_experiment_by_name("flywheel/mine").experiment_id])[0]
     assert PASSWORD not in json.dumps([run.data.params, run.data.tags])
     for f in secure["dir"].glob("*"):
         if f.is_file():
