@@ -295,3 +295,12 @@ def test_stopped_server_is_one_line_error_naming_the_uri(secure, tmp_path):
         assert out.stderr.strip().splitlines()[-1] == (
             f"error: cannot reach the MLflow tracking server at {url} (is it running? `flywheel server status`)")
         assert "Traceback" not in out.stderr
+
+
+def test_config_file_first_line_is_its_command():
+    from pipelines.config import load_config
+
+    assert open(ROOT / "configs/server.yaml", encoding="utf-8").readline().startswith(
+        "# Run with: flywheel server start --config configs/server.yaml")
+    cfg = load_config(server.ServerConfig, ROOT / "configs/server.yaml")
+    assert cfg == server.ServerConfig()  # the file documents the defaults, it does not change them
