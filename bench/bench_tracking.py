@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/bench_tracking.py [--runs 25] [--writers 1,8] [--workers 2]
 
-Starts a team server (`pipelines.server`, PostgreSQL + `mlflow server`, temporary folder, free ports), then for
+Starts a team server (`flywheel.pipelines.server`, PostgreSQL + `mlflow server`, temporary folder, free ports), then for
 each store (server over HTTP, local sqlite) and each writer count, starts that many processes that log
-`--runs` runs each, the way a stage does (`pipelines.tracking.start_run` with params and tags, 5 batched
+`--runs` runs each, the way a stage does (`flywheel.pipelines.tracking.start_run` with params and tags, 5 batched
 `log_metrics` calls of 20 metrics, one artifact). Writers import mlflow first and then wait for a common start
 time, so only the logging is timed. Per run the writer records its whole tracking time (open, params,
 metrics, artifact, close): that is a stage's tracking overhead, reported as p50/p95. Errors are counted, not
@@ -33,7 +33,7 @@ METRICS_PER_BATCH, BATCHES = 20, 5
 WRITER = """
 import json, os, sys, tempfile, time
 import mlflow
-from pipelines import tracking
+from flywheel.pipelines import tracking
 writer, n_runs, start_at = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 tracking.setup()
 tracking.experiment_id("bench")  # created before the clock starts, like a stage's second run
@@ -63,7 +63,7 @@ def measure(uri: str, home: Path, writers: int, runs: int) -> dict:
     env.update(MLFLOW_TRACKING_URI=uri, FLYWHEEL_HOME=str(home), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # The schema first, from one process: 8 writers creating a fresh sqlite store at once race in its
     # migrations (alembic "expected to match one row"), which is not what this bench measures.
-    subprocess.run([sys.executable, "-c", "from pipelines import tracking; tracking.setup(); "
+    subprocess.run([sys.executable, "-c", "from flywheel.pipelines import tracking; tracking.setup(); "
                     "tracking.experiment_id('bench')"], cwd=ROOT, env=env, check=True, capture_output=True)
     start_at = time.time() + 8 + 2 * writers  # time for every writer to import mlflow first
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(w), str(runs), str(start_at)], cwd=ROOT, env=env,
@@ -98,8 +98,8 @@ def main() -> None:
     args = ap.parse_args()
     writer_counts = [int(x) for x in args.writers.split(",")]
 
-    from pipelines import server
-    from pipelines.io import write_json
+    from flywheel.pipelines import server
+    from flywheel.foundation.io import write_json
 
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from pipelines.errors import FlywheelError
+from flywheel.foundation.errors import FlywheelError
 
 app = typer.Typer(
     name="flywheel",
@@ -23,17 +23,17 @@ app = typer.Typer(
 
 # Order is the order of `flywheel --help`, which is the order of the loop.
 STAGE_MODULES = [
-    "pipelines.mine",
-    "pipelines.train",
-    "pipelines.embeddings",
-    "pipelines.eval",
-    "pipelines.ab",
-    "pipelines.gate",
-    "pipelines.publish",
-    "pipelines.loop",
-    "pipelines.dashboard_cmd",
-    "pipelines.demo",
-    "pipelines.server",
+    "flywheel.pipelines.mine",
+    "flywheel.pipelines.train",
+    "flywheel.pipelines.embeddings",
+    "flywheel.pipelines.eval",
+    "flywheel.pipelines.ab",
+    "flywheel.pipelines.gate",
+    "flywheel.pipelines.publish",
+    "flywheel.pipelines.loop",
+    "flywheel.pipelines.dashboard_cmd",
+    "flywheel.pipelines.demo",
+    "flywheel.pipelines.server",
 ]
 
 for _name in STAGE_MODULES:
@@ -53,8 +53,8 @@ def main() -> None:
     except Exception as e:
         # A tracking server that went away (or refuses the credentials) is the user's to fix: one line naming
         # the server, exit 2, also when a stage already wrapped the MLflow error in its own message.
-        from pipelines.server import connection_error
-        from pipelines.tracking import tracking_uri
+        from flywheel.pipelines.server import connection_error
+        from flywheel.pipelines.tracking import tracking_uri
 
         msg = connection_error(e, tracking_uri())
         if msg is None and not isinstance(e, FlywheelError):

@@ -42,8 +42,8 @@ from typing import Optional
 import typer
 from pydantic import Field
 
-from pipelines.config import StageConfig, load_config
-from pipelines.errors import FlywheelError
+from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.foundation.errors import FlywheelError
 
 PASSWORD_ENV = "FLYWHEEL_SERVER_ADMIN_PASSWORD"
 DB_NAME, AUTH_DB_NAME, DB_USER = "mlflowdb", "mlflowauth", "mlflow"
@@ -314,7 +314,7 @@ def start(cfg: ServerConfig, log=print) -> dict:
     except BaseException:
         stop_postgres(pg)
         raise
-    from pipelines.io import write_json
+    from flywheel.foundation.io import write_json
 
     write_json(_state_path(d), state)
     m = state["mlflow"]

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from evals import gate as g
+from flywheel.evals import gate as g
 
 
 def results(nll=(2.0, 1.6), nll_ci=(-0.5, -0.3), nll_p=0.001, rouge=(0.30, 0.31), rouge_ci=(-0.01, 0.03),

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipelines import registry, tracking
-from pipelines.gate import GateConfig, run_gate
+from flywheel.pipelines import registry, tracking
+from flywheel.pipelines.gate import GateConfig, run_gate
 
 
 @pytest.fixture(autouse=True)
@@ -84,12 +84,12 @@ def test_missing_results_and_unreadable_candidate_are_errors(mlflow_store, tmp_p
 
 
 def test_crashed_eval_is_an_error(mlflow_store, tmp_path, monkeypatch):
-    import pipelines.eval
+    import flywheel.pipelines.eval
 
     def boom(cfg, **kw):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(pipelines.eval, "run_eval", boom)
+    monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", boom)
     run_id = fake_adapter_run(tmp_path)
     out = run_gate(GateConfig(out=str(tmp_path / "g")), run_id, promote=True)
     assert out["decision"] == "error" and out["exit_code"] == 2 and out["promoted_version"] is None
@@ -148,7 +148,7 @@ def test_promote_on_pass_only(mlflow_store, tmp_path):
 def test_cli_exit_codes(mlflow_store, tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from flywheel.pipelines.cli import app
 
     ok = CliRunner().invoke(app, ["gate", "--candidate", "c", "--results", results_file(tmp_path),
                                   f"out={tmp_path / 'a'}"])
@@ -170,7 +170,7 @@ def harmful_adapter(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    from training.models import resolve_base_model
+    from flywheel.training.models import resolve_base_model
 
     info = resolve_base_model("smollm2-135m-instruct")
     cfg = json.loads((info.path / "config.json").read_text())

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipelines import registry, tracking
-from pipelines.errors import InputError
+from flywheel.pipelines import registry, tracking
+from flywheel.foundation.errors import InputError
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import server
+from flywheel.pipelines import server
 from tests.pipelines.test_gate import results_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def client_env(url: str, home: Path, **extra: str) -> dict[str, str]:
 
 
 def flywheel(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flywheel.pipelines", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -118,7 +118,7 @@ def test_auth_without_password_is_a_one_line_error(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_every_stage_through_the_server(team, tmp_path, monkeypatch):
-    from pipelines.demo_logs import write_demo_logs
+    from flywheel.mining.demo_logs import write_demo_logs
 
     url = team["url"]
     env = client_env(url, tmp_path / "home")
@@ -152,7 +152,7 @@ def test_every_stage_through_the_server(team, tmp_path, monkeypatch):
     # The dashboard's store reads the same server.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    from dashboard import store
+    from flywheel.dashboard import store
 
     mine_runs = store.runs("mine")
     assert mine_runs and store.artifact_json(mine_runs[0]["run_id"], "manifest.json")["counts"]["kept"] > 0
@@ -165,7 +165,7 @@ def test_every_stage_through_the_server(team, tmp_path, monkeypatch):
 WRITER = """
 import os, sys, tempfile
 import mlflow
-from pipelines import tracking
+from flywheel.pipelines import tracking
 w = int(sys.argv[1])
 with tempfile.TemporaryDirectory() as tmp:
     for i in range(25):
@@ -252,7 +252,7 @@ def test_auth_refuses_anonymous_and_artifacts_land_in_s3(secure, moto, tmp_path,
         urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
     assert e.value.code == 401
 
-    from pipelines.demo_logs import write_demo_logs
+    from flywheel.mining.demo_logs import write_demo_logs
 
     write_demo_logs(tmp_path / "logs" / "demo.jsonl", n=60, seed=1)
     anon = flywheel(client_env(url, tmp_path / "home"), "mine", str(tmp_path / "logs"), "--out", str(tmp_path / "a"))
@@ -279,7 +279,7 @@ def test_auth_refuses_anonymous_and_artifacts_land_in_s3(secure, moto, tmp_path,
 
 @pytest.mark.slow
 def test_stopped_server_is_one_line_error_naming_the_uri(secure, tmp_path):
-    from pipelines.demo_logs import write_demo_logs
+    from flywheel.mining.demo_logs import write_demo_logs
 
     url = secure["url"]
     env = client_env(url, tmp_path / "home", MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=PASSWORD)
@@ -298,7 +298,7 @@ def test_stopped_server_is_one_line_error_naming_the_uri(secure, tmp_path):
 
 
 def test_config_file_first_line_is_its_command():
-    from pipelines.config import load_config
+    from flywheel.pipelines.config import load_config
 
     assert open(ROOT / "configs/server.yaml", encoding="utf-8").readline().startswith(
         "# Run with: flywheel server start --config configs/server.yaml")

@@ -9,9 +9,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.config import ConfigError, load_config
-from pipelines.errors import InputError
-from pipelines.train import TrainConfig, demo_config, run_train
+from flywheel.pipelines.config import ConfigError, load_config
+from flywheel.foundation.errors import InputError
+from flywheel.pipelines.train import TrainConfig, demo_config, run_train
 from tests.training.conftest import write_dataset
 
 SMALL = {"max_steps": 6, "batch_size": 2, "max_length": 128, "learning_rate": 2e-3, "lr_scheduler": "constant",
@@ -80,7 +80,7 @@ def test_dataset_errors_name_the_line(tmp_path, content, message):
 
 @pytest.mark.slow
 def test_dry_run_prints_audit_and_masked_example(tiny_dataset, mlflow_store, tmp_path):
-    from pipelines.cli import app
+    from flywheel.pipelines.cli import app
 
     res = CliRunner().invoke(app, ["train", f"dataset={tiny_dataset}", f"output_dir={tmp_path / 'o'}",
                                    "--dry-run"])
@@ -92,7 +92,7 @@ def test_dry_run_prints_audit_and_masked_example(tiny_dataset, mlflow_store, tmp
 
 @pytest.mark.slow
 def test_dataset_by_version_is_found_through_the_mine_run(tiny_dataset, mlflow_store):
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     with tracking.start_run("mine", tags={"flywheel.dataset_version": "v123",
                                           "flywheel.dataset_path": str(tiny_dataset)}) as run:
