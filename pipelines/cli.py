@@ -33,6 +33,7 @@ STAGE_MODULES = [
     "flywheel.pipelines.loop",
     "flywheel.pipelines.dashboard_cmd",
     "flywheel.pipelines.demo",
+    "flywheel.pipelines.server",
 ]
 
 for _name in STAGE_MODULES:
@@ -49,9 +50,17 @@ def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
         app()
-    except FlywheelError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(e.exit_code)
+    except Exception as e:
+        # A tracking server that went away (or refuses the credentials) is the user's to fix: one line naming
+        # the server, exit 2, also when a stage already wrapped the MLflow error in its own message.
+        from flywheel.pipelines.server import connection_error
+        from flywheel.pipelines.tracking import tracking_uri
+
+        msg = connection_error(e, tracking_uri())
+        if msg is None and not isinstance(e, FlywheelError):
+            raise
+        typer.secho(f"error: {msg or e}", fg=typer.colors.RED, err=True)
+        sys.exit(e.exit_code if msg is None else 2)
 
 
 if __name__ == "__main__":
