@@ -49,6 +49,7 @@ STAGE_MODULES = [
     "flywheel.pipelines.dashboard_cmd",
     "flywheel.pipelines.demo",
     "flywheel.pipelines.config_cmd",
+    "flywheel.pipelines.server",
 ]
 
 # Every stage ships with the package: a module that fails to import is a packaging bug and must fail loudly.
@@ -65,21 +66,28 @@ def main() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         app()
-    except FlywheelError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(e.exit_code)
-    except OSError as e:
-        # The machine said no (permission, full disk, missing file): its message names the path; a traceback
-        # would add nothing a user can act on. Exit 2 as for any other bad input; 1 stays "gate says fail".
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
     except Exception as e:
-        if "database or disk is full" not in str(e):  # sqlite's words, through SQLAlchemy and MLflow
-            raise
-        from flywheel.pipelines import tracking
+        # A tracking server that went away (or refuses the credentials) is the user's to fix: one line naming
+        # the server, exit 2, also when a stage already wrapped the MLflow error in its own message.
+        from flywheel.pipelines.server import connection_error
+        from flywheel.pipelines.tracking import tracking_uri
 
-        typer.secho(f"error: {tracking.tracking_uri()}: database or disk is full", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        msg = connection_error(e, tracking_uri())
+        if msg is not None:
+            typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+        if isinstance(e, FlywheelError):
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            sys.exit(e.exit_code)
+        if isinstance(e, OSError):
+            # The machine said no (permission, full disk, missing file): its message names the path; a traceback
+            # would add nothing a user can act on. Exit 2 as for any other bad input; 1 stays "gate says fail".
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+        if "database or disk is full" in str(e):  # sqlite's words, through SQLAlchemy and MLflow
+            typer.secho(f"error: {tracking_uri()}: database or disk is full", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":
