@@ -27,6 +27,7 @@ import streamlit as st
 
 from flywheel.pipelines.tracking import STAGES, TAG_INPUT, TAG_STAGE, artifact_root, tracking_uri
 from flywheel.pipelines.tracking import sanitize_metric_name as sanitize  # noqa: F401  (pages build metric keys)
+from flywheel.pipelines import tags as T
 
 TTL = 30  # seconds a cached answer stays fresh
 MAX_RUNS = 500  # a page lists at most this many runs of a stage (newest first)
@@ -499,7 +500,7 @@ def lineage(version: dict) -> dict[str, Any]:
     evaluation = get_run(_first_tag(tags, "eval_run") or inputs_of(gate).get("eval_run"))
     mine = get_run(_first_tag(tags, "mine_run") or inputs_of(train).get("mine_run"))
     dataset_version = (_first_tag(tags, "dataset_version") or inputs_of(train).get("dataset_version")
-                       or (mine or {}).get("tags", {}).get("flywheel.dataset_version"))
+                       or (mine or {}).get("tags", {}).get(T.DATASET_VERSION))
     logs = inputs_of(mine).get("logs")
     if logs is None and mine is not None:
         manifest = artifact_json(mine["run_id"], "manifest.json") or {}
@@ -514,9 +515,9 @@ def lineage(version: dict) -> dict[str, Any]:
         publish = found[0] if found else None
     if publish is None:
         published = [r for r in runs("publish", max_results=100)
-                     if name and name in r["tags"].get("flywheel.input.model_uri", "")]
-        publish = next((r for r in published if r["tags"]["flywheel.input.model_uri"].endswith(f"/{number}")),
-                       next((r for r in published if r["tags"]["flywheel.input.model_uri"].endswith("@champion")),
+                     if name and name in r["tags"].get(T.input_tag(T.IN_MODEL_URI), "")]
+        publish = next((r for r in published if r["tags"][T.input_tag(T.IN_MODEL_URI)].endswith(f"/{number}")),
+                       next((r for r in published if r["tags"][T.input_tag(T.IN_MODEL_URI)].endswith("@champion")),
                             None))
     return {"logs": logs, "dataset_version": dataset_version, "mine": mine, "train": train,
             "eval": evaluation, "gate": gate, "publish": publish}

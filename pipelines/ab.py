@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 
 from flywheel.evals.ab.verdict import GUARDRAIL_MARGIN
 from flywheel.pipelines.config import StageConfig, flatten, load_config, split_args
+from flywheel.pipelines import tags as T
 
 
 class MetricConfig(StageConfig):
@@ -220,12 +221,12 @@ def _log_mlflow(report: dict, cfg: AbConfig, logs: list[Path], out_dir: str | No
     from flywheel.pipelines import tracking
     from flywheel.foundation.io import sha256_file
 
-    inputs = {"logs": ",".join(str(p.resolve()) for p in logs)[:5000],
-              "logs_sha256": ",".join(sha256_file(p)[:16] for p in logs)[:5000]}
-    tags = {"flywheel.ab.srm_status": report["srm"]["status"],
-            "flywheel.ab.design": report["design"], "flywheel.ab.control": report["control"]}
+    inputs = {T.IN_LOGS: ",".join(str(p.resolve()) for p in logs)[:5000],
+              T.IN_LOGS_SHA256: ",".join(sha256_file(p)[:16] for p in logs)[:5000]}
+    tags = {T.AB_SRM_STATUS: report["srm"]["status"],
+            T.AB_DESIGN: report["design"], T.AB_CONTROL: report["control"]}
     for v, d in report["verdicts"].items():
-        tags[tracking.sanitize_metric_name(f"flywheel.ab.verdict.{v}")] = d["decision"]  # MLflow key charset
+        tags[T.ab_verdict_tag(v)] = d["decision"]
     params = flatten(cfg.model_dump(mode="json"))
     with tracking.start_run("ab", run_name=f"ab-{'-'.join(report['variants'])}"[:200], inputs=inputs, tags=tags,
                             params=params, configured_uri=cfg.tracking_uri) as run:

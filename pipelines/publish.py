@@ -48,6 +48,7 @@ from pydantic import Field, field_validator
 
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import FlywheelError, InputError
+from flywheel.pipelines import tags as T
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -259,10 +260,10 @@ def lineage(model: Any) -> dict:
     out: dict[str, Any] = {
         "model_uri": model.uri, "registered_model": model.name, "version": model.version,
         "base_model": meta.get("base_model"), "base_model_sha256": meta.get("base_model_sha256"),
-        "dataset_version": meta.get("dataset_version") or tags.get("flywheel.dataset_version"),
+        "dataset_version": meta.get("dataset_version") or tags.get(T.DATASET_VERSION),
         "train_run": meta.get("train_run_id") or model.run_id, "mine_run": meta.get("mine_run_id"),
-        "eval_run": tags.get("flywheel.input.eval_run"), "gate_run": tags.get("flywheel.input.gate_run"),
-        "prompt_variant": tags.get("flywheel.prompt_variant"),
+        "eval_run": tags.get(T.input_tag(T.IN_EVAL_RUN)), "gate_run": tags.get(T.input_tag(T.IN_GATE_RUN)),
+        "prompt_variant": tags.get(T.PROMPT_VARIANT),
     }
 
     def run_tags(run_id):
@@ -275,15 +276,15 @@ def lineage(model: Any) -> dict:
             return {}, {}
 
     t, _ = run_tags(out["gate_run"])
-    out["gate_decision"] = t.get("flywheel.gate.decision")
+    out["gate_decision"] = t.get(T.GATE_DECISION)
     t, _ = run_tags(out["train_run"])
-    out["mine_run"] = out["mine_run"] or t.get("flywheel.input.mine_run")
+    out["mine_run"] = out["mine_run"] or t.get(T.input_tag(T.IN_MINE_RUN))
     t, params = run_tags(out["mine_run"])
-    out["logs"] = [x for x in t.get("flywheel.input.logs", "").split(",") if x] or None
-    out["dataset_path"] = t.get("flywheel.dataset_path")
+    out["logs"] = [x for x in t.get(T.input_tag(T.IN_LOGS), "").split(",") if x] or None
+    out["dataset_path"] = t.get(T.DATASET_PATH)
     # Mined by `flywheel run`? Then the mine inputs were slices of the real logs, named on the mine run.
     try:
-        sources = json.loads(t.get("flywheel.loop.sources", "[]"))
+        sources = json.loads(t.get(T.LOOP_SOURCES, "[]"))
     except json.JSONDecodeError:
         sources = []
     if sources:
@@ -483,7 +484,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
     chat, chat_template = chat_format_from_tokenizer(tok_dir, meta)
 
     # 3. SYSTEM: only what is the same for every request
-    variant = model.tags.get("flywheel.prompt_variant")
+    variant = model.tags.get(T.PROMPT_VARIANT)
     parts = variant_system(variant)
     request_system = None
     explicit = system if system is not None else cfg.system
@@ -493,7 +494,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
         system_text = static_system(parts[0], f"prompt variant {variant!r}")
         request_system = (parts[0], parts[1]) if parts[1] else None
     else:
-        system_text = static_system(model.tags.get("flywheel.system_prompt") or None, "flywheel.system_prompt tag")
+        system_text = static_system(model.tags.get(T.SYSTEM_PROMPT) or None, "flywheel.system_prompt tag")
         if system_text is None:
             warnings.append("no system prompt recorded for this model (no winning prompt variant): using the "
                             "tokenizer's default")
@@ -559,14 +560,14 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
     peak_rss = {"publish": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "merge": export.get("peak_rss_merge"), "convert": export.get("peak_rss_convert")}
 
-    inputs = {"model_uri": model.uri, "train_run": lin.get("train_run"), "gate_run": lin.get("gate_run"),
-              "dataset_version": lin.get("dataset_version")}
+    inputs = {T.IN_MODEL_URI: model.uri, T.IN_TRAIN_RUN: lin.get("train_run"), T.IN_GATE_RUN: lin.get("gate_run"),
+              T.IN_DATASET_VERSION: lin.get("dataset_version")}
     with tracking.start_run("publish", cfg.run_name or f"publish-{name}", inputs=inputs,
                             configured_uri=cfg.tracking_uri,
-                            tags={"flywheel.modelfile_path": str((out_dir / "Modelfile").resolve()),
-                                  "flywheel.publish.gguf_adapter": "yes" if gguf_adapter else "no",
-                                  "flywheel.publish.mode": cfg.mode,
-                                  "flywheel.base_model_sha256": info.sha256},
+                            tags={T.MODELFILE_PATH: str((out_dir / "Modelfile").resolve()),
+                                  T.PUBLISH_GGUF_ADAPTER: "yes" if gguf_adapter else "no",
+                                  T.PUBLISH_MODE: cfg.mode,
+                                  T.BASE_MODEL_SHA256: info.sha256},
                             params={"mode": cfg.mode, "base": cfg.base, "quantize": cfg.quantize,
                                     **{f"parameters.{k}": v for k, v in cfg.parameters.items()}}) as run:
         mlflow.log_artifact(str(out_dir / "Modelfile"))

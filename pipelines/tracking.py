@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from flywheel.foundation.io import protect_paths
+from flywheel.pipelines import tags as T
 
 STAGES = ("mine", "train", "embeddings", "prompts", "ab", "gate", "publish", "run")
-TAG_STAGE = "flywheel.stage"
-TAG_COMMIT = "flywheel.git_commit"
-TAG_INPUT = "flywheel.input."
+TAG_STAGE = T.STAGE
+TAG_COMMIT = T.GIT_COMMIT
+TAG_INPUT = T.INPUT
 
 
 # What the user set, read once: mlflow.set_registry_uri() writes MLFLOW_REGISTRY_URI into os.environ itself, so

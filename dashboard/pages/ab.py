@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from flywheel.dashboard import store, ui
+from flywheel.pipelines import tags as T
 
 SRM_BADGE = {"ok": ("green", "SRM ok"), "warning": ("orange", "SRM warning"), "alert": ("red", "SRM ALERT")}
 VERDICT_COLOR = {"ship": "green", "don't ship": "red", "keep running": "blue", "invalid": "red"}
@@ -51,7 +52,7 @@ with ui.bad_run_shown(run, "this analysis"):
 
     # ------------------------------------------------------------------------------------------- SRM + verdicts
     srm = report.get("srm") or {}
-    status = str(srm.get("status", run["tags"].get("flywheel.ab.srm_status", "unknown"))).lower()
+    status = str(srm.get("status", run["tags"].get(T.AB_SRM_STATUS, "unknown"))).lower()
     color, text = SRM_BADGE.get(status, ("gray", f"SRM {ui.text(status)}"))
     observed = srm.get("observed") or {}
     st.markdown(f":{color}-badge[{text}] &nbsp; sample-ratio mismatch χ² p = {ui.pvalue(srm.get('p_value'))}"
