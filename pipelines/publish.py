@@ -252,43 +252,19 @@ def export_merged(adapter_dir: Path, base_dir: Path, tok_dir: Path, chat_templat
 # -- lineage --------------------------------------------------------------------------------------------------
 
 def lineage(model: Any) -> dict:
-    """Walk back from the model version: gate run, eval run, train run, dataset version, mine run, input logs."""
-    from mlflow.tracking import MlflowClient
+    """Walk back from the model version (pipelines/lineage.py): gate, eval, train and mine runs, dataset, logs."""
+    import mlflow
 
-    client = MlflowClient()
-    tags, meta = dict(model.tags or {}), dict(model.meta or {})
-    out: dict[str, Any] = {
-        "model_uri": model.uri, "registered_model": model.name, "version": model.version,
-        "base_model": meta.get("base_model"), "base_model_sha256": meta.get("base_model_sha256"),
-        "dataset_version": meta.get("dataset_version") or tags.get(T.DATASET_VERSION),
-        "train_run": meta.get("train_run_id") or model.run_id, "mine_run": meta.get("mine_run_id"),
-        "eval_run": tags.get(T.input_tag(T.IN_EVAL_RUN)), "gate_run": tags.get(T.input_tag(T.IN_GATE_RUN)),
-        "prompt_variant": tags.get(T.PROMPT_VARIANT),
-    }
+    from flywheel.pipelines.lineage import walk
 
-    def run_tags(run_id):
-        if not run_id:
-            return {}, {}
-        try:
-            r = client.get_run(run_id)
-            return dict(r.data.tags), dict(r.data.params)
-        except Exception:
-            return {}, {}
-
-    t, _ = run_tags(out["gate_run"])
-    out["gate_decision"] = t.get(T.GATE_DECISION)
-    t, _ = run_tags(out["train_run"])
-    out["mine_run"] = out["mine_run"] or t.get(T.input_tag(T.IN_MINE_RUN))
-    t, params = run_tags(out["mine_run"])
-    out["logs"] = [x for x in t.get(T.input_tag(T.IN_LOGS), "").split(",") if x] or None
-    out["dataset_path"] = t.get(T.DATASET_PATH)
-    # Mined by `flywheel run`? Then the mine inputs were slices of the real logs, named on the mine run.
-    try:
-        sources = json.loads(t.get(T.LOOP_SOURCES, "[]"))
-    except json.JSONDecodeError:
-        sources = []
-    if sources:
-        out["logs"] = [f"{s['path']} (bytes {s['start']}-{s['end']})" for s in sources]
+    start = {"name": model.name, "version": model.version, "uri": model.uri, "run_id": model.run_id,
+             "tags": dict(model.tags or {}), "meta": dict(model.meta or {})}
+    out = walk(mlflow.get_tracking_uri(), start).ids()
+    # Ids the adapter itself records stay in the README even when this store does not hold those runs.
+    out["train_run"] = out["train_run"] or model.meta.get("train_run_id") or model.run_id
+    out["mine_run"] = out["mine_run"] or model.meta.get("mine_run_id")
+    out["eval_run"] = out["eval_run"] or (model.tags or {}).get(T.input_tag(T.IN_EVAL_RUN))
+    out["gate_run"] = out["gate_run"] or (model.tags or {}).get(T.input_tag(T.IN_GATE_RUN))
     return out
 
 

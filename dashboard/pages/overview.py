@@ -34,7 +34,7 @@ for version in champions:
     cols = st.columns(6)
     with cols[0]:
         st.markdown("**Logs**")
-        for path in (hops["logs"] or "unknown").split(","):
+        for path in hops["logs"] or ["unknown"]:
             st.caption(ui.code("/".join(path.strip().split("/")[-2:])))
     with cols[1]:
         st.markdown("**Dataset**")
