@@ -131,7 +131,10 @@ def test_ab_report(dash_store):
     assert "not a p-value" in shown and "chance to beat control" in shown  # Bayesian block, labelled apart
     assert exp["decision"] in shown
     charts = [c.proto.spec for c in at.get("plotly_chart")]
-    assert any("p-values at each look (2)" in c for c in charts)  # two analyses of one experiment: two looks
+    # two analyses of one experiment: two looks, read back from the store by the stage (report["looks"])
+    assert any("p-values over 2 looks" in c and "running minimum" in c for c in charts)
+    assert any("intersection" in c for c in charts)
+    assert "Across the looks: p =" in shown
     assert len(at.get("plotly_chart")) >= 4
 
 
