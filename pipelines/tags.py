@@ -2,7 +2,7 @@
 
 Lineage is walked through these tags (a Modelfile back to the logs), so a writer and a reader spelling one
 differently breaks it silently: stages, the registry, the lineage walk and the dashboard all import the names
-from here. `flywheel tags` (README, "Tracking conventions") lists them from `ALL`.
+from here. `python -m flywheel.pipelines.tags` prints the README's table of them (from `ALL`).
 
 Inputs: `tracking.start_run(stage, inputs={IN_MINE_RUN: id})` writes the tag `flywheel.input.mine_run`; the
 `IN_*` constants are those kinds, `input_tag(kind)` the tag name.
@@ -103,3 +103,21 @@ ALL: dict[str, str] = {name: value for name, value in globals().items()
                        if name.isupper() and name != "PREFIX" and isinstance(value, str) and value.startswith(PREFIX)}
 INPUT_KINDS: dict[str, str] = {name: value for name, value in globals().items()
                                if name.startswith("IN_") and isinstance(value, str)}
+
+
+def markdown_table() -> str:
+    """The README's tag table: constant, tag, and the comment beside it in this file."""
+    import re
+    from pathlib import Path
+
+    source = Path(__file__).read_text(encoding="utf-8")
+    notes = {m.group(1): m.group(2).strip() for m in re.finditer(r'^([A-Z0-9_]+) = "[^"]*" *(?:# (.*))?$', source, re.M)
+             if m.group(2)}
+    rows = ["| tag | constant | meaning |", "|---|---|---|"]
+    rows += [f"| `{value}` | `{name}` | {notes.get(name, '')} |" for name, value in ALL.items()]
+    rows += [f"| `{INPUT}{kind}` | `input_tag({name})` | {notes.get(name, '')} |" for name, kind in INPUT_KINDS.items()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -8,6 +8,7 @@ Conventions every stage follows, so lineage can be walked from a Modelfile back 
 - tag `flywheel.git_commit` when the working directory is a git checkout;
 - tags `flywheel.input.<kind>` naming what the run consumed (a run id or a dataset version), e.g.
   `flywheel.input.mine_run`, `flywheel.input.dataset_version`, `flywheel.input.train_run`.
+Every tag name is a constant in `pipelines/tags.py`; read-only queries live in `pipelines/store_read.py`.
 mlflow is imported lazily: `flywheel --help` must stay instant.
 """
 

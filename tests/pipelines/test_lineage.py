@@ -86,3 +86,12 @@ def test_a_missing_hop_is_unknown_not_a_guess(promoted):
     assert lin.gate is None and lin.eval is None and lin.gate_decision is None
     gone = lineage.walk(promoted["uri"], {"tags": {T.PROMOTED_BY_GATE_RUN: "0" * 32}})
     assert gone.gate is None and gone.train is None and gone.logs == []
+
+
+def test_readme_lists_every_tag():
+    """The README's tracking table is generated from pipelines/tags.py: regenerate it when a tag changes."""
+    from flywheel.pipelines.tags import markdown_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- tags:begin -->\n", 1)[1].split("\n<!-- tags:end -->", 1)[0]
+    assert block == markdown_table(), "README tag table is stale: python -m flywheel.pipelines.tags"
