@@ -33,12 +33,17 @@ def registry_uri(tracking: str) -> str:
     return os.environ.get("MLFLOW_REGISTRY_URI") or tracking
 
 
+def client(tracking: str):
+    """The store's client; the registry URI is read now, so a changed MLFLOW_REGISTRY_URI gets its own client."""
+    return _client(tracking, registry_uri(tracking))
+
+
 @functools.lru_cache(maxsize=16)
-def client(tracking: str, registry: str | None = None):
+def _client(tracking: str, registry: str):
     """One client per (tracking, registry) pair: safe to share between threads (it only sends requests)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking, registry_uri=registry or registry_uri(tracking))
+    return MlflowClient(tracking_uri=tracking, registry_uri=registry)
 
 
 def run_dict(run: Any, experiment: str = "") -> dict:
