@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flywheel.pipelines import tags as T
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PAGES = ["overview", "datasets", "training", "embeddings", "prompt_eval", "ab", "gate"]
@@ -45,7 +47,7 @@ def fill(n_runs: int) -> dict[str, int]:
     now = int(time.time() * 1000)
 
     def run(stage, name, tags=(), metrics=(), params=(), parent=None):
-        t = {"flywheel.stage": stage, **dict(tags)}
+        t = {T.STAGE: stage, **dict(tags)}
         if parent:
             t["mlflow.parentRunId"] = parent
         rid = client.create_run(experiment_id(stage), run_name=name, tags=t).info.run_id
@@ -55,7 +57,7 @@ def fill(n_runs: int) -> dict[str, int]:
         return rid
 
     for i in range(counts["mine"]):
-        run("mine", f"mine-{i}", {"flywheel.dataset_version": f"{i:016x}"},
+        run("mine", f"mine-{i}", {T.DATASET_VERSION: f"{i:016x}"},
             [Metric(k, v, now, 0) for k, v in {"read": 1000 + i, "kept": 800, "rejected": 10, "filtered.pii": 5,
                                                 "filtered.duplicate": 185 + i, "split.train": 720,
                                                 "split.eval": 80}.items()])
@@ -64,7 +66,7 @@ def fill(n_runs: int) -> dict[str, int]:
               for k, v in {"loss": 4.0 / step, "learning_rate": 2e-4, "grad_norm": 1.0 / step,
                            "tokens_per_s": 170.0 + i % 7, **({"eval_loss": 4.2 / step} if step % 5 == 0 else {})
                            }.items()]
-        run("train", f"train-{i}", {"flywheel.base_model": "smollm2-135m-instruct", "flywheel.backend": "trl"}, ms,
+        run("train", f"train-{i}", {T.BASE_MODEL: "smollm2-135m-instruct", T.BACKEND: "trl"}, ms,
             [("lora.r", 8), ("max_steps", 20)])
     for stage, kids_per in (("embeddings", 4), ("prompts", 4)):
         parents = counts[stage] // (kids_per + 1)
@@ -78,12 +80,12 @@ def fill(n_runs: int) -> dict[str, int]:
         while made[stage] < counts[stage]:
             run(stage, f"{stage}-extra-{made[stage]}")
     for i in range(counts["ab"]):
-        run("ab", f"ab-{i}", {"flywheel.ab.srm_status": "ok", "flywheel.ab.verdict.v2": "keep running"})
+        run("ab", f"ab-{i}", {T.AB_SRM_STATUS: "ok", "flywheel.ab.verdict.v2": "keep running"})
     for i in range(counts["gate"]):
-        run("gate", f"gate-{i}", {"flywheel.gate.decision": ("pass", "fail", "error")[i % 3],
-                                  "flywheel.input.candidate": f"runs:/{i:032x}/adapter"})
+        run("gate", f"gate-{i}", {T.GATE_DECISION: ("pass", "fail", "error")[i % 3],
+                                  T.input_tag(T.IN_CANDIDATE): f"runs:/{i:032x}/adapter"})
     for i in range(counts["publish"]):
-        run("publish", f"publish-{i}", {"flywheel.input.model_uri": f"models:/other/{i}"})
+        run("publish", f"publish-{i}", {T.input_tag(T.IN_MODEL_URI): f"models:/other/{i}"})
     return made
 
 

@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import streamlit as st
 
-from flywheel.pipelines.tracking import STAGES, TAG_INPUT, TAG_STAGE, artifact_root, tracking_uri
+from flywheel.pipelines import lineage as lineage_walk
+from flywheel.pipelines import store_read as read
+from flywheel.pipelines import tags as T
+from flywheel.pipelines.tracking import STAGES, artifact_root, tracking_uri
 from flywheel.pipelines.tracking import sanitize_metric_name as sanitize  # noqa: F401  (pages build metric keys)
 
 TTL = 30  # seconds a cached answer stays fresh
 MAX_RUNS = 500  # a page lists at most this many runs of a stage (newest first)
 MAX_ARTIFACT_BYTES = 20 * 1024 * 1024  # a dashboard shows reports and tables, not model weights
-PARENT_ONLY = "tags.`mlflow.parentRunId` IS NULL"
+PARENT_ONLY = read.parent_filter()
 
 
 class ArtifactPathError(ValueError):
@@ -43,13 +46,6 @@ def uri() -> str:
     return tracking_uri()
 
 
-@st.cache_resource(show_spinner=False)
-def _client(tracking: str, registry: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking, registry_uri=registry)
-
-
 def store_missing(tracking: str | None = None) -> bool:
     """True when the embedded sqlite store does not exist yet: nothing to show, and opening it would create
     it (MLflow writes its schema on first connect), which a read-only dashboard must not do."""
@@ -59,29 +55,7 @@ def store_missing(tracking: str | None = None) -> bool:
     return False
 
 
-def client():
-    tracking = uri()
-    return _client(tracking, os.environ.get("MLFLOW_REGISTRY_URI") or tracking)
-
-
 # ---------------------------------------------------------------------------------------------- runs
-
-
-def _run_dict(run: Any, experiment: str = "") -> dict:
-    info, data = run.info, run.data
-    return {
-        "run_id": info.run_id,
-        "run_name": info.run_name or info.run_id[:8],
-        "experiment_id": info.experiment_id,
-        "experiment": experiment,
-        "status": info.status,
-        "start_time": info.start_time,
-        "end_time": info.end_time,
-        "artifact_uri": info.artifact_uri,
-        "params": dict(data.params),
-        "metrics": dict(data.metrics),
-        "tags": dict(data.tags),
-    }
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
@@ -89,25 +63,13 @@ def experiment_ids(store_uri: str) -> dict[str, str]:
     """{stage: experiment_id} for the `flywheel/<stage>` experiments that exist (one search, not eight gets)."""
     if store_missing(store_uri):
         return {}
-    exps = client().search_experiments(filter_string="name LIKE 'flywheel/%'", max_results=1000)
-    return {e.name.split("/", 1)[1]: e.experiment_id for e in exps}
+    return read.experiment_ids(store_uri)
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def _runs(store_uri: str, stage: str, filter_string: str, max_results: int) -> list[dict]:
     exp = experiment_ids(store_uri).get(stage)
-    return [] if exp is None else _search(client(), exp, stage, filter_string, max_results)
-
-
-def _search(cl, exp: str, stage: str, filter_string: str, max_results: int) -> list[dict]:
-    """Uncached, client passed in: safe to call from worker threads (no Streamlit context needed)."""
-    from mlflow.entities import ViewType
-
-    found = cl.search_runs(
-        [exp], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
-        max_results=max_results, order_by=["attributes.start_time DESC"],
-    )
-    return [_run_dict(r, f"flywheel/{stage}") for r in found]
+    return [] if exp is None else read.search_runs(store_uri, exp, stage, filter_string, max_results)
 
 
 def runs(stage: str, filter_string: str = "", max_results: int = MAX_RUNS, parents_only: bool = False) -> list[dict]:
@@ -120,7 +82,7 @@ def runs(stage: str, filter_string: str = "", max_results: int = MAX_RUNS, paren
 
 
 def children(stage: str, parent_run_id: str, max_results: int = MAX_RUNS) -> list[dict]:
-    return runs(stage, f"tags.`mlflow.parentRunId` = '{_quote(parent_run_id)}'", max_results)
+    return runs(stage, f"tags.`{T.MLFLOW_PARENT_RUN}` = '{_quote(parent_run_id)}'", max_results)
 
 
 def latest_of(stages: list[str], parents_only: bool = True) -> dict[str, dict | None]:
@@ -136,10 +98,9 @@ def _latest_of(store_uri: str, stages: tuple[str, ...], parents_only: bool) -> d
     if not exps:  # nothing logged yet (and no client: opening a missing sqlite store would create it)
         return {stage: None for stage in stages}
     filt = PARENT_ONLY if parents_only else ""
-    cl = client()
 
-    def one(stage: str) -> dict | None:
-        found = _search(cl, exps[stage], stage, filt, 1) if stage in exps else []
+    def one(stage: str) -> dict | None:  # worker threads: no Streamlit context, so the uncached shell call
+        found = read.search_runs(store_uri, exps[stage], stage, filt, 1) if stage in exps else []
         return found[0] if found else None
 
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(stages)))) as pool:
@@ -153,14 +114,9 @@ def latest(stage: str, parents_only: bool = True) -> dict | None:
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def _get_run(store_uri: str, run_id: str) -> dict | None:
-    from mlflow.exceptions import MlflowException
-
     if store_missing(store_uri):
         return None
-    try:
-        return _run_dict(client().get_run(run_id))
-    except MlflowException:
-        return None
+    return read.get_run(store_uri, run_id)
 
 
 def get_run(run_id: str | None) -> dict | None:
@@ -175,11 +131,8 @@ def _metric_histories(store_uri: str, pairs: tuple[tuple[str, str], ...]) -> lis
 
     if store_missing(store_uri):
         return [[] for _ in pairs]
-    cl = client()  # resolved here, in the script thread; the workers only query
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(pairs)))) as pool:
-        return list(pool.map(lambda p: [{"step": m.step, "value": m.value, "timestamp": m.timestamp} for m in
-                                        sorted(cl.get_metric_history(*p), key=lambda m: (m.step, m.timestamp))],
-                             pairs))
+        return list(pool.map(lambda p: read.metric_history(store_uri, *p), pairs))
 
 
 def metric_history(run_id: str, key: str) -> list[dict]:
@@ -276,21 +229,8 @@ def _artifact_bytes(store_uri: str, run_id: str, relpath: str) -> bytes | None:
         if not target.is_file() or target.stat().st_size > MAX_ARTIFACT_BYTES:
             return None
         return target.read_bytes()
-    # Remote artifact store (a tracking server, S3...): download the one file into a temp dir.
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    with tempfile.TemporaryDirectory(prefix="flywheel-dash-") as tmp:
-        try:
-            got = Path(mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=relpath, dst_path=tmp, tracking_uri=store_uri))
-        except (MlflowException, OSError):
-            return None
-        if not got.resolve().is_relative_to(Path(tmp).resolve()) or not got.is_file():
-            return None
-        if got.stat().st_size > MAX_ARTIFACT_BYTES:
-            return None
-        return got.read_bytes()
+    # Remote artifact store (a tracking server, S3...): one download, cached by the shell across re-renders.
+    return read.download_artifact(store_uri, run_id, relpath, MAX_ARTIFACT_BYTES)
 
 
 def artifact_bytes(run_id: str | None, path: str) -> bytes | None:
@@ -358,19 +298,13 @@ def table_artifact(run_id: str | None, path: str):
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def _list_artifacts(store_uri: str, run_id: str, relpath: str | None) -> list[dict]:
-    from mlflow.exceptions import MlflowException
-
     if store_missing(store_uri):
         return []
     run = _get_run(store_uri, run_id)
     local = local_artifact_dir(run["artifact_uri"]) if run else None
     if local is not None:
         check_run_dir(local, artifact_root())  # a symlinked run folder would list somebody else's files
-    try:
-        items = client().list_artifacts(run_id, relpath)
-    except (MlflowException, OSError):
-        return []
-    return [{"path": f.path, "is_dir": f.is_dir, "size": f.file_size} for f in items]
+    return read.list_artifacts(store_uri, run_id, relpath)
 
 
 def list_artifacts(run_id: str | None, path: str | None = None) -> list[dict]:
@@ -383,32 +317,9 @@ def list_artifacts(run_id: str | None, path: str | None = None) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- registry
 
 
-def _version_dict(v: Any) -> dict:
-    return {
-        "name": v.name,
-        "version": str(v.version),
-        "run_id": v.run_id,
-        "source": v.source,
-        "status": v.status,
-        "tags": dict(v.tags or {}),
-        "aliases": list(getattr(v, "aliases", []) or []),
-        "creation_timestamp": v.creation_timestamp,
-        "description": v.description or "",
-    }
-
-
 @st.cache_data(ttl=TTL, show_spinner=False)
 def _registered_models(store_uri: str) -> list[dict]:
-    from mlflow.exceptions import MlflowException
-
-    if store_missing(store_uri):
-        return []
-    try:
-        models = client().search_registered_models(max_results=1000)
-    except MlflowException:
-        return []
-    return [{"name": m.name, "aliases": dict(getattr(m, "aliases", {}) or {}),
-             "tags": dict(m.tags or {}), "description": m.description or ""} for m in models]
+    return [] if store_missing(store_uri) else read.registered_models(store_uri)
 
 
 def registered_models() -> list[dict]:
@@ -417,15 +328,7 @@ def registered_models() -> list[dict]:
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def _model_versions(store_uri: str, name: str) -> list[dict]:
-    from mlflow.exceptions import MlflowException
-
-    if store_missing(store_uri):
-        return []
-    try:
-        found = client().search_model_versions(f"name = '{_quote(name)}'", max_results=1000)
-    except MlflowException:
-        return []
-    return sorted((_version_dict(v) for v in found), key=lambda v: int(v["version"]), reverse=True)
+    return [] if store_missing(store_uri) else read.model_versions(store_uri, name)
 
 
 def model_versions(name: str) -> list[dict]:
@@ -457,66 +360,28 @@ def champions() -> list[dict]:
 
 def inputs_of(run: dict | None) -> dict[str, str]:
     """{kind: value} from the run's `flywheel.input.<kind>` tags."""
-    if not run:
-        return {}
-    return {k[len(TAG_INPUT):]: v for k, v in run["tags"].items() if k.startswith(TAG_INPUT)}
+    return T.inputs_of((run or {}).get("tags"))
 
 
 def stage_of(run: dict | None) -> str | None:
-    return (run or {}).get("tags", {}).get(TAG_STAGE)
+    return (run or {}).get("tags", {}).get(T.STAGE)
 
 
 def refresh() -> None:
     """Forget every cached answer (the sidebar's Refresh button)."""
     st.cache_data.clear()
+    read.clear_caches()
 
 
-def _first_tag(tags: dict, *names: str) -> str | None:
-    for name in names:
-        for key in (name, f"flywheel.{name}", f"{TAG_INPUT}{name}"):
-            if tags.get(key):
-                return tags[key]
-    return None
+@st.cache_data(ttl=TTL, show_spinner=False)
+def _lineage(store_uri: str, version: dict) -> dict[str, Any]:
+    if store_missing(store_uri):
+        return {"logs": [], "dataset_version": None, "mine": None, "train": None, "eval": None, "gate": None,
+                "publish": None}
+    return asdict(lineage_walk.walk(store_uri, version, find_publish=True))
 
 
 def lineage(version: dict) -> dict[str, Any]:
-    """Walk a registered model version back to the logs: {logs, dataset_version, mine, train, eval, gate, publish}.
-
-    Each stage records what it consumed as `flywheel.input.<kind>` tags, so every hop is one `get_run`;
-    where a hop is missing (a stage not run, an older run without the tag) the value is None and the page
-    says so instead of guessing.
-    """
-    tags = version.get("tags", {})
-    gate = get_run(_first_tag(tags, "promoted_by_gate_run", "gate_run"))
-    source = get_run(version.get("run_id"))
-    if gate is None and stage_of(source) == "gate":
-        gate = source
-    train = get_run(_first_tag(tags, "train_run") or inputs_of(gate).get("train_run")
-                    or (version.get("run_id") if stage_of(source) == "train" else None))
-    if train is None and gate is not None:
-        candidate = inputs_of(gate).get("candidate", "")
-        train = get_run(candidate.split("runs:/")[-1].split("/")[0]) if candidate.startswith("runs:/") else None
-    evaluation = get_run(_first_tag(tags, "eval_run") or inputs_of(gate).get("eval_run"))
-    mine = get_run(_first_tag(tags, "mine_run") or inputs_of(train).get("mine_run"))
-    dataset_version = (_first_tag(tags, "dataset_version") or inputs_of(train).get("dataset_version")
-                       or (mine or {}).get("tags", {}).get("flywheel.dataset_version"))
-    logs = inputs_of(mine).get("logs")
-    if logs is None and mine is not None:
-        manifest = artifact_json(mine["run_id"], "manifest.json") or {}
-        inputs = manifest.get("inputs") or []
-        logs = ", ".join(str(i.get("path", i)) if isinstance(i, dict) else str(i) for i in inputs) or None
-    # The Modelfile published from this promotion: its publish run names the gate run it came through;
-    # failing that, one published from this exact version, then one published from `@champion`.
-    name, number = version.get("name", ""), version.get("version")
-    publish = None
-    if gate is not None:
-        found = runs("publish", f"tags.`flywheel.input.gate_run` = '{_quote(gate['run_id'])}'", max_results=1)
-        publish = found[0] if found else None
-    if publish is None:
-        published = [r for r in runs("publish", max_results=100)
-                     if name and name in r["tags"].get("flywheel.input.model_uri", "")]
-        publish = next((r for r in published if r["tags"]["flywheel.input.model_uri"].endswith(f"/{number}")),
-                       next((r for r in published if r["tags"]["flywheel.input.model_uri"].endswith("@champion")),
-                            None))
-    return {"logs": logs, "dataset_version": dataset_version, "mine": mine, "train": train,
-            "eval": evaluation, "gate": gate, "publish": publish}
+    """A registered model version walked back to the logs (pipelines/lineage.py, the walk `flywheel publish`
+    writes into the Modelfile's README): {logs, dataset_version, mine, train, eval, gate, publish, ...}."""
+    return _lineage(uri(), version)

@@ -28,6 +28,7 @@ import typer
 from flywheel.evals.ab.config import (DEFAULT_METRICS, AbConfig, MetricConfig, SequentialConfig,  # noqa: F401
                                       SrmConfig, engine_inputs)
 from flywheel.pipelines.config import flatten, load_config, split_args
+from flywheel.pipelines import tags as T
 
 
 def analyze_logs(logs: list[str | Path], cfg: AbConfig) -> dict:
@@ -114,6 +115,10 @@ def run_ab(logs: list[str | Path], cfg: AbConfig | None = None) -> dict:
     cfg = cfg or AbConfig()
     logs = [Path(p) for p in logs]
     report = analyze_logs(logs, cfg)
+    if cfg.log_mlflow:  # this look joined with the experiment's earlier looks, read from the store
+        from flywheel.pipelines import ab_looks, tracking
+
+        report["looks"] = ab_looks.sequential_looks(report, tracking.setup(cfg.tracking_uri))
     out_dir = None
     if cfg.out:
         with atomic_dir(cfg.out, force=cfg.force, inputs=logs, stage="ab") as tmp:
@@ -131,12 +136,13 @@ def _log_mlflow(report: dict, cfg: AbConfig, logs: list[Path], out_dir: str | No
     from flywheel.pipelines import tracking
     from flywheel.foundation.io import sha256_file
 
-    inputs = {"logs": ",".join(str(p.resolve()) for p in logs)[:5000],
-              "logs_sha256": ",".join(sha256_file(p)[:16] for p in logs)[:5000]}
-    tags = {"flywheel.ab.srm_status": report["srm"]["status"],
-            "flywheel.ab.design": report["design"], "flywheel.ab.control": report["control"]}
+    inputs = {T.IN_LOGS: ",".join(str(p.resolve()) for p in logs)[:5000],
+              T.IN_LOGS_SHA256: ",".join(sha256_file(p)[:16] for p in logs)[:5000]}
+    tags = {T.AB_SRM_STATUS: report["srm"]["status"],
+            T.AB_DESIGN: report["design"], T.AB_CONTROL: report["control"],
+            T.AB_EXPERIMENT: (report.get("looks") or {}).get("experiment")}
     for v, d in report["verdicts"].items():
-        tags[tracking.sanitize_metric_name(f"flywheel.ab.verdict.{v}")] = d["decision"]  # MLflow key charset
+        tags[T.ab_verdict_tag(v)] = d["decision"]
     params = flatten(cfg.model_dump(mode="json"))
     with tracking.start_run("ab", run_name=f"ab-{'-'.join(report['variants'])}"[:200], inputs=inputs, tags=tags,
                             params=params, configured_uri=cfg.tracking_uri) as run:
@@ -196,6 +202,7 @@ def print_report(report: dict) -> None:
     con.print(t)
     con.print("[dim]* P(beat) = Bayesian chance to beat control (posterior probability, not a p-value); "
               "p_seq = always-valid sequential p-value[/]")
+    print_looks(con, report.get("looks"))
     for v, d in report["verdicts"].items():
         color = {"ship": "green", "don't ship": "red", "invalid": "red"}.get(d["decision"], "yellow")
         need = d.get("sample_still_needed_per_arm")
@@ -203,6 +210,17 @@ def print_report(report: dict) -> None:
                   + (f" (about {need} more units per arm)" if d["decision"] == "keep running" and need else ""))
         for r in d["reasons"]:
             con.print(f"   - {r}")
+
+
+def print_looks(con, looks: dict | None) -> None:
+    """Across the looks of this experiment: running minimum p and intersected confidence sequence."""
+    if not looks or looks.get("n_looks", 0) < 2:
+        return
+    con.print(f"[bold]across {looks['n_looks']} looks[/] (experiment {looks['experiment']}):")
+    for c in looks["comparisons"]:
+        empty = " [red](empty: the looks disagree)[/]" if c["cs_empty"] else ""
+        con.print(f"   {c['variant']} {c['metric']}: p_seq running min {_fmt(c['p_running_min'])}, "
+                  f"confidence sequence [{_fmt(c['cs_low'])}, {_fmt(c['cs_high'])}]{empty}")
 
 
 # ------------------------------------------------------------------------------------------------ CLI

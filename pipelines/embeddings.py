@@ -37,6 +37,7 @@ from flywheel.evals.embeddings.bench import COLUMNS, PRIMARY  # noqa: F401
 from flywheel.evals.embeddings.config import DEFAULT_DATA_DIR, EmbeddingsConfig, demo_config  # noqa: F401
 from flywheel.evals.embeddings.report import fmt, per_query_name
 from flywheel.pipelines.config import flatten, load_config
+from flywheel.pipelines import tags as T
 
 
 def run_bench_embeddings(cfg: EmbeddingsConfig | None = None, *, quiet: bool = False) -> dict:
@@ -89,9 +90,9 @@ def _track(cfg: EmbeddingsConfig, out: Path, results: list[dict], tasks, leaderb
     inputs = {}
     versions = sorted({t.info["dataset_version"] for t in tasks if t.info.get("dataset_version")})
     if versions:
-        inputs["dataset_version"] = ",".join(versions)
+        inputs[T.IN_DATASET_VERSION] = ",".join(versions)
     with tracking.start_run("embeddings", cfg.run_name, inputs=inputs, configured_uri=cfg.tracking_uri,
-                            params=flatten(cfg.model_dump()), tags={"flywheel.embeddings.tasks": ",".join(
+                            params=flatten(cfg.model_dump()), tags={T.EMBEDDINGS_TASKS: ",".join(
                                 t.name for t in tasks)}) as parent:
         for name in ("leaderboard.csv", "leaderboard.md", "comparisons.csv", "quality_vs_speed.png", "summary.json",
                      "calibration.csv"):
@@ -103,11 +104,11 @@ def _track(cfg: EmbeddingsConfig, out: Path, results: list[dict], tasks, leaderb
                     "model": r["model"], "task": r["task"], "kind": r["kind"], "dims": r["dims"],
                     "size_mb": r["size_mb"], "n": r["n"], "speed_cached": r["speed_cached"],
                     "encoded": r["encoded"], "cached": r["cached"], "task_source": task.source},
-                    inputs={"dataset_version": task.info.get("dataset_version")}):
+                    inputs={T.IN_DATASET_VERSION: task.info.get("dataset_version")}):
                 row = next(x for x in leaderboard if x["model"] == r["model"] and x["task"] == r["task"])
                 tracking.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))
                                       and not isinstance(v, bool)})
-                mlflow.set_tag("flywheel.embeddings.vs_best", row["vs_best"])
+                mlflow.set_tag(T.EMBEDDINGS_VS_BEST, row["vs_best"])
                 # The contract names the child's artifact per_query.csv.
                 with tempfile.TemporaryDirectory() as d:
                     shutil.copy(out / "per_query" / per_query_name(r), Path(d) / "per_query.csv")

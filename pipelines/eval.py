@@ -30,6 +30,7 @@ from flywheel.evals.prompts.results import RESULTS_SCHEMA, build_results  # noqa
 from flywheel.evals.prompts.scorers import default_metrics
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import FlywheelError, InputError
+from flywheel.pipelines import tags as T
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = str(ROOT / "evals" / "prompts" / "demo_cases.yaml")
@@ -157,9 +158,9 @@ def _fetch_adapter(spec: str, target: str, scratch: Path) -> tuple[Path, dict[st
 
     lineage = {}
     if spec.startswith("runs:/"):
-        lineage["train_run"] = spec[len("runs:/"):].split("/", 1)[0]
+        lineage[T.IN_TRAIN_RUN] = spec[len("runs:/"):].split("/", 1)[0]
     elif spec.startswith("models:/"):
-        lineage["model_uri"] = spec
+        lineage[T.IN_MODEL_URI] = spec
     dst = scratch / target
     dst.mkdir(parents=True, exist_ok=True)
     try:
@@ -277,14 +278,14 @@ def register_prompt(template: Any) -> Any:
     name = f"flywheel-{template.name}"
     try:
         for pv in client.search_prompt_versions(name):
-            if (pv.tags or {}).get("flywheel.sha256") == template.sha256:
+            if (pv.tags or {}).get(T.PROMPT_SHA256) == template.sha256:
                 return pv
     except MlflowException:
         pass  # first registration of this prompt
     return client.register_prompt(
         name, template.chat_template(), commit_message=f"{template.source} version {template.version}",
-        tags={"flywheel.sha256": template.sha256, "flywheel.version": template.version,
-              "flywheel.source": template.source})
+        tags={T.PROMPT_SHA256: template.sha256, T.PROMPT_VERSION: template.version,
+              T.PROMPT_SOURCE: template.source})
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
@@ -381,10 +382,10 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True, fail_on_failures: b
         targets, lineage = build_targets(cfg, Path(scratch))
         for t in targets:  # an unreachable endpoint fails here, before the MLflow run exists
             t.check()
-        inputs = {"cases": caseset.path, "dataset_version": caseset.dataset_version, **lineage}
+        inputs = {T.IN_CASES: caseset.path, T.IN_DATASET_VERSION: caseset.dataset_version, **lineage}
         with tracking.start_run("prompts", cfg.run_name or f"eval-{cfg.name}", inputs=inputs,
                                 params=flatten(cfg.model_dump(mode="json")), configured_uri=cfg.tracking_uri,
-                                tags={"flywheel.eval.primary_metric": cfg.primary_metric}) as parent:
+                                tags={T.EVAL_PRIMARY_METRIC: cfg.primary_metric}) as parent:
             prompt_versions = {}
             if cfg.register_prompts:
                 for v in variants:

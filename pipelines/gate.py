@@ -34,6 +34,7 @@ from flywheel.evals.gate import TEACHER_FORCED, GateRules, pick_variant
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.foundation.io import read_json
+from flywheel.pipelines import tags as T
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,8 +132,8 @@ def _sample_generations(cfg: GateConfig, ecfg, eval_run_id: str, out: Path, show
             mlflow.end_run(status="FAILED")
         return None
     client = MlflowClient()
-    client.set_tag(eval_run_id, "flywheel.eval.sample_run", res["run_id"])
-    client.set_tag(res["run_id"], "flywheel.eval.sample_of", eval_run_id)
+    client.set_tag(eval_run_id, T.EVAL_SAMPLE_RUN, res["run_id"])
+    client.set_tag(res["run_id"], T.EVAL_SAMPLE_OF, eval_run_id)
     return res["run_id"]
 
 
@@ -156,8 +157,6 @@ def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
 
     from mlflow.tracking import MlflowClient
 
-    from flywheel.pipelines.tracking import sanitize_metric_name
-
     client = MlflowClient()
     exp = client.get_experiment_by_name("flywheel/ab")
     if exp is None or not variant:
@@ -166,7 +165,7 @@ def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
     runs = client.search_runs([exp.experiment_id], f"attributes.start_time > {since}",
                               order_by=["attributes.start_time DESC"], max_results=20)
     for r in runs:
-        v = r.data.tags.get(sanitize_metric_name(f"flywheel.ab.verdict.{variant}"))
+        v = r.data.tags.get(T.ab_verdict_tag(variant))
         if v:
             return v
     return None
@@ -259,10 +258,10 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
             system_prompt = None
 
     # Phase 2, the decision, in its own run.
-    inputs = {"candidate": candidate, "eval_run": eval_run_id, "sample_eval_run": sample_run_id,
-              "champion": f"{cfg.model_name}/{champ_version}" if champ_version else None,
-              "dataset_version": cand.meta.get("dataset_version") if cand else None,
-              "train_run": (cand.meta.get("train_run_id") or cand.run_id) if cand else None}
+    inputs = {T.IN_CANDIDATE: candidate, T.IN_EVAL_RUN: eval_run_id, T.IN_SAMPLE_EVAL_RUN: sample_run_id,
+              T.IN_CHAMPION: f"{cfg.model_name}/{champ_version}" if champ_version else None,
+              T.IN_DATASET_VERSION: cand.meta.get("dataset_version") if cand else None,
+              T.IN_TRAIN_RUN: (cand.meta.get("train_run_id") or cand.run_id) if cand else None}
     with tracking.start_run("gate", cfg.run_name or "gate", configured_uri=cfg.tracking_uri, inputs=inputs,
                             params={"model_name": cfg.model_name, "primary.metric": cfg.primary.metric,
                                     "alpha": cfg.alpha, "min_cases": cfg.min_cases, "promote": promote,
@@ -286,13 +285,13 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
             if cand is None:
                 gate["reasons"].append("--promote needs a candidate model reference (run id, runs:/, dir)")
             else:
-                tags = {"flywheel.input.eval_run": eval_run_id, "flywheel.input.gate_run": run_id,
-                        "flywheel.prompt_variant": variant,
-                        "flywheel.system_prompt": (system_prompt or "")[:4000] or None}
+                tags = {T.input_tag(T.IN_EVAL_RUN): eval_run_id, T.input_tag(T.IN_GATE_RUN): run_id,
+                        T.PROMPT_VARIANT: variant,
+                        T.SYSTEM_PROMPT: (system_prompt or "")[:4000] or None}
                 promoted = registry.register_adapter(cfg.model_name, cand, tags=tags,
                                                      description=f"promoted by gate run {run_id}")
                 registry.promote(cfg.model_name, promoted, run_id)
-                mlflow.set_tag("flywheel.promoted_version", promoted)
+                mlflow.set_tag(T.PROMOTED_VERSION, promoted)
         gate["promoted_version"] = promoted
 
         report = rules_mod.report_markdown(gate, baseline_label=baseline_label, candidate_label=candidate_label)
@@ -307,8 +306,8 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
             (tmp / "gate_report.md").write_text(report, encoding="utf-8")
         mlflow.log_artifact(str(out / "gate.json"))
         mlflow.log_artifact(str(out / "gate_report.md"))
-        mlflow.set_tags({"flywheel.gate.decision": gate["decision"],
-                         **({"flywheel.gate.variant": variant} if variant else {})})
+        mlflow.set_tags({T.GATE_DECISION: gate["decision"],
+                         **({T.GATE_VARIANT: variant} if variant else {})})
         primary = gate["checks"][0] if gate["checks"] else {}
         tracking.log_metrics({"exit_code": gate["exit_code"], "primary.baseline": primary.get("baseline"),
                               "primary.candidate": primary.get("candidate"),

@@ -38,6 +38,7 @@ from pydantic import Field
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import InputError
 from flywheel.foundation.io import read_json
+from flywheel.pipelines import tags as T
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE_FORMATS = (".jsonl", ".ndjson", ".json")  # append-only logs: sliced by bytes at line ends
@@ -232,12 +233,12 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     kept = int(mined["counts"]["kept"])
     result["mine"] = {"run_id": mined["run_id"], "out": mined["out"], "version": mined["version"], "kept": kept}
     say(f"mined dataset {mined['version']}: {kept} kept records (run {mined['run_id']})")
-    summary: dict[str, Any] = {"mine_run": mined["run_id"], "dataset_version": mined["version"]}
+    summary: dict[str, Any] = {T.IN_MINE_RUN: mined["run_id"], T.IN_DATASET_VERSION: mined["version"]}
     if mined["run_id"]:  # the mine run saw only slices: name the real log files on it, for lineage
         from mlflow.tracking import MlflowClient
 
         tracking.setup(cfg.tracking_uri)
-        MlflowClient().set_tag(mined["run_id"], "flywheel.loop.sources",
+        MlflowClient().set_tag(mined["run_id"], T.LOOP_SOURCES,
                                json.dumps(result["sources"])[:5000])
 
     if kept < cfg.min_new_records:
@@ -262,7 +263,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
         raise InputError(f"training run {trained.get('run_id')} ended without an adapter")
     result["train"] = {"run_id": trained["run_id"], "adapter_dir": trained["adapter_dir"],
                        "final_loss": trained.get("final_loss")}
-    summary["train_run"] = trained["run_id"]
+    summary[T.IN_TRAIN_RUN] = trained["run_id"]
     say(f"trained adapter {trained['adapter_dir']} (run {trained['run_id']})")
 
     # 4. gate (runs the eval) and promote
@@ -277,7 +278,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     gated = run_gate(gate_cfg, f"runs:/{trained['run_id']}/adapter", promote=cfg.promote)
     result["gate"] = {k: gated[k] for k in ("decision", "exit_code", "run_id", "report_path",
                                               "promoted_version", "eval_run_id", "variant")}
-    summary.update(gate_run=gated["run_id"], eval_run=gated["eval_run_id"])
+    summary.update({T.IN_GATE_RUN: gated["run_id"], T.IN_EVAL_RUN: gated["eval_run_id"]})
     say(f"gate {gated['decision']} (exit {gated['exit_code']}): {gated['report_path']}")
     for r in gated["gate"]["reasons"][:5]:
         say(f"  - {r}")
@@ -297,7 +298,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
         pub = run_publish(f"models:/{cfg.model_name}@champion", out=out, cfg=pub_cfg)
         result["publish"] = {k: pub[k] for k in ("out", "modelfile", "run_id", "gguf_adapter", "ollama_create",
                                                   "warnings")}
-        summary["publish_run"] = pub["run_id"]
+        summary[T.IN_PUBLISH_RUN] = pub["run_id"]
         say(f"published {pub['modelfile']}")
         for w in pub["warnings"]:
             say(f"  warning: {w}")
@@ -313,8 +314,8 @@ def _summary_run(cfg: LoopConfig, result: dict, inputs: dict, new_bytes: int, ke
     from flywheel.pipelines import tracking
 
     with tracking.start_run("run", f"loop-{result.get('batch')}", inputs=inputs, configured_uri=cfg.tracking_uri,
-                            tags={"flywheel.run.status": result["status"],
-                                  "flywheel.loop.sources": json.dumps(result.get("sources", []))[:5000]},
+                            tags={T.RUN_STATUS: result["status"],
+                                  T.LOOP_SOURCES: json.dumps(result.get("sources", []))[:5000]},
                             params={"min_new_records": cfg.min_new_records, "model_name": cfg.model_name,
                                     "inputs": ",".join(cfg.inputs), "work_dir": cfg.work_dir}) as run:
         tracking.log_metrics({"new_bytes": new_bytes, "new_kept": kept})

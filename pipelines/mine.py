@@ -32,6 +32,7 @@ import typer
 from pydantic import Field, field_validator
 
 from flywheel.pipelines.config import StageConfig, load_config, split_args
+from flywheel.pipelines import tags as T
 
 # Keys that change how fast a run goes or where it is logged, never what it writes: kept out of the version.
 RUNTIME_KEYS = ("workers", "batch_size", "tracking_uri", "log_mlflow", "progress")
@@ -379,9 +380,9 @@ def _log_run(out: Path, manifest: dict, cfg: MineConfig) -> str:
                                  "split.eval": manifest["splits"]["eval"], "preferences": c["preferences"]}
     metrics.update({f"filtered.{k}": v for k, v in c["filtered"].items()})
     metrics.update({f"pii.{k}": v for k, v in c["pii"].items()})
-    tags = {"flywheel.dataset_version": manifest["version"], "flywheel.dataset_path": str(out)}
-    inputs = {"logs": ",".join(i["path"] for i in manifest["inputs"]),
-              "logs_sha256": ",".join(i["sha256"][:16] for i in manifest["inputs"])}
+    tags = {T.DATASET_VERSION: manifest["version"], T.DATASET_PATH: str(out)}
+    inputs = {T.IN_LOGS: ",".join(i["path"] for i in manifest["inputs"]),
+              T.IN_LOGS_SHA256: ",".join(i["sha256"][:16] for i in manifest["inputs"])}
     params = flatten({k: v for k, v in cfg.model_dump().items() if k not in ("progress",)})
     with tracking.start_run("mine", run_name=f"mine-{manifest['version']}", inputs=inputs, tags=tags,
                             params=params, configured_uri=cfg.tracking_uri) as run:

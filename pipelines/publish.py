@@ -48,6 +48,7 @@ from pydantic import Field, field_validator
 
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import FlywheelError, InputError
+from flywheel.pipelines import tags as T
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -257,43 +258,19 @@ def export_merged(adapter_dir: Path, base_dir: Path, tok_dir: Path, chat_templat
 # -- lineage --------------------------------------------------------------------------------------------------
 
 def lineage(model: Any) -> dict:
-    """Walk back from the model version: gate run, eval run, train run, dataset version, mine run, input logs."""
-    from mlflow.tracking import MlflowClient
+    """Walk back from the model version (pipelines/lineage.py): gate, eval, train and mine runs, dataset, logs."""
+    import mlflow
 
-    client = MlflowClient()
-    tags, meta = dict(model.tags or {}), dict(model.meta or {})
-    out: dict[str, Any] = {
-        "model_uri": model.uri, "registered_model": model.name, "version": model.version,
-        "base_model": meta.get("base_model"), "base_model_sha256": meta.get("base_model_sha256"),
-        "dataset_version": meta.get("dataset_version") or tags.get("flywheel.dataset_version"),
-        "train_run": meta.get("train_run_id") or model.run_id, "mine_run": meta.get("mine_run_id"),
-        "eval_run": tags.get("flywheel.input.eval_run"), "gate_run": tags.get("flywheel.input.gate_run"),
-        "prompt_variant": tags.get("flywheel.prompt_variant"),
-    }
+    from flywheel.pipelines.lineage import walk
 
-    def run_tags(run_id):
-        if not run_id:
-            return {}, {}
-        try:
-            r = client.get_run(run_id)
-            return dict(r.data.tags), dict(r.data.params)
-        except Exception:
-            return {}, {}
-
-    t, _ = run_tags(out["gate_run"])
-    out["gate_decision"] = t.get("flywheel.gate.decision")
-    t, _ = run_tags(out["train_run"])
-    out["mine_run"] = out["mine_run"] or t.get("flywheel.input.mine_run")
-    t, params = run_tags(out["mine_run"])
-    out["logs"] = [x for x in t.get("flywheel.input.logs", "").split(",") if x] or None
-    out["dataset_path"] = t.get("flywheel.dataset_path")
-    # Mined by `flywheel run`? Then the mine inputs were slices of the real logs, named on the mine run.
-    try:
-        sources = json.loads(t.get("flywheel.loop.sources", "[]"))
-    except json.JSONDecodeError:
-        sources = []
-    if sources:
-        out["logs"] = [f"{s['path']} (bytes {s['start']}-{s['end']})" for s in sources]
+    start = {"name": model.name, "version": model.version, "uri": model.uri, "run_id": model.run_id,
+             "tags": dict(model.tags or {}), "meta": dict(model.meta or {})}
+    out = walk(mlflow.get_tracking_uri(), start).ids()
+    # Ids the adapter itself records stay in the README even when this store does not hold those runs.
+    out["train_run"] = out["train_run"] or model.meta.get("train_run_id") or model.run_id
+    out["mine_run"] = out["mine_run"] or model.meta.get("mine_run_id")
+    out["eval_run"] = out["eval_run"] or (model.tags or {}).get(T.input_tag(T.IN_EVAL_RUN))
+    out["gate_run"] = out["gate_run"] or (model.tags or {}).get(T.input_tag(T.IN_GATE_RUN))
     return out
 
 
@@ -489,7 +466,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
     chat, chat_template = chat_format_from_tokenizer(tok_dir, meta)
 
     # 3. SYSTEM: only what is the same for every request
-    variant = model.tags.get("flywheel.prompt_variant")
+    variant = model.tags.get(T.PROMPT_VARIANT)
     parts = variant_system(variant)
     request_system = None
     explicit = system if system is not None else cfg.system
@@ -499,7 +476,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
         system_text = static_system(parts[0], f"prompt variant {variant!r}")
         request_system = (parts[0], parts[1]) if parts[1] else None
     else:
-        system_text = static_system(model.tags.get("flywheel.system_prompt") or None, "flywheel.system_prompt tag")
+        system_text = static_system(model.tags.get(T.SYSTEM_PROMPT) or None, "flywheel.system_prompt tag")
         if system_text is None:
             warnings.append("no system prompt recorded for this model (no winning prompt variant): using the "
                             "tokenizer's default")
@@ -565,14 +542,14 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
     peak_rss = {"publish": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "merge": export.get("peak_rss_merge"), "convert": export.get("peak_rss_convert")}
 
-    inputs = {"model_uri": model.uri, "train_run": lin.get("train_run"), "gate_run": lin.get("gate_run"),
-              "dataset_version": lin.get("dataset_version")}
+    inputs = {T.IN_MODEL_URI: model.uri, T.IN_TRAIN_RUN: lin.get("train_run"), T.IN_GATE_RUN: lin.get("gate_run"),
+              T.IN_DATASET_VERSION: lin.get("dataset_version")}
     with tracking.start_run("publish", cfg.run_name or f"publish-{name}", inputs=inputs,
                             configured_uri=cfg.tracking_uri,
-                            tags={"flywheel.modelfile_path": str((out_dir / "Modelfile").resolve()),
-                                  "flywheel.publish.gguf_adapter": "yes" if gguf_adapter else "no",
-                                  "flywheel.publish.mode": cfg.mode,
-                                  "flywheel.base_model_sha256": info.sha256},
+                            tags={T.MODELFILE_PATH: str((out_dir / "Modelfile").resolve()),
+                                  T.PUBLISH_GGUF_ADAPTER: "yes" if gguf_adapter else "no",
+                                  T.PUBLISH_MODE: cfg.mode,
+                                  T.BASE_MODEL_SHA256: info.sha256},
                             params={"mode": cfg.mode, "base": cfg.base, "quantize": cfg.quantize,
                                     **{f"parameters.{k}": v for k, v in cfg.parameters.items()}}) as run:
         mlflow.log_artifact(str(out_dir / "Modelfile"))

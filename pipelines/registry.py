@@ -29,12 +29,13 @@ import typer
 
 from flywheel.foundation.errors import InputError
 from flywheel.foundation.io import read_json
+from flywheel.pipelines import tags as T
 
 CHAMPION = "champion"
-TAG_SINCE = "flywheel.champion_since"
-TAG_UNTIL = "flywheel.champion_until"
-TAG_BY_GATE = "flywheel.promoted_by_gate_run"
-TAG_PROMOTIONS = "flywheel.promotions"
+TAG_SINCE = T.CHAMPION_SINCE
+TAG_UNTIL = T.CHAMPION_UNTIL
+TAG_BY_GATE = T.PROMOTED_BY_GATE_RUN
+TAG_PROMOTIONS = T.PROMOTIONS
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 META_FILE = "flywheel_adapter.json"
 
@@ -165,11 +166,11 @@ def register_adapter(name: str, model: ResolvedModel, *, tags: dict[str, Any] | 
         source = get_version(model.uri).source
     meta = model.meta
     all_tags = {
-        "flywheel.base_model": meta.get("base_model"),
-        "flywheel.base_model_sha256": meta.get("base_model_sha256"),
-        "flywheel.dataset_version": meta.get("dataset_version"),
-        "flywheel.input.mine_run": meta.get("mine_run_id"),
-        "flywheel.input.train_run": meta.get("train_run_id") or model.run_id,
+        T.BASE_MODEL: meta.get("base_model"),
+        T.BASE_MODEL_SHA256: meta.get("base_model_sha256"),
+        T.DATASET_VERSION: meta.get("dataset_version"),
+        T.input_tag(T.IN_MINE_RUN): meta.get("mine_run_id"),
+        T.input_tag(T.IN_TRAIN_RUN): meta.get("train_run_id") or model.run_id,
         **(tags or {}),
     }
     clean = {k: str(v) for k, v in all_tags.items() if v is not None}
@@ -239,10 +240,10 @@ def history(name: str) -> list[dict]:
                          "gate_run": s.get("gate_run"),
                          "current": current is not None and str(current.version) == str(mv.version)
                          and s.get("until") is None,
-                         "dataset_version": tags.get("flywheel.dataset_version"),
-                         "train_run": tags.get("flywheel.input.train_run"),
-                         "eval_run": tags.get("flywheel.input.eval_run"),
-                         "base_model": tags.get("flywheel.base_model")})
+                         "dataset_version": tags.get(T.DATASET_VERSION),
+                         "train_run": tags.get(T.input_tag(T.IN_TRAIN_RUN)),
+                         "eval_run": tags.get(T.input_tag(T.IN_EVAL_RUN)),
+                         "base_model": tags.get(T.BASE_MODEL)})
     rows.sort(key=lambda r: (r["since"] or "", int(r["version"])))
     return rows
 

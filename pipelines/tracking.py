@@ -8,6 +8,7 @@ Conventions every stage follows, so lineage can be walked from a Modelfile back 
 - tag `flywheel.git_commit` when the working directory is a git checkout;
 - tags `flywheel.input.<kind>` naming what the run consumed (a run id or a dataset version), e.g.
   `flywheel.input.mine_run`, `flywheel.input.dataset_version`, `flywheel.input.train_run`.
+Every tag name is a constant in `pipelines/tags.py`; read-only queries live in `pipelines/store_read.py`.
 mlflow is imported lazily: `flywheel --help` must stay instant.
 """
 
@@ -20,11 +21,12 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from flywheel.foundation.io import protect_paths
+from flywheel.pipelines import tags as T
 
 STAGES = ("mine", "train", "embeddings", "prompts", "ab", "gate", "publish", "run")
-TAG_STAGE = "flywheel.stage"
-TAG_COMMIT = "flywheel.git_commit"
-TAG_INPUT = "flywheel.input."
+TAG_STAGE = T.STAGE
+TAG_COMMIT = T.GIT_COMMIT
+TAG_INPUT = T.INPUT
 
 
 # What the user set, read once: mlflow.set_registry_uri() writes MLFLOW_REGISTRY_URI into os.environ itself, so

@@ -29,6 +29,7 @@ import typer
 from pydantic import Field
 
 from flywheel.pipelines.config import ConfigError, StageConfig
+from flywheel.pipelines import tags as T
 
 STAGE = "train"
 DEFAULT_CONFIG = "configs/train/smollm2-lora.yaml"
@@ -190,10 +191,10 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     if launch:
         check_nproc(cfg.nproc, backend.device)
     ckpt = last_checkpoint(params.output_dir) if resume else None
-    tags = {"flywheel.base_model": info.name, "flywheel.base_model_sha256": info.sha256,
-            "flywheel.backend": backend.name, "flywheel.device": backend.device,
-            "flywheel.train.nproc": max(cfg.nproc if launch else 1, world_size()),
-            "flywheel.train.resumed_from_checkpoint": ckpt.name if ckpt else None}
+    tags = {T.BASE_MODEL: info.name, T.BASE_MODEL_SHA256: info.sha256,
+            T.BACKEND: backend.name, T.DEVICE: backend.device,
+            T.TRAIN_NPROC: max(cfg.nproc if launch else 1, world_size()),
+            T.TRAIN_RESUMED_FROM_CHECKPOINT: ckpt.name if ckpt else None}
     main = is_main_process()
     with _train_run(cfg, ds.version, mine_run_id, tags, report, ckpt, out_dir) as run_id:
         if launch:
@@ -210,7 +211,7 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
             if main:
                 import mlflow
 
-                mlflow.set_tag("flywheel.train.status", "interrupted")
+                mlflow.set_tag(T.TRAIN_STATUS, "interrupted")
             return {"run_id": run_id, "adapter_dir": None, "interrupted": True, **base, **stats}
         if not main:  # the other ranks are done: rank 0 alone writes the adapter and the run's artifacts
             return {"run_id": run_id, "adapter_dir": None, **base, **stats}
@@ -244,7 +245,7 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
         if stats["eval_losses"]:
             summary["final_eval_loss"] = stats["eval_losses"][-1][1]
         tracking.log_metrics(summary)
-        mlflow.set_tag("flywheel.train.status", "finished")
+        mlflow.set_tag(T.TRAIN_STATUS, "finished")
     if warnings:
         base["warnings"] = warnings
     return {"run_id": run_id, "adapter_dir": str(adapter_final.resolve()), "generations": gens, **base, **stats}
@@ -281,8 +282,8 @@ def _train_run(cfg: TrainConfig, dataset_version: str, mine_run_id: str | None, 
             yield attach
         return
     previous = _read_state(out_dir) if ckpt else {}
-    tags = {**tags, "flywheel.train.resumed_from_run": previous.get("run_id")}
-    with tracking.start_run(STAGE, cfg.run_name, inputs={"dataset_version": dataset_version, "mine_run": mine_run_id},
+    tags = {**tags, T.TRAIN_RESUMED_FROM_RUN: previous.get("run_id")}
+    with tracking.start_run(STAGE, cfg.run_name, inputs={T.IN_DATASET_VERSION: dataset_version, T.IN_MINE_RUN: mine_run_id},
                             tags=tags, params=flatten(cfg.model_dump()), configured_uri=cfg.tracking_uri) as run:
         run_id = run.info.run_id
         if previous.get("run_id"):
@@ -405,7 +406,7 @@ def resolve_dataset(cfg: TrainConfig) -> tuple[str, str | None]:
     if run is None:
         raise InputError(f"dataset_version: no run in flywheel/mine has flywheel.dataset_version="
                          f"{cfg.dataset_version!r}")
-    path = run.data.tags.get("flywheel.dataset_path")
+    path = run.data.tags.get(T.DATASET_PATH)
     if not path:
         raise InputError(f"dataset_version: mine run {run.info.run_id} has no flywheel.dataset_path tag")
     return path, run.info.run_id

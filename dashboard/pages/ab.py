@@ -2,8 +2,8 @@
 time, verdicts with reasons, and the Bayesian chance-to-beat shown apart from the p-values.
 
 Reads `report.json` of a `flywheel ab analyze` run (the `--json` output). "Over time" comes from the runs
-themselves: every analysis of the same experiment is one look, and the stage logs each comparison's estimate,
-CI and always-valid (sequential) p-value as run metrics, so the looks are one search, not N artifact reads.
+themselves: every analysis of the same experiment is one look; `flywheel ab analyze` reads the earlier looks and
+writes them with the running minimum p and the intersected confidence sequences into `report["looks"]`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,40 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from flywheel.dashboard import store, ui
+from flywheel.pipelines import tags as T
 
 SRM_BADGE = {"ok": ("green", "SRM ok"), "warning": ("orange", "SRM warning"), "alert": ("red", "SRM ALERT")}
 VERDICT_COLOR = {"ship": "green", "don't ship": "red", "keep running": "blue", "invalid": "red"}
+
+def sequential_looks_chart(across: dict, alpha: float, title: str) -> None:
+    """Every look of this experiment (report["looks"], read from the earlier runs by the stage): each look's
+    always-valid p and its running minimum; each look's confidence sequence and their running intersection."""
+    looks = pd.DataFrame(across["looks"])
+    looks["look"] = range(1, len(looks) + 1)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=looks["look"], y=looks["p_value"], mode="markers", name="always-valid p at the look"))
+    fig.add_trace(go.Scatter(x=looks["look"], y=looks["p_running_min"], mode="lines+markers",
+                             name="running minimum (valid across looks)"))
+    fig.add_hline(y=alpha, line_dash="dash", annotation_text=f"α = {alpha}")
+    fig.update_layout(height=300, title=f"{title}: p-values over {len(looks)} looks", yaxis_type="log",
+                      xaxis_title="look", margin=dict(l=10, r=10, t=50, b=10))
+    st.plotly_chart(fig, width="stretch")
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=looks["look"], y=looks["estimate"], mode="markers", name="confidence sequence",
+                             error_y=dict(type="data", symmetric=False, array=looks["ci_high"] - looks["estimate"],
+                                          arrayminus=looks["estimate"] - looks["ci_low"])))
+    fig.add_trace(go.Scatter(x=looks["look"], y=looks["cs_low"], mode="lines", name="intersection (low)",
+                             line=dict(dash="dot")))
+    fig.add_trace(go.Scatter(x=looks["look"], y=looks["cs_high"], mode="lines", name="intersection (high)",
+                             line=dict(dash="dot")))
+    fig.add_hline(y=0, line_dash="dot")
+    fig.update_layout(height=300, title="difference: each look's confidence sequence and their intersection",
+                      xaxis_title="look", margin=dict(l=10, r=10, t=50, b=10))
+    st.plotly_chart(fig, width="stretch")
+    st.caption(f"Across the looks: p = {ui.pvalue(across['p_running_min'])}, difference in "
+               f"[{ui.num(across['cs_low'])}, {ui.num(across['cs_high'])}]"
+               + (" — empty: the looks contradict each other" if across.get("cs_empty") else ""))
+
 
 st.title("A/B tests")
 runs = store.runs("ab", parents_only=True)
@@ -51,7 +82,7 @@ with ui.bad_run_shown(run, "this analysis"):
 
     # ------------------------------------------------------------------------------------------- SRM + verdicts
     srm = report.get("srm") or {}
-    status = str(srm.get("status", run["tags"].get("flywheel.ab.srm_status", "unknown"))).lower()
+    status = str(srm.get("status", run["tags"].get(T.AB_SRM_STATUS, "unknown"))).lower()
     color, text = SRM_BADGE.get(status, ("gray", f"SRM {ui.text(status)}"))
     observed = srm.get("observed") or {}
     st.markdown(f":{color}-badge[{text}] &nbsp; sample-ratio mismatch χ² p = {ui.pvalue(srm.get('p_value'))}"
@@ -157,30 +188,14 @@ with ui.bad_run_shown(run, "this analysis"):
     st.caption("Always-valid p-values and confidence sequences: looking after every batch does not inflate false "
                "positives, so each analysis below is a legitimate look.")
     variant = st.selectbox("Variant", list(dict.fromkeys(part["variant"])), key="ab_seq_variant")
-    prefix = store.sanitize(f"{variant}.{metric}")
-    same = [r for r in runs if r["run_name"] == run["run_name"] and f"{prefix}.estimate" in r["metrics"]]
-    looks = pd.DataFrame([{"time": pd.Timestamp(r["start_time"], unit="ms", tz="UTC"),
-                           "estimate": r["metrics"][f"{prefix}.estimate"],
-                           "ci_low": r["metrics"].get(f"{prefix}.ci_low"),
-                           "ci_high": r["metrics"].get(f"{prefix}.ci_high"),
-                           "p_value": r["metrics"].get(f"{prefix}.p_value"),
-                           "p_sequential": r["metrics"].get(f"{prefix}.p_sequential")}
-                          for r in same]).sort_values("time") \
-        if same else pd.DataFrame()
-    if len(looks) >= 2:
-        fig = go.Figure()
-        fig.add_trace(go.Scatter(x=looks["time"], y=looks["p_sequential"], mode="lines+markers",
-                                 name="always-valid p (sequential)"))
-        fig.add_trace(go.Scatter(x=looks["time"], y=looks["p_value"], mode="lines+markers", name="fixed-horizon p",
-                                 line=dict(dash="dot")))
-        fig.add_hline(y=alpha, line_dash="dash", annotation_text=f"α = {alpha}")
-        fig.update_layout(height=330, title=f"{variant} vs {control}, {metric}: p-values at each look ({len(looks)})",
-                          yaxis_type="log", margin=dict(l=10, r=10, t=50, b=10))
-        st.plotly_chart(fig, width="stretch")
+    across = next((c for c in (report.get("looks") or {}).get("comparisons", [])
+                   if c.get("variant") == variant and c.get("metric") == metric), None)
+    if across and len(across.get("looks") or []) >= 2:
+        sequential_looks_chart(across, alpha, f"{variant} vs {control}, {metric}")
     else:
-        st.caption(f"One look so far ({len(looks)} analysis of {ui.code(run['run_name'])}): "
-                   "re-run `flywheel ab analyze` as "
-                   "data arrives to see the sequence over time. Below: this look's fixed vs always-valid interval.")
+        st.caption("One look so far: re-run `flywheel ab analyze` as data arrives (same variants, control and "
+                   "metrics = the same experiment) to see the looks. Below: this look's fixed vs always-valid "
+                   "interval.")
     row = part[part["variant"] == variant].iloc[0]
     if pd.notna(row.get("sequential.ci_low")):
         fig = go.Figure()

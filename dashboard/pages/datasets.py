@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from flywheel.dashboard import store, ui
+from flywheel.pipelines import tags as T
 
 st.title("Datasets")
 runs = store.runs("mine", parents_only=True)
@@ -16,7 +17,7 @@ if not runs:
     st.stop()
 
 table = pd.DataFrame([{
-    "version": r["tags"].get("flywheel.dataset_version", "")[:12],
+    "version": r["tags"].get(T.DATASET_VERSION, "")[:12],
     "mined": ui.when(r["start_time"]),
     "read": r["metrics"].get("read"),
     "kept": r["metrics"].get("kept"),
@@ -24,15 +25,15 @@ table = pd.DataFrame([{
     "train": r["metrics"].get("split.train"),
     "eval": r["metrics"].get("split.eval"),
     "preferences": r["metrics"].get("preferences"),
-    "path": r["tags"].get("flywheel.dataset_path", ""),
+    "path": r["tags"].get(T.DATASET_PATH, ""),
 } for r in runs])
 st.dataframe(table, hide_index=True, width="stretch")
 
 run = ui.pick_run(runs, "Dataset version", key="datasets_run")
 with ui.bad_run_shown(run, "this dataset version"):
     m = run["metrics"]
-    st.subheader(f"Version {ui.code(run['tags'].get('flywheel.dataset_version', '?'))}")
-    st.caption(f"Written to {ui.code(run['tags'].get('flywheel.dataset_path', '?'))} · run {ui.code(run['run_id'])}")
+    st.subheader(f"Version {ui.code(run['tags'].get(T.DATASET_VERSION, '?'))}")
+    st.caption(f"Written to {ui.code(run['tags'].get(T.DATASET_PATH, '?'))} · run {ui.code(run['run_id'])}")
     ui.metrics_row([("Read", m.get("read")), ("Kept", m.get("kept")), ("Rejected", m.get("rejected")),
                     ("Train", m.get("split.train")), ("Eval", m.get("split.eval")),
                     ("Preferences", m.get("preferences"))])

@@ -10,6 +10,7 @@ import plotly.express as px
 import streamlit as st
 
 from flywheel.dashboard import store, ui
+from flywheel.pipelines import tags as T
 
 DECISION_COLOR = {"pass": "green", "fail": "red", "error": "orange"}
 
@@ -23,10 +24,10 @@ if not gates:
 else:
     history = pd.DataFrame([{
         "when": ui.when(r["start_time"]),
-        "decision": r["tags"].get("flywheel.gate.decision", "?"),
-        "candidate": r["tags"].get("flywheel.input.candidate", "-"),
-        "eval run": ui.short(r["tags"].get("flywheel.input.eval_run")),
-        "promoted": r["tags"].get("flywheel.promoted_version", ""),
+        "decision": r["tags"].get(T.GATE_DECISION, "?"),
+        "candidate": r["tags"].get(T.input_tag(T.IN_CANDIDATE), "-"),
+        "eval run": ui.short(r["tags"].get(T.input_tag(T.IN_EVAL_RUN))),
+        "promoted": r["tags"].get(T.PROMOTED_VERSION, ""),
         "run": r["run_name"],
     } for r in gates])
     counts = history["decision"].value_counts()
@@ -34,9 +35,9 @@ else:
                                                          for d in ("pass", "fail", "error")])
     st.dataframe(history, hide_index=True, width="stretch")
     gate = ui.pick_run(gates, "Report of", key="gate_run")
-    decision = gate["tags"].get("flywheel.gate.decision", "?")
+    decision = gate["tags"].get(T.GATE_DECISION, "?")
     st.markdown(f"Decision: :{DECISION_COLOR.get(decision, 'gray')}-badge[{ui.text(decision.upper())}] · "
-                f"candidate {ui.code(gate['tags'].get('flywheel.input.candidate', '-'))}")
+                f"candidate {ui.code(gate['tags'].get(T.input_tag(T.IN_CANDIDATE), '-'))}")
     with ui.bad_run_shown(gate, "this gate report"):
         report = store.artifact_text(gate["run_id"], "gate_report.md")
         if report:
@@ -63,16 +64,16 @@ else:
     table, spans = [], []
     for v in versions:
         t = v["tags"]
-        since, until = t.get("flywheel.champion_since"), t.get("flywheel.champion_until")
+        since, until = t.get(T.CHAMPION_SINCE), t.get(T.CHAMPION_UNTIL)
         table.append({"version": v["version"], "aliases": ", ".join(v["aliases"]), "champion since": since or "",
                       "champion until": until or ("now" if "champion" in v["aliases"] else ""),
-                      "promoted by gate run": ui.short(t.get("flywheel.promoted_by_gate_run")),
-                      "dataset": (t.get("flywheel.dataset_version") or t.get("flywheel.input.dataset_version")
+                      "promoted by gate run": ui.short(t.get(T.PROMOTED_BY_GATE_RUN)),
+                      "dataset": (t.get(T.DATASET_VERSION) or t.get(T.input_tag(T.IN_DATASET_VERSION))
                                   or "")[:12],
                       "registered": ui.when(v["creation_timestamp"]), "source run": ui.short(v["run_id"])})
         # `flywheel.promotions` keeps every interval (a version can come back); since/until is the latest one.
         try:
-            intervals = json.loads(t.get("flywheel.promotions", "[]"))
+            intervals = json.loads(t.get(T.PROMOTIONS, "[]"))
         except json.JSONDecodeError:
             intervals = []
         if not intervals and since:
@@ -106,8 +107,8 @@ if not publishes:
     ui.empty_state("published Modelfiles", "flywheel publish models:/flywheel-demo@champion")
 else:
     pub = ui.pick_run(publishes, "Publication", key="gate_publish")
-    st.caption(f"from {ui.code(pub['tags'].get('flywheel.input.model_uri', '?'))} → "
-               f"{ui.code(pub['tags'].get('flywheel.modelfile_path', '?'))}")
+    st.caption(f"from {ui.code(pub['tags'].get(T.input_tag(T.IN_MODEL_URI), '?'))} → "
+               f"{ui.code(pub['tags'].get(T.MODELFILE_PATH, '?'))}")
     with ui.bad_run_shown(pub, "this publication"):
         modelfile = store.artifact_text(pub["run_id"], "Modelfile")
         if modelfile:

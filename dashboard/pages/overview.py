@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from flywheel.dashboard import store, ui
+from flywheel.pipelines import tags as T
 
 st.title("Flywheel")
 st.caption("Rated chat logs → datasets → LoRA adapters → evaluated, gated and published models.")
@@ -20,10 +21,10 @@ if not champions:
                    "(the demo registers `flywheel-demo`).")
 for version in champions:
     tags = version["tags"]
-    since = tags.get("flywheel.champion_since", "")[:16].replace("T", " ")
+    since = tags.get(T.CHAMPION_SINCE, "")[:16].replace("T", " ")
     hops = store.lineage(version)
-    base = (tags.get("flywheel.base_model") or (hops["train"] or {}).get("tags", {}).get("flywheel.base_model")
-            or tags.get("flywheel.base_model_sha256", "")[:12] or "unknown")
+    base = (tags.get(T.BASE_MODEL) or (hops["train"] or {}).get("tags", {}).get(T.BASE_MODEL)
+            or tags.get(T.BASE_MODEL_SHA256, "")[:12] or "unknown")
     with st.container(border=True):
         st.markdown(f"### :material/trophy: {ui.code(version['name'])} v{ui.text(version['version'])}")
         st.markdown(f"champion since **{ui.text(since or 'unknown')}** · base model **{ui.text(base)}** · "
@@ -33,7 +34,7 @@ for version in champions:
     cols = st.columns(6)
     with cols[0]:
         st.markdown("**Logs**")
-        for path in (hops["logs"] or "unknown").split(","):
+        for path in hops["logs"] or ["unknown"]:
             st.caption(ui.code("/".join(path.strip().split("/")[-2:])))
     with cols[1]:
         st.markdown("**Dataset**")
@@ -49,13 +50,13 @@ for version in champions:
         st.markdown("**Gate**")
         gate = hops["gate"]
         if gate:
-            st.caption(f"decision: **{ui.text(gate['tags'].get('flywheel.gate.decision', '?'))}**")
+            st.caption(f"decision: **{ui.text(gate['tags'].get(T.GATE_DECISION, '?'))}**")
         ui.run_link("gate run", "gate", (gate or {}).get("run_id"))
     with cols[5]:
         st.markdown("**Modelfile**")
         publish = hops["publish"]
         if publish:
-            st.caption(ui.code(publish["tags"].get("flywheel.modelfile_path", "?")))
+            st.caption(ui.code(publish["tags"].get(T.MODELFILE_PATH, "?")))
         ui.run_link("publish run", "gate", (publish or {}).get("run_id"))
 
 # ------------------------------------------------------------------------------------------- stages
@@ -80,19 +81,19 @@ for stage, page, command, keys in STAGE_VIEW:
         continue
     summary = ", ".join(f"{k}={ui.num(run['metrics'][k])}" for k in keys if k in run["metrics"])
     if stage == "gate":
-        summary = f"decision={run['tags'].get('flywheel.gate.decision', '?')}"
+        summary = f"decision={run['tags'].get(T.GATE_DECISION, '?')}"
     elif stage == "ab":
-        summary = f"SRM={run['tags'].get('flywheel.ab.srm_status', '?')}; " + ", ".join(
-            f"{k.rsplit('.', 1)[-1]}: {v}" for k, v in run["tags"].items() if k.startswith("flywheel.ab.verdict."))
+        summary = f"SRM={run['tags'].get(T.AB_SRM_STATUS, '?')}; " + ", ".join(
+            f"{k.rsplit('.', 1)[-1]}: {v}" for k, v in run["tags"].items() if k.startswith(T.AB_VERDICT))
     elif stage == "embeddings":
-        summary = f"tasks: {run['tags'].get('flywheel.embeddings.tasks', '?')}"
+        summary = f"tasks: {run['tags'].get(T.EMBEDDINGS_TASKS, '?')}"
     elif stage == "prompts":
-        primary = run["tags"].get("flywheel.eval.primary_metric", "")
+        primary = run["tags"].get(T.EVAL_PRIMARY_METRIC, "")
         summary = ", ".join(f"{k}={ui.num(v)}" for k, v in run["metrics"].items() if primary and k.endswith(primary))
     elif stage == "publish":
-        summary = f"Modelfile {run['tags'].get('flywheel.modelfile_path', '?')}"
+        summary = f"Modelfile {run['tags'].get(T.MODELFILE_PATH, '?')}"
     elif stage == "mine":
-        summary = f"dataset {run['tags'].get('flywheel.dataset_version', '?')[:12]}; " + summary
+        summary = f"dataset {run['tags'].get(T.DATASET_VERSION, '?')[:12]}; " + summary
     rows.append({"stage": stage, "run": run["run_name"], "started": ui.when(run["start_time"]),
                  "status": run["status"], "summary": summary, "run_id": run["run_id"], "page": page})
 

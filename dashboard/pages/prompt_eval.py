@@ -7,6 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from flywheel.dashboard import store, ui
+from flywheel.pipelines import tags as T
 
 st.title("Prompt eval")
 runs = store.runs("prompts", parents_only=True)
@@ -89,7 +90,7 @@ with ui.bad_run_shown(run, "this evaluation"):
     st.subheader("Generations side by side")
     gen_tokens = (results.get("generation") or {}).get("max_new_tokens")
     if isinstance(gen_tokens, int) and gen_tokens <= 1:
-        sample = run["tags"].get("flywheel.eval.sample_run")
+        sample = run["tags"].get(T.EVAL_SAMPLE_RUN)
         st.info(f"This evaluation scored the reference answers only (NLL), so each generation below stops after "
                 f"{gen_tokens} token: it is not what a user would read. "
                 + (f"Real answers to the first cases are in the evaluation run `gate-sample` ({ui.short(sample)})."

@@ -7,6 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from flywheel.dashboard import store, ui
+from flywheel.pipelines import tags as T
 
 st.title("Training")
 runs = store.runs("train", parents_only=True)
@@ -39,9 +40,9 @@ for run in chosen:
     tps = c[c["metric"] == "tokens_per_s"]["value"]
     summary.append({
         "run": run["run_name"], "started": ui.when(run["start_time"]), "status": run["status"],
-        "base model": run["tags"].get("flywheel.base_model", "-"),
-        "dataset": run["tags"].get("flywheel.input.dataset_version", "-")[:12],
-        "backend": run["tags"].get("flywheel.backend", "-"), "device": run["tags"].get("flywheel.device", "-"),
+        "base model": run["tags"].get(T.BASE_MODEL, "-"),
+        "dataset": run["tags"].get(T.input_tag(T.IN_DATASET_VERSION), "-")[:12],
+        "backend": run["tags"].get(T.BACKEND, "-"), "device": run["tags"].get(T.DEVICE, "-"),
         "steps": int(c[c["metric"] == "loss"]["step"].max()) if (c["metric"] == "loss").any() else None,
         "final loss": _round(run["metrics"].get("loss")), "final eval loss": _round(run["metrics"].get("eval_loss")),
         "tokens/s (mean)": _round(float(tps.mean()), 1) if len(tps) else None,

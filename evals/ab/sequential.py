@@ -45,3 +45,16 @@ def msprt(estimate, se, n_per_arm, *, alpha: float = 0.05, tuning_n: float = 500
 def running_min_p(pvalues) -> np.ndarray:
     """Always-valid p after each look: the running minimum of the per-look mSPRT p-values (last axis)."""
     return np.minimum.accumulate(np.asarray(pvalues, dtype=float), axis=-1)
+
+
+def across_looks(p_values, ci_lows, ci_highs) -> dict:
+    """Combine the looks of one experiment, oldest first: after each look, the always-valid p-value (running
+    minimum) and the running intersection of the confidence sequences. Both stay valid at any stopping time
+    because each look's p / sequence is; the intersection is the tightest interval the looks so far support.
+    An empty intersection (low > high) means the looks contradict each other (the data changed under the test,
+    or the normal approximation fails): `empty` says so, the reviewer should not trust either end."""
+    lo = np.maximum.accumulate(np.asarray(ci_lows, dtype=float))
+    hi = np.minimum.accumulate(np.asarray(ci_highs, dtype=float))
+    p = running_min_p(p_values)
+    return {"p_running_min": p.tolist(), "cs_low": lo.tolist(), "cs_high": hi.tolist(),
+            "empty": bool(len(lo) and lo[-1] > hi[-1])}

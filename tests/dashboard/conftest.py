@@ -4,9 +4,10 @@ The stages' own python entries run where they are cheap: `flywheel.pipelines.min
 300-line slice of ../shared/data/oasst1-en-validation, `flywheel.pipelines.ab.run_ab` twice on growing demo logs (two
 looks), `flywheel.pipelines.embeddings.run_bench_embeddings` with the static model on 60 STS-B pairs, and the
 registry's `register_adapter` / `promote` for the champion alias history. Stages that need an LLM
-(train, eval, gate, publish) are logged exactly as their contracts say with the real mlflow client and real
-artifacts: training from numbers measured on this machine (SmolLM2 LoRA, loss 4.07 -> 0.61 in 10 steps, see
-measured: minutes on 2 CPU cores), because training or generating in a dashboard fixture costs minutes.
+(train, eval, gate, publish) are logged through the writers those stages use (`tracking.start_run` with the
+tag constants of `pipelines/tags.py`, `tracking.log_metrics`, the registry's functions), with small numbers in
+place of a real training (SmolLM2 LoRA, loss 4.07 -> 0.61 in 10 steps, measured on 2 CPU cores): training or
+generating in a dashboard fixture costs minutes. Renaming a tag therefore changes what this store holds.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from flywheel.pipelines import tags as T
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
@@ -52,14 +55,13 @@ def _metrics(client, run_id: str, values: dict, step: int = 0) -> None:
 
 def _run(client, stage: str, name: str, inputs: dict | None = None, tags: dict | None = None,
          parent: str | None = None) -> str:
-    from flywheel.pipelines.tracking import TAG_INPUT, TAG_STAGE, experiment_id
+    """A run opened and tagged by the stages' own `tracking.start_run` (stage, commit, `flywheel.input.*`);
+    `client` logs its metrics and artifacts afterwards (MLflow accepts them on a finished run)."""
+    from flywheel.pipelines import tracking
 
-    all_tags = {TAG_STAGE: stage, "flywheel.git_commit": "0" * 40}
-    all_tags.update({TAG_INPUT + k: str(v) for k, v in (inputs or {}).items()})
-    all_tags.update(tags or {})
-    if parent:
-        all_tags["mlflow.parentRunId"] = parent
-    return client.create_run(experiment_id(stage), run_name=name, tags=all_tags).info.run_id
+    extra = {**(tags or {}), **({T.MLFLOW_PARENT_RUN: parent} if parent else {})}
+    with tracking.start_run(stage, name, inputs=inputs, tags=extra) as run:
+        return run.info.run_id
 
 
 def build_store(tmp: Path) -> dict:
@@ -93,10 +95,10 @@ def build_store(tmp: Path) -> dict:
     # ---- train: the CPU LoRA numbers measured on this machine (loss 4.07 -> 0.61 in 10 steps, ~3 s/step)
     train_ids = []
     for k, (first, last) in enumerate([(4.07, 0.61), (4.10, 0.92)]):
-        run = _run(client, "train", f"smollm2-lora-{k}", inputs={"dataset_version": dataset_version,
-                                                                  "mine_run": mine},
-                   tags={"flywheel.base_model": "smollm2-135m-instruct", "flywheel.base_model_sha256": "f" * 64,
-                         "flywheel.backend": "trl", "flywheel.device": "cpu"})
+        run = _run(client, "train", f"smollm2-lora-{k}", inputs={T.IN_DATASET_VERSION: dataset_version,
+                                                                  T.IN_MINE_RUN: mine},
+                   tags={T.BASE_MODEL: "smollm2-135m-instruct", T.BASE_MODEL_SHA256: "f" * 64,
+                         T.BACKEND: "trl", T.DEVICE: "cpu"})
         for step in range(1, 11):
             loss = first + (last - first) * (step - 1) / 9
             values = {"loss": loss, "learning_rate": 2e-4 * (1 - step / 10), "grad_norm": 3.0 / step,
@@ -171,7 +173,7 @@ def build_store(tmp: Path) -> dict:
                       "run_id": analysed["run_id"]}
 
     # ---- prompts (flywheel eval): cells, comparisons, child runs with cases
-    evaluation = _run(client, "prompts", "eval-demo", inputs={"train_run": train_ids[0]})
+    evaluation = _run(client, "prompts", "eval-demo", inputs={T.IN_TRAIN_RUN: train_ids[0]})
     cells = [{"variant": v, "target": t, "metric": "rougeL", "mean": m, "ci_low": m - 0.05, "ci_high": m + 0.05,
               "n": 20, "direction": "higher"}
              for (v, t, m) in [("v1", "base", 0.21), ("v1", "adapter", 0.34), ("v2", "base", 0.25),
@@ -196,35 +198,36 @@ def build_store(tmp: Path) -> dict:
 
     gate_ids = []
     for k in range(2):
-        gate = _run(client, "gate", f"gate-{k}", inputs={"candidate": f"runs:/{train_ids[k]}/adapter",
-                                                           "eval_run": evaluation, "train_run": train_ids[k],
-                                                           "dataset_version": dataset_version},
-                    tags={"flywheel.gate.decision": "pass"})
+        gate = _run(client, "gate", f"gate-{k}", inputs={T.IN_CANDIDATE: f"runs:/{train_ids[k]}/adapter",
+                                                           T.IN_EVAL_RUN: evaluation, T.IN_TRAIN_RUN: train_ids[k],
+                                                           T.IN_DATASET_VERSION: dataset_version},
+                    tags={T.GATE_DECISION: "pass"})
         _log_text(client, gate, "gate_report.md", "## Gate: PASS\n\n| metric | champion | candidate |\n|---|---|---|\n"
                                                   "| rougeL | 0.21 | 0.34 |\n", tmp)
         _log_text(client, gate, "gate.json", json.dumps({"decision": "pass"}), tmp)
         model = registry.resolve_model(f"runs:/{train_ids[k]}/adapter", "candidate")
         version = registry.register_adapter("flywheel-demo", model, tags={
-            "flywheel.input.eval_run": evaluation, "flywheel.input.gate_run": gate})
+            T.input_tag(T.IN_EVAL_RUN): evaluation, T.input_tag(T.IN_GATE_RUN): gate})
         registry.promote("flywheel-demo", version, gate)
-        client.set_tag(gate, "flywheel.promoted_version", version)
+        client.set_tag(gate, T.PROMOTED_VERSION, version)
         client.set_terminated(gate)
         gate_ids.append(gate)
-    failing = _run(client, "gate", "gate-refused", inputs={"candidate": "runs:/x/adapter"},
-                   tags={"flywheel.gate.decision": "fail"})
+    failing = _run(client, "gate", "gate-refused", inputs={T.IN_CANDIDATE: "runs:/x/adapter"},
+                   tags={T.GATE_DECISION: "fail"})
     _log_text(client, failing, "gate_report.md", "## Gate: FAIL\n\nrougeL did not improve.\n", tmp)
     client.set_terminated(failing)
 
     publish = _run(client, "publish", "publish-demo",
-                   inputs={"model_uri": "models:/flywheel-demo@champion", "gate_run": gate_ids[1],
-                           "train_run": train_ids[1], "dataset_version": dataset_version},
-                   tags={"flywheel.modelfile_path": "Modelfiles/flywheel-demo/Modelfile"})
+                   inputs={T.IN_MODEL_URI: "models:/flywheel-demo@champion", T.IN_GATE_RUN: gate_ids[1],
+                           T.IN_TRAIN_RUN: train_ids[1], T.IN_DATASET_VERSION: dataset_version},
+                   tags={T.MODELFILE_PATH: "Modelfiles/flywheel-demo/Modelfile"})
     _log_text(client, publish, "Modelfile", 'FROM smollm2:135m\nADAPTER ./adapter\nPARAMETER stop "<|im_end|>"\n',
               tmp)
     _log_text(client, publish, "README.md", "# flywheel-demo\n\nLineage: logs → dataset → train → eval → gate.\n",
               tmp)
     client.set_terminated(publish)
-    loop = _run(client, "run", "loop-1", inputs={"mine_run": mine, "train_run": train_ids[1], "gate_run": gate_ids[1]})
+    loop = _run(client, "run", "loop-1",
+                inputs={T.IN_MINE_RUN: mine, T.IN_TRAIN_RUN: train_ids[1], T.IN_GATE_RUN: gate_ids[1]})
     client.set_terminated(loop)
     expected["gate"] = {"champion_version": "2", "gate_run": gate_ids[1], "publish_run": publish,
                         "train_run": train_ids[1], "mine_run": mine, "dataset_version": dataset_version}
@@ -298,7 +301,7 @@ def bare_runs_store(tmp_path, monkeypatch):
         setup()
         client = MlflowClient()
         for stage in STAGES:
-            run = client.create_run(experiment_id(stage), run_name=f"bare-{stage}", tags={"flywheel.stage": stage})
+            run = client.create_run(experiment_id(stage), run_name=f"bare-{stage}", tags={T.STAGE: stage})
             client.set_terminated(run.info.run_id, status="FAILED")
         client.create_registered_model("half-registered")
         yield home

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from flywheel.pipelines import tags as T
+
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 PAGES = ["overview", "datasets", "training", "embeddings", "prompt_eval", "ab", "gate"]
 
@@ -129,7 +131,10 @@ def test_ab_report(dash_store):
     assert "not a p-value" in shown and "chance to beat control" in shown  # Bayesian block, labelled apart
     assert exp["decision"] in shown
     charts = [c.proto.spec for c in at.get("plotly_chart")]
-    assert any("p-values at each look (2)" in c for c in charts)  # two analyses of one experiment: two looks
+    # two analyses of one experiment: two looks, read back from the store by the stage (report["looks"])
+    assert any("p-values over 2 looks" in c and "running minimum" in c for c in charts)
+    assert any("intersection" in c for c in charts)
+    assert "Across the looks: p =" in shown
     assert len(at.get("plotly_chart")) >= 4
 
 
@@ -203,7 +208,7 @@ def test_prompt_eval_labels_one_token_generations(mlflow_store, tmp_path, with_s
     setup()
     client = MlflowClient()
     sample = _run(client, "prompts", "gate-sample") if with_sample else None
-    ev = _run(client, "prompts", "gate", tags={"flywheel.eval.sample_run": sample} if sample else None)
+    ev = _run(client, "prompts", "gate", tags={T.EVAL_SAMPLE_RUN: sample} if sample else None)
     cells = [{"variant": "concise", "target": t, "metric": "nll", "mean": 2.0, "ci_low": 1.9, "ci_high": 2.1,
               "n": 4, "direction": "lower"} for t in ("base", "candidate")]
     _log_text(client, ev, "results.json", json.dumps({"cells": cells, "generation": {"max_new_tokens": 1}}),

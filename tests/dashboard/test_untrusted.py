@@ -16,6 +16,8 @@ from tests.dashboard.conftest import _log_text, _metrics, _mlflow_uris_restored,
 from tests.dashboard.test_app import render
 from tests.evals.test_markdown import EVIL, outside_refs
 
+from flywheel.pipelines import tags as T
+
 EVIL_IMAGE = "![q](http://evil.example/q.png)"
 
 
@@ -65,15 +67,15 @@ def test_hostile_strings_render_as_text(small_store):
     from flywheel.evals.gate import report_markdown
 
     client, tmp = small_store
-    mine = _run(client, "mine", EVIL, tags={"flywheel.dataset_version": EVIL, "flywheel.dataset_path": EVIL})
+    mine = _run(client, "mine", EVIL, tags={T.DATASET_VERSION: EVIL, T.DATASET_PATH: EVIL})
     _metrics(client, mine, {"read": 3, "kept": 2, "rejected": 1, "pii.email": 1})
     _log_text(client, mine, "samples.jsonl", json.dumps({
         "id": EVIL, "rating": EVIL_IMAGE, "source": "http://evil.example/s", "messages": [
             {"role": EVIL_IMAGE, "content": f"mail <EMAIL> then {EVIL_IMAGE} or http://evil.example/x"}]}) + "\n", tmp)
     client.set_terminated(mine)
 
-    gate = _run(client, "gate", EVIL, inputs={"candidate": EVIL},
-                tags={"flywheel.gate.decision": "fail" + EVIL_IMAGE})
+    gate = _run(client, "gate", EVIL, inputs={T.IN_CANDIDATE: EVIL},
+                tags={T.GATE_DECISION: "fail" + EVIL_IMAGE})
     report = report_markdown({"decision": "error", "exit_code": 2, "checks": [], "reasons": [EVIL]},
                              baseline_label="base", candidate_label=EVIL)
     # An old or hand-made report is no safer than run tags: the page must not render whatever the file holds.
@@ -124,7 +126,7 @@ def _two_runs(client, tmp, stage: str, artifact: str, good: str, **tags) -> tupl
 ])
 def test_one_bad_run_does_not_take_the_page_down(small_store, page, stage, artifact, good):
     client, tmp = small_store
-    good_id, bad_id = _two_runs(client, tmp, stage, artifact, good, **{"flywheel.dataset_version": "ds-1"})
+    good_id, bad_id = _two_runs(client, tmp, stage, artifact, good, **{T.DATASET_VERSION: "ds-1"})
 
     at = render(page)  # asserts no exception: the page lives with the bad run preselected
     warnings = " ".join(w.value for w in at.warning)
