@@ -26,7 +26,6 @@ config `flywheel demo` uses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,9 +38,9 @@ from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import InputError
 from flywheel.foundation.io import read_json
 
+from flywheel.mining.slices import expand_inputs, new_slices, prefix_sha as _prefix_sha, write_slices  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
-LINE_FORMATS = (".jsonl", ".ndjson", ".json")  # append-only logs: sliced by bytes at line ends
-LOG_SUFFIXES = LINE_FORMATS + (".parquet", ".csv", ".tsv")
 
 
 class LoopConfig(StageConfig):
@@ -78,76 +77,7 @@ def demo_loop_config(logs: str | Path, work_dir: str | Path, **overrides: Any) -
     return LoopConfig.model_validate(data)
 
 
-# -- new logs -------------------------------------------------------------------------------------------------
-
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for s in inputs:
-        p = Path(s).expanduser()
-        if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in LOG_SUFFIXES
-                            and not q.name.startswith("."))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise InputError(f"inputs: {s}: no such file or directory")
-    if not files:
-        raise InputError(f"inputs: no log files in {inputs or '[] (set inputs=[path])'}")
-    return [f.resolve() for f in files]
-
-
-def _prefix_sha(path: Path, n: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = n
-        while left > 0 and (block := f.read(min(1 << 20, left))):
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
-
-
-def new_slices(files: list[Path], state: dict) -> list[dict]:
-    """For each file: {path, start, end, reason} of bytes not consumed yet (complete lines only)."""
-    out = []
-    seen = state.get("files", {})
-    for f in files:
-        size = f.stat().st_size
-        rec = seen.get(str(f))
-        start, reason = 0, "new file"
-        if rec:
-            if size >= rec["bytes"] and _prefix_sha(f, rec["bytes"]) == rec["sha256"]:
-                start, reason = rec["bytes"], "appended"
-            else:
-                reason = "rewritten"
-        end = size
-        if f.suffix in LINE_FORMATS and end > start:
-            with open(f, "rb") as fh:  # stop at the last newline: a line still being written waits
-                fh.seek(start)
-                chunk = fh.read(end - start)
-            cut = chunk.rfind(b"\n")
-            end = start + cut + 1 if cut >= 0 else start
-        elif f.suffix not in LINE_FORMATS and rec and reason == "appended":
-            end = start = size  # a binary table is either unchanged or new in full
-        if end > start:
-            out.append({"path": str(f), "start": start, "end": end, "reason": reason})
-    return out
-
-
-def write_slices(slices: list[dict], batch_dir: Path) -> list[str]:
-    """Copy the new byte ranges into `batch_dir` (one file per source, original suffix kept)."""
-    from flywheel.foundation.io import atomic_dir
-
-    written = []
-    with atomic_dir(batch_dir, inputs=[s["path"] for s in slices], stage="run") as tmp:
-        for i, s in enumerate(slices):
-            src = Path(s["path"])
-            dst = tmp / f"{i:03d}-{src.name}"
-            with open(src, "rb") as fi, open(dst, "wb") as fo:
-                fi.seek(s["start"])
-                fo.write(fi.read(s["end"] - s["start"]))
-            written.append(dst.name)
-    return [str(batch_dir / w) for w in written]
-
+# -- new logs (the slicing itself is the mining core's: flywheel.mining.slices) ---------------------------------
 
 def load_state(work: Path) -> dict:
     p = work / "state.json"
