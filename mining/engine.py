@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 from flywheel.foundation.errors import InputError
 from flywheel.foundation.io import atomic_dir, dumps, sha256_file, sha256_text, write_json
-from flywheel.mining import readers
+from flywheel.mining import ids, readers
 from flywheel.mining.config import RUNTIME_KEYS, MineConfig, usable_cpus
 from flywheel.mining.dedupe import Deduper
 from flywheel.mining.preferences import GapMiner
@@ -152,6 +152,8 @@ class Router:
         self.seen_prefs: set[str] = set()
         self.n_prefs = 0
         self.seq = 0
+        self.id_count: Counter = Counter()  # candidates per id: only shared ids need `ids.resolve`
+        self.rep_file: list[int] = []  # input file of each dedupe cluster's representative
 
     def write_pref(self, pid: str, line: str) -> None:
         if pid not in self.seen_prefs:
@@ -170,8 +172,12 @@ class Router:
             c["read"] += 1
             if kind == "cand":  # place it in a dedupe cluster now, decide who wins at the end
                 self.seq += 1
-                cl, _how = self.dedup.add(self.seq, ev.key, ev.sig, ev.rating, ev.id, ev.group)
-                self.spill.write(f"{self.seq}\t{i}\t{cl}\t{ev.key.hex()}\t{ev.record}\n")
+                cl, how = self.dedup.add(self.seq, ev.key, ev.sig, ev.rating, ev.id, ev.group)
+                if how == "new":
+                    self.rep_file.append(i)
+                self.id_count[ev.id] += 1
+                # the id as JSON: a conversation id may hold a tab; JSON escapes it
+                self.spill.write(f"{self.seq}\t{i}\t{cl}\t{ev.key.hex()}\t{dumps(ev.id)}\t{ev.chain}\t{ev.record}\n")
                 if ev.gap is not None:
                     self.gaps.add(*ev.gap)
             elif kind == "filtered":
@@ -212,11 +218,54 @@ def stream_file(pool, workers: int, router: Router, i: int, inp: InputFile, cfg:
 
 
 # ------------------------------------------------------------------------------------------ 4. split + write
+@dataclass
+class IdPlan:
+    """`ids.resolve` over every shared id: winners superseded by a longer version, ids renamed by their file."""
+    superseded: set[int] = field(default_factory=set)  # seqs
+    renamed: dict[tuple[int, str], str] = field(default_factory=dict)  # (file index, id) -> new id
+
+
+def plan_ids(router: Router, plan: list[InputFile]) -> IdPlan:
+    """A pass over the spill collecting the cluster winners whose id another candidate shares."""
+    shared = {k for k, n in router.id_count.items() if n > 1}
+    out = IdPlan()
+    if not shared:
+        return out
+    versions: dict[str, list[ids.Version]] = {}
+    with open(router.spill_path, encoding="utf-8") as sp:
+        for line in sp:
+            sq, i, cl, _key, rid, chain, _rec = line.split("\t", 6)
+            if router.dedup.winner(int(cl)) == int(sq):
+                rec_id = json.loads(rid)
+                if rec_id in shared:
+                    versions.setdefault(rec_id, []).append(ids.Version(int(sq), int(i), chain))
+    sha = [p.counts["sha256"] for p in plan]
+    for rec_id, vs in versions.items():
+        if len(vs) > 1:
+            sup, ren = ids.resolve(rec_id, vs, sha)
+            out.superseded |= sup
+            out.renamed.update({(f, rec_id): new for f, new in ren.items()})
+    return out
+
+
+def _output_line(router: Router, idp: IdPlan, i: int, cl: int, rec_id: str, rec: str) -> str:
+    """The record's JSON with the cluster id spliced in ("cluster" sorts first); a reused id gets its file's."""
+    dedup = router.dedup
+    cluster = dedup.rep_id[cl]
+    cluster = idp.renamed.get((router.rep_file[cl], cluster), cluster)
+    if (i, rec_id) in idp.renamed:
+        obj = json.loads(rec)
+        obj["id"] = idp.renamed[(i, rec_id)]
+        rec = dumps(obj) + "\n"
+    return '{"cluster":' + dumps(cluster) + "," + rec[1:]
+
+
 def write_splits(tmp: Path, router: Router, plan: list[InputFile], cfg: MineConfig,
                  progress: ProgressFn) -> tuple[dict, list[dict]]:
-    """Each cluster's winner goes to its split; the others are counted as duplicates. The records were serialised
-    by the workers; only the cluster id is spliced in ("cluster" sorts first). Returns (split counts, samples)."""
+    """Each cluster's winner goes to its split; the others are counted as duplicates, a winner that a longer
+    version of its conversation supersedes as `superseded`. Returns (split counts, samples)."""
     dedup, total, done = router.dedup, router.spill_path.stat().st_size, 0
+    idp = plan_ids(router, plan)
     splits = {"train": 0, "eval": 0}
     samples: list[dict] = []
     with open(router.spill_path, encoding="utf-8") as sp, \
@@ -226,14 +275,17 @@ def write_splits(tmp: Path, router: Router, plan: list[InputFile], cfg: MineConf
         for line in sp:
             done += len(line)
             progress("split + write", done, total)
-            sq, i, cl, key_hex, rec = line.split("\t", 4)
+            sq, i, cl, key_hex, rid, _chain, rec = line.split("\t", 6)
             i, cl = int(i), int(cl)
             if dedup.winner(cl) != int(sq):
                 plan[i].counts["filtered"][dedup.duplicate_reason(cl, bytes.fromhex(key_hex))] += 1
                 continue
+            if int(sq) in idp.superseded:
+                plan[i].counts["filtered"]["superseded"] += 1
+                continue
             plan[i].counts["kept"] += 1
             which = split_of(dedup.rep_group[cl], cfg.eval_fraction, cfg.split_salt)
-            out_line = '{"cluster":' + dumps(dedup.rep_id[cl]) + "," + rec[1:]
+            out_line = _output_line(router, idp, i, cl, json.loads(rid) if idp.renamed else "", rec)
             (tr if which == "train" else ev_f).write(out_line)
             splits[which] += 1
             if which == "train" and len(samples) < 20:
