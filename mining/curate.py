@@ -43,18 +43,6 @@ class Cand(NamedTuple):
     rating: int
     id: str
     group: str
-    chain: str = ""  # `turn_chain`: tells a conversation's later, longer log entry from a different conversation
-
-
-def turn_chain(messages: list[dict]) -> str:
-    """Space-separated running hashes of the turns: entry k hashes turns 0..k. Conversation A is an earlier
-    version of B (logged once per turn, the history growing) when A's last entry is B's entry at A's length."""
-    h = hashlib.blake2b(digest_size=8)
-    out = []
-    for m in messages:
-        h.update(f"{m['role']}\x1f{m['content']}\x1e".encode("utf-8"))
-        out.append(h.copy().hexdigest())
-    return " ".join(out)
 
 
 class Filtered(NamedTuple):
@@ -265,7 +253,7 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
             continue
         rec = dumps(output_record(cand, s["system_template"]))
         out.append(Cand("cand", line, rec, exact_key("\x1e".join(norms)), None, gap, cand["rating"], cand["id"],
-                        cand["group"], turn_chain(cand["messages"])))
+                        cand["group"]))
         if s["near_dedupe"]:
             # Exact dedupe on the whole conversation; near-dedupe on the assistant reply alone. With the history
             # in the shingles, two *different* replies to one long oasst thread look 90% alike and would be

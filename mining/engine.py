@@ -177,7 +177,7 @@ class Router:
                     self.rep_file.append(i)
                 self.id_count[ev.id] += 1
                 # the id as JSON: a conversation id may hold a tab; JSON escapes it
-                self.spill.write(f"{self.seq}\t{i}\t{cl}\t{ev.key.hex()}\t{dumps(ev.id)}\t{ev.chain}\t{ev.record}\n")
+                self.spill.write(f"{self.seq}\t{i}\t{cl}\t{ev.key.hex()}\t{dumps(ev.id)}\t{ev.record}\n")
                 if ev.gap is not None:
                     self.gaps.add(*ev.gap)
             elif kind == "filtered":
@@ -234,11 +234,12 @@ def plan_ids(router: Router, plan: list[InputFile]) -> IdPlan:
     versions: dict[str, list[ids.Version]] = {}
     with open(router.spill_path, encoding="utf-8") as sp:
         for line in sp:
-            sq, i, cl, _key, rid, chain, _rec = line.split("\t", 6)
+            sq, i, cl, _key, rid, rec = line.split("\t", 5)
             if router.dedup.winner(int(cl)) == int(sq):
                 rec_id = json.loads(rid)
-                if rec_id in shared:
-                    versions.setdefault(rec_id, []).append(ids.Version(int(sq), int(i), chain))
+                if rec_id in shared:  # the turns, not the system message: retrieved context may vary per turn
+                    turns = [m for m in json.loads(rec)["messages"] if m["role"] != "system"]
+                    versions.setdefault(rec_id, []).append(ids.Version(int(sq), int(i), ids.turn_chain(turns)))
     sha = [p.counts["sha256"] for p in plan]
     for rec_id, vs in versions.items():
         if len(vs) > 1:
@@ -275,7 +276,7 @@ def write_splits(tmp: Path, router: Router, plan: list[InputFile], cfg: MineConf
         for line in sp:
             done += len(line)
             progress("split + write", done, total)
-            sq, i, cl, key_hex, rid, _chain, rec = line.split("\t", 6)
+            sq, i, cl, key_hex, rid, rec = line.split("\t", 5)
             i, cl = int(i), int(cl)
             if dedup.winner(cl) != int(sq):
                 plan[i].counts["filtered"][dedup.duplicate_reason(cl, bytes.fromhex(key_hex))] += 1

@@ -11,13 +11,25 @@ Chat logs name a record by its conversation id, and two cases put one id on seve
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 
 class Version(NamedTuple):
     seq: int  # input order
     file: int  # input file index
-    chain: str  # curate.turn_chain of its turns
+    chain: str  # turn_chain of its turns
+
+
+def turn_chain(messages: list[dict]) -> str:
+    """Space-separated running hashes of the turns: entry k hashes turns 0..k. Conversation A is an earlier
+    version of B (logged once per turn, the history growing) when A's last entry is B's entry at A's length."""
+    h = hashlib.blake2b(digest_size=8)
+    out = []
+    for m in messages:
+        h.update(f"{m['role']}\x1f{m['content']}\x1e".encode("utf-8"))
+        out.append(h.copy().hexdigest())
+    return " ".join(out)
 
 
 def _extends(longer: Version, shorter: Version) -> bool:
