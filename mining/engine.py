@@ -30,6 +30,7 @@ from flywheel.foundation.errors import InputError
 from flywheel.foundation.io import atomic_dir, dumps, sha256_file, sha256_text, write_json
 from flywheel.mining import ids, readers
 from flywheel.mining.config import RUNTIME_KEYS, MineConfig, usable_cpus
+from flywheel.mining.curate import normalise
 from flywheel.mining.dedupe import Deduper
 from flywheel.mining.preferences import GapMiner
 from flywheel.mining.split import split_of
@@ -147,7 +148,10 @@ class Router:
         self.spill_path = work_dir / "candidates.jsonl"
         self.spill = open(self.spill_path, "w", encoding="utf-8")
         self.rejects = open(tmp / "rejects.jsonl", "w", encoding="utf-8")
-        self.prefs = open(tmp / "preferences.jsonl", "w", encoding="utf-8")
+        self.prefs = {"preferences": open(tmp / "preferences.jsonl", "w", encoding="utf-8"),
+                      "preferences_eval": open(tmp / "preferences_eval.jsonl", "w", encoding="utf-8")}
+        self.pref_splits = {"preferences": 0, "preferences_eval": 0}
+        self.eval_fraction, self.salt = cfg.eval_fraction, cfg.split_salt
         self.pii: Counter = Counter()
         self.seen_prefs: set[str] = set()
         self.n_prefs = 0
@@ -155,11 +159,18 @@ class Router:
         self.id_count: Counter = Counter()  # candidates per id: only shared ids need `ids.resolve`
         self.rep_file: list[int] = []  # input file of each dedupe cluster's representative
 
-    def write_pref(self, pid: str, line: str) -> None:
-        if pid not in self.seen_prefs:
-            self.seen_prefs.add(pid)
-            self.prefs.write(line + "\n")
-            self.n_prefs += 1
+    def write_pref(self, pid: str, line: str, prompt: list[dict] | None = None) -> None:
+        """A preference goes to train or eval by the SFT split's hash (`split_of`, same salt and fraction) of its
+        normalised prompt, so no prompt sits on both sides."""
+        if pid in self.seen_prefs:
+            return
+        self.seen_prefs.add(pid)
+        prompt = json.loads(line)["prompt"] if prompt is None else prompt
+        group = "\x1e".join(f"{m['role']}\x1f{normalise(m['content'])}" for m in prompt)
+        which = "preferences" if split_of(group, self.eval_fraction, self.salt) == "train" else "preferences_eval"
+        self.prefs[which].write(line + "\n")
+        self.pref_splits[which] += 1
+        self.n_prefs += 1
 
     def route(self, i: int, c: dict, events: list[tuple]) -> None:
         """Events of input `i` (its manifest entry `c`)."""
@@ -297,9 +308,10 @@ def write_splits(tmp: Path, router: Router, plan: list[InputFile], cfg: MineConf
 def write_preferences(router: Router) -> None:
     """Rating-gap pairs, mined bucket by bucket once every answer has been seen."""
     for p in router.gaps.mine():
-        router.write_pref(p["id"], dumps(p))
+        router.write_pref(p["id"], dumps(p), p["prompt"])
     router.gaps.close()
-    router.prefs.close()
+    for f in router.prefs.values():
+        f.close()
 
 
 # ------------------------------------------------------------------------------------------ 5. manifest + card
@@ -326,7 +338,7 @@ def build_manifest(tmp: Path, plan: list[InputFile], pii_counts: Counter, splits
               "pii": dict(sorted(pii_counts.items()))}
     config = {k: v for k, v in cfg.model_dump().items() if k not in RUNTIME_KEYS}
     files = {name: sha256_file(tmp / name) for name in ("train.jsonl", "eval.jsonl", "preferences.jsonl",
-                                                         "rejects.jsonl")}
+                                                         "preferences_eval.jsonl", "rejects.jsonl")}
     body = {"inputs": inputs, "counts": counts, "splits": splits, "config": config, "files": files}
     return {"version": sha256_text(dumps(body))[:16], "schema": 1, **body}
 
@@ -382,6 +394,7 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, forc
             router.close_stream()
             splits, samples = write_splits(tmp, router, plan, cfg, progress)
             write_preferences(router)
+            splits.update(router.pref_splits)
             shutil.rmtree(work_dir)
             manifest = build_manifest(tmp, plan, router.pii, splits, router.n_prefs, cfg)
             finish(tmp, manifest, samples)

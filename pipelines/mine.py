@@ -83,7 +83,9 @@ def _log_run(out: Path, manifest: dict, cfg: MineConfig) -> str:
     c = manifest["counts"]
     metrics: dict[str, float] = {"read": c["read"], "kept": c["kept"], "rejected": c["rejected"],
                                  "split.train": manifest["splits"]["train"],
-                                 "split.eval": manifest["splits"]["eval"], "preferences": c["preferences"]}
+                                 "split.eval": manifest["splits"]["eval"], "preferences": c["preferences"],
+                                 "split.preferences": manifest["splits"].get("preferences", 0),
+                                 "split.preferences_eval": manifest["splits"].get("preferences_eval", 0)}
     metrics.update({f"filtered.{k}": v for k, v in c["filtered"].items()})
     metrics.update({f"pii.{k}": v for k, v in c["pii"].items()})
     tags = {"flywheel.dataset_version": manifest["version"], "flywheel.dataset_path": str(out)}
@@ -129,7 +131,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"dataset {res['version']} -> {res['out']}")
         typer.echo(f"read {c['read']} = kept {c['kept']} + rejected {c['rejected']} + filtered "
                    f"{sum(c['filtered'].values())} {dict(c['filtered'])}")
-        typer.echo(f"train {res['splits']['train']}  eval {res['splits']['eval']}  preferences {c['preferences']}"
+        typer.echo(f"train {res['splits']['train']}  eval {res['splits']['eval']}  preferences {c['preferences']} "
+                   f"(train {res['splits']['preferences']}, eval {res['splits']['preferences_eval']})"
                    f"  pii {dict(c['pii'])}")
         if res["run_id"]:
             typer.echo(f"mlflow run {res['run_id']} (experiment flywheel/mine)")
