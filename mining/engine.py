@@ -20,6 +20,7 @@ Plain functions over plain data: progress goes to an optional callback `progress
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -361,8 +362,32 @@ def finish(tmp: Path, manifest: dict, samples: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the whole run
+def _exit_with_parent(parent_pid: int) -> None:
+    """Pool initializer: a worker must not outlive `flywheel mine` (a `kill -9` of the parent would leave it
+    running, reparented to init). The kernel signals it when the parent dies (Linux `PR_SET_PDEATHSIG`); a
+    thread polling the parent id covers other systems and a parent that died before the call."""
+    import ctypes
+    import signal
+    import threading
+    import time
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the watchdog alone
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def open_pool(workers: int):
-    """A process pool for `work`, or None to run in this process."""
+    """A process pool for `work` whose workers exit when this process dies, or None to run in this process."""
     if workers <= 1:
         return None
     import multiprocessing as mp
@@ -372,7 +397,8 @@ def open_pool(workers: int):
     # fork starts in milliseconds and works from any __main__ (stdin, notebooks), but forking a process that
     # runs threads (an earlier MLflow run in the same `flywheel run`) can deadlock: spawn then.
     method = "fork" if threading.active_count() == 1 and "fork" in mp.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 
 def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False,
