@@ -32,7 +32,7 @@ from flywheel.foundation.io import atomic_dir, dumps, sha256_file, sha256_text, 
 from flywheel.mining import ids, readers
 from flywheel.mining.config import RUNTIME_KEYS, MineConfig, usable_cpus
 from flywheel.mining.curate import normalise
-from flywheel.mining.dedupe import Deduper
+from flywheel.mining.dedupe import DedupeIndex, Deduper
 from flywheel.mining.preferences import GapMiner
 from flywheel.mining.split import split_of
 
@@ -143,8 +143,9 @@ def file_tasks(path: Path, fmt: str, cfg: MineConfig, s: dict, advance: Callable
 class Router:
     """Counts every record under one outcome and sends it where it goes: dedupe + spill, rejects, preferences."""
 
-    def __init__(self, tmp: Path, work_dir: Path, cfg: MineConfig):
-        self.dedup = Deduper(near=cfg.dedupe.near, threshold=cfg.dedupe.threshold, num_perm=cfg.dedupe.num_perm)
+    def __init__(self, tmp: Path, work_dir: Path, cfg: MineConfig, prior: DedupeIndex | None = None):
+        self.dedup = Deduper(near=cfg.dedupe.near, threshold=cfg.dedupe.threshold, num_perm=cfg.dedupe.num_perm,
+                             prior=prior)
         self.gaps = GapMiner(work_dir / "gaps", min_gap=cfg.preferences.min_rating_gap)
         self.spill_path = work_dir / "candidates.jsonl"
         self.spill = open(self.spill_path, "w", encoding="utf-8")
@@ -158,7 +159,7 @@ class Router:
         self.n_prefs = 0
         self.seq = 0
         self.id_count: Counter = Counter()  # candidates per id: only shared ids need `ids.resolve`
-        self.rep_file: list[int] = []  # input file of each dedupe cluster's representative
+        self.rep_file: list[int] = [-1] * len(self.dedup)  # input file of each cluster's representative
 
     def write_pref(self, pid: str, line: str, prompt: list[dict] | None = None) -> None:
         """A preference goes to train or eval by the SFT split's hash (`split_of`, same salt and fraction) of its
@@ -325,7 +326,7 @@ def card_examples(samples: list[dict]) -> list[dict]:
 
 
 def build_manifest(tmp: Path, plan: list[InputFile], pii_counts: Counter, splits: dict, n_prefs: int,
-                   cfg: MineConfig) -> dict:
+                   cfg: MineConfig, prior: DedupeIndex | None = None) -> dict:
     inputs = []
     total = {"read": 0, "kept": 0, "rejected": 0, "filtered": Counter()}
     for c in (p.counts for p in plan):
@@ -341,6 +342,8 @@ def build_manifest(tmp: Path, plan: list[InputFile], pii_counts: Counter, splits
     files = {name: sha256_file(tmp / name) for name in ("train.jsonl", "eval.jsonl", "preferences.jsonl",
                                                          "preferences_eval.jsonl", "rejects.jsonl")}
     body = {"inputs": inputs, "counts": counts, "splits": splits, "config": config, "files": files}
+    if prior is not None:  # what the earlier batches' index held (absent without one: same version as before)
+        body["prior_index"] = {"keys": len(prior.keys), "signatures": len(prior.sigs)}
     return {"version": sha256_text(dumps(body))[:16], "schema": 1, **body}
 
 
@@ -401,10 +404,19 @@ def open_pool(workers: int):
                                initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 
-def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False,
-                progress: ProgressFn | None = None) -> dict:
-    """Write the dataset dir for `inputs` atomically; return its manifest."""
+@dataclass
+class Mined:
+    manifest: dict
+    index: DedupeIndex  # `prior` plus what this run kept: the next batch's prior
+
+
+def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False,
+         progress: ProgressFn | None = None, prior: DedupeIndex | None = None) -> Mined:
+    """Write the dataset dir for `inputs` atomically. `prior`: what earlier batches kept (dropped here as
+    `duplicate_earlier_batch`)."""
     progress = progress or _no_progress
+    if prior is not None:
+        prior.check(cfg.dedupe.num_perm, cfg.dedupe.shingle)
     plan = plan_inputs(inputs, cfg)
     s = settings(cfg)
     workers = cfg.workers or min(2, usable_cpus())
@@ -413,7 +425,7 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, forc
         with atomic_dir(out, force=force, inputs=inputs, stage="mine") as tmp:
             work_dir = tmp / ".work"
             work_dir.mkdir()
-            router = Router(tmp, work_dir, cfg)
+            router = Router(tmp, work_dir, cfg, prior)
             for i, inp in enumerate(plan):
                 if inp.fmt != "empty":
                     stream_file(pool, workers, router, i, inp, cfg, s, progress)
@@ -422,9 +434,15 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, forc
             write_preferences(router)
             splits.update(router.pref_splits)
             shutil.rmtree(work_dir)
-            manifest = build_manifest(tmp, plan, router.pii, splits, router.n_prefs, cfg)
+            manifest = build_manifest(tmp, plan, router.pii, splits, router.n_prefs, cfg, prior)
             finish(tmp, manifest, samples)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return manifest
+    return Mined(manifest, router.dedup.index(cfg.dedupe.shingle))
+
+
+def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False,
+                progress: ProgressFn | None = None) -> dict:
+    """`mine` without a prior index; returns the manifest."""
+    return mine(inputs, out, cfg, force=force, progress=progress).manifest

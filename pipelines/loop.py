@@ -41,6 +41,7 @@ from flywheel.foundation.io import read_json
 from flywheel.mining.slices import expand_inputs, new_slices, prefix_sha as _prefix_sha, write_slices  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
+INDEX_FILE = "dedupe-index.npz"  # exact keys + MinHash signatures of what consumed batches kept
 
 
 class LoopConfig(StageConfig):
@@ -87,6 +88,14 @@ def load_state(work: Path) -> dict:
         return read_json(p)
     except InputError as e:
         raise InputError(f"{e}; fix or delete it to re-mine everything") from None
+
+
+def load_index(work: Path):
+    """The dedupe index of every consumed batch (`flywheel.mining.dedupe.DedupeIndex`), None before the first."""
+    from flywheel.mining.dedupe import DedupeIndex
+
+    p = work / INDEX_FILE
+    return DedupeIndex.load(p) if p.exists() else None
 
 
 def save_state(work: Path, state: dict) -> None:
@@ -158,7 +167,8 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
 
     mine_cfg = MineConfig.model_validate({**cfg.mine, **({"tracking_uri": cfg.tracking_uri}
                                                          if cfg.tracking_uri else {})})
-    mined = run_mine(pending, work / "datasets" / batch, mine_cfg)
+    # What earlier, consumed batches kept: a conversation seen there is dropped as `duplicate_earlier_batch`.
+    mined = run_mine(pending, work / "datasets" / batch, mine_cfg, prior_index=load_index(work))
     kept = int(mined["counts"]["kept"])
     result["mine"] = {"run_id": mined["run_id"], "out": mined["out"], "version": mined["version"], "kept": kept}
     say(f"mined dataset {mined['version']}: {kept} kept records (run {mined['run_id']})")
@@ -216,6 +226,9 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     state.setdefault("runs", []).append({"batch": batch, "status": gated["decision"], "kept": kept,
                                          "train_run": trained["run_id"], "gate_run": gated["run_id"]})
     save_state(work, state)
+    # Only once the slices are consumed (pending ones are mined again and must not match themselves); after the
+    # state, so a crash in between lets duplicates through rather than dropping unconsumed data.
+    mined["index"].save(work / INDEX_FILE)
 
     # 5. publish the new champion
     if gated["promoted_version"] and cfg.publish:

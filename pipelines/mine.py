@@ -19,6 +19,8 @@ from pathlib import Path
 import typer
 
 from flywheel.mining.config import RUNTIME_KEYS, DedupeConfig, MineConfig, PreferenceConfig, usable_cpus
+from flywheel.mining.dedupe import DedupeIndex
+from flywheel.mining.engine import Mined, mine
 from flywheel.pipelines.config import load_config, split_args
 
 __all__ = ["RUNTIME_KEYS", "DedupeConfig", "MineConfig", "PreferenceConfig", "usable_cpus", "mine_to_dir",
@@ -47,24 +49,31 @@ def _progress(enabled: bool):
 
 def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False) -> dict:
     """Write the dataset dir (no MLflow) with progress bars when `cfg.progress`; return the manifest."""
-    from flywheel.mining.engine import mine_to_dir as mine
+    return _mine(inputs, out, cfg, force).manifest
 
+
+def _mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool,
+          prior_index: DedupeIndex | None = None) -> Mined:
     with _progress(cfg.progress) as bar:
-        return mine(inputs, out, cfg, force=force, progress=_Bars(bar) if cfg.progress else None)
+        return mine(inputs, out, cfg, force=force, progress=_Bars(bar) if cfg.progress else None, prior=prior_index)
 
 
-def run_mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig | None = None, force: bool = False) -> dict:
+def run_mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig | None = None, force: bool = False,
+             prior_index: DedupeIndex | None = None) -> dict:
     """Mine `inputs` into `out` and log the run to MLflow (`flywheel/mine`).
 
+    `prior_index`: what earlier batches kept (the loop's), dropped here as `duplicate_earlier_batch`.
     Returns {"run_id" (None when cfg.log_mlflow is false), "out" (absolute path), "manifest" (dict),
-    "version", "counts", "splits"}.
+    "version", "counts", "splits", "warnings", "index" (the prior index plus what this run kept)}.
     """
     cfg = cfg or MineConfig()
-    manifest = mine_to_dir(inputs, out, cfg, force=force)
+    mined = _mine(inputs, out, cfg, force, prior_index)
+    manifest = mined.manifest
     out = Path(out).resolve()
     run_id = _log_run(out, manifest, cfg) if cfg.log_mlflow else None
     return {"run_id": run_id, "out": str(out), "manifest": manifest, "version": manifest["version"],
-            "counts": manifest["counts"], "splits": manifest["splits"], "warnings": input_warnings(manifest)}
+            "counts": manifest["counts"], "splits": manifest["splits"], "warnings": input_warnings(manifest),
+            "index": mined.index}
 
 
 def input_warnings(manifest: dict) -> list[str]:
