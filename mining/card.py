@@ -18,6 +18,8 @@ REASON_HELP = {
     "low_rating": "rating below `min_rating`",
     "duplicate": "same normalised text as a better-rated (or earlier) record",
     "near_duplicate": "MinHash-similar to a better-rated (or earlier) record",
+    "duplicate_earlier_batch": "same or MinHash-similar to a record an earlier batch kept (`flywheel run`)",
+    "superseded": "an earlier, shorter log entry of a conversation whose longest version is kept",
     "identical_pair": "hh-rlhf pair whose chosen and rejected replies are identical",
     "empty_reply": "hh-rlhf pair with an empty reply",
 }
