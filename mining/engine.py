@@ -158,7 +158,6 @@ class Router:
         self.seen_prefs: set[str] = set()
         self.n_prefs = 0
         self.seq = 0
-        self.id_count: Counter = Counter()  # candidates per id: only shared ids need `ids.resolve`
         self.rep_file: list[int] = [-1] * len(self.dedup)  # input file of each cluster's representative
 
     def write_pref(self, pid: str, line: str, prompt: list[dict] | None = None) -> None:
@@ -188,7 +187,6 @@ class Router:
                 cl, how = self.dedup.add(self.seq, ev.key, ev.sig, ev.rating, ev.id, ev.group)
                 if how == "new":
                     self.rep_file.append(i)
-                self.id_count[ev.id] += 1
                 # the id as JSON: a conversation id may hold a tab; JSON escapes it
                 self.spill.write(f"{self.seq}\t{i}\t{cl}\t{ev.key.hex()}\t{dumps(ev.id)}\t{ev.record}\n")
                 if ev.gap is not None:
@@ -238,27 +236,33 @@ class IdPlan:
     renamed: dict[tuple[int, str], str] = field(default_factory=dict)  # (file index, id) -> new id
 
 
-def plan_ids(router: Router, plan: list[InputFile]) -> IdPlan:
-    """A pass over the spill collecting the cluster winners whose id another candidate shares."""
-    shared = {k for k, n in router.id_count.items() if n > 1}
-    out = IdPlan()
-    if not shared:
-        return out
-    versions: dict[str, list[ids.Version]] = {}
+def _winners(router: Router) -> Iterator[tuple[str, int, int, str]]:
+    """(id as JSON, seq, input index, record JSON) of each cluster's winner, from the spill."""
     with open(router.spill_path, encoding="utf-8") as sp:
         for line in sp:
             sq, i, cl, _key, rid, rec = line.split("\t", 5)
             if router.dedup.winner(int(cl)) == int(sq):
-                rec_id = json.loads(rid)
-                if rec_id in shared:  # the turns, not the system message: retrieved context may vary per turn
-                    turns = [m for m in json.loads(rec)["messages"] if m["role"] != "system"]
-                    versions.setdefault(rec_id, []).append(ids.Version(int(sq), int(i), ids.turn_chain(turns)))
+                yield rid, int(sq), int(i), rec
+
+
+def plan_ids(router: Router, plan: list[InputFile]) -> IdPlan:
+    """Two passes over the spill's cluster winners (memory O(clusters), like dedupe): which ids are shared, then
+    the versions of those."""
+    shared = {rid for rid, n in Counter(rid for rid, *_ in _winners(router)).items() if n > 1}
+    out = IdPlan()
+    if not shared:
+        return out
+    versions: dict[str, list[ids.Version]] = {}
+    for rid, sq, i, rec in _winners(router):
+        if rid in shared:  # the turns, not the system message: retrieved context may vary per turn
+            turns = [m for m in json.loads(rec)["messages"] if m["role"] != "system"]
+            versions.setdefault(rid, []).append(ids.Version(sq, i, ids.turn_chain(turns)))
     sha = [p.counts["sha256"] for p in plan]
-    for rec_id, vs in versions.items():
-        if len(vs) > 1:
-            sup, ren = ids.resolve(rec_id, vs, sha)
-            out.superseded |= sup
-            out.renamed.update({(f, rec_id): new for f, new in ren.items()})
+    for rid, vs in versions.items():
+        rec_id = json.loads(rid)
+        sup, ren = ids.resolve(rec_id, vs, sha)
+        out.superseded |= sup
+        out.renamed.update({(f, rec_id): new for f, new in ren.items()})
     return out
 
 
