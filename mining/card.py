@@ -18,6 +18,8 @@ REASON_HELP = {
     "low_rating": "rating below `min_rating`",
     "duplicate": "same normalised text as a better-rated (or earlier) record",
     "near_duplicate": "MinHash-similar to a better-rated (or earlier) record",
+    "duplicate_earlier_batch": "same or MinHash-similar to a record an earlier batch kept (`flywheel run`)",
+    "superseded": "an earlier, shorter log entry of a conversation whose longest version is kept",
     "identical_pair": "hh-rlhf pair whose chosen and rejected replies are identical",
     "empty_reply": "hh-rlhf pair with an empty reply",
 }
@@ -30,8 +32,8 @@ def render_card(manifest: dict, examples: list[dict]) -> str:
         f"# Flywheel dataset `{manifest['version']}`",
         "",
         "Made by `flywheel mine`: rated chat logs curated into SFT conversations (`train.jsonl`, `eval.jsonl`)",
-        "and preference pairs (`preferences.jsonl`). Same inputs + config give byte-identical files and the same",
-        "version.",
+        "and preference pairs (`preferences.jsonl`, `preferences_eval.jsonl`). Same inputs + config give",
+        "byte-identical files and the same version.",
         "",
         "## Sources",
         "",
@@ -46,7 +48,9 @@ def render_card(manifest: dict, examples: list[dict]) -> str:
         f"Total: read {c['read']} = kept {c['kept']} + rejected {c['rejected']} + filtered "
         f"{sum(c['filtered'].values())}. Splits: train {manifest['splits']['train']}, eval "
         f"{manifest['splits']['eval']} (hash of the dedupe cluster's conversation id, eval fraction "
-        f"{cfg['eval_fraction']}). Preferences: {c['preferences']}.",
+        f"{cfg['eval_fraction']}). Preferences: {c['preferences']} (train "
+        f"{manifest['splits'].get('preferences', c['preferences'])}, eval "
+        f"{manifest['splits'].get('preferences_eval', 0)}, by hash of the prompt).",
         "",
         "## Filters",
         "",
@@ -71,8 +75,8 @@ def render_card(manifest: dict, examples: list[dict]) -> str:
         "- `train.jsonl` / `eval.jsonl`: `id`, `messages` [{`role`: system|user|assistant, `content`}] (a system",
         "  message carries the retrieved context when there was one), `rating` (1-5), `source`, `prompt_variant`,",
         "  `context`, `cluster` (the dedupe cluster's representative id).",
-        "- `preferences.jsonl`: `id`, `prompt` (messages), `chosen`, `rejected` (one assistant message each),",
-        "  `source` (`hh-rlhf`, `<src>:rank`, `<src>:rating_gap`).",
+        "- `preferences.jsonl` / `preferences_eval.jsonl`: `id`, `prompt` (messages), `chosen`, `rejected` (one",
+        "  assistant message each), `source` (`hh-rlhf`, `<src>:rank`, `<src>:rating_gap`).",
         "- `rejects.jsonl`: `file`, `line`, `reason`, `raw` (cut to 2000 characters).",
         "",
         "## Examples",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 from flywheel.mining import pii
 
@@ -28,6 +28,48 @@ except ImportError:  # pragma: no cover
     from flywheel.foundation.io import dumps
 
 FLAG_ORDER = ("orphan", "deleted", "review_failed", "spam")
+
+
+# Curated events: what the workers send back to the parent. Named tuples (cheap to pickle, still tuples, so a
+# reader's plain ("reject", line, reason, raw) is already one); `kind` comes first and tells them apart.
+class Cand(NamedTuple):
+    """A record that passed every filter: its SFT line (without `cluster`) and what dedupe needs."""
+    kind: str  # "cand"
+    line: int
+    record: str  # canonical JSON of `output_record`
+    key: bytes  # exact-dedupe key of the normalised conversation
+    sig: Any  # MinHash signature (uint32 array) of the reply, None without near-dedupe
+    gap: tuple[str, str] | None  # (prompt key hex, spill line) for rating-gap preference mining
+    rating: int
+    id: str
+    group: str
+
+
+class Filtered(NamedTuple):
+    kind: str  # "filtered"
+    line: int
+    reason: str
+    gap: tuple[str, str] | None = None  # a low-rated answer still feeds rating-gap pairs
+
+
+class Reject(NamedTuple):
+    kind: str  # "reject"
+    line: int
+    reason: str
+    raw: str
+
+
+class PrefEvent(NamedTuple):
+    """kind "pair": an hh record kept as a preference (a record); "pref": a derived one (oasst ranks, no record)."""
+    kind: str
+    line: int
+    pref_id: str
+    pref_json: str
+
+
+def _plain(ev: tuple) -> tuple:
+    """A reader's plain "filtered"/"reject" tuple as its named event."""
+    return Filtered(*ev) if ev[0] == "filtered" else Reject(*ev) if ev[0] == "reject" else ev
 
 
 def flag_reason(cand: dict) -> str | None:
@@ -173,11 +215,7 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
     """Reader events -> curated events (see module doc). `s` holds plain settings (picklable).
 
     The heavy lifting (redaction, hashing, MinHash, JSON serialisation) happens here, in the workers, so the
-    parent only routes small tuples and pre-serialised lines. Output event shapes:
-      ("cand", line, record_json_without_cluster, exact_key, signature|None, gap|None, rating, id, group)
-      ("filtered", line, reason, gap|None)
-      ("reject", line, reason, raw) / ("pair", line, pref_id, pref_json) / ("pref", line, pref_id, pref_json)
-    where gap = (prompt_key_hex, json line) for rating-gap preference mining.
+    parent only routes small named tuples and pre-serialised lines: `Cand`, `Filtered`, `Reject`, `PrefEvent`.
     """
     counts: Counter = Counter()
     out: list[tuple] = []
@@ -187,17 +225,17 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
         kind = ev[0]
         if kind in ("pair", "pref"):
             pref = redact_preference(ev[2], counts) if s["redact"] else ev[2]
-            out.append((kind, ev[1], pref["id"], dumps(pref)))
+            out.append(PrefEvent(kind, ev[1], pref["id"], dumps(pref)))
             continue
         if kind != "cand":
-            out.append(ev)
+            out.append(_plain(ev))
             continue
         line, cand = ev[1], ev[2]
         reason = (flag_reason(cand) or (None if cand.get("rating") is not None else "no_rating")
                   or reply_reason(cand) or length_reason(cand, s["min_chars"], s["max_chars"])
                   or language_reason(cand, s["languages"], s.get("detect_min_chars")))
         if reason:
-            out.append(("filtered", line, reason, None))
+            out.append(Filtered("filtered", line, reason))
             continue
         if s["redact"]:
             cand = redact_candidate(cand, counts)
@@ -211,11 +249,11 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
                 [key, cand["rating"], cand["id"], cand["source"], cand["messages"][:-1], cand.get("context"),
                  cand["messages"][-1]["content"]]))
         if cand["rating"] < s["min_rating"]:
-            out.append(("filtered", line, "low_rating", gap))
+            out.append(Filtered("filtered", line, "low_rating", gap))
             continue
         rec = dumps(output_record(cand, s["system_template"]))
-        out.append(("cand", line, rec, exact_key("\x1e".join(norms)), None, gap, cand["rating"], cand["id"],
-                    cand["group"]))
+        out.append(Cand("cand", line, rec, exact_key("\x1e".join(norms)), None, gap, cand["rating"], cand["id"],
+                        cand["group"]))
         if s["near_dedupe"]:
             # Exact dedupe on the whole conversation; near-dedupe on the assistant reply alone. With the history
             # in the shingles, two *different* replies to one long oasst thread look 90% alike and would be
@@ -224,6 +262,5 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
             replies.append(norms[-1])
     if pending:
         for i, sig in zip(pending, signatures(replies, s["num_perm"], s["shingle"])):
-            ev = out[i]
-            out[i] = ev[:4] + (sig,) + ev[5:]
+            out[i] = out[i]._replace(sig=sig)
     return out, counts

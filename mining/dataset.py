@@ -13,7 +13,9 @@ from pathlib import Path
 from flywheel.foundation.errors import InputError
 from flywheel.foundation.io import read_json
 
-SPLITS = ("train", "eval", "preferences")
+# preferences.jsonl is the preference pairs' train split, preferences_eval.jsonl their eval split (split like
+# train/eval, by hash of the prompt)
+SPLITS = ("train", "eval", "preferences", "preferences_eval")
 
 
 @dataclass

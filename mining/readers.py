@@ -44,7 +44,8 @@ FORMATS = ("chatlog", "oasst1", "oasst2", "hh")
 RAW_CUT = 2000  # rejects keep this many characters of the raw line: enough to debug, not a 10 MB copy
 ROLES = {"system", "user", "assistant"}
 OASST_RATINGS = ("quality", "helpfulness", "rank", "quality_then_rank")
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+LINE_SUFFIXES = (".jsonl", ".json")  # line-delimited JSON: what an append-only log is
+DATA_SUFFIXES = LINE_SUFFIXES + (".csv", ".parquet")
 
 
 class RecordError(ValueError):
@@ -61,7 +62,7 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
         if not p.exists():
             raise InputError(f"{p}: input does not exist")
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+            files = sorted(f for f in p.iterdir() if f.is_file() and is_data_file(f))
             if not files:
                 raise InputError(f"{p}: directory holds no .jsonl/.csv/.parquet files")
             out.extend(files)
@@ -72,6 +73,13 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
         names = ", ".join(map(str, empty[:3])) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
         raise InputError(f"{names}: input file{'s are' if len(empty) > 1 else ' is'} empty (nothing to mine)")
     return out
+
+
+def is_data_file(path: Path) -> bool:
+    """What a directory of inputs contributes: the suffixes the readers parse (`DATA_SUFFIXES`, any case); hidden
+    files (editor swap files, a writer's `.tmp`) are not logs. The one definition `flywheel mine` and the loop
+    (`flywheel run`) share, so the loop never slices a file that mining then refuses."""
+    return path.suffix.lower() in DATA_SUFFIXES and not path.name.startswith(".")
 
 
 def is_empty(path: Path) -> bool:

@@ -26,7 +26,6 @@ config `flywheel demo` uses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,9 +39,10 @@ from flywheel.foundation.errors import InputError
 from flywheel.foundation.io import read_json
 from flywheel.pipelines import tags as T
 
+from flywheel.mining.slices import expand_inputs, new_slices, prefix_sha as _prefix_sha, write_slices  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
-LINE_FORMATS = (".jsonl", ".ndjson", ".json")  # append-only logs: sliced by bytes at line ends
-LOG_SUFFIXES = LINE_FORMATS + (".parquet", ".csv", ".tsv")
+INDEX_FILE = "dedupe-index.npz"  # exact keys + MinHash signatures of what consumed batches kept
 
 
 class LoopConfig(StageConfig):
@@ -79,76 +79,7 @@ def demo_loop_config(logs: str | Path, work_dir: str | Path, **overrides: Any) -
     return LoopConfig.model_validate(data)
 
 
-# -- new logs -------------------------------------------------------------------------------------------------
-
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for s in inputs:
-        p = Path(s).expanduser()
-        if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in LOG_SUFFIXES
-                            and not q.name.startswith("."))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise InputError(f"inputs: {s}: no such file or directory")
-    if not files:
-        raise InputError(f"inputs: no log files in {inputs or '[] (set inputs=[path])'}")
-    return [f.resolve() for f in files]
-
-
-def _prefix_sha(path: Path, n: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = n
-        while left > 0 and (block := f.read(min(1 << 20, left))):
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
-
-
-def new_slices(files: list[Path], state: dict) -> list[dict]:
-    """For each file: {path, start, end, reason} of bytes not consumed yet (complete lines only)."""
-    out = []
-    seen = state.get("files", {})
-    for f in files:
-        size = f.stat().st_size
-        rec = seen.get(str(f))
-        start, reason = 0, "new file"
-        if rec:
-            if size >= rec["bytes"] and _prefix_sha(f, rec["bytes"]) == rec["sha256"]:
-                start, reason = rec["bytes"], "appended"
-            else:
-                reason = "rewritten"
-        end = size
-        if f.suffix in LINE_FORMATS and end > start:
-            with open(f, "rb") as fh:  # stop at the last newline: a line still being written waits
-                fh.seek(start)
-                chunk = fh.read(end - start)
-            cut = chunk.rfind(b"\n")
-            end = start + cut + 1 if cut >= 0 else start
-        elif f.suffix not in LINE_FORMATS and rec and reason == "appended":
-            end = start = size  # a binary table is either unchanged or new in full
-        if end > start:
-            out.append({"path": str(f), "start": start, "end": end, "reason": reason})
-    return out
-
-
-def write_slices(slices: list[dict], batch_dir: Path) -> list[str]:
-    """Copy the new byte ranges into `batch_dir` (one file per source, original suffix kept)."""
-    from flywheel.foundation.io import atomic_dir
-
-    written = []
-    with atomic_dir(batch_dir, inputs=[s["path"] for s in slices], stage="run") as tmp:
-        for i, s in enumerate(slices):
-            src = Path(s["path"])
-            dst = tmp / f"{i:03d}-{src.name}"
-            with open(src, "rb") as fi, open(dst, "wb") as fo:
-                fi.seek(s["start"])
-                fo.write(fi.read(s["end"] - s["start"]))
-            written.append(dst.name)
-    return [str(batch_dir / w) for w in written]
-
+# -- new logs (the slicing itself is the mining core's: flywheel.mining.slices) ---------------------------------
 
 def load_state(work: Path) -> dict:
     p = work / "state.json"
@@ -158,6 +89,14 @@ def load_state(work: Path) -> dict:
         return read_json(p)
     except InputError as e:
         raise InputError(f"{e}; fix or delete it to re-mine everything") from None
+
+
+def load_index(work: Path):
+    """The dedupe index of every consumed batch (`flywheel.mining.dedupe.DedupeIndex`), None before the first."""
+    from flywheel.mining.dedupe import DedupeIndex
+
+    p = work / INDEX_FILE
+    return DedupeIndex.load(p) if p.exists() else None
 
 
 def save_state(work: Path, state: dict) -> None:
@@ -229,7 +168,8 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
 
     mine_cfg = MineConfig.model_validate({**cfg.mine, **({"tracking_uri": cfg.tracking_uri}
                                                          if cfg.tracking_uri else {})})
-    mined = run_mine(pending, work / "datasets" / batch, mine_cfg)
+    # What earlier, consumed batches kept: a conversation seen there is dropped as `duplicate_earlier_batch`.
+    mined = run_mine(pending, work / "datasets" / batch, mine_cfg, prior_index=load_index(work))
     kept = int(mined["counts"]["kept"])
     result["mine"] = {"run_id": mined["run_id"], "out": mined["out"], "version": mined["version"], "kept": kept}
     say(f"mined dataset {mined['version']}: {kept} kept records (run {mined['run_id']})")
@@ -287,6 +227,9 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     state.setdefault("runs", []).append({"batch": batch, "status": gated["decision"], "kept": kept,
                                          "train_run": trained["run_id"], "gate_run": gated["run_id"]})
     save_state(work, state)
+    # Only once the slices are consumed (pending ones are mined again and must not match themselves); after the
+    # state, so a crash in between lets duplicates through rather than dropping unconsumed data.
+    mined["index"].save(work / INDEX_FILE)
 
     # 5. publish the new champion
     if gated["promoted_version"] and cfg.publish:

@@ -42,8 +42,8 @@ def test_counts_reconcile_and_outputs(logs, tmp_path):
     assert m["splits"]["train"] + m["splits"]["eval"] == c["kept"] and m["splits"]["eval"] > 0
     out = tmp_path / "ds"
     assert sorted(p.name for p in out.iterdir()) == [".flywheel-output.json", "README.md", "eval.jsonl", "manifest.json",
-                                                      "preferences.jsonl", "rejects.jsonl", "samples.jsonl",
-                                                      "train.jsonl"]
+                                                      "preferences.jsonl", "preferences_eval.jsonl", "rejects.jsonl",
+                                                      "samples.jsonl", "train.jsonl"]
     train = read_jsonl(out / "train.jsonl")
     rec = train[0]
     assert set(rec) == {"id", "messages", "rating", "source", "prompt_variant", "context", "cluster"}
