@@ -41,50 +41,16 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import typer
-from pydantic import Field, field_validator
 
-from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.pipelines.config import load_config
 from flywheel.foundation.errors import FlywheelError, InputError
+# The config type lives with the export core whose stage it configures.
+from flywheel.training.export_config import PublishConfig
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-
-
-class PublishConfig(StageConfig):
-    out: Optional[str] = None                 # default Modelfiles/<model name or run id>
-    force: bool = False                       # replace an existing `out` Flywheel did not write
-    name: Optional[str] = None                # Ollama model name; default the registered name, lower-cased
-    system: Optional[str] = None              # overrides the winning prompt variant's system prompt
-    mode: Literal["merged", "adapter"] = "merged"  # one merged model.gguf, or base.gguf + ADAPTER (older Ollama)
-    quantize: str = "f16"                     # GGUF type convert_hf_to_gguf.py writes: f16, bf16 or q8_0
-    base: Literal["gguf", "ollama"] = "gguf"  # mode=adapter: FROM ./base.gguf (exact weights) or an Ollama model
-    ollama_base: str = "smollm2:135m"         # FROM for `base: ollama` (and the adapter-mode fallback)
-    gguf_adapter: bool = True                 # mode=adapter: convert the adapter with convert_lora_to_gguf.py
-    llama_cpp_dir: Optional[str] = None       # converters; default $FLYWHEEL_LLAMA_CPP or <venv>/share/flywheel/llama.cpp
-    convert_timeout_s: int = Field(900, gt=0)
-    parameters: dict[str, Any] = Field(default_factory=lambda: {
-        "temperature": 0.0,   # the eval generated greedily: the published model should answer the same way
-        "top_p": 0.95,
-        "num_ctx": 2048,      # SmolLM2 was trained with 8k; 2k keeps Ollama's memory small
-        "num_predict": 256,
-    })
-    license: str = ("Apache-2.0. Base model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0). "
-                    "LoRA adapter trained by Flywheel on the logs named in README.md.")
-    model_cache: Optional[str] = None
-    tracking_uri: Optional[str] = None
-    run_name: Optional[str] = None
-
-    @field_validator("quantize")
-    @classmethod
-    def _converter_type(cls, v: str) -> str:
-        from flywheel.training.export import ExportError, check_outtype
-
-        try:
-            return check_outtype(v)
-        except ExportError as e:
-            raise ValueError(str(e).removeprefix("quantize: ")) from None
 
 
 # -- llama.cpp converters -------------------------------------------------------------------------------------
