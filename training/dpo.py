@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import iter_jsonl
 from flywheel.mining.dataset import open_dataset
 from flywheel.training.backends import Backend
+from flywheel.training.data import _content_hash
 from flywheel.training.sft import SFTParams, load_model, trainer_args
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -68,7 +70,7 @@ def load_preference_dataset(path: str | Path, eval_fraction: float = 0.1) -> Pre
     else:
         train, evals = holdout_by_prompt(train, eval_fraction)
         source = f"held out by prompt hash ({eval_fraction:g})"
-    version = (manifest or {}).get("version") or _content_hash(list(files.values()))
+    version = (manifest or {}).get("version") or _content_hash([Path(f) for f in files.values()])
     return PreferenceDataset(train=train, eval=evals, path=p.resolve(), version=str(version), eval_source=source,
                              files={s: str(f) for s, f in files.items()})
 
@@ -76,20 +78,11 @@ def load_preference_dataset(path: str | Path, eval_fraction: float = 0.1) -> Pre
 def read_pairs(path: str | Path, allow_empty: bool = False) -> list[dict]:
     path = Path(path)
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{where}: a preference pair must be a JSON object")
-            for k in PAIR_FIELDS:
-                _check_messages(rec.get(k), k, where, completion=k != "prompt")
-            pairs.append(rec)
+    for lineno, rec in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        for k in PAIR_FIELDS:
+            _check_messages(rec.get(k), k, where, completion=k != "prompt")
+        pairs.append(rec)
     if not pairs and not allow_empty:
         raise InputError(f"{path}: no preference pairs (the file is empty)")
     return pairs
@@ -114,13 +107,6 @@ def holdout_by_prompt(pairs: list[dict], fraction: float) -> tuple[list[dict], l
         h = hashlib.sha256(json.dumps(p["prompt"], sort_keys=True, ensure_ascii=False).encode()).digest()
         (evals if int.from_bytes(h[:8], "big") / 2 ** 64 < fraction else train).append(p)
     return train, evals
-
-
-def _content_hash(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).read_bytes())
-    return "sha256-" + h.hexdigest()[:16]
 
 
 # -- tokenization and the pair audit -------------------------------------------------------------------------

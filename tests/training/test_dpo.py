@@ -43,7 +43,7 @@ def test_a_separate_eval_split_is_used_when_present(tmp_path, monkeypatch):
     ('{"prompt": "q", "chosen": [], "rejected": []}', "preferences.jsonl:2: prompt: must be a non-empty list"),
     ('{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}], '
      '"rejected": [{"role": "assistant", "content": "b"}]}', r"preferences.jsonl:2: chosen\[-1\].role"),
-    ("not json", "preferences.jsonl:2: not valid JSON"),
+    ("not json", "preferences.jsonl:2: invalid JSON"),
 ])
 def test_bad_pairs_name_file_and_line(tmp_path, line, message):
     p = tmp_path / "preferences.jsonl"
