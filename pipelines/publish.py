@@ -41,57 +41,26 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import typer
-from pydantic import Field, field_validator
 
-from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.pipelines.config import load_config
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.pipelines import tags as T
+# The config type lives with the export core whose stage it configures.
+from flywheel.training.export_config import PublishConfig
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 def _eval_sampling() -> dict[str, Any]:
+    """The sampling `flywheel eval` evaluates with, every parameter pinned (temperature 0 with top_k 1,
+    repeat_penalty 1, min_p 0, seed, num_predict = the eval's max_new_tokens): Ollama's own defaults
+    (repeat_penalty 1.1, ...) would answer otherwise."""
     from flywheel.evals.prompts.generate import GenParams
 
-    return GenParams().modelfile_parameters()
-
-
-class PublishConfig(StageConfig):
-    out: Optional[str] = None                 # default Modelfiles/<model name or run id>
-    force: bool = False                       # replace an existing `out` Flywheel did not write
-    name: Optional[str] = None                # Ollama model name; default the registered name, lower-cased
-    system: Optional[str] = None              # overrides the winning prompt variant's system prompt
-    mode: Literal["merged", "adapter"] = "merged"  # one merged model.gguf, or base.gguf + ADAPTER (older Ollama)
-    quantize: str = "f16"                     # GGUF type convert_hf_to_gguf.py writes: f16, bf16 or q8_0
-    base: Literal["gguf", "ollama"] = "gguf"  # mode=adapter: FROM ./base.gguf (exact weights) or an Ollama model
-    ollama_base: str = "smollm2:135m"         # FROM for `base: ollama` (and the adapter-mode fallback)
-    gguf_adapter: bool = True                 # mode=adapter: convert the adapter with convert_lora_to_gguf.py
-    llama_cpp_dir: Optional[str] = None       # converters; default $FLYWHEEL_LLAMA_CPP or <venv>/share/flywheel/llama.cpp
-    convert_timeout_s: int = Field(900, gt=0)
-    # The eval's sampling, every parameter pinned (temperature 0 with top_k 1, repeat_penalty 1, min_p 0, seed,
-    # num_predict = the eval's max_new_tokens): Ollama's defaults (repeat_penalty 1.1, ...) would answer otherwise.
-    parameters: dict[str, Any] = Field(default_factory=lambda: {
-        **_eval_sampling(),
-        "num_ctx": 2048,      # SmolLM2 was trained with 8k; 2k keeps Ollama's memory small
-    }, description="Modelfile PARAMETERs; default: exactly the sampling `flywheel eval` evaluated with, plus num_ctx")
-    license: str = ("Apache-2.0. Base model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0). "
-                    "LoRA adapter trained by Flywheel on the logs named in README.md.")
-    model_cache: Optional[str] = None
-    tracking_uri: Optional[str] = None
-    run_name: Optional[str] = None
-
-    @field_validator("quantize")
-    @classmethod
-    def _converter_type(cls, v: str) -> str:
-        from flywheel.training.export import ExportError, check_outtype
-
-        try:
-            return check_outtype(v)
-        except ExportError as e:
-            raise ValueError(str(e).removeprefix("quantize: ")) from None
+    return {**GenParams().modelfile_parameters(), "num_ctx": 2048}  # SmolLM2 has 8k; 2k keeps Ollama small
 
 
 # -- llama.cpp converters -------------------------------------------------------------------------------------
@@ -441,6 +410,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
     from flywheel.training.models import resolve_base_model
 
     cfg = cfg or PublishConfig()
+    parameters = cfg.parameters if cfg.parameters is not None else _eval_sampling()
     if cfg.name is not None:
         _ollama_name(cfg.name)  # before any work: a bad name given by hand fails first
     tracking.setup(cfg.tracking_uri)
@@ -518,7 +488,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
                   f"dataset {lin.get('dataset_version')} | train run {lin.get('train_run')} | "
                   f"gate run {lin.get('gate_run')} ({lin.get('gate_decision')})"]
         spec = ModelfileSpec(base=base_ref, base_is_path=base_is_path, chat=chat, adapter=adapter_ref,
-                             system=system_text, parameters=cfg.parameters, license=cfg.license, header=header)
+                             system=system_text, parameters=parameters, license=cfg.license, header=header)
         text, mf_warnings = write(spec)
         warnings += mf_warnings
         check_modelfile(text, tmp, cfg.mode)
@@ -551,7 +521,7 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
                                   T.PUBLISH_MODE: cfg.mode,
                                   T.BASE_MODEL_SHA256: info.sha256},
                             params={"mode": cfg.mode, "base": cfg.base, "quantize": cfg.quantize,
-                                    **{f"parameters.{k}": v for k, v in cfg.parameters.items()}}) as run:
+                                    **{f"parameters.{k}": v for k, v in parameters.items()}}) as run:
         mlflow.log_artifact(str(out_dir / "Modelfile"))
         mlflow.log_artifact(str(out_dir / "README.md"))
         mlflow.log_artifact(str(out_dir / "lineage.json"))

@@ -41,6 +41,7 @@ BASE_MODEL_SHA256 = "flywheel.base_model_sha256"
 BACKEND = "flywheel.backend"
 DEVICE = "flywheel.device"
 TRAIN_NPROC = "flywheel.train.nproc"
+TRAIN_METHOD = "flywheel.train.method"        # sft | dpo
 TRAIN_STATUS = "flywheel.train.status"        # finished | interrupted
 TRAIN_RESUMED_FROM_CHECKPOINT = "flywheel.train.resumed_from_checkpoint"
 TRAIN_RESUMED_FROM_RUN = "flywheel.train.resumed_from_run"

@@ -1,20 +1,21 @@
-"""`flywheel train`: a LoRA adapter from a mined dataset. Unsloth on a CUDA GPU, TRL + PEFT otherwise.
+"""`flywheel train`: a LoRA adapter from a mined dataset, by SFT or DPO. Unsloth on a CUDA GPU, TRL + PEFT otherwise.
 
     flywheel train --config configs/train/smollm2-lora.yaml dataset=out/mined max_steps=20 [--dry-run] [--resume]
+    flywheel train --config configs/train/smollm2-dpo.yaml dataset=out/mined [init_adapter=models:/flywheel@champion]
 
 The recipe, top to bottom (`run_train`):
 1. validate the config (pydantic) and pick the backend: an explicit `unsloth` where it cannot run is an error;
 2. resolve the base model offline (catalog -> dequantized cache) and check LoRA target modules against the
    architecture on the meta device, all before any weights load;
 3. load and validate the dataset (by path, or by `dataset_version` looked up in `flywheel/mine` runs);
-4. tokenize exactly as the trainer will and run the loss-mask audit (`flywheel.training.audit`): refuse to train on
-   examples that train nothing or when the end-of-turn token is never trained. `--dry-run` stops here, printing
-   the audit and one example with masked tokens in [[ ]];
-5. train with per-step metrics batched into MLflow by a callback, eval loss every `eval_every` steps and
-   checkpoints every `save_every` (`--resume` continues from the newest complete one);
-6. save the adapter atomically with `flywheel_adapter.json` (base model name + weight hash, dataset version,
-   run ids, chat template, eos tokens) and log it with the audit, resolved config and a base-vs-adapter
-   generations table.
+4. tokenize exactly as the trainer will and audit it (`flywheel.training.audit` for SFT: refuse examples that
+   train nothing or an end-of-turn token that is never trained; `flywheel.training.dpo` for pairs: refuse when
+   most pairs are identical or truncated away). `--dry-run` stops here, printing the audit;
+5. train with per-step metrics batched into MLflow by a callback, eval every `eval_every` steps and
+   checkpoints every `save_every` (`--resume` continues from the newest complete one); SFT can run as DDP ranks;
+6. save the adapter atomically with `flywheel_adapter.json` (method, base model name + weight hash, dataset
+   version, run ids, chat template, eos tokens; for DPO beta and the reference) and log it with the audit,
+   resolved config and a base-vs-adapter generations table.
 """
 
 from __future__ import annotations
@@ -22,71 +23,19 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import typer
-from pydantic import Field
 
-from flywheel.pipelines.config import ConfigError, StageConfig
+from flywheel.pipelines.config import ConfigError
+# The config type lives with the training core; imported here for the CLI and callers.
+from flywheel.training.config import TrainConfig
 from flywheel.pipelines import tags as T
 
 STAGE = "train"
 DEFAULT_CONFIG = "configs/train/smollm2-lora.yaml"
-
-
-class LoraConfigSection(StageConfig):
-    r: int = Field(8, gt=0, description="LoRA rank; higher = more capacity and memory")
-    alpha: int = Field(16, gt=0, description="scaling = alpha / r")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                      min_length=1)
-
-
-class TrainConfig(StageConfig):
-    """Defaults train SmolLM2-135M on CPU; one config maps onto both backends."""
-
-    # data
-    dataset: Optional[str] = None              # a `flywheel mine` output dir (train.jsonl/eval.jsonl) or one .jsonl
-    dataset_version: Optional[str] = None      # or: the manifest version, looked up in `flywheel/mine` runs
-    max_train_examples: Optional[int] = Field(None, gt=0)
-    eval_max_examples: int = Field(64, ge=0)   # eval loss on a fixed slice: cheap enough to run every interval
-    max_length: int = Field(512, gt=8)
-    overlong: Literal["truncate", "drop"] = "truncate"  # over-long examples: cut at max_length, or skip; counted
-    packing: bool = False
-    assistant_only_loss: bool = True           # train on assistant turns (+ their end-of-turn token) only
-    chat_template: Optional[str] = None        # path to a jinja template with {% generation %} markers
-    eot_token: Optional[str] = None            # end-of-turn token the audit requires trained; default: eos
-    # model
-    base_model: str = "smollm2-135m-instruct"  # catalog name, local HF dir, or hub id in the local cache
-    model_cache: Optional[str] = None          # default ~/.cache/flywheel/models ($FLYWHEEL_CACHE)
-    backend: Literal["auto", "unsloth", "trl"] = "auto"
-    load_in_4bit: bool = False                 # QLoRA; CUDA only
-    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
-    gradient_checkpointing: bool = False
-    # optimisation
-    learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: float = Field(0, ge=0)       # < 1 is a ratio of total steps
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1)          # > 0 overrides epochs; -1 = train for `epochs`
-    batch_size: int = Field(2, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    eval_every: int = Field(20, ge=0)          # steps; 0 = no periodic eval
-    save_every: int = Field(50, gt=0)          # checkpoint interval: the most a kill -9 can cost
-    save_total_limit: int = Field(2, gt=0)
-    seed: int = 0
-    # processes: > 1 launches that many DDP ranks with torchrun on this machine (CPU cores or GPUs)
-    nproc: int = Field(1, gt=0)
-    ddp_timeout: int = Field(600, gt=0)        # seconds a rank waits for a dead or hung peer before it exits
-    # outputs
-    output_dir: str = ".flywheel/train/smollm2-lora"
-    generations: int = Field(3, ge=0)          # eval prompts in the base-vs-adapter table (0 = skip)
-    generation_max_new_tokens: int = Field(48, gt=0)
-    tracking_uri: Optional[str] = None
-    run_name: Optional[str] = None
-
 
 # The demo's few CPU steps: a high learning rate so the loss falls visibly in 8 steps, short sequences.
 DEMO_OVERRIDES: dict[str, Any] = {
@@ -102,58 +51,122 @@ def demo_config(dataset: str | Path, output_dir: str | Path, **overrides: Any) -
     return TrainConfig.model_validate(data)
 
 
+@dataclass
+class Prepared:
+    """What the phases before training hand on: base model, data, tokenizer and the audited token rows."""
+
+    info: Any                    # flywheel.training.models.BaseModelInfo
+    dataset: Any                 # SFTDataset (sft) or PreferenceDataset (dpo)
+    mine_run_id: str | None
+    tokenizer: Any
+    inference_template: str | None
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    report: dict
+    example: str = ""                                 # one training row rendered for --dry-run
+    lineage: dict = field(default_factory=dict)       # method-specific keys for flywheel_adapter.json
+    init_adapter_dir: str | None = None               # dpo: the adapter the policy starts from
+
+
 def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
               callbacks: Sequence[Any] = (), progress: bool = False) -> dict:
     """Train (or audit, with dry_run) and log to MLflow `flywheel/train`.
 
     Returns {run_id, adapter_dir, audit, first_loss, final_loss, global_step, losses, eval_losses,
-    resumed_from, base_model, dataset_version, mine_run_id, generations, backend, device}; with dry_run:
+    resumed_from, base_model, dataset_version, mine_run_id, generations, backend, device, method}; with dry_run:
     {dry_run: True, audit, example, ...} and no run. Raises ConfigError/InputError on bad config, data or audit.
     `callbacks`: extra transformers TrainerCallbacks (tests use one to interrupt a run).
     """
+    backend, warnings = _backend(cfg)                                  # 1.
+    info = _base_model(cfg)                                            # 2.
+    ds, mine_run_id = _dataset(cfg)                                    # 3.
+    prep = (_prepare_dpo if cfg.method == "dpo" else _prepare_sft)(cfg, info, ds, mine_run_id)  # 4.
+    base = {"audit": prep.report, "example": prep.example, "base_model": info.to_dict(),
+            "dataset_version": ds.version, "dataset_path": str(ds.path), "mine_run_id": mine_run_id,
+            "backend": backend.name, "device": backend.device, "warnings": warnings, "method": cfg.method}
+    if dry_run:
+        return {"dry_run": True, **base}
+    _check_report(cfg, prep.report)
+    launch = cfg.nproc > 1 and _world_size() == 1
+    if launch:
+        check_nproc(cfg.nproc, backend.device)
+    out_dir = Path(cfg.output_dir)
+    ckpt = _last_checkpoint(out_dir) if resume else None
+    with _train_run(cfg, ds.version, mine_run_id, _tags(cfg, info, backend, launch, ckpt), prep.report, ckpt,
+                    out_dir) as run_id:
+        if launch:                                                     # 5. as DDP ranks
+            return {**base, **launch_ranks(cfg, run_id, resume=resume, progress=progress)}
+        trainer, stats = _fit(cfg, backend, prep, callbacks, progress, resume)  # 5. here
+        if trainer.state.global_step < (trainer.state.max_steps or 0):
+            # Stopped early by a callback (control.should_training_stop): leave checkpoints for --resume, no adapter.
+            _set_status("interrupted")
+            return {"run_id": run_id, "adapter_dir": None, "interrupted": True, **base, **stats}
+        if not _is_main():  # the other ranks are done: rank 0 alone writes the adapter and the run's artifacts
+            return {"run_id": run_id, "adapter_dir": None, **base, **stats}
+        adapter_dir = _save_adapter(cfg, trainer, prep, run_id, stats)  # 6.
+        gens = _log_outputs(cfg, trainer, prep, adapter_dir, stats)
+    return {"run_id": run_id, "adapter_dir": str(adapter_dir.resolve()), "generations": gens, **base, **stats}
+
+
+# -- the phases ----------------------------------------------------------------------------------------------
+
+def _backend(cfg: TrainConfig) -> tuple[Any, list[str]]:
+    """Offline mode, then the backend: Unsloth must be imported before transformers/trl."""
     import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(var, "1")
     from flywheel.training.backends import prepare_backend, select_backend
 
     if not cfg.dataset and not cfg.dataset_version:
         raise ConfigError("dataset: give `dataset=<flywheel mine output dir>` or `dataset_version=<version>`")
-    # 1. backend first: Unsloth must be imported before transformers/trl.
     backend = select_backend(cfg.backend)
     if cfg.load_in_4bit and backend.device != "cuda":
         raise ConfigError("load_in_4bit: QLoRA (4-bit) needs a CUDA GPU; this machine trains on "
                           f"{backend.device} (set load_in_4bit=false)")
-    warnings = prepare_backend(backend)
+    if cfg.method == "dpo" and cfg.nproc > 1:
+        raise ConfigError("nproc: DPO trains in one process (multi-process training is SFT only); set nproc=1")
+    return backend, prepare_backend(backend)
 
-    from flywheel.foundation.errors import InputError
-    from flywheel.foundation.io import write_json
-    from flywheel.training.audit import audit, check_audit, render_masked, tokenize_conversations, training_template
-    from flywheel.training.data import load_sft_dataset
+
+def _base_model(cfg: TrainConfig) -> Any:
+    """Base model identity and LoRA targets, before any weight loads."""
     from flywheel.training.models import linear_module_names, resolve_base_model
 
-    # 2. base model identity and LoRA targets, before any weight loads.
     info = resolve_base_model(cfg.base_model, cfg.model_cache)
     have = linear_module_names(info.path)
     missing = [m for m in cfg.lora.target_modules if m not in have]
     if missing:
         raise ConfigError(f"lora.target_modules: {missing} not in {info.name} (its Linear layers: "
                           f"{', '.join(sorted(have))})")
+    return info
 
-    # 3. dataset.
+
+def _dataset(cfg: TrainConfig) -> tuple[Any, str | None]:
+    """The dataset the method reads (conversations or preference pairs) and the mine run that made it."""
     dataset_path, mine_run_id = resolve_dataset(cfg)
-    ds = load_sft_dataset(dataset_path)
+    if cfg.method == "dpo":
+        from flywheel.training.dpo import load_preference_dataset
+
+        ds = load_preference_dataset(dataset_path, cfg.preference_eval_fraction)
+    else:
+        from flywheel.training.data import load_sft_dataset
+
+        ds = load_sft_dataset(dataset_path)
     if mine_run_id is None:
         mine_run_id = find_mine_run(ds.version, cfg.tracking_uri)
-    train_recs = ds.train[: cfg.max_train_examples] if cfg.max_train_examples else ds.train
-    eval_recs = ds.eval[: cfg.eval_max_examples]
+    return ds, mine_run_id
 
-    # 4. tokenize exactly as the trainer will, audit the masks.
+
+def _prepare_sft(cfg: TrainConfig, info: Any, ds: Any, mine_run_id: str | None) -> Prepared:
+    """Tokenize exactly as the trainer will and audit the loss masks."""
     from transformers import AutoTokenizer
 
+    from flywheel.training.audit import audit, render_masked, tokenize_conversations, training_template
+
+    train_recs = ds.train[: cfg.max_train_examples] if cfg.max_train_examples else ds.train
+    eval_recs = ds.eval[: cfg.eval_max_examples]
     tokenizer = AutoTokenizer.from_pretrained(str(info.path))
-    inference_template = tokenizer.chat_template
     if cfg.chat_template:
         tpath = Path(cfg.chat_template)
         if not tpath.exists():
@@ -167,19 +180,94 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     tok_eval = tokenize_conversations(eval_recs, tokenizer, **tok_kw) if eval_recs else None
     report = audit(tok_train, tokenizer, note, cfg.eot_token, tok_eval)
     example = render_masked(tok_train.rows[0], tokenizer) if tok_train.rows else ""
-    base = {"audit": report, "example": example, "base_model": info.to_dict(), "dataset_version": ds.version,
-            "dataset_path": str(ds.path), "mine_run_id": mine_run_id, "backend": backend.name,
-            "device": backend.device, "warnings": warnings}
-    if dry_run:
-        return {"dry_run": True, **base}
-    check_audit(report)
+    return Prepared(info, ds, mine_run_id, tokenizer, tokenizer.chat_template, tok_train.rows,
+                    tok_eval.rows if tok_eval else [], report, example)
 
-    # 5. train: here, or as `nproc` DDP ranks under torchrun (rank 0 alone logs, checkpoints and saves).
-    from flywheel.training.sft import SFTParams, is_main_process, last_checkpoint, world_size
 
-    out_dir = Path(cfg.output_dir)
-    params = SFTParams(
-        model_path=str(info.path), output_dir=str(out_dir / "checkpoints"), lora_r=cfg.lora.r,
+def _prepare_dpo(cfg: TrainConfig, info: Any, ds: Any, mine_run_id: str | None) -> Prepared:
+    """The starting adapter (same base, by hash), then the pairs tokenized as the trainer takes them, audited."""
+    from transformers import AutoTokenizer
+
+    from flywheel.training.dpo import pair_audit, tokenize_pairs
+
+    init = _init_adapter(cfg, info)
+    tokenizer = AutoTokenizer.from_pretrained(str(info.path))
+    train_pairs = ds.train[: cfg.max_train_examples] if cfg.max_train_examples else ds.train
+    budgets = (cfg.max_prompt_length, cfg.max_completion_length)
+    rows, facts = tokenize_pairs(train_pairs, tokenizer, *budgets)
+    eval_rows, eval_facts = tokenize_pairs(ds.eval[: cfg.eval_max_examples], tokenizer, *budgets)
+    report = pair_audit(facts, *budgets, eval_facts, ds.eval_source)
+    example = json.dumps({k: train_pairs[0][k] for k in ("prompt", "chosen", "rejected")}, ensure_ascii=False,
+                         indent=1) if train_pairs else ""
+    lineage = {"beta": cfg.beta, "loss_type": cfg.loss_type, "reference": "base model (adapter disabled)",
+               "init_adapter": init["uri"] if init else None,
+               "init_adapter_train_run_id": init["run_id"] if init else None}
+    return Prepared(info, ds, mine_run_id, tokenizer, tokenizer.chat_template, rows, eval_rows, report, example,
+                    lineage, init["dir"] if init else None)
+
+
+def _init_adapter(cfg: TrainConfig, info: Any) -> dict | None:
+    """Resolve `init_adapter` (path, runs:/..., models:/...) and refuse one trained on another base."""
+    if not cfg.init_adapter:
+        return None
+    from flywheel.foundation.errors import InputError
+    from flywheel.pipelines import tracking
+    from flywheel.pipelines.registry import resolve_model
+
+    if cfg.init_adapter.startswith(("runs:/", "models:/")):
+        tracking.setup(cfg.tracking_uri)
+    m = resolve_model(cfg.init_adapter, "init_adapter")
+    if m.meta.get("base_model_sha256") != info.sha256:
+        raise InputError(f"init_adapter {cfg.init_adapter!r}: trained on {m.meta.get('base_model')} "
+                         f"({str(m.meta.get('base_model_sha256'))[:12]}), not on base_model {info.name} "
+                         f"({info.sha256[:12]}); an adapter only fits the weights it was trained on")
+    return {"uri": m.uri, "dir": str(m.adapter_dir), "run_id": m.run_id}
+
+
+def _check_report(cfg: TrainConfig, report: dict) -> None:
+    if cfg.method == "dpo":
+        from flywheel.training.dpo import check_pair_audit
+
+        check_pair_audit(report)
+    else:
+        from flywheel.training.audit import check_audit
+
+        check_audit(report)
+
+
+def _tags(cfg: TrainConfig, info: Any, backend: Any, launch: bool, ckpt: Path | None) -> dict:
+    return {T.BASE_MODEL: info.name, T.BASE_MODEL_SHA256: info.sha256,
+            T.BACKEND: backend.name, T.DEVICE: backend.device, T.TRAIN_METHOD: cfg.method,
+            T.TRAIN_NPROC: max(cfg.nproc if launch else 1, _world_size()),
+            T.TRAIN_RESUMED_FROM_CHECKPOINT: ckpt.name if ckpt else None}
+
+
+def _fit(cfg: TrainConfig, backend: Any, prep: Prepared, callbacks: Sequence[Any], progress: bool,
+         resume: bool) -> tuple[Any, dict]:
+    """Build the method's trainer and run it; rank 0 alone reports to MLflow and the terminal."""
+    from flywheel.training.sft import train
+
+    cbs = ([MlflowStepCallback()] + ([RichProgressCallback()] if progress else [])) if _is_main() else []
+    cbs += list(callbacks)
+    if cfg.method == "dpo":
+        from flywheel.training.dpo import build_dpo_trainer, reward_history
+
+        trainer = build_dpo_trainer(_dpo_params(cfg, prep), backend, prep.tokenizer, prep.train_rows,
+                                    prep.eval_rows or None, cbs)
+        return trainer, {**train(trainer, resume=resume), "eval_rewards": reward_history(trainer)}
+    else:
+        from flywheel.training.sft import build_trainer
+
+        trainer = build_trainer(_sft_params(cfg, prep), backend, prep.tokenizer, prep.train_rows,
+                                prep.eval_rows or None, cbs)
+    return trainer, train(trainer, resume=resume)
+
+
+def _sft_params(cfg: TrainConfig, prep: Prepared) -> Any:
+    from flywheel.training.sft import SFTParams
+
+    return SFTParams(
+        model_path=str(prep.info.path), output_dir=str(Path(cfg.output_dir) / "checkpoints"), lora_r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
         learning_rate=cfg.learning_rate, lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
@@ -187,68 +275,79 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
         save_every=cfg.save_every, save_total_limit=cfg.save_total_limit,
         gradient_checkpointing=cfg.gradient_checkpointing, load_in_4bit=cfg.load_in_4bit, seed=cfg.seed,
         ddp_timeout=cfg.ddp_timeout)
-    launch = cfg.nproc > 1 and world_size() == 1
-    if launch:
-        check_nproc(cfg.nproc, backend.device)
-    ckpt = last_checkpoint(params.output_dir) if resume else None
-    tags = {T.BASE_MODEL: info.name, T.BASE_MODEL_SHA256: info.sha256,
-            T.BACKEND: backend.name, T.DEVICE: backend.device,
-            T.TRAIN_NPROC: max(cfg.nproc if launch else 1, world_size()),
-            T.TRAIN_RESUMED_FROM_CHECKPOINT: ckpt.name if ckpt else None}
-    main = is_main_process()
-    with _train_run(cfg, ds.version, mine_run_id, tags, report, ckpt, out_dir) as run_id:
-        if launch:
-            stats = launch_ranks(cfg, run_id, resume=resume, progress=progress)
-            return {**base, **stats}
-        from flywheel.training.sft import build_trainer, generate_pairs, save_adapter, train
 
-        cbs = ([MlflowStepCallback()] + ([RichProgressCallback()] if progress else [])) if main else []
-        trainer = build_trainer(params, backend, tokenizer, tok_train.rows,
-                                tok_eval.rows if tok_eval and tok_eval.rows else None, cbs + list(callbacks))
-        stats = train(trainer, resume=resume)
-        if trainer.state.global_step < (trainer.state.max_steps or 0):
-            # Stopped early by a callback (control.should_training_stop): leave checkpoints for --resume, no adapter.
-            if main:
-                import mlflow
 
-                mlflow.set_tag(T.TRAIN_STATUS, "interrupted")
-            return {"run_id": run_id, "adapter_dir": None, "interrupted": True, **base, **stats}
-        if not main:  # the other ranks are done: rank 0 alone writes the adapter and the run's artifacts
-            return {"run_id": run_id, "adapter_dir": None, **base, **stats}
+def _dpo_params(cfg: TrainConfig, prep: Prepared) -> Any:
+    from flywheel.training.dpo import DPOParams
 
-        # 6. adapter + lineage file, atomically: a kill here leaves the previous adapter, never half of one.
+    sft = _sft_params(cfg, prep)
+    return DPOParams(**{**sft.to_dict(), "packing": False}, beta=cfg.beta, loss_type=cfg.loss_type,
+                     max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
+                     init_adapter_dir=prep.init_adapter_dir)
+
+
+def _save_adapter(cfg: TrainConfig, trainer: Any, prep: Prepared, run_id: str | None, stats: dict) -> Path:
+    """Adapter + lineage file, atomically, then into the run's artifacts."""
+    import mlflow
+
+    from flywheel.training.lineage import adapter_lineage, write_adapter
+
+    lineage = adapter_lineage(prep.info, dataset_version=prep.dataset.version, mine_run_id=prep.mine_run_id,
+                              train_run_id=run_id, chat_template=prep.inference_template, tokenizer=prep.tokenizer,
+                              lora=cfg.lora.model_dump(), global_step=stats["global_step"], method=cfg.method,
+                              **prep.lineage)
+    adapter_dir = write_adapter(trainer.model, prep.tokenizer, Path(cfg.output_dir) / "adapter",
+                                prep.inference_template, lineage)
+    mlflow.log_artifacts(str(adapter_dir), "adapter")
+    return adapter_dir
+
+
+def _log_outputs(cfg: TrainConfig, trainer: Any, prep: Prepared, adapter_dir: Path, stats: dict) -> list[dict]:
+    """The base-vs-adapter generations table and the run's summary metrics; marks the run finished."""
+    import mlflow
+
+    from flywheel.pipelines import tracking
+    from flywheel.training.sft import generation_table
+
+    gens: list[dict] = []
+    conversations = prep.dataset.eval_conversations() if cfg.method == "dpo" else prep.dataset.eval
+    if cfg.generations and conversations:
+        gens = generation_table(trainer.model, prep.tokenizer, conversations, cfg.generations,
+                                cfg.generation_max_new_tokens)
+        import pandas as pd
+
+        mlflow.log_table(pd.DataFrame(gens), artifact_file="generations.json")
+    summary = {k: stats[k] for k in ("first_loss", "final_loss", "train_loss", "global_step")}
+    if stats["eval_losses"]:
+        summary["final_eval_loss"] = stats["eval_losses"][-1][1]
+    tracking.log_metrics(summary)
+    _set_status("finished")
+    return gens
+
+
+def _set_status(status: str) -> None:
+    if _is_main():
         import mlflow
 
-        from flywheel.pipelines import tracking
-        from flywheel.foundation.io import atomic_dir
+        mlflow.set_tag(T.TRAIN_STATUS, status)
 
-        adapter_final = out_dir / "adapter"
-        with atomic_dir(adapter_final) as tmp:
-            save_adapter(trainer, tokenizer, tmp, inference_template)
-            write_json(tmp / "flywheel_adapter.json", {
-                "base_model": info.name, "base_model_sha256": info.sha256, "base_model_source": info.source,
-                "dataset_version": ds.version, "mine_run_id": mine_run_id, "train_run_id": run_id,
-                "chat_template": inference_template, "eos_tokens": _eos_tokens(tokenizer),
-                "lora": cfg.lora.model_dump(), "global_step": stats["global_step"]})
-        mlflow.log_artifacts(str(adapter_final), "adapter")
-        gens: list[dict] = []
-        if cfg.generations and ds.eval:
-            prompts = [r["messages"][:-1] for r in ds.eval[: cfg.generations]]
-            gens = generate_pairs(trainer.model, tokenizer, prompts, cfg.generation_max_new_tokens)
-            for g, r in zip(gens, ds.eval):
-                g["reference"] = r["messages"][-1]["content"]
-            import pandas as pd
 
-            mlflow.log_table(pd.DataFrame(gens), artifact_file="generations.json")
-        summary = {"first_loss": stats["first_loss"], "final_loss": stats["final_loss"],
-                   "train_loss": stats["train_loss"], "global_step": stats["global_step"]}
-        if stats["eval_losses"]:
-            summary["final_eval_loss"] = stats["eval_losses"][-1][1]
-        tracking.log_metrics(summary)
-        mlflow.set_tag(T.TRAIN_STATUS, "finished")
-    if warnings:
-        base["warnings"] = warnings
-    return {"run_id": run_id, "adapter_dir": str(adapter_final.resolve()), "generations": gens, **base, **stats}
+def _is_main() -> bool:
+    from flywheel.training.sft import is_main_process
+
+    return is_main_process()
+
+
+def _world_size() -> int:
+    from flywheel.training.sft import world_size
+
+    return world_size()
+
+
+def _last_checkpoint(out_dir: Path) -> Path | None:
+    from flywheel.training.sft import last_checkpoint
+
+    return last_checkpoint(out_dir / "checkpoints")
 
 
 # -- the run and the ranks ---------------------------------------------------------------------------------
@@ -257,6 +356,8 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
 # environment, so a DDP job is one run however many processes train; other ranks never touch MLflow.
 RUN_ID_ENV = "FLYWHEEL_TRAIN_RUN_ID"
 RESULT_ENV = "FLYWHEEL_TRAIN_RESULT"      # where rank 0 writes its result dict for the parent
+# TRL's DPO metrics (train and eval_): reward accuracy/margins/chosen/rejected and the policy's log-probs
+DPO_METRICS = ("rewards/", "eval_rewards/", "logps/", "eval_logps/")
 
 
 @contextlib.contextmanager
@@ -462,7 +563,8 @@ def _make_callbacks():
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
-            metrics = {k: logs[k] for k in ("loss", "eval_loss", "learning_rate", "grad_norm") if k in logs}
+            metrics = {k: v for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm") or
+                       k.startswith(DPO_METRICS)}
             if "loss" in logs:
                 seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
                 if self.step_time > 0 and seen > self.tokens_at_last_log:
@@ -505,15 +607,10 @@ def RichProgressCallback():  # noqa: N802
 
 # -- small helpers -------------------------------------------------------------------------------------------
 
-def _eos_tokens(tokenizer: Any) -> list[str]:
-    # What stops generation: the eos token (`<|im_end|>` for ChatML), which the audit checked is trained.
-    return [tokenizer.eos_token] if tokenizer.eos_token else []
-
-
 def _config_yaml(cfg: TrainConfig) -> str:
     import yaml
 
-    return f"# flywheel train --config <this file>\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+    return "# flywheel train --config <this file>\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False)
 
 
 def _close_killed_run(run_id: str) -> None:
@@ -565,9 +662,14 @@ def register(app: typer.Typer) -> None:
         result = run_train(cfg, dry_run=dry_run, resume=resume, progress=not dry_run)
         _print_summary(result)
         if dry_run and not result["audit"]["ok"]:
-            from flywheel.training.audit import check_audit
+            _check_report(cfg, result["audit"])
 
-            check_audit(result["audit"])
+
+SFT_AUDIT_ROWS = ("template", "examples", "examples_used", "tokens_total", "tokens_trained", "trained_fraction",
+                  "trained_per_example", "zero_trained_examples", "eot_token", "eot_trained",
+                  "examples_with_eot_trained", "truncated", "dropped_overlong", "dropped_truncated_to_nothing")
+DPO_AUDIT_ROWS = ("pairs", "eval_pairs", "eval_source", "identical_pairs", "prompts_cut_to_nothing", "chosen_empty",
+                  "rejected_empty", "prompt_truncated", "chosen_truncated", "rejected_truncated")
 
 
 def _print_summary(result: dict) -> None:
@@ -576,21 +678,25 @@ def _print_summary(result: dict) -> None:
 
     con = Console()
     a = result["audit"]
-    t = Table(title="loss-mask audit", show_header=False)
-    for k in ("template", "examples", "examples_used", "tokens_total", "tokens_trained", "trained_fraction",
-              "trained_per_example", "zero_trained_examples", "eot_token", "eot_trained",
-              "examples_with_eot_trained", "truncated", "dropped_overlong", "dropped_truncated_to_nothing"):
+    dpo = result.get("method") == "dpo"
+    t = Table(title="pair audit" if dpo else "loss-mask audit", show_header=False)
+    for k in DPO_AUDIT_ROWS if dpo else SFT_AUDIT_ROWS:
         t.add_row(k, str(a.get(k)))
+    for part, dist in (a.get("lengths") or {}).items():
+        t.add_row(f"{part} tokens", " ".join(f"{k}={v}" for k, v in dist.items()))
     t.add_row("verdict", "[green]ok[/]" if a["ok"] else "[red]" + "; ".join(a["problems"]) + "[/]")
     con.print(t)
-    con.print(f"base model {result['base_model']['name']} ({result['base_model']['sha256'][:12]}), dataset "
+    con.print(f"{result.get('method', 'sft')}: base model {result['base_model']['name']} "
+              f"({result['base_model']['sha256'][:12]}), dataset "
               f"{result['dataset_version']}, backend {result['backend']} on {result['device']}")
     for w in result.get("warnings") or []:
         con.print(f"[yellow]warning:[/] {w}")
     if result.get("dry_run"):
-        con.print("example (masked, untrained tokens in [[ ]]):", style="bold")
+        con.print("first pair:" if dpo else "example (masked, untrained tokens in [[ ]]):", style="bold")
         con.print(result["example"], markup=False, highlight=False)
         return
     if result.get("adapter_dir"):
         con.print(f"loss {result['first_loss']:.4f} -> {result['final_loss']:.4f} in {result['global_step']} "
                   f"steps; adapter {result['adapter_dir']}; MLflow run {result['run_id']}")
+    for r in result.get("eval_rewards") or []:
+        con.print(f"step {r['step']}: eval reward accuracy {r['accuracy']:.3f}, margin {r['margin']:.4f}")

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from flywheel.pipelines.config import load_config
         from flywheel.foundation.io import write_json
-        from flywheel.pipelines.train import RESULT_ENV, TrainConfig, _print_summary, run_train
+        from flywheel.pipelines.train import RESULT_ENV, _print_summary, run_train
+        from flywheel.training.config import TrainConfig
 
         cfg = load_config(TrainConfig, args.config, args.overrides)
         result = run_train(cfg, resume=args.resume, progress=args.progress and rank == 0)

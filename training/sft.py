@@ -126,11 +126,12 @@ def _local_device_map() -> dict:
     return {"": int(os.environ.get("LOCAL_RANK", "0") or 0)}
 
 
-def sft_config(params: SFTParams, backend: Backend, has_eval: bool):
+def trainer_args(params: SFTParams, backend: Backend, has_eval: bool) -> dict:
+    """The TrainingArguments both methods share (SFTConfig and DPOConfig add their own on top)."""
     import dataclasses
 
     import torch
-    from trl import SFTConfig
+    from transformers import TrainingArguments
 
     on_cuda = backend.device == "cuda"
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
@@ -138,9 +139,9 @@ def sft_config(params: SFTParams, backend: Backend, has_eval: bool):
     checkpointing = params.gradient_checkpointing and backend.name != "unsloth"
     # transformers >= 5.2x renamed gradient_checkpointing* to activation_checkpointing*; Unsloth's pins (the gpu
     # set) keep an older transformers that only knows the old names, so pass whichever this version has.
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
     ckpt_name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    ckpt_kwargs = {ckpt_name: checkpointing}
+    ckpt_kwargs: dict[str, Any] = {ckpt_name: checkpointing}
     if checkpointing:
         # Reentrant checkpointing re-runs the forward inside backward, so DDP sees each LoRA parameter "marked as
         # ready twice"; the non-reentrant variant is correct with and without DDP.
@@ -149,7 +150,7 @@ def sft_config(params: SFTParams, backend: Backend, has_eval: bool):
     if world_size() > 1:
         distributed = {"ddp_backend": "nccl" if on_cuda else "gloo", "ddp_timeout": params.ddp_timeout,
                        "ddp_find_unused_parameters": False, "log_level_replica": "error"}
-    return SFTConfig(
+    return dict(
         output_dir=params.output_dir,
         num_train_epochs=params.epochs,
         max_steps=params.max_steps if params.max_steps and params.max_steps > 0 else -1,
@@ -160,8 +161,6 @@ def sft_config(params: SFTParams, backend: Backend, has_eval: bool):
         lr_scheduler_type=params.lr_scheduler,
         warmup_steps=params.warmup_steps,
         weight_decay=params.weight_decay,
-        max_length=params.max_length,
-        packing=params.packing,
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every or None,
         save_strategy="steps",
@@ -181,6 +180,16 @@ def sft_config(params: SFTParams, backend: Backend, has_eval: bool):
         disable_tqdm=True,                     # the shell draws its own progress bar
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+    )
+
+
+def sft_config(params: SFTParams, backend: Backend, has_eval: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_args(params, backend, has_eval),
+        max_length=params.max_length,
+        packing=params.packing,
         dataset_num_proc=None,
         assistant_only_loss=False,             # labels come pre-masked (flywheel.training.audit); TRL uses them as is
         completion_only_loss=False,
@@ -226,16 +235,6 @@ def train(trainer: Any, resume: bool = False) -> dict:
     }
 
 
-def save_adapter(trainer: Any, tokenizer: Any, out_dir: str | Path, chat_template: str | None = None) -> Path:
-    """Adapter weights + config + tokenizer (with the chat template used at inference, not the training one)."""
-    out = Path(out_dir)
-    trainer.model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    if chat_template and not (out / "chat_template.jinja").exists():
-        (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-    return out
-
-
 def generate_pairs(model: Any, tokenizer: Any, conversations: list[list[dict]], max_new_tokens: int = 48
                    ) -> list[dict]:
     """Greedy generations, base (adapter disabled) vs adapter, for a few prompts: the sanity table in MLflow."""
@@ -256,4 +255,14 @@ def generate_pairs(model: Any, tokenizer: Any, conversations: list[list[dict]], 
         rows.append({"prompt": msgs[-1]["content"],
                      "base": tokenizer.decode(base, skip_special_tokens=True),
                      "adapter": tokenizer.decode(tuned, skip_special_tokens=True)})
+    return rows
+
+
+def generation_table(model: Any, tokenizer: Any, eval_records: list[dict], n: int, max_new_tokens: int
+                     ) -> list[dict]:
+    """The first `n` eval conversations: base vs adapter generations beside the reference answer."""
+    recs = eval_records[:n]
+    rows = generate_pairs(model, tokenizer, [r["messages"][:-1] for r in recs], max_new_tokens)
+    for row, r in zip(rows, recs):
+        row["reference"] = r["messages"][-1]["content"]
     return rows

@@ -35,3 +35,18 @@ def write_dataset(root: Path, n_train: int = 24, n_eval: int = 4) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("sft") / "dataset")
+
+
+def pair(i: int, country: str, capital: str) -> dict:
+    return {"id": f"p{i}", "source": "test",
+            "prompt": [{"role": "user", "content": f"What is the capital of {country}?"}],
+            "chosen": [{"role": "assistant", "content": f"The capital of {country} is {capital}."}],
+            "rejected": [{"role": "assistant", "content": f"I think {country} has no capital at all."}]}
+
+
+def write_preferences(root: Path, n: int = 12, eval_file: bool = False) -> Path:
+    """A mined-style directory with preferences.jsonl (and train.jsonl, as `flywheel mine` writes both)."""
+    write_dataset(root, n_train=4, n_eval=2)
+    pairs = [pair(i, *CAPITALS[i % len(CAPITALS)]) for i in range(n)]
+    (root / "preferences.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    return root
