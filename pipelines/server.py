@@ -54,16 +54,19 @@ class ServerError(FlywheelError):
 
 
 class ServerConfig(StageConfig):
-    dir: str = ".flywheel/server"          # state.json, logs, PostgreSQL data (pg/), local artifacts
-    host: str = "127.0.0.1"                # the MLflow server's address; 0.0.0.0 exposes it to the network
-    port: int = Field(5000, ge=0, le=65535)        # MLflow server port; 0 = any free port
-    pg_port: int = Field(5433, ge=0, le=65535)     # PostgreSQL port (always on 127.0.0.1); 0 = any free port
-    # MLflow server worker processes. More than 1 puts uvicorn in multi-process mode, where every request on a
-    # kept-alive connection stalls ~44 ms here (measured: bench/bench_tracking.py): raise it only for many writers.
-    workers: int = Field(1, ge=1)
-    artifacts: Optional[str] = None        # folder or s3://bucket/prefix; default <dir>/artifacts
-    auth: bool = False                     # MLflow basic-auth; admin password from FLYWHEEL_SERVER_ADMIN_PASSWORD
-    start_timeout_s: float = Field(180, gt=0)  # how long to wait for /health
+    dir: str = Field(".flywheel/server", description="state.json, logs, PostgreSQL data (pg/) and local artifacts")
+    host: str = Field("127.0.0.1", description="the MLflow server's address; 0.0.0.0 exposes it to the network")
+    port: int = Field(5000, ge=0, le=65535, description="MLflow server port; 0 = any free port")
+    pg_port: int = Field(5433, ge=0, le=65535, description="PostgreSQL port (always on 127.0.0.1); 0 = any free "
+                         "port")
+    # More than 1 puts uvicorn in multi-process mode, where every request on a kept-alive connection stalls ~44 ms
+    # here (measured: bench/bench_tracking.py): raise it only for many writers.
+    workers: int = Field(1, ge=1, description="MLflow server worker processes")
+    artifacts: Optional[str] = Field(None, description="artifact destination: a folder or s3://bucket/prefix; "
+                                     "default <dir>/artifacts")
+    auth: bool = Field(False, description="MLflow basic-auth; the admin password comes from "
+                       "FLYWHEEL_SERVER_ADMIN_PASSWORD, never a file")
+    start_timeout_s: float = Field(180, gt=0, description="how long `start` waits for /health")
 
 
 # -- small helpers --------------------------------------------------------------------------------------------
