@@ -179,6 +179,33 @@ def _looks_like_model(ref: str) -> bool:
     return ref.startswith(("runs:/", "models:/")) or bool(RUN_ID.match(ref)) or Path(ref).is_dir()
 
 
+def _check_results_identity(cfg: GateConfig, results: dict, cand) -> tuple[str | None, str]:
+    """Before promoting on an existing results.json: it must be an evaluation of exactly this candidate against
+    exactly the current champion (or the base model when there is none). -> (champion version, baseline label);
+    InputError (one line) otherwise."""
+    from evals.gate import check_identities
+    from evals.prompts.generate import load_adapter
+    from pipelines import registry
+
+    if cand is None:
+        raise InputError("--promote with --results needs the candidate as a model reference (run id, runs:/…, "
+                         "models:/…, adapter dir) to check it against the results")
+    champ = registry.champion(cfg.model_name)
+    champ_version, champ_sha = None, None
+    label = "no champion yet"
+    if champ is not None:
+        champ_version = str(champ.version)
+        cm = registry.resolve_model(f"models:/{cfg.model_name}/{champ_version}", "champion")
+        champ_sha = load_adapter(cm.adapter_dir).sha256
+        label = f"models:/{cfg.model_name}@champion (v{champ_version})"
+    problems = check_identities(results, baseline=cfg.baseline_target, candidate=cfg.candidate_target,
+                                candidate_sha256=load_adapter(cand.adapter_dir).sha256, champion_sha256=champ_sha,
+                                champion_label=label if champ is not None else "no champion")
+    if problems:
+        raise InputError(f"{cfg.results}: not evidence for this promotion: " + "; ".join(problems))
+    return champ_version, label
+
+
 # -- the stage ------------------------------------------------------------------------------------------------
 
 def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_progress: bool = False) -> dict:
@@ -221,6 +248,8 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
             if _looks_like_model(candidate):  # then --promote can register it
                 cand = registry.resolve_model(candidate, "candidate")
                 candidate_label = cand.label
+            if promote:
+                champ_version, baseline_label = _check_results_identity(cfg, results, cand)
         else:
             cand = registry.resolve_model(candidate, "candidate")
             candidate_label = cand.label
@@ -290,10 +319,14 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
                 tags = {"flywheel.input.eval_run": eval_run_id, "flywheel.input.gate_run": run_id,
                         "flywheel.prompt_variant": variant,
                         "flywheel.system_prompt": (system_prompt or "")[:4000] or None}
-                promoted = registry.register_adapter(cfg.model_name, cand, tags=tags,
-                                                     description=f"promoted by gate run {run_id}")
-                registry.promote(cfg.model_name, promoted, run_id)
-                mlflow.set_tag("flywheel.promoted_version", promoted)
+                try:
+                    # Compare-and-set: only if @champion is still what the evaluation compared against.
+                    promoted = registry.promote_new(cfg.model_name, cand, expected=champ_version, gate_run_id=run_id,
+                                                    tags=tags, description=f"promoted by gate run {run_id}")["version"]
+                    mlflow.set_tag("flywheel.promoted_version", promoted)
+                except registry.ChampionMoved as e:
+                    gate.update(decision=rules_mod.ERROR, exit_code=rules_mod.EXIT_CODES[rules_mod.ERROR])
+                    gate["reasons"].append(str(e))
         gate["promoted_version"] = promoted
 
         report = rules_mod.report_markdown(gate, baseline_label=baseline_label, candidate_label=candidate_label)
