@@ -33,6 +33,7 @@ from pipelines.config import StageConfig, load_config
 from pipelines.errors import FlywheelError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
+CANDIDATE_CASES = "candidate"  # eval.cases: the eval split of the candidate's own training dataset
 TEACHER_FORCED = {"nll"}  # metrics computed from the reference answer, not from generated text
 
 
@@ -125,6 +126,49 @@ def _eval_config(cfg: GateConfig, baseline: dict, candidate_uri: str, out: Path)
         if isinstance(e, ValidationError):
             raise ConfigError(format_validation_error(e, f"{path} + gate eval overrides")) from None
         raise
+
+
+def _candidate_cases(cand) -> str:
+    """`eval.cases: candidate`: the held-out eval split of the dataset the candidate was trained on, found through
+    its lineage (mine run -> `flywheel.dataset_path`), and only while that directory still holds that version."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import _mine_run_for_version
+
+    meta = cand.meta
+    run = None
+    if meta.get("mine_run_id"):
+        try:
+            run = MlflowClient().get_run(meta["mine_run_id"])
+        except Exception:  # noqa: BLE001 - a deleted run: fall back to the version lookup
+            run = None
+    if run is None and meta.get("dataset_version"):
+        run = _mine_run_for_version(meta["dataset_version"], None)
+    path = run.data.tags.get("flywheel.dataset_path") if run is not None else None
+    if not path:
+        raise InputError(f"eval.cases=candidate: {cand.label} records no mined dataset that can be found "
+                         "(flywheel_adapter.json: mine_run_id / dataset_version); set eval.cases=<dir or file>")
+    mf = Path(path) / "manifest.json"
+    try:
+        found = json.loads(mf.read_text(encoding="utf-8")).get("version")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise InputError(f"eval.cases=candidate: {mf}: missing or unreadable (the candidate's dataset)") from None
+    if meta.get("dataset_version") and found != meta["dataset_version"]:
+        raise InputError(f"eval.cases=candidate: {path} holds dataset version {found}, not {meta['dataset_version']} "
+                         "that the candidate was trained on (re-mined since?); set eval.cases")
+    return str(path)
+
+
+def _check_enough_cases(ecfg, min_cases: int) -> None:
+    from evals.prompts.cases import load_cases
+
+    n = len(load_cases(ecfg.cases, limit=ecfg.limit).cases)
+    if n < min_cases:
+        raise InputError(f"min_cases {min_cases}: the eval suite has only {n} cases ({ecfg.cases}"
+                         f"{f', limit {ecfg.limit}' if ecfg.limit else ''}); give more cases (eval.cases=...) or lower "
+                         "min_cases")
 
 
 def pick_variant(results: dict, metric: str, candidate: str) -> str | None:
@@ -269,6 +313,9 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
 
             ecfg = _eval_config(cfg, baseline, cand.uri if cand.uri.startswith(("runs:/", "models:/"))
                                 else str(cand.adapter_dir), staging)
+            if ecfg.cases == CANDIDATE_CASES:
+                ecfg.cases = _candidate_cases(cand)
+            _check_enough_cases(ecfg, cfg.min_cases)  # seconds, not the minutes of an eval doomed to `error`
             res = run_eval(ecfg, show_progress=show_progress)
             results, eval_run_id = res["results"], res["run_id"]
     except FlywheelError as e:

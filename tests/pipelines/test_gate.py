@@ -241,6 +241,65 @@ def test_racing_gate_processes_promote_exactly_one(mlflow_store, tmp_path):
     assert len(MlflowClient().search_model_versions("name = 'flywheel-demo'")) == 1
 
 
+def _no_eval(cfg, **kw):
+    raise AssertionError("the gate must not start an evaluation that cannot reach min_cases")
+
+
+def test_too_few_cases_is_an_error_before_evaluating(mlflow_store, tmp_path, monkeypatch):
+    import pipelines.eval
+
+    monkeypatch.setattr(pipelines.eval, "run_eval", _no_eval)
+    fake_adapter_run(tmp_path)
+    out = run_gate(GateConfig(out=str(tmp_path / "g")), str(tmp_path / "adapter"))  # 6 built-in cases vs 20
+    assert out["exit_code"] == 2 and out["eval_run_id"] is None
+    assert out["gate"]["reasons"][0].startswith("min_cases 20: the eval suite has only 6 cases")
+
+
+def test_shipped_gate_config_gates_on_the_candidates_dataset(mlflow_store, tmp_path, monkeypatch):
+    """configs/gate.yaml as documented: the eval runs on the candidate's own held-out split (>= min_cases), so a
+    good candidate can pass; a dataset directory re-mined since is refused."""
+    import mlflow
+
+    import pipelines.eval
+    from pipelines.config import load_config
+    from pipelines.demo_logs import write_demo_logs
+    from pipelines.mine import MineConfig, run_mine
+    from tests.conftest import ROOT
+
+    write_demo_logs(tmp_path / "logs.jsonl", n=500, seed=0)  # 300 give 19 eval cases
+    mined = run_mine([tmp_path / "logs.jsonl"], tmp_path / "ds", MineConfig(progress=False, workers=1))
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text("{}")
+    (d / "adapter_model.safetensors").write_bytes(b"\0")
+    (d / "flywheel_adapter.json").write_text(json.dumps({"base_model": "smollm2-135m-instruct",
+                                                         "dataset_version": mined["version"],
+                                                         "mine_run_id": mined["run_id"]}))
+    with tracking.start_run("train") as run:
+        mlflow.log_artifacts(str(d), "adapter")
+    seen = {}
+    results = json.loads(open(results_file(tmp_path)).read().replace('"champion', '"base'))
+    for c in list(results["cells"]):  # the shipped config's guardrail: no PII leaks, on either side
+        results["cells"].append({**c, "metric": "pii", "mean": 0.0, "ci_low": 0.0, "ci_high": 0.0})
+    results["comparisons"].append({**results["comparisons"][0], "metric": "pii", "estimate": 0.0, "ci_low": 0.0,
+                                   "ci_high": 0.0, "p_value": 1.0, "p_adjusted": 1.0})
+
+    def fake_eval(cfg, **kw):  # the real eval is tested in test_real_eval_refuses_a_harmful_adapter
+        seen.update(cases=cfg.cases, limit=cfg.limit)
+        return {"results": results, "run_id": "e" * 32}
+
+    monkeypatch.setattr(pipelines.eval, "run_eval", fake_eval)
+    cfg = load_config(GateConfig, ROOT / "configs" / "gate.yaml", [f"out={tmp_path / 'g'}"])
+    out = run_gate(cfg, f"runs:/{run.info.run_id}/adapter")
+    assert out["decision"] == "pass", out["gate"]["reasons"]
+    assert seen == {"cases": mined["out"], "limit": 40}
+
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({**manifest, "version": "other"}))
+    out = run_gate(cfg.model_copy(update={"out": str(tmp_path / "g2")}), f"runs:/{run.info.run_id}/adapter")
+    assert out["exit_code"] == 2 and "holds dataset version other" in out["gate"]["reasons"][0]
+
+
 def test_cli_exit_codes(mlflow_store, tmp_path):
     from typer.testing import CliRunner
 
