@@ -116,7 +116,12 @@ def _promote_worker(uri, name, adapter_dir, attempts, barrier, queue):
     from pipelines import registry, tracking
 
     tracking.setup(uri)
-    model = registry.resolve_model(adapter_dir)
+    try:
+        model = registry.resolve_model(adapter_dir)
+    except Exception as e:  # noqa: BLE001 - reported to the parent instead of leaving it waiting
+        barrier.abort()
+        queue.put([("crash", None, repr(e), None)])
+        return
     barrier.wait()
     out = []
     for i in range(attempts):
@@ -127,6 +132,8 @@ def _promote_worker(uri, name, adapter_dir, attempts, barrier, queue):
             out.append(("won", expected, r["version"], r["previous"]))
         except registry.ChampionMoved as e:
             out.append(("moved", expected, str(e), None))
+        except Exception as e:  # noqa: BLE001
+            out.append(("crash", expected, repr(e), None))
     queue.put(out)
 
 
@@ -136,13 +143,13 @@ def _race(tmp_path, uri, name, procs, attempts):
     assert registry.champion(name) is None  # creates the store here: concurrent first-time migrations would race
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(procs, timeout=120), ctx.Queue()
-    dirs = [fake_adapter(tmp_path / f"p{i}") for i in range(procs)]
-    for i, d in enumerate(dirs):
-        (d / "adapter_model.safetensors").write_bytes(bytes([i]) * 16)
+    # Train runs with logged adapters: a server accepts only run artifacts as version sources.
+    dirs = [train_run(tmp_path, f"p{i}") for i in range(procs)]
     ps = [ctx.Process(target=_promote_worker, args=(uri, name, str(d), attempts, barrier, queue)) for d in dirs]
     for p in ps:
         p.start()
     results = [r for _ in ps for r in queue.get(timeout=300)]
+    assert not [r for r in results if r[0] == "crash"], results
     for p in ps:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -215,3 +222,55 @@ def test_lease_guard_for_servers_excludes_a_second_promotion(mlflow_store, tmp_p
         registry._LeaseGuard(name)._write({"owner": "someone-else", "seq": b.seq + 1, "expires": 1e12})
         with pytest.raises(registry.ChampionMoved, match="took the registry lease"):
             b.verify()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    """A real `mlflow server` on 127.0.0.1 (its own sqlite store): the registry as a remote user sees it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "server"
+    store.mkdir()
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{store / 'db.sqlite'}",
+                             "--default-artifact-root", (store / "artifacts").as_uri(), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / ".flywheel"))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        tracking.setup(uri)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_racing_promotions_on_a_server_one_winner(mlflow_server, tmp_path):
+    """Against a server there is no local lock: the lease tag lets exactly one racing promotion through."""
+    results = _race(tmp_path, mlflow_server, "flywheel-remote", procs=3, attempts=1)
+    wins = [r for r in results if r[0] == "won"]
+    assert len(wins) == 1, results
+    assert all(r[0] == "moved" for r in results if r[0] != "won")
+    _assert_consistent_history("flywheel-remote", wins)
+    lease = json.loads(registry._client().get_registered_model("flywheel-remote").tags[registry.TAG_LEASE])
+    assert lease["owner"] is None and lease["seq"] >= 1  # released; the counter says promotions happened
