@@ -104,7 +104,7 @@ def test_crashed_eval_is_an_error(mlflow_store, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipelines.eval, "run_eval", boom)
     run_id = fake_adapter_run(tmp_path)
-    out = run_gate(GateConfig(out=str(tmp_path / "g")), run_id, promote=True)
+    out = run_gate(GateConfig(out=str(tmp_path / "g"), min_cases=4), run_id, promote=True)
     assert out["decision"] == "error" and out["exit_code"] == 2 and out["promoted_version"] is None
     assert "evaluation crashed: RuntimeError" in out["gate"]["reasons"][0]
     assert "ERROR" in open(out["report_path"]).read()
@@ -201,7 +201,8 @@ def test_champion_moved_during_evaluation_is_not_overwritten(mlflow_store, tmp_p
         return {"results": results, "run_id": "e" * 32}
 
     monkeypatch.setattr(pipelines.eval, "run_eval", eval_while_someone_promotes)
-    out = run_gate(GateConfig(out=str(tmp_path / "g")), fake_adapter_run(tmp_path), promote=True)
+    out = run_gate(GateConfig(out=str(tmp_path / "g"), min_cases=4), fake_adapter_run(tmp_path),
+                   promote=True)
     assert out["exit_code"] == 2 and out["promoted_version"] is None
     assert any(r.startswith("champion moved") and "v1" in r for r in out["gate"]["reasons"]), out["gate"]["reasons"]
     assert "is now `@champion`" not in open(out["report_path"]).read()
