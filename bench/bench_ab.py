@@ -25,7 +25,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evals.ab.engine import Metric, Settings, analyze  # noqa: E402
+from flywheel.evals.ab.engine import Metric, Settings, analyze  # noqa: E402
 
 METRICS = [
     Metric("rating", "rating", kind="ordinal", min=1, max=5),

@@ -33,7 +33,7 @@ def fill(n_runs: int) -> dict[str, int]:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import experiment_id, setup
+    from flywheel.pipelines.tracking import experiment_id, setup
 
     setup()
     client = MlflowClient()
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1000)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dashboard.json"))
     args = ap.parse_args()
-    from pipelines.io import write_json
+    from flywheel.foundation.io import write_json
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
     home = tmp / ".flywheel"

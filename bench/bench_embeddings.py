@@ -32,9 +32,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 def overhead(model_name: str, n: int, repeats: int, batch_size: int) -> dict:
     import numpy as np
 
-    from evals.embeddings.cache import EmbeddingCache
-    from evals.embeddings.models import load_with_info
-    from evals.embeddings.tasks import load_beir
+    from flywheel.evals.embeddings.cache import EmbeddingCache
+    from flywheel.evals.embeddings.models import load_with_info
+    from flywheel.evals.embeddings.tasks import load_beir
 
     task = load_beir(ROOT.parent / "shared" / "data" / "medline-beir")
     texts = list(task.corpus.values())[:n]
@@ -65,7 +65,7 @@ def warm_cold(models: list[str], tasks: list[str]) -> dict:
         env = dict(os.environ, FLYWHEEL_HOME=str(Path(d) / "home"))
         env.pop("MLFLOW_TRACKING_URI", None)
         out = Path(d) / "out"
-        cmd = [sys.executable, "-c", "from pipelines.cli import main; main()", "bench-embeddings",
+        cmd = [sys.executable, "-c", "from flywheel.pipelines.cli import main; main()", "bench-embeddings",
                f"models=[{','.join(models)}]", f"tasks=[{','.join(tasks)}]", f"out={out}",
                f"cache_dir={Path(d) / 'cache'}"]
         times, boards = [], []
@@ -92,11 +92,11 @@ def verify(out_dir: Path) -> dict:
     import pytrec_eval
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    from evals.embeddings import retrieval
-    from evals.embeddings.cache import EmbeddingCache
-    from evals.embeddings.models import resolve_model
-    from evals.embeddings.tasks import resolve_task
-    from pipelines.embeddings import DEFAULT_DATA_DIR
+    from flywheel.evals.embeddings import retrieval
+    from flywheel.evals.embeddings.cache import EmbeddingCache
+    from flywheel.evals.embeddings.models import resolve_model
+    from flywheel.evals.embeddings.tasks import resolve_task
+    from flywheel.pipelines.embeddings import DEFAULT_DATA_DIR
 
     summary = json.loads((out_dir / "summary.json").read_text())
     cfg = summary["config"]

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _run(tmp: Path, tag: str, cache_dir: Path, batch_size: int, n: int, max_new_tokens: int) -> dict:
-    from pipelines.eval import EvalConfig, run_eval
+    from flywheel.pipelines.eval import EvalConfig, run_eval
 
     home = tmp / f"home-{tag}"
     os.environ["FLYWHEEL_HOME"] = str(home)

@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "llamacpp.json"))
     args = ap.parse_args()
 
-    from pipelines.publish import check_gguf, convert_adapter, convert_base, converters_dir
+    from flywheel.pipelines.publish import check_gguf, convert_adapter, convert_base, converters_dir
 
     llama_dir = converters_dir()
     try:
@@ -90,7 +90,7 @@ def main() -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.models import resolve_base_model
+    from flywheel.training.models import resolve_base_model
 
     torch.set_num_threads(1)
     info = resolve_base_model("smollm2-135m-instruct")

@@ -53,7 +53,7 @@ def real_pairs() -> list[tuple[str, str]]:
 
 
 def build_log(path: Path, n: int, seed: int = 0) -> None:
-    from pipelines.demo_logs import PII_SENTENCES, _pii
+    from flywheel.mining.demo_logs import PII_SENTENCES, _pii
 
     rng = random.Random(seed)
     pairs = real_pairs()
@@ -103,7 +103,7 @@ def _peak_rss(proc: subprocess.Popen, out: dict) -> None:
 
 
 def mine(path: Path, out: Path, near: bool, workers: int) -> dict:
-    code = ("import json,sys,time; from pipelines.mine import MineConfig, mine_to_dir; "
+    code = ("import json,sys,time; from flywheel.pipelines.mine import MineConfig, mine_to_dir; "
             f"cfg = MineConfig(workers={workers}, progress=False, log_mlflow=False, dedupe={{'near': {near}}}); "
             f"t = time.perf_counter(); m = mine_to_dir([{str(path)!r}], {str(out)!r}, cfg); "
             "print(json.dumps({'s': time.perf_counter() - t, 'counts': m['counts']}))")

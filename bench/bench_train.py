@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_train.py [--steps 8] [--repeats 2] [--max-length 256]
 
-Both sides train the same base (the dequantized SmolLM2 from `training.models`), the same conversations
+Both sides train the same base (the dequantized SmolLM2 from `flywheel.training.models`), the same conversations
 (a slice of `flywheel mine` output on ../shared/data/oasst1-en-validation, or synthetic ones without it), with
 the same LoRA / batch / max_length / optimizer settings, each in its own subprocess (so peak RSS is per side),
 interleaved A B A B to share the machine's noise. Throughput = non-padding tokens seen / `train_runtime`.
@@ -38,7 +38,7 @@ def make_dataset(out: Path, n: int) -> str:
     """Mine the real oasst slice when present (the data `flywheel train` sees in practice), else synthesize."""
     if OASST.exists():
         try:
-            from pipelines.mine import MineConfig, run_mine  # another stage; optional for the bench
+            from flywheel.pipelines.mine import MineConfig, run_mine  # another stage; optional for the bench
 
             run_mine([str(OASST)], out, MineConfig())
             return f"flywheel mine {OASST.name}"
@@ -68,7 +68,7 @@ def cpu_clock():
 
 
 def child_flywheel(data: str, steps: int, max_length: int, out: str) -> dict:
-    from pipelines.train import TrainConfig, run_train
+    from flywheel.pipelines.train import TrainConfig, run_train
 
     cfg = TrainConfig.model_validate({
         "dataset": data, "max_steps": steps, "batch_size": COMMON["batch_size"], "max_length": max_length,
@@ -90,7 +90,7 @@ def child_trl(data: str, steps: int, max_length: int, out: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from training.models import resolve_base_model
+    from flywheel.training.models import resolve_base_model
 
     path = str(resolve_base_model("smollm2-135m-instruct").path)
     ds = load_dataset("json", data_files=str(Path(data) / "train.jsonl"), split="train")
@@ -147,7 +147,7 @@ def main() -> None:
         print(json.dumps(res))
         return
 
-    from training.models import resolve_base_model
+    from flywheel.training.models import resolve_base_model
 
     resolve_base_model("smollm2-135m-instruct")  # build the cache outside the timed children
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:

@@ -1,7 +1,7 @@
 """Flywheel dashboard: `flywheel dashboard` runs `streamlit run dashboard/app.py`.
 
 Reviewers compare results and decide; ML engineers check runs. The MLflow UI shows runs; this shows
-decisions. Read-only: every page reads MLflow through `dashboard.store`, which only searches and reads.
+decisions. Read-only: every page reads MLflow through `flywheel.dashboard.store`, which only searches and reads.
 The tracking URI is the pipelines' own (`MLFLOW_TRACKING_URI`, else `.flywheel/mlflow.db`).
 """
 
@@ -18,7 +18,7 @@ if str(_ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import store, ui  # noqa: E402
+from flywheel.dashboard import store, ui  # noqa: E402
 
 st.set_page_config(page_title="Flywheel", page_icon=":material/cycle:", layout="wide")
 

@@ -25,8 +25,8 @@ from urllib.parse import unquote, urlparse
 
 import streamlit as st
 
-from pipelines.tracking import STAGES, TAG_INPUT, TAG_STAGE, tracking_uri
-from pipelines.tracking import sanitize_metric_name as sanitize  # noqa: F401  (pages build metric keys)
+from flywheel.pipelines.tracking import STAGES, TAG_INPUT, TAG_STAGE, tracking_uri
+from flywheel.pipelines.tracking import sanitize_metric_name as sanitize  # noqa: F401  (pages build metric keys)
 
 TTL = 30  # seconds a cached answer stays fresh
 MAX_RUNS = 500  # a page lists at most this many runs of a stage (newest first)

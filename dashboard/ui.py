@@ -123,7 +123,7 @@ def _md_escape(text: str) -> str:
 
 
 def sidebar_footer(uri: str) -> None:
-    from dashboard import store
+    from flywheel.dashboard import store
 
     with st.sidebar:
         st.caption(f"Store: `{uri}`")

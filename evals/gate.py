@@ -7,7 +7,7 @@ The rule set, and why each part is there:
   a zero baseline turns the relative rule into "better by 1e-10", as MLflow does). This is the "big enough to
   matter" half.
 - **Significance after correction**: the paired difference on the same cases (computed by the eval stage with
-  `evals.ab.paired.compare_paired`, Holm-corrected there per metric) must point the right way with adjusted
+  `flywheel.evals.ab.paired.compare_paired`, Holm-corrected there per metric) must point the right way with adjusted
   p < alpha; the gate corrects again across its own family of significance checks (several primary variants),
   so "we looked at three prompts" cannot buy a pass. This is the "not luck" half.
 - **Guardrails, non-inferiority**: a guardrail may get worse, but not by more than its margin: the whole
@@ -205,7 +205,7 @@ def evaluate(results: dict | None, rules: GateRules, *, baseline: str, candidate
     # Significance: corrected again across the gate's own family (here: the primary check).
     fam = [x for x in checks if x.role == "primary" and x.status != ERROR and pr.require_significance]
     if fam:
-        from evals.ab.multiple import adjust_pvalues
+        from flywheel.evals.ab.multiple import adjust_pvalues
 
         adj = adjust_pvalues([x.p_adjusted if x.p_adjusted is not None else x.p_value for x in fam],
                              rules.correction)

@@ -1,3 +1,3 @@
-from pipelines.cli import main
+from flywheel.pipelines.cli import main
 
 main()

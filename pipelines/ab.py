@@ -8,7 +8,7 @@
 The recipe, top to bottom:
 1. config: defaults here <- YAML <- key=value <- flags (flags win: scripts rely on them);
 2. read the logs (JSONL/JSON/CSV/Parquet, dotted names reach nested fields), keeping only needed columns;
-3. `evals.ab.engine.analyze`: clean (every unusable row counted by reason), collapse to the unit, aggregate,
+3. `flywheel.evals.ab.engine.analyze`: clean (every unusable row counted by reason), collapse to the unit, aggregate,
    test, correct, SRM, sequential, Bayesian, verdicts -> one report dict;
 4. write `report.json` (exactly what `--json` prints) and one `ab_<metric>.png` per metric, atomically;
 5. MLflow run in `flywheel/ab`: params, per-comparison metrics, SRM/verdict tags, the report and plots.
@@ -27,7 +27,7 @@ from typing import Literal
 import typer
 from pydantic import Field, field_validator
 
-from pipelines.config import StageConfig, flatten, load_config
+from flywheel.pipelines.config import StageConfig, flatten, load_config
 
 
 class MetricConfig(StageConfig):
@@ -105,7 +105,7 @@ class AbConfig(StageConfig):
 
 
 def _settings(cfg: AbConfig):
-    from evals.ab.engine import Metric, Settings
+    from flywheel.evals.ab.engine import Metric, Settings
 
     metrics = [Metric(name=m.name, column=m.column or m.name, kind=m.kind, threshold=m.threshold, min=m.min,
                       max=m.max, higher_is_better=m.higher_is_better, guardrail=m.guardrail, margin=m.margin,
@@ -121,8 +121,8 @@ def _settings(cfg: AbConfig):
 
 def analyze_logs(logs: list[str | Path], cfg: AbConfig) -> dict:
     """Read + analyse, no side effects: the report dict."""
-    from evals.ab.data import load_table
-    from evals.ab.engine import analyze
+    from flywheel.evals.ab.data import load_table
+    from flywheel.evals.ab.engine import analyze
 
     metrics, s = _settings(cfg)
     cols = [cfg.variant, cfg.unit] + [m.column for m in metrics] + [m.covariate for m in metrics]
@@ -161,8 +161,8 @@ def plot_metric(report: dict, metric: str, path: Path) -> Path:
 
 
 def _write_outputs(report: dict, folder: Path) -> list[Path]:
-    from pipelines.io import atomic_write_text
-    from pipelines.tracking import sanitize_metric_name
+    from flywheel.foundation.io import atomic_write_text
+    from flywheel.pipelines.tracking import sanitize_metric_name
 
     files = [atomic_write_text(folder / "report.json", report_json(report))]
     for m in dict.fromkeys(r["metric"] for r in report["summaries"]):
@@ -198,7 +198,7 @@ def run_ab(logs: list[str | Path], cfg: AbConfig | None = None) -> dict:
 
     Returns {"run_id": str | None, "report": dict, "out_dir": str | None}.
     """
-    from pipelines.io import atomic_dir
+    from flywheel.foundation.io import atomic_dir
 
     cfg = cfg or AbConfig()
     logs = [Path(p) for p in logs]
@@ -217,8 +217,8 @@ def run_ab(logs: list[str | Path], cfg: AbConfig | None = None) -> dict:
 def _log_mlflow(report: dict, cfg: AbConfig, logs: list[Path], out_dir: str | None) -> str:
     import mlflow
 
-    from pipelines import tracking
-    from pipelines.io import sha256_file
+    from flywheel.pipelines import tracking
+    from flywheel.foundation.io import sha256_file
 
     inputs = {"logs": ",".join(str(p.resolve()) for p in logs)[:5000],
               "logs_sha256": ",".join(sha256_file(p)[:16] for p in logs)[:5000]}
@@ -348,7 +348,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Units per arm for an MDE, or the MDE for given traffic and duration (statsmodels power)."""
-        from evals.ab.power import plan
+        from flywheel.evals.ab.power import plan
 
         r = plan(metric_type=type_, baseline=baseline, sd=sd, mde=mde, relative=not absolute, n_per_arm=n,
                  daily_units=daily_units, days=days, arms=arms, alpha=alpha, power=power_)

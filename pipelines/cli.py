@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from pipelines.errors import FlywheelError
+from flywheel.foundation.errors import FlywheelError
 
 app = typer.Typer(
     name="flywheel",
@@ -23,16 +23,16 @@ app = typer.Typer(
 
 # Order is the order of `flywheel --help`, which is the order of the loop.
 STAGE_MODULES = [
-    "pipelines.mine",
-    "pipelines.train",
-    "pipelines.embeddings",
-    "pipelines.eval",
-    "pipelines.ab",
-    "pipelines.gate",
-    "pipelines.publish",
-    "pipelines.loop",
-    "pipelines.dashboard_cmd",
-    "pipelines.demo",
+    "flywheel.pipelines.mine",
+    "flywheel.pipelines.train",
+    "flywheel.pipelines.embeddings",
+    "flywheel.pipelines.eval",
+    "flywheel.pipelines.ab",
+    "flywheel.pipelines.gate",
+    "flywheel.pipelines.publish",
+    "flywheel.pipelines.loop",
+    "flywheel.pipelines.dashboard_cmd",
+    "flywheel.pipelines.demo",
 ]
 
 for _name in STAGE_MODULES:

@@ -15,7 +15,7 @@ from typing import Any, Iterable, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipelines.errors import FlywheelError
+from flywheel.foundation.errors import FlywheelError
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -1,7 +1,7 @@
 """`flywheel dashboard [--port N]`: the Streamlit app over the pipelines' own MLflow store, read-only.
 
 Bound to 127.0.0.1 unless `--host` says otherwise: the dashboard has no login, and artifacts can hold user
-text. It reads the same tracking URI as every stage (`pipelines.tracking.tracking_uri()`), handed to
+text. It reads the same tracking URI as every stage (`flywheel.pipelines.tracking.tracking_uri()`), handed to
 Streamlit's process through `MLFLOW_TRACKING_URI` so the app and the pipelines can never disagree.
 """
 
@@ -27,7 +27,7 @@ def command(port: int = 8501, host: str = "127.0.0.1") -> list[str]:
 
 
 def environment(uri: str | None = None) -> dict[str, str]:
-    from pipelines.tracking import tracking_uri
+    from flywheel.pipelines.tracking import tracking_uri
 
     env = dict(os.environ)
     # An explicit --tracking-uri wins; otherwise exactly what the stages would use.

@@ -3,9 +3,9 @@
     flywheel demo [--work-dir .flywheel/demo] [--steps 8] [--n-logs 300] [--skip-embeddings] [--skip-ab]
 
 What it runs, in the order a team would:
-1. writes the demo chat logs (`pipelines.demo_logs`: a few hundred rated nutrition-assistant conversations with
+1. writes the demo chat logs (`flywheel.mining.demo_logs`: a few hundred rated nutrition-assistant conversations with
    planted PII, duplicates, near-duplicates and malformed lines, generated, seeded, never downloaded);
-2. `flywheel run` on them (`pipelines.loop.run_loop`): mine -> train a LoRA adapter for a few CPU steps ->
+2. `flywheel run` on them (`flywheel.pipelines.loop.run_loop`): mine -> train a LoRA adapter for a few CPU steps ->
    evaluate it against the champion (or the base model) -> gate -> promote `models:/flywheel-demo@champion` ->
    publish `Modelfiles/flywheel-demo/`;
 3. a fast `flywheel bench-embeddings` (two fastest embedded models on the mined dataset + an STS slice);
@@ -33,8 +33,8 @@ def run_demo(work_dir: str | Path = ".flywheel/demo", *, steps: int = 8, n_logs:
              embeddings: bool = True, ab: bool = True, publish_out: str | Path | None = None,
              say=print) -> dict[str, Any]:
     """Run the demo; returns each stage's result. `say` receives progress lines (the CLI prints them)."""
-    from pipelines.demo_logs import write_demo_logs
-    from pipelines.loop import demo_loop_config, run_loop
+    from flywheel.mining.demo_logs import write_demo_logs
+    from flywheel.pipelines.loop import demo_loop_config, run_loop
 
     work = Path(work_dir).resolve()
     if work.exists():
@@ -57,14 +57,14 @@ def run_demo(work_dir: str | Path = ".flywheel/demo", *, steps: int = 8, n_logs:
 
     dataset = (loop.get("mine") or {}).get("out")
     if embeddings and dataset:
-        from pipelines.embeddings import demo_config, run_bench_embeddings
+        from flywheel.pipelines.embeddings import demo_config, run_bench_embeddings
 
         say("3/4 embeddings benchmark (fast: static-64 and paraphrase-MiniLM-L3-v2)")
         emb = run_bench_embeddings(demo_config(dataset, work / "embeddings"), quiet=True)
         result["embeddings"] = emb
         say(f"    leaderboard: {Path(emb['out']) / 'leaderboard.md'}")
     if ab:
-        from pipelines.ab import AbConfig, run_ab
+        from flywheel.pipelines.ab import AbConfig, run_ab
 
         say("4/4 A/B analysis of the prompt variants (v1 control vs v2)")
         abr = run_ab([Path(logs["path"])], AbConfig(out=str(work / "ab")))
@@ -78,7 +78,7 @@ def _summary(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     loop = result.get("loop") or {}
     t = Table(title="flywheel demo", show_header=True, header_style="bold")

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import typer
 from pydantic import Field, field_validator
 
-from pipelines.config import StageConfig, flatten, load_config
+from flywheel.pipelines.config import StageConfig, flatten, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -127,8 +127,8 @@ class LazyModel:
 
     def get(self):
         if self.model is None:
-            from evals.embeddings.models import load_with_info
-            from evals.embeddings.speed import PeakRSS
+            from flywheel.evals.embeddings.models import load_with_info
+            from flywheel.evals.embeddings.speed import PeakRSS
 
             t0 = time.perf_counter()
             with PeakRSS() as mem:
@@ -153,8 +153,8 @@ class LazyModel:
 
 def _speed(lazy: LazyModel, info, task, q_emb, d_emb, cfg: EmbeddingsConfig, records) -> tuple[dict, bool]:
     """The speed probe of one model on one task, or its cached result. Returns (record, was_cached)."""
-    from evals.embeddings.speed import PeakRSS, index_timing, latency, sample_texts, throughput, warm_up
-    from pipelines.io import sha256_text
+    from flywheel.evals.embeddings.speed import PeakRSS, index_timing, latency, sample_texts, throughput, warm_up
+    from flywheel.foundation.io import sha256_text
 
     if task.kind == "retrieval":
         texts, singles = list(task.corpus.values()) + list(task.queries.values()), list(task.queries.values())
@@ -183,7 +183,7 @@ def bench_one(lazy: LazyModel, info, task, cfg: EmbeddingsConfig, cache, records
     """Quality + speed of one model on one task; plain data out (MLflow happens later)."""
     import numpy as np
 
-    from evals.embeddings import calibration, compare, retrieval, sts
+    from flywheel.evals.embeddings import calibration, compare, retrieval, sts
 
     enc = lazy.encode_fn(cfg.batch_size)
     res: dict[str, Any] = {"model": info.name, "task": task.name, "kind": task.kind}
@@ -240,9 +240,9 @@ def run_bench_embeddings(cfg: EmbeddingsConfig | None = None, *, quiet: bool = F
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from evals.embeddings.cache import EmbeddingCache, RecordCache
-    from evals.embeddings.models import resolve_model
-    from evals.embeddings.tasks import resolve_task
+    from flywheel.evals.embeddings.cache import EmbeddingCache, RecordCache
+    from flywheel.evals.embeddings.models import resolve_model
+    from flywheel.evals.embeddings.tasks import resolve_task
 
     cfg = cfg or EmbeddingsConfig()
     t_start = time.perf_counter()
@@ -252,7 +252,7 @@ def run_bench_embeddings(cfg: EmbeddingsConfig | None = None, *, quiet: bool = F
                           max_queries=cfg.max_queries, max_pairs=cfg.max_pairs, seed=cfg.seed) for t in cfg.tasks]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
-        from pipelines.errors import InputError
+        from flywheel.foundation.errors import InputError
 
         raise InputError(f"tasks: two tasks have the same name ({names}); give distinct directories")
     infos = [resolve_model(m) for m in cfg.models]
@@ -288,7 +288,7 @@ def run_bench_embeddings(cfg: EmbeddingsConfig | None = None, *, quiet: bool = F
 def _compare(results: list[dict], tasks, cfg: EmbeddingsConfig) -> list[dict]:
     import numpy as np
 
-    from evals.embeddings.compare import compare_correlations, compare_models
+    from flywheel.evals.embeddings.compare import compare_correlations, compare_models
 
     rows: list[dict] = []
     for task in tasks:
@@ -307,7 +307,7 @@ def _compare(results: list[dict], tasks, cfg: EmbeddingsConfig) -> list[dict]:
 
 
 def _leaderboard(results: list[dict], comparisons: list[dict], tasks) -> list[dict]:
-    from evals.embeddings.compare import vs_best
+    from flywheel.evals.embeddings.compare import vs_best
 
     rows = []
     for task in tasks:
@@ -334,7 +334,7 @@ def _write_outputs(out: Path, cfg, results, leaderboard, comparisons, tasks) -> 
     import csv
     import io
 
-    from pipelines.io import atomic_dir, write_json
+    from flywheel.foundation.io import atomic_dir, write_json
 
     def csv_text(rows: list[dict], cols: list[str]) -> str:
         buf = io.StringIO()
@@ -439,7 +439,7 @@ def _track(cfg: EmbeddingsConfig, out: Path, results: list[dict], tasks, leaderb
 
     import mlflow
 
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     inputs = {}
     versions = sorted({t.info["dataset_version"] for t in tasks if t.info.get("dataset_version")})

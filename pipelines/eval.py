@@ -26,8 +26,8 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.config import StageConfig, load_config
-from pipelines.errors import InputError
+from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.foundation.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = str(ROOT / "evals" / "prompts" / "demo_cases.yaml")
@@ -143,8 +143,8 @@ def _fetch_adapter(spec: str, target: str, scratch: Path) -> tuple[Path, dict[st
 
 def build_targets(cfg: EvalConfig, scratch: Path) -> tuple[list[Any], dict[str, str]]:
     """TargetSpec -> HFTarget/EndpointTarget; returns (targets, lineage tags)."""
-    from evals.prompts.generate import EndpointTarget, HFTarget, load_adapter
-    from training.models import resolve_base_model
+    from flywheel.evals.prompts.generate import EndpointTarget, HFTarget, load_adapter
+    from flywheel.training.models import resolve_base_model
 
     targets, lineage = [], {}
     specs = list(cfg.targets)
@@ -180,18 +180,18 @@ class _LazyEmbedder:
         self._model = None
 
     def __call__(self, outputs, references):  # noqa: ANN001
-        from evals.prompts.scorers import embedding_similarity
+        from flywheel.evals.prompts.scorers import embedding_similarity
 
         if self._model is None:
-            from evals.embeddings.models import load_embedding_model
+            from flywheel.evals.embeddings.models import load_embedding_model
 
             self._model = load_embedding_model(self.name)
         return embedding_similarity(self._model, outputs, references)
 
 
 def _judge(cfg: EvalConfig):
-    from evals.prompts.generate import chat_completion, check_endpoint
-    from evals.prompts.scorers import DEFAULT_RUBRIC, judge_messages, parse_judge_score
+    from flywheel.evals.prompts.generate import chat_completion, check_endpoint
+    from flywheel.evals.prompts.scorers import DEFAULT_RUBRIC, judge_messages, parse_judge_score
 
     j = cfg.judge
     key = os.environ.get(j.api_key_env) if j.api_key_env else None
@@ -254,13 +254,13 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
     from mlflow.tracking import MlflowClient
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evals.prompts import harness
-    from evals.prompts.cases import load_cases
-    from evals.prompts.generate import DiskCache, GenParams
-    from evals.prompts.templates import load_template
-    from pipelines import tracking
-    from pipelines.config import flatten
-    from pipelines.io import atomic_dir, write_json, write_jsonl
+    from flywheel.evals.prompts import harness
+    from flywheel.evals.prompts.cases import load_cases
+    from flywheel.evals.prompts.generate import DiskCache, GenParams
+    from flywheel.evals.prompts.templates import load_template
+    from flywheel.pipelines import tracking
+    from flywheel.pipelines.config import flatten
+    from flywheel.foundation.io import atomic_dir, write_json, write_jsonl
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -327,7 +327,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                                                      correction=cfg.compare.correction, test=cfg.compare.test)
 
             # 3. one child run per cell
-            from evals.prompts.scorers import METRICS
+            from flywheel.evals.prompts.scorers import METRICS
 
             child_runs = {}
             for v in variants:

@@ -7,9 +7,9 @@ Recipe:
 1. Resolve the candidate (train run id, `runs:/…`, `models:/…`, adapter dir) and the baseline: the registry's
    `models:/<model_name>@champion`, or the candidate's own base model when there is no champion yet.
    An unreadable champion is an error, never "no champion" (that would let anything through).
-2. Run `flywheel eval` (`pipelines.eval.run_eval`) with both as targets over the same cases, so every
+2. Run `flywheel eval` (`flywheel.pipelines.eval.run_eval`) with both as targets over the same cases, so every
    comparison is paired. By default only the metrics the rules read are computed.
-3. Apply the rules (`evals.gate.evaluate`: MetricThreshold change + corrected significance on the primary
+3. Apply the rules (`flywheel.evals.gate.evaluate`: MetricThreshold change + corrected significance on the primary
    metric, non-inferiority on guardrails, min cases, optional `flywheel ab` verdict). Anything missing,
    NaN or crashed is `error`.
 4. Write `gate.json` and `gate_report.md` (a PR comment), log a `flywheel/gate` run (tag
@@ -29,8 +29,8 @@ from typing import Optional
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.config import StageConfig, load_config
-from pipelines.errors import FlywheelError, InputError
+from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.foundation.errors import FlywheelError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATE_CASES = "candidate"  # eval.cases: the eval split of the candidate's own training dataset
@@ -85,7 +85,7 @@ class GateConfig(StageConfig):
 
 
 def rules_from_config(cfg: GateConfig):
-    from evals.gate import GateRules, GuardrailRule, PrimaryRule
+    from flywheel.evals.gate import GateRules, GuardrailRule, PrimaryRule
 
     return GateRules(primary=PrimaryRule(**cfg.primary.model_dump()),
                      guardrails=[GuardrailRule(**g.model_dump()) for g in cfg.guardrails],
@@ -97,8 +97,8 @@ def rules_from_config(cfg: GateConfig):
 
 def _eval_config(cfg: GateConfig, baseline: dict, candidate_uri: str, out: Path):
     """The eval suite from `eval_config` + `eval`, with the two targets the gate compares."""
-    from pipelines.config import _deep_merge, read_yaml
-    from pipelines.eval import EvalConfig
+    from flywheel.pipelines.config import _deep_merge, read_yaml
+    from flywheel.pipelines.eval import EvalConfig
 
     path = Path(cfg.eval_config)
     if not path.exists() and (ROOT / path).exists():
@@ -121,7 +121,7 @@ def _eval_config(cfg: GateConfig, baseline: dict, candidate_uri: str, out: Path)
     except Exception as e:
         from pydantic import ValidationError
 
-        from pipelines.config import ConfigError, format_validation_error
+        from flywheel.pipelines.config import ConfigError, format_validation_error
 
         if isinstance(e, ValidationError):
             raise ConfigError(format_validation_error(e, f"{path} + gate eval overrides")) from None
@@ -135,7 +135,7 @@ def _candidate_cases(cand) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from pipelines.train import _mine_run_for_version
+    from flywheel.pipelines.train import _mine_run_for_version
 
     meta = cand.meta
     run = None
@@ -162,7 +162,7 @@ def _candidate_cases(cand) -> str:
 
 
 def _check_enough_cases(ecfg, min_cases: int) -> None:
-    from evals.prompts.cases import load_cases
+    from flywheel.evals.prompts.cases import load_cases
 
     n = len(load_cases(ecfg.cases, limit=ecfg.limit).cases)
     if n < min_cases:
@@ -190,7 +190,7 @@ def system_prompt_for(results: dict, variant: str | None) -> str | None:
         src = str(ROOT / src)  # a path relative to the repo, read from another working directory
     if not src or not Path(src).exists():
         return None
-    from evals.prompts.templates import VAR_RE, load_template
+    from flywheel.evals.prompts.templates import VAR_RE, load_template
 
     t = load_template(src)
     return VAR_RE.sub(lambda m: t.defaults.get(m.group(1), ""), t.system).strip() or None
@@ -201,7 +201,7 @@ def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
 
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import sanitize_metric_name
+    from flywheel.pipelines.tracking import sanitize_metric_name
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("flywheel/ab")
@@ -218,7 +218,7 @@ def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
 
 
 def _looks_like_model(ref: str) -> bool:
-    from pipelines.registry import RUN_ID
+    from flywheel.pipelines.registry import RUN_ID
 
     return ref.startswith(("runs:/", "models:/")) or bool(RUN_ID.match(ref)) or Path(ref).is_dir()
 
@@ -227,9 +227,9 @@ def _check_results_identity(cfg: GateConfig, results: dict, cand) -> tuple[str |
     """Before promoting on an existing results.json: it must be an evaluation of exactly this candidate against
     exactly the current champion (or the base model when there is none). -> (champion version, baseline label);
     InputError (one line) otherwise."""
-    from evals.gate import check_identities
-    from evals.prompts.generate import load_adapter
-    from pipelines import registry
+    from flywheel.evals.gate import check_identities
+    from flywheel.evals.prompts.generate import load_adapter
+    from flywheel.pipelines import registry
 
     if cand is None:
         raise InputError("--promote with --results needs the candidate as a model reference (run id, runs:/…, "
@@ -259,9 +259,9 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
 
     import mlflow
 
-    from evals import gate as rules_mod
-    from pipelines import registry, tracking
-    from pipelines.io import atomic_dir, write_json
+    from flywheel.evals import gate as rules_mod
+    from flywheel.pipelines import registry, tracking
+    from flywheel.foundation.io import atomic_dir, write_json
 
     tracking.setup(cfg.tracking_uri)
     problems: list[str] = []
@@ -309,7 +309,7 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
                 baseline = {"name": "base", "base": base}
                 baseline_label = f"base model {base} (no champion yet)"
             baseline_target, candidate_target = baseline["name"], "candidate"
-            from pipelines.eval import run_eval
+            from flywheel.pipelines.eval import run_eval
 
             ecfg = _eval_config(cfg, baseline, cand.uri if cand.uri.startswith(("runs:/", "models:/"))
                                 else str(cand.adapter_dir), staging)

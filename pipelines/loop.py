@@ -8,12 +8,12 @@ One pass:
    the hash of that prefix. Appended lines (complete lines only: a line being written stays for next time) are
    new; a file whose consumed prefix changed was rewritten and counts as new in full. No new bytes: nothing is
    run or logged, and the command says so.
-2. **Mine** the new slices plus any still-pending ones (`pipelines.mine.run_mine`).
+2. **Mine** the new slices plus any still-pending ones (`flywheel.pipelines.mine.run_mine`).
 3. **Threshold.** Fewer new kept records than `min_new_records` (the seed used 100): no training. The slices stay
    pending and are mined again together with the next logs, so small trickles add up instead of being lost.
-4. **Train** on the mined dataset (`pipelines.train.run_train`), **gate** the adapter against the champion
-   (`pipelines.gate.run_gate`, which runs the eval), and on a pass **promote** and **publish** the new
-   champion (`pipelines.publish.run_publish`).
+4. **Train** on the mined dataset (`flywheel.pipelines.train.run_train`), **gate** the adapter against the champion
+   (`flywheel.pipelines.gate.run_gate`, which runs the eval), and on a pass **promote** and **publish** the new
+   champion (`flywheel.pipelines.publish.run_publish`).
 5. A summary run in `flywheel/run` ties the stage runs together (tags `flywheel.input.<stage>_run`).
 
 Training is on the new data only (fresh LoRA from the base): the gate then asks whether it beats the champion.
@@ -35,8 +35,8 @@ from typing import Any, Callable, Optional
 import typer
 from pydantic import Field
 
-from pipelines.config import StageConfig, load_config
-from pipelines.errors import InputError
+from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.foundation.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE_FORMATS = (".jsonl", ".ndjson", ".json")  # append-only logs: sliced by bytes at line ends
@@ -64,11 +64,11 @@ class LoopConfig(StageConfig):
 
 def demo_loop_config(logs: str | Path, work_dir: str | Path, **overrides: Any) -> LoopConfig:
     """The loop on the demo logs: few CPU training steps, a small eval, thresholds sized for ~300 logs."""
-    from pipelines.train import DEMO_OVERRIDES
+    from flywheel.pipelines.train import DEMO_OVERRIDES
 
     data: dict[str, Any] = {
         "inputs": [str(logs)], "work_dir": str(work_dir), "min_new_records": 50, "model_name": "flywheel-demo",
-        "train_config": None, "train": dict(DEMO_OVERRIDES),  # as `pipelines.train.demo_config`: no YAML
+        "train_config": None, "train": dict(DEMO_OVERRIDES),  # as `flywheel.pipelines.train.demo_config`: no YAML
         "gate": {"min_cases": 8, "eval": {"limit": 16, "variants": ["concise"]}, "guardrails": []},
         "publish_out": str(Path(work_dir) / "Modelfiles" / "flywheel-demo"),
     }
@@ -134,7 +134,7 @@ def new_slices(files: list[Path], state: dict) -> list[dict]:
 
 def write_slices(slices: list[dict], batch_dir: Path) -> list[str]:
     """Copy the new byte ranges into `batch_dir` (one file per source, original suffix kept)."""
-    from pipelines.io import atomic_dir
+    from flywheel.foundation.io import atomic_dir
 
     written = []
     with atomic_dir(batch_dir) as tmp:
@@ -159,7 +159,7 @@ def load_state(work: Path) -> dict:
 
 
 def save_state(work: Path, state: dict) -> None:
-    from pipelines.io import write_json
+    from flywheel.foundation.io import write_json
 
     write_json(work / "state.json", state)
 
@@ -174,7 +174,7 @@ def _resolve(path: str | None) -> Path | None:
 
 
 def _stage_config(model, path: str | None, section: dict, extra: dict):
-    from pipelines.config import _deep_merge, read_yaml
+    from flywheel.pipelines.config import _deep_merge, read_yaml
 
     data = read_yaml(_resolve(path)) if path else {}
     data = _deep_merge(_deep_merge(data, section), extra)
@@ -185,7 +185,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     """One pass of the loop. Returns {status, message, batch, mine, train, gate, publish, run_id}."""
     import mlflow
 
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     say = log or (lambda msg: None)
     work = Path(cfg.work_dir).resolve()
@@ -217,7 +217,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     result["sources"] = [state["sources"][p] for p in pending if p in state["sources"]]
 
     # 2. mine
-    from pipelines.mine import MineConfig, run_mine
+    from flywheel.pipelines.mine import MineConfig, run_mine
 
     mine_cfg = MineConfig.model_validate({**cfg.mine, **({"tracking_uri": cfg.tracking_uri}
                                                          if cfg.tracking_uri else {})})
@@ -244,7 +244,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
         return result
 
     # 3. train
-    from pipelines.train import TrainConfig, run_train
+    from flywheel.pipelines.train import TrainConfig, run_train
 
     train_cfg = _stage_config(TrainConfig, cfg.train_config, cfg.train,
                               {"dataset": mined["out"], "output_dir": str(work / "train" / batch),
@@ -259,7 +259,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     say(f"trained adapter {trained['adapter_dir']} (run {trained['run_id']})")
 
     # 4. gate (runs the eval) and promote
-    from pipelines.gate import GateConfig, run_gate
+    from flywheel.pipelines.gate import GateConfig, run_gate
 
     gate_extra: dict[str, Any] = {"model_name": cfg.model_name, "out": str(work / "gate" / batch)}
     if cfg.eval_on_dataset and "cases" not in (cfg.gate.get("eval") or {}):
@@ -282,7 +282,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
 
     # 5. publish the new champion
     if gated["promoted_version"] and cfg.publish:
-        from pipelines.publish import PublishConfig, run_publish
+        from flywheel.pipelines.publish import PublishConfig, run_publish
 
         pub_cfg = PublishConfig.model_validate({**cfg.publish_config,
                                                 **({"tracking_uri": cfg.tracking_uri} if cfg.tracking_uri else {})})
@@ -303,7 +303,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
 
 
 def _summary_run(cfg: LoopConfig, result: dict, inputs: dict, new_bytes: int, kept: int) -> None:
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     with tracking.start_run("run", f"loop-{result.get('batch')}", inputs=inputs, configured_uri=cfg.tracking_uri,
                             tags={"flywheel.run.status": result["status"],
@@ -328,6 +328,6 @@ def register(app: typer.Typer) -> None:
         res = run_loop(cfg, log=lambda m: console.print(f"[bold]flywheel run[/]: {m}", highlight=False))
         raise typer.Exit(res["gate"]["exit_code"] if res.get("gate") else 0)
 
-    from pipelines.registry import history_command
+    from flywheel.pipelines.registry import history_command
 
     history_command(app)

@@ -4,7 +4,7 @@
 
 The recipe, top to bottom:
 1. expand inputs (a directory means its data files), detect each format, hash each file;
-2. stream records through a process pool (parse -> curate -> redact -> dedupe keys; `pipelines.data`), in input
+2. stream records through a process pool (parse -> curate -> redact -> dedupe keys; `flywheel.mining`), in input
    order, so the result does not depend on the number of workers;
 3. in this process: count every record under exactly one outcome, dedupe into clusters (`Deduper`), spill
    survivors to a temp file (memory stays O(clusters), not O(records)), spill rating-gap candidates to buckets;
@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Literal
 import typer
 from pydantic import Field
 
-from pipelines.config import StageConfig, load_config
+from flywheel.pipelines.config import StageConfig, load_config
 
 # Keys that change how fast a run goes or where it is logged, never what it writes: kept out of the version.
 RUNTIME_KEYS = ("workers", "batch_size", "tracking_uri", "log_mlflow", "progress")
@@ -82,7 +82,7 @@ def _settings(cfg: MineConfig) -> dict:
 
 def _work(task: tuple) -> tuple[list[tuple], Counter]:
     """One batch in a worker: parse (if raw) then curate. Top-level so the process pool can pickle it."""
-    from pipelines.data import curate, pii, readers
+    from flywheel.mining import curate, pii, readers
 
     kind, fmt, items, s = task
     pii.DEFAULT_REGION = s["region"]
@@ -122,7 +122,7 @@ def _ordered(pool, fn, tasks: Iterable, depth: int) -> Iterator:
 
 
 def _tasks(path: Path, fmt: str, cfg: MineConfig, s: dict, advance) -> Iterator[tuple]:
-    from pipelines.data import readers
+    from flywheel.mining import readers
 
     if path.suffix.lower() == ".csv":
         readers.csv_sniff_ok(path)
@@ -152,13 +152,13 @@ def _progress(enabled: bool):
 
 def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig) -> dict:
     """Steps 1-5 (no MLflow): write the dataset dir atomically, return the manifest."""
-    from pipelines.data import readers
-    from pipelines.data.card import render_card
-    from pipelines.data.dedupe import Deduper
-    from pipelines.data.preferences import GapMiner
-    from pipelines.data.split import split_of
-    from pipelines.errors import InputError
-    from pipelines.io import atomic_dir, dumps, sha256_file, write_json
+    from flywheel.mining import readers
+    from flywheel.mining.card import render_card
+    from flywheel.mining.dedupe import Deduper
+    from flywheel.mining.preferences import GapMiner
+    from flywheel.mining.split import split_of
+    from flywheel.foundation.errors import InputError
+    from flywheel.foundation.io import atomic_dir, dumps, sha256_file, write_json
 
     files = readers.expand_inputs(inputs)
     fmts = [readers.detect_format(f) if cfg.format == "auto" else cfg.format for f in files]
@@ -290,7 +290,7 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig) -> d
 
 def _card_examples(samples: list[dict]) -> list[dict]:
     """Prefer examples that show a PII placeholder, so the card documents what redaction looks like."""
-    from pipelines.data.pii import PLACEHOLDERS
+    from flywheel.mining.pii import PLACEHOLDERS
 
     with_pii = [r for r in samples if any(p in json.dumps(r, ensure_ascii=False) for p in PLACEHOLDERS)]
     return (with_pii[:1] + [r for r in samples if r not in with_pii[:1]])[:3]
@@ -298,7 +298,7 @@ def _card_examples(samples: list[dict]) -> list[dict]:
 
 def _manifest(tmp: Path, per_input: list[dict], pii_counts: Counter, splits: dict, n_prefs: int,
               cfg: MineConfig) -> dict:
-    from pipelines.io import dumps, sha256_file, sha256_text
+    from flywheel.foundation.io import dumps, sha256_file, sha256_text
 
     inputs = []
     total = {"read": 0, "kept": 0, "rejected": 0, "filtered": Counter()}
@@ -338,8 +338,8 @@ def _log_run(out: Path, manifest: dict, cfg: MineConfig) -> str:
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
 
-    from pipelines import tracking
-    from pipelines.config import flatten
+    from flywheel.pipelines import tracking
+    from flywheel.pipelines.config import flatten
 
     c = manifest["counts"]
     metrics: dict[str, float] = {"read": c["read"], "kept": c["kept"], "rejected": c["rejected"],

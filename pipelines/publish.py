@@ -14,7 +14,7 @@ Writes, atomically (a failed publish leaves the previous folder intact):
 Why each choice:
 - The base is checked by hash: the adapter records the sha256 of the weights it was trained on and publish
   refuses any other base. An adapter on the wrong base loads fine and produces gibberish.
-- TEMPLATE and stop tokens are derived from the tokenizer (`pipelines.modelfile.derive_chat_format`), never
+- TEMPLATE and stop tokens are derived from the tokenizer (`flywheel.training.modelfile.derive_chat_format`), never
   typed in; the Modelfile is parsed back before it is written.
 - `base: gguf` converts the dequantized base (f16) into the folder: llama.cpp with that base and the GGUF adapter
   matched PEFT token for token in our check (bench/bench_llamacpp.py). `base: ollama` names an Ollama model
@@ -39,8 +39,8 @@ from typing import Any, Literal, Optional
 import typer
 from pydantic import Field
 
-from pipelines.config import StageConfig, load_config
-from pipelines.errors import InputError
+from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.foundation.errors import InputError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -134,7 +134,7 @@ def check_gguf(path: Path, expect_type: str | None = None) -> dict:
 
 def _cached_base_gguf(base_dir: Path, sha256: str, llama_cpp: Path, outtype: str, timeout: int) -> Path:
     """Converting the base takes ~10 s and 270 MB: do it once per base hash, then hard-link into folders."""
-    from pipelines.tracking import flywheel_home
+    from flywheel.pipelines.tracking import flywheel_home
 
     cache = flywheel_home() / "cache" / "gguf" / f"{sha256[:16]}-{outtype}.gguf"
     if not cache.exists():
@@ -232,7 +232,7 @@ def chat_format_from_tokenizer(tok_dir: Path, meta: dict):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    from pipelines.modelfile import derive_chat_format
+    from flywheel.training.modelfile import derive_chat_format
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     if meta.get("chat_template"):
@@ -253,10 +253,10 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
     """Publish `model_uri` (models:/name@champion, models:/name/3, runs:/…, run id, adapter dir)."""
     import mlflow
 
-    from pipelines import registry, tracking
-    from pipelines.io import atomic_dir, write_json
-    from pipelines.modelfile import ModelfileSpec, write
-    from training.models import resolve_base_model
+    from flywheel.pipelines import registry, tracking
+    from flywheel.foundation.io import atomic_dir, write_json
+    from flywheel.training.modelfile import ModelfileSpec, write
+    from flywheel.training.models import resolve_base_model
 
     cfg = cfg or PublishConfig()
     tracking.setup(cfg.tracking_uri)

@@ -27,7 +27,7 @@ from typing import Any
 
 import typer
 
-from pipelines.errors import FlywheelError, InputError
+from flywheel.foundation.errors import FlywheelError, InputError
 
 CHAMPION = "champion"
 TAG_SINCE = "flywheel.champion_since"
@@ -90,7 +90,7 @@ def _read_meta(adapter_dir: Path, what: str) -> dict:
 def resolve_model(ref: str, what: str = "model") -> ResolvedModel:
     """Local dir | 32-hex train run id | runs:/<id>[/path] | models:/<name>/<version> | models:/<name>@<alias>.
 
-    Needs tracking set up (`pipelines.tracking.setup`) for anything but a local dir. Raises InputError naming
+    Needs tracking set up (`flywheel.pipelines.tracking.setup`) for anything but a local dir. Raises InputError naming
     `what` and the reference when it cannot be read: the gate turns that into exit 2, never a pass.
     """
     p = Path(ref).expanduser()
@@ -453,7 +453,7 @@ def history_command(app: typer.Typer) -> None:
         tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: embedded)"),
     ) -> None:
         """Who held `champion` when, and which gate run moved it."""
-        from pipelines import tracking
+        from flywheel.pipelines import tracking
 
         tracking.setup(tracking_uri)
         rows = history(name)

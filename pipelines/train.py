@@ -7,7 +7,7 @@ The recipe, top to bottom (`run_train`):
 2. resolve the base model offline (catalog -> dequantized cache) and check LoRA target modules against the
    architecture on the meta device, all before any weights load;
 3. load and validate the dataset (by path, or by `dataset_version` looked up in `flywheel/mine` runs);
-4. tokenize exactly as the trainer will and run the loss-mask audit (`training.audit`): refuse to train on
+4. tokenize exactly as the trainer will and run the loss-mask audit (`flywheel.training.audit`): refuse to train on
    examples that train nothing or when the end-of-turn token is never trained. `--dry-run` stops here, printing
    the audit and one example with masked tokens in [[ ]];
 5. train with per-step metrics batched into MLflow by a callback, eval loss every `eval_every` steps and
@@ -27,7 +27,7 @@ from typing import Any, Literal, Optional, Sequence
 import typer
 from pydantic import Field
 
-from pipelines.config import ConfigError, StageConfig
+from flywheel.pipelines.config import ConfigError, StageConfig
 
 STAGE = "train"
 DEFAULT_CONFIG = "configs/train/smollm2-lora.yaml"
@@ -111,7 +111,7 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from training.backends import prepare_backend, select_backend
+    from flywheel.training.backends import prepare_backend, select_backend
 
     if not cfg.dataset and not cfg.dataset_version:
         raise ConfigError("dataset: give `dataset=<flywheel mine output dir>` or `dataset_version=<version>`")
@@ -122,11 +122,11 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
                           f"{backend.device} (set load_in_4bit=false)")
     warnings = prepare_backend(backend)
 
-    from pipelines.errors import InputError
-    from pipelines.io import write_json
-    from training.audit import audit, check_audit, render_masked, tokenize_conversations, training_template
-    from training.data import load_sft_dataset
-    from training.models import linear_module_names, resolve_base_model
+    from flywheel.foundation.errors import InputError
+    from flywheel.foundation.io import write_json
+    from flywheel.training.audit import audit, check_audit, render_masked, tokenize_conversations, training_template
+    from flywheel.training.data import load_sft_dataset
+    from flywheel.training.models import linear_module_names, resolve_base_model
 
     # 2. base model identity and LoRA targets, before any weight loads (the dataset's version is checked first).
     dataset_path, mine_run_id = resolve_dataset(cfg)
@@ -171,9 +171,9 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     check_audit(report)
 
     # 5. train.
-    from pipelines import tracking
-    from pipelines.config import flatten
-    from training.sft import SFTParams, build_trainer, generate_pairs, last_checkpoint, save_adapter, train
+    from flywheel.pipelines import tracking
+    from flywheel.pipelines.config import flatten
+    from flywheel.training.sft import SFTParams, build_trainer, generate_pairs, last_checkpoint, save_adapter, train
 
     out_dir = Path(cfg.output_dir)
     params = SFTParams(
@@ -210,7 +210,7 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
             return {"run_id": run_id, "adapter_dir": None, "interrupted": True, **base, **stats}
 
         # 6. adapter + lineage file, atomically: a kill here leaves the previous adapter, never half of one.
-        from pipelines.io import atomic_dir
+        from flywheel.foundation.io import atomic_dir
 
         adapter_final = out_dir / "adapter"
         with atomic_dir(adapter_final) as tmp:
@@ -245,7 +245,7 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
 
 def resolve_dataset(cfg: TrainConfig) -> tuple[str, str | None]:
     """(dataset path, mine run id if known). By path, or by version via the `flywheel.dataset_version` tag."""
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     if cfg.dataset:
         if Path(cfg.dataset).is_dir():  # a single file has no manifest: its content hash is checked after loading
@@ -277,7 +277,7 @@ def _manifest_version(path: str | Path) -> str | None:
 def check_dataset_version(path: str | Path, found: str | None, wanted: str | None) -> None:
     """The directory a version points at can be mined again into another version: training on it would give an
     adapter whose lineage tags name one dataset and whose weights learned another."""
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     if wanted and found != wanted:
         raise InputError(f"dataset_version: {path} holds dataset version {found or '(no manifest.json)'}, not "
@@ -292,7 +292,7 @@ def find_mine_run(version: str, tracking_uri: str | None = None) -> str | None:
 def _mine_run_for_version(version: str, tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     tracking.setup(tracking_uri)
     client = MlflowClient()
@@ -313,7 +313,7 @@ def _make_callbacks():
     """Define the TrainerCallbacks lazily: transformers is too heavy for module import time."""
     from transformers import TrainerCallback
 
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     class _Mlflow(TrainerCallback):
         """One batched `log_metrics` call per logging step: loss, lr, grad norm, tokens/s (and eval loss)."""
@@ -414,7 +414,7 @@ def _read_state(out_dir: Path) -> dict:
 
 
 def _write_state(out_dir: Path, state: dict) -> None:
-    from pipelines.io import write_json
+    from flywheel.foundation.io import write_json
 
     write_json(_state_file(out_dir), state)
 
@@ -431,13 +431,13 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
     ) -> None:
         """Train a LoRA adapter on a mined dataset (Unsloth on GPU, TRL+PEFT otherwise)."""
-        from pipelines.config import load_config
+        from flywheel.pipelines.config import load_config
 
         cfg = load_config(TrainConfig, config, overrides or [])
         result = run_train(cfg, dry_run=dry_run, resume=resume, progress=not dry_run)
         _print_summary(result)
         if dry_run and not result["audit"]["ok"]:
-            from training.audit import check_audit
+            from flywheel.training.audit import check_audit
 
             check_audit(result["audit"])
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 IGNORE = -100
 

@@ -11,7 +11,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 BACKENDS = ("auto", "unsloth", "trl")
 

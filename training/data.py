@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 ROLES = ("system", "user", "assistant")
 

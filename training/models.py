@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipelines.errors import InputError
-from pipelines.io import sha256_file
+from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import sha256_file
 
 CHECKSUM_FILE = "flywheel_model.json"
 WEIGHT_SUFFIXES = (".safetensors",)

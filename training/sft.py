@@ -4,7 +4,7 @@ Features (and their trade-offs):
 - One set of hyperparameters (`SFTParams`) drives both backends: TRL's `SFTTrainer` + a PEFT `LoraConfig`, or
   Unsloth's `FastLanguageModel` (CUDA only; QLoRA 4-bit there). Unsloth's LoRA is the same PEFT LoRA, so the
   adapter files are interchangeable.
-- The rows carry their own `labels` (see `training.audit`): the trainer trains exactly what the audit checked.
+- The rows carry their own `labels` (see `flywheel.training.audit`): the trainer trains exactly what the audit checked.
 - Checkpoints every `save_every` steps (adapter + optimizer + scheduler + RNG + trainer state); `resume` restarts
   from the newest complete one, so a kill -9 costs at most `save_every` steps and continues with the same
   optimizer moments and step count.
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from training.backends import Backend
+from flywheel.training.backends import Backend
 
 
 @dataclass

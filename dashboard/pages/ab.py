@@ -13,7 +13,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard import store, ui
+from flywheel.dashboard import store, ui
 
 SRM_BADGE = {"ok": ("green", "SRM ok"), "warning": ("orange", "SRM warning"), "alert": ("red", "SRM ALERT")}
 VERDICT_COLOR = {"ship": "green", "don't ship": "red", "keep running": "blue", "invalid": "red"}

@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard import store, ui
+from flywheel.dashboard import store, ui
 
 st.title("Datasets")
 runs = store.runs("mine", parents_only=True)

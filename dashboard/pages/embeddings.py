@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dashboard import store, ui
+from flywheel.dashboard import store, ui
 
 QUALITY = ["ndcg@10", "mrr@10", "map@100", "recall@1", "recall@5", "recall@10", "recall@100", "spearman",
            "pearson", "f1", "precision", "recall"]

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dashboard import store, ui
+from flywheel.dashboard import store, ui
 
 DECISION_COLOR = {"pass": "green", "fail": "red", "error": "orange"}
 

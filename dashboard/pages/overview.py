@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import store, ui
+from flywheel.dashboard import store, ui
 
 st.title("Flywheel")
 st.caption("Rated chat logs → datasets → LoRA adapters → evaluated, gated and published models.")

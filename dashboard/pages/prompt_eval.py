@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dashboard import store, ui
+from flywheel.dashboard import store, ui
 
 st.title("Prompt eval")
 runs = store.runs("prompts", parents_only=True)

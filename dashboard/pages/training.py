@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dashboard import store, ui
+from flywheel.dashboard import store, ui
 
 st.title("Training")
 runs = store.runs("train", parents_only=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Mapping, Sequence
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 
 def bucket(unit_id: str | int, experiment: str) -> float:

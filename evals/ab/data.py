@@ -16,7 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 _LABELLED = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*(?:-|:|\()\s*\S")  # "7 - Strongly support", "4 (good)"
 

@@ -24,14 +24,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from evals.ab import bayes, power, sequential, stats
-from evals.ab.cuped import cuped_adjust
-from evals.ab.data import to_numeric
-from evals.ab.multiple import adjust_pvalues
-from evals.ab.paired import ORDINAL_MAX_LEVELS, compare_paired
-from evals.ab.srm import srm_check
-from evals.ab.verdict import decide
-from pipelines.errors import InputError
+from flywheel.evals.ab import bayes, power, sequential, stats
+from flywheel.evals.ab.cuped import cuped_adjust
+from flywheel.evals.ab.data import to_numeric
+from flywheel.evals.ab.multiple import adjust_pvalues
+from flywheel.evals.ab.paired import ORDINAL_MAX_LEVELS, compare_paired
+from flywheel.evals.ab.srm import srm_check
+from flywheel.evals.ab.verdict import decide
+from flywheel.foundation.errors import InputError
 
 KINDS = ("auto", "mean", "ordinal", "rate")
 

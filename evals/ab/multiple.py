@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import math
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 # Friendly names -> statsmodels' names.
 METHODS = {

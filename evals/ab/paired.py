@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 ORDINAL_MAX_LEVELS = 15  # <= this many distinct score values -> treat the scale as ordinal
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 
 def _check(alpha: float, power: float) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 
 def srm_check(counts: Mapping[str, int], allocation: Mapping[str, float] | None = None, *,

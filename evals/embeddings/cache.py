@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipelines.io import atomic_write_text
+from flywheel.foundation.io import atomic_write_text
 
 
 def text_key(text: str) -> str:
@@ -31,7 +31,7 @@ def text_key(text: str) -> str:
 
 
 def vectors_root() -> Path:
-    from evals.embeddings.models import cache_root
+    from flywheel.evals.embeddings.models import cache_root
 
     return cache_root() / "embeddings" / "vectors"
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipelines.errors import InputError
-from pipelines.io import atomic_dir, sha256_file
+from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import atomic_dir, sha256_file
 
 MARKER = "flywheel_prepared.json"
 # Bump when a builder changes what it writes: old cache entries are then rebuilt, not trusted.
@@ -317,7 +317,7 @@ def _dir_fingerprint(d: Path) -> str:
         if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".onnx", ".txt"):
             st = f.stat()
             parts.append(f"{f.relative_to(d)}:{st.st_size}:{int(st.st_mtime)}")
-    from pipelines.io import sha256_text
+    from flywheel.foundation.io import sha256_text
 
     return sha256_text("\n".join(parts))[:16]
 

@@ -71,7 +71,7 @@ def latency(model, texts: Sequence[str]) -> dict[str, float]:
 
 def index_timing(query_emb: np.ndarray, doc_emb: np.ndarray, k: int = 100) -> dict[str, float]:
     """Exhaustive cosine index: build = normalise + pack the doc matrix; search = top-k for every query."""
-    from evals.embeddings.retrieval import normalize
+    from flywheel.evals.embeddings.retrieval import normalize
 
     t0 = time.perf_counter()
     d = np.ascontiguousarray(normalize(doc_emb))

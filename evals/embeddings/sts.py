@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from evals.embeddings.retrieval import normalize
+from flywheel.evals.embeddings.retrieval import normalize
 
 
 def pair_cosines(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:

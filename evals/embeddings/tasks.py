@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import InputError
-from pipelines.io import iter_jsonl, sha256_text
+from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import iter_jsonl, sha256_text
 
 # Short names for the shared data sets (relative to the data dir, `../shared/data` by default).
 KNOWN_TASKS = {

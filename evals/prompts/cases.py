@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import InputError
-from pipelines.io import iter_jsonl
+from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import iter_jsonl
 
 CASE_KEYS = {"id", "question", "input", "prompt", "reference", "expected", "context", "assert", "assertions",
              "vars", "metadata", "history"}

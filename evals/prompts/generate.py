@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipelines.errors import InputError
-from pipelines.io import atomic_write_text, dumps, sha256_file, sha256_text
+from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import atomic_write_text, dumps, sha256_file, sha256_text
 
 Messages = list[dict[str, str]]
 Progress = Callable[[int], None]
@@ -280,7 +280,7 @@ class HFTarget:
 
     def nll(self, prompts: Sequence[Messages], references: Sequence[str], cache: DiskCache,
             batch_size: int = 4, max_length: int = 384, progress: Progress | None = None) -> list[float | None]:
-        from evals.prompts.nll import reference_nll
+        from flywheel.evals.prompts.nll import reference_nll
 
         keys = [cache.key("nll", self.identity, m, r, max_length) for m, r in zip(prompts, references)]
         out: list[float | None] = [None] * len(prompts)

@@ -10,7 +10,7 @@ Order of work, and why:
 3. Embedding similarity in one batch over all rows (one model load), then cells and paired comparisons.
 
 Cell CIs: Wilson for 0/1 metrics (statsmodels), Student t for the rest (scipy). Comparisons reuse the A/B engine
-(`evals.ab.paired.compare_paired`, `evals.ab.multiple.adjust_pvalues`): pairs are aligned by case id, so the
+(`flywheel.evals.ab.paired.compare_paired`, `flywheel.evals.ab.multiple.adjust_pvalues`): pairs are aligned by case id, so the
 case-to-case variance cancels; p-values are corrected per metric across all compared pairs (Holm by default):
 each metric is its own question, and the gate decides on one primary metric.
 """
@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from evals.prompts import scorers
-from evals.prompts.cases import Case
-from evals.prompts.generate import DiskCache, GenParams
-from evals.prompts.templates import PromptTemplate, check_fields
-from pipelines.errors import InputError
+from flywheel.evals.prompts import scorers
+from flywheel.evals.prompts.cases import Case
+from flywheel.evals.prompts.generate import DiskCache, GenParams
+from flywheel.evals.prompts.templates import PromptTemplate, check_fields
+from flywheel.foundation.errors import InputError
 
 REFERENCE_METRICS = ("exact_match", "rouge_l", "embedding_similarity", "nll")
 DEFAULT_METRICS = ["exact_match", "rouge_l", "embedding_similarity", "nll", "pii", "latency_ms", "generated_tokens"]
@@ -287,8 +287,8 @@ def compare(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, str], tuple[s
             test: str = "auto") -> tuple[list[dict], list[str]]:
     """Paired comparisons on the same cases; returns (comparisons, notes). Keys as `flywheel ab --json` plus
     which cells were compared, the metric's direction and a plain-words `outcome`."""
-    from evals.ab.multiple import adjust_pvalues
-    from evals.ab.paired import compare_paired
+    from flywheel.evals.ab.multiple import adjust_pvalues
+    from flywheel.evals.ab.paired import compare_paired
 
     by_cell: dict[tuple[str, str], dict[str, dict]] = {}
     for r in rows:

@@ -17,7 +17,7 @@ import string
 from collections import Counter
 from typing import Any, Callable, Sequence
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 # name -> (direction, what it is). Directions: "higher" / "lower" is better; "none" = descriptive only.
 METRICS: dict[str, tuple[str, str]] = {
@@ -259,7 +259,7 @@ def _own_pii(text: str) -> list[str]:
 def find_pii(text: str) -> list[str]:
     """Kinds of PII found in `text` (empty list: none), e.g. ["email", "phone"].
 
-    The mine stage's redactor (`pipelines.data.pii.redact`) is the project's reference detector (checksum- and
+    The mine stage's redactor (`flywheel.mining.pii.redact`) is the project's reference detector (checksum- and
     parser-confirmed candidates); we count what it would redact, so mining and eval agree on what PII is. The
     small detector above is the fallback when that module is absent.
     """
@@ -278,7 +278,7 @@ def _mine_redact() -> Callable[..., str] | None:
     global _REDACT
     if _REDACT is False:
         try:
-            from pipelines.data.pii import redact
+            from flywheel.mining.pii import redact
 
             _REDACT = redact
         except ImportError:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from pipelines.errors import InputError
-from pipelines.io import dumps, sha256_text
+from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import dumps, sha256_text
 
 VAR_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\}\}")
 # A `{{` that is not a well-formed variable is almost always a typo (`{{ question }` or `{{ }}`).

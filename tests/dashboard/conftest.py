@@ -1,8 +1,8 @@
 """A real MLflow store for the dashboard tests, filled once per session.
 
-The stages' own python entries run where they are cheap: `pipelines.mine.run_mine` on the demo logs plus a
-300-line slice of ../shared/data/oasst1-en-validation, `pipelines.ab.run_ab` twice on growing demo logs (two
-looks), `pipelines.embeddings.run_bench_embeddings` with the static model on 60 STS-B pairs, and the
+The stages' own python entries run where they are cheap: `flywheel.pipelines.mine.run_mine` on the demo logs plus a
+300-line slice of ../shared/data/oasst1-en-validation, `flywheel.pipelines.ab.run_ab` twice on growing demo logs (two
+looks), `flywheel.pipelines.embeddings.run_bench_embeddings` with the static model on 60 STS-B pairs, and the
 registry's `register_adapter` / `promote` for the champion alias history. Stages that need an LLM
 (train, eval, gate, publish) are logged exactly as their contracts say with the real mlflow client and real
 artifacts: training from numbers measured on this machine (SmolLM2 LoRA, loss 4.07 -> 0.61 in 10 steps, see
@@ -43,7 +43,7 @@ def _metrics(client, run_id: str, values: dict, step: int = 0) -> None:
 
     from mlflow.entities import Metric
 
-    from pipelines.tracking import sanitize_metric_name
+    from flywheel.pipelines.tracking import sanitize_metric_name
 
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(sanitize_metric_name(k), float(v), now, step)
@@ -52,7 +52,7 @@ def _metrics(client, run_id: str, values: dict, step: int = 0) -> None:
 
 def _run(client, stage: str, name: str, inputs: dict | None = None, tags: dict | None = None,
          parent: str | None = None) -> str:
-    from pipelines.tracking import TAG_INPUT, TAG_STAGE, experiment_id
+    from flywheel.pipelines.tracking import TAG_INPUT, TAG_STAGE, experiment_id
 
     all_tags = {TAG_STAGE: stage, "flywheel.git_commit": "0" * 40}
     all_tags.update({TAG_INPUT + k: str(v) for k, v in (inputs or {}).items()})
@@ -68,15 +68,15 @@ def build_store(tmp: Path) -> dict:
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import setup
+    from flywheel.pipelines.tracking import setup
 
     setup()
     client = MlflowClient()
     expected: dict = {}
 
     # ---- mine: the real stage on the demo logs (planted PII, duplicates, malformed lines) + an oasst1 slice
-    from pipelines.demo_logs import write_demo_logs
-    from pipelines.mine import MineConfig, run_mine
+    from flywheel.mining.demo_logs import write_demo_logs
+    from flywheel.pipelines.mine import MineConfig, run_mine
 
     src = shared_path("oasst1-en-validation", "messages.jsonl")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def build_store(tmp: Path) -> dict:
     expected["embeddings_two"] = {"run_id": parent, "best": "paraphrase-MiniLM-L3-v2"}
 
     # ---- embeddings (2): the real stage with the fast static model on a slice of STS-B (newest: shown first)
-    from pipelines.embeddings import EmbeddingsConfig, run_bench_embeddings
+    from flywheel.pipelines.embeddings import EmbeddingsConfig, run_bench_embeddings
 
     bench = run_bench_embeddings(EmbeddingsConfig(
         models=["static-64"], tasks=["stsb"], out=str(tmp / "embeddings"), cache_dir=str(tmp / "emb-cache"),
@@ -158,7 +158,7 @@ def build_store(tmp: Path) -> dict:
     expected["embeddings"] = {"run_id": bench["run_id"], "model": "static-64", "spearman": row["spearman"]}
 
     # ---- ab: the real stage, twice on growing demo logs: two looks of the same experiment
-    from pipelines.ab import AbConfig, run_ab
+    from flywheel.pipelines.ab import AbConfig, run_ab
 
     for n in (120, 200):
         looks = tmp / f"ab-logs-{n}.jsonl"
@@ -192,7 +192,7 @@ def build_store(tmp: Path) -> dict:
     expected["prompts"] = {"mean": 0.34}
 
     # ---- gate + registry: two promotions through the registry's own code, so the alias has a history
-    from pipelines import registry
+    from flywheel.pipelines import registry
 
     gate_ids = []
     for k in range(2):
@@ -292,7 +292,7 @@ def bare_runs_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import STAGES, experiment_id, setup
+    from flywheel.pipelines.tracking import STAGES, experiment_id, setup
 
     with _mlflow_uris_restored():
         setup()

@@ -134,7 +134,7 @@ def test_ab_report(dash_store):
 
 
 def ui_num(x, digits=3):
-    from dashboard import ui
+    from flywheel.dashboard import ui
 
     return ui.num(x, digits)
 

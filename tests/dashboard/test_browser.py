@@ -38,7 +38,7 @@ def _free_port() -> int:
 def server(dash_store_built):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed (`make browser` installs Debian chromium)")
-    from pipelines import dashboard_cmd
+    from flywheel.pipelines import dashboard_cmd
 
     port = _free_port()
     env = dashboard_cmd.environment(dash_store_built["uri"])

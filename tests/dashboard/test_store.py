@@ -1,4 +1,4 @@
-"""dashboard.store: artifact paths confined to the artifact root, lineage walked through real runs."""
+"""flywheel.dashboard.store: artifact paths confined to the artifact root, lineage walked through real runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard import store
+from flywheel.dashboard import store
 
 
 @pytest.mark.parametrize("bad", ["", "../secret", "a/../../b", "/etc/passwd", "..", "a\\..\\b", "C:/x", "~/x",

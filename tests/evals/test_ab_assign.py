@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from evals.ab.assign import assign, bucket
-from pipelines.errors import InputError
+from flywheel.evals.ab.assign import assign, bucket
+from flywheel.foundation.errors import InputError
 
 
 def test_stable_across_processes():
     here = [assign(f"user-{i}", "exp-1", ["a", "b", "c"]) for i in range(50)]
-    code = ("from evals.ab.assign import assign; "
+    code = ("from flywheel.evals.ab.assign import assign; "
             "print(','.join(assign(f'user-{i}', 'exp-1', ['a','b','c']) for i in range(50)))")
     # a fresh interpreter with a different hash seed: Python's hash() would change, ours must not
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

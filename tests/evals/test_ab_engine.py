@@ -12,9 +12,9 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from evals.ab.data import load_table
-from evals.ab.engine import Metric, Settings, analyze
-from pipelines.errors import InputError
+from flywheel.evals.ab.data import load_table
+from flywheel.evals.ab.engine import Metric, Settings, analyze
+from flywheel.foundation.errors import InputError
 from tests.conftest import shared_path
 
 DEMO_METRICS = [
@@ -31,7 +31,7 @@ def C(report, variant, metric):
 
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory):
-    from pipelines.demo_logs import write_demo_logs
+    from flywheel.mining.demo_logs import write_demo_logs
 
     path = tmp_path_factory.mktemp("ab") / "logs.jsonl"
     write_demo_logs(path, n=400, seed=0)

@@ -7,9 +7,9 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from evals.ab.multiple import adjust_pvalues
-from evals.ab.paired import compare_paired
-from pipelines.errors import InputError
+from flywheel.evals.ab.multiple import adjust_pvalues
+from flywheel.evals.ab.paired import compare_paired
+from flywheel.foundation.errors import InputError
 
 
 def test_paired_t_matches_scipy():

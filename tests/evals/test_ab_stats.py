@@ -13,11 +13,11 @@ from statsmodels.stats.power import NormalIndPower, TTestIndPower
 from statsmodels.stats.proportion import (confint_proportions_2indep, proportion_effectsize,
                                           proportions_ztest)
 
-from evals.ab import bayes, power, sequential
-from evals.ab import stats as abs_
-from evals.ab.cuped import cuped_adjust
-from evals.ab.engine import aggregate
-from evals.ab.srm import srm_check
+from flywheel.evals.ab import bayes, power, sequential
+from flywheel.evals.ab import stats as abs_
+from flywheel.evals.ab.cuped import cuped_adjust
+from flywheel.evals.ab.engine import aggregate
+from flywheel.evals.ab.srm import srm_check
 
 TOL = 1e-9
 

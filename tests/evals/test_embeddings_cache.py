@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from evals.embeddings.cache import EmbeddingCache, RecordCache
+from flywheel.evals.embeddings.cache import EmbeddingCache, RecordCache
 
 
 class Encoder:

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ TEXTS = ["A plane is taking off.", "An air plane is taking off.", "the crystalli
 
 
 def test_minilm_l6_loads_and_encodes():
-    from evals.embeddings.models import load_embedding_model
+    from flywheel.evals.embeddings.models import load_embedding_model
 
     m = load_embedding_model("all-MiniLM-L6-v2")
     e = m.encode(TEXTS, normalize_embeddings=True)
@@ -27,7 +27,7 @@ def test_minilm_l6_loads_and_encodes():
 def test_minilm_l3_rebuilt_from_onnx_matches_onnxruntime():
     import onnxruntime as ort
 
-    from evals.embeddings.models import load_embedding_model, onnx_l3_path
+    from flywheel.evals.embeddings.models import load_embedding_model, onnx_l3_path
 
     m = load_embedding_model("paraphrase-MiniLM-L3-v2")
     ours = m.encode(TEXTS)
@@ -43,7 +43,7 @@ def test_minilm_l3_rebuilt_from_onnx_matches_onnxruntime():
 def test_static_matches_the_packages_own_encoder():
     import static_model
 
-    from evals.embeddings.models import load_embedding_model
+    from flywheel.evals.embeddings.models import load_embedding_model
 
     m = load_embedding_model("static")  # alias
     ours = m.encode(TEXTS)
@@ -53,7 +53,7 @@ def test_static_matches_the_packages_own_encoder():
 
 
 def test_mpnet_loads_or_says_make_models_mpnet():
-    from evals.embeddings.models import load_embedding_model
+    from flywheel.evals.embeddings.models import load_embedding_model
 
     try:
         m = load_embedding_model("all-mpnet-base-v2")
@@ -64,7 +64,7 @@ def test_mpnet_loads_or_says_make_models_mpnet():
 
 
 def test_local_path_and_bad_path(tmp_path):
-    from evals.embeddings.models import load_with_info, resolve_model
+    from flywheel.evals.embeddings.models import load_with_info, resolve_model
 
     path = resolve_model("all-MiniLM-L6-v2").path
     m, info = load_with_info(path)
@@ -78,7 +78,7 @@ def test_local_path_and_bad_path(tmp_path):
 
 
 def _prepare_static(q):
-    from evals.embeddings.models import catalog_entry, prepare
+    from flywheel.evals.embeddings.models import catalog_entry, prepare
 
     q.put(str(prepare(catalog_entry("static-64"))))
 
@@ -103,7 +103,7 @@ def test_preparation_is_once_and_race_safe(tmp_path, monkeypatch):
     # one finished directory, no temp leftovers
     assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock")) == ["static-64"]
     mtime = (models / "static-64" / "flywheel_prepared.json").stat().st_mtime
-    from evals.embeddings.models import catalog_entry, prepare
+    from flywheel.evals.embeddings.models import catalog_entry, prepare
 
     prepare(catalog_entry("static-64"))  # second call: no rebuild
     assert (models / "static-64" / "flywheel_prepared.json").stat().st_mtime == mtime

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evals.embeddings import calibration, compare, retrieval, sts
-from evals.embeddings.tasks import load_beir, load_sts
+from flywheel.evals.embeddings import calibration, compare, retrieval, sts
+from flywheel.evals.embeddings.tasks import load_beir, load_sts
 
 
 @pytest.fixture(scope="module")
 def static_model():
-    from evals.embeddings.models import load_embedding_model
+    from flywheel.evals.embeddings.models import load_embedding_model
 
     return load_embedding_model("static-64")
 

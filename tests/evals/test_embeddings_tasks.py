@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from evals.embeddings.tasks import load_beir, load_domain, load_sts, resolve_task
-from pipelines.errors import InputError
+from flywheel.evals.embeddings.tasks import load_beir, load_domain, load_sts, resolve_task
+from flywheel.foundation.errors import InputError
 
 
 def _beir(root, corpus, queries, qrels, header=True):
@@ -118,7 +118,7 @@ def test_real_shared_data_shapes(shared_data):
 
 
 def test_labelled_pairs_jsonl(tmp_path):
-    from evals.embeddings.tasks import load_pairs
+    from flywheel.evals.embeddings.tasks import load_pairs
 
     f = tmp_path / "dups.jsonl"
     f.write_text('{"text1": "how do I reset my password", "text2": "password reset help", "label": 1}\n'

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from evals import gate as g
+from flywheel.evals import gate as g
 
 
 def results(nll=(2.0, 1.6), nll_ci=(-0.5, -0.3), nll_p=0.001, rouge=(0.30, 0.31), rouge_ci=(-0.01, 0.03),
@@ -167,7 +167,7 @@ def test_report_markdown_lists_every_check():
 
 
 def test_identity_check_names_what_was_evaluated_instead():
-    from evals.gate import check_identities
+    from flywheel.evals.gate import check_identities
 
     cand, champ, base = "c" * 64, "d" * 64, "b" * 64
     res = {"targets": [{"name": "champion", "base_sha256": base, "adapter_sha256": champ},

@@ -8,12 +8,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from evals.prompts import harness
-from evals.prompts.cases import Case
-from evals.prompts.generate import (AdapterInfo, DiskCache, EndpointTarget, GenParams, check_adapter_base,
+from flywheel.evals.prompts import harness
+from flywheel.evals.prompts.cases import Case
+from flywheel.evals.prompts.generate import (AdapterInfo, DiskCache, EndpointTarget, GenParams, check_adapter_base,
                                     check_endpoint, find_adapter_dir, load_adapter)
-from evals.prompts.templates import template_from_dict
-from pipelines.errors import InputError
+from flywheel.evals.prompts.templates import template_from_dict
+from flywheel.foundation.errors import InputError
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -74,7 +74,7 @@ def test_unreachable_endpoint_fails_before_generation(tmp_path):
 
 
 def test_judge_through_the_eval_shell(stub_url):
-    from pipelines.eval import EvalConfig, _judge
+    from flywheel.pipelines.eval import EvalConfig, _judge
 
     judge = _judge(EvalConfig(judge={"endpoint": stub_url, "model": "stub"}))
     assert judge("Q?", "A.", "R.") == 4.0

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from evals.prompts import harness
-from evals.prompts.cases import Case
-from evals.prompts.generate import DiskCache, GenParams, Generation
-from evals.prompts.templates import template_from_dict
-from pipelines.errors import InputError
+from flywheel.evals.prompts import harness
+from flywheel.evals.prompts.cases import Case
+from flywheel.evals.prompts.generate import DiskCache, GenParams, Generation
+from flywheel.evals.prompts.templates import template_from_dict
+from flywheel.foundation.errors import InputError
 
 CONCISE = template_from_dict({"name": "concise", "version": 1, "system": "Be brief.", "user": "{{ question }}"})
 GROUNDED = template_from_dict({"name": "grounded", "version": 2, "system": "Context: {{ context }}",

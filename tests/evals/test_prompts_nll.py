@@ -40,7 +40,7 @@ def _by_hand(model, tok, prompt, ref, eos=True):
 
 
 def test_reference_nll_matches_hand_computation_and_ignores_batching(tiny_llama):
-    from evals.prompts.nll import reference_nll
+    from flywheel.evals.prompts.nll import reference_nll
 
     tok = CharTokenizer()
     prompts = ["Q: protein in lentils?\nA:", "Q: hi\nA:", "Q: a much longer question about tofu and calcium?\nA:"]
@@ -54,7 +54,7 @@ def test_reference_nll_matches_hand_computation_and_ignores_batching(tiny_llama)
 
 
 def test_long_inputs_are_cut_to_max_length(tiny_llama):
-    from evals.prompts.nll import reference_nll
+    from flywheel.evals.prompts.nll import reference_nll
 
     tok = CharTokenizer()
     out = reference_nll(tiny_llama, tok, ["x" * 300], ["y" * 300], max_length=64)

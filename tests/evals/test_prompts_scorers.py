@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from evals.prompts import scorers
-from pipelines.errors import InputError
+from flywheel.evals.prompts import scorers
+from flywheel.foundation.errors import InputError
 
 
 @pytest.mark.parametrize("assertion, output, ok", [

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from evals.prompts.cases import Case, load_cases
-from evals.prompts.templates import check_fields, load_template, template_from_dict
-from pipelines.errors import InputError
+from flywheel.evals.prompts.cases import Case, load_cases
+from flywheel.evals.prompts.templates import check_fields, load_template, template_from_dict
+from flywheel.foundation.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.ab import AbConfig, run_ab
-from pipelines.cli import app
-from pipelines.config import ConfigError
+from flywheel.pipelines.ab import AbConfig, run_ab
+from flywheel.pipelines.cli import app
+from flywheel.pipelines.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -18,7 +18,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def demo_logs(tmp_path_factory):
-    from pipelines.demo_logs import write_demo_logs
+    from flywheel.mining.demo_logs import write_demo_logs
 
     p = tmp_path_factory.mktemp("ablogs") / "logs.jsonl"
     write_demo_logs(p, n=300, seed=1)
@@ -83,7 +83,7 @@ def test_bad_config_and_input_are_one_line_errors(tmp_path):
     res = runner.invoke(app, ["ab", "analyze", "x.jsonl", "nonsense_key=1"])
     assert isinstance(res.exception, ConfigError) and "nonsense_key: unknown key" in str(res.exception)
     (tmp_path / "a.jsonl").write_text('{"user_id": 1, "prompt_variant": "v1", "rating": 4}\n')
-    out = subprocess.run([sys.executable, "-m", "pipelines", "ab", "analyze", str(tmp_path / "a.jsonl"),
+    out = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "ab", "analyze", str(tmp_path / "a.jsonl"),
                           "--metric", "rating", "log_mlflow=false"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "only one variant" in out.stderr and "Traceback" not in out.stderr
 

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import Field
 
-from pipelines.config import ConfigError, StageConfig, apply_overrides, load_config
+from flywheel.pipelines.config import ConfigError, StageConfig, apply_overrides, load_config
 
 
 class Lora(StageConfig):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from pipelines import dashboard_cmd
+from flywheel.pipelines import dashboard_cmd
 
 
 def test_command_binds_localhost_headless():
@@ -20,7 +20,7 @@ def test_command_binds_localhost_headless():
 def test_environment_uses_pipeline_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
-    from pipelines.tracking import tracking_uri
+    from flywheel.pipelines.tracking import tracking_uri
 
     assert dashboard_cmd.environment()["MLFLOW_TRACKING_URI"] == tracking_uri() == \
         f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
@@ -30,7 +30,7 @@ def test_environment_uses_pipeline_tracking_uri(tmp_path, monkeypatch):
 
 
 def test_cli_registers_dashboard():
-    from pipelines.cli import app
+    from flywheel.pipelines.cli import app
 
     out = CliRunner().invoke(app, ["dashboard", "--help"])
     assert out.exit_code == 0 and "--port" in out.output

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
-from pipelines.embeddings import COLUMNS, EmbeddingsConfig, run_bench_embeddings
+from flywheel.pipelines.config import ConfigError, load_config
+from flywheel.pipelines.embeddings import COLUMNS, EmbeddingsConfig, run_bench_embeddings
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = ["model", "task", "ndcg@10", "mrr@10", "map@100", "recall@1", "recall@5", "recall@10", "recall@100",
@@ -118,7 +118,7 @@ def test_bench_end_to_end_mlflow_and_warm_rerun(data, mlflow_store, tmp_path):
 
 
 def test_config_errors(tmp_path):
-    from pipelines.embeddings import demo_config
+    from flywheel.pipelines.embeddings import demo_config
 
     cfg = demo_config(tmp_path / "ds", tmp_path / "out")
     assert cfg.models == ["static-64", "paraphrase-MiniLM-L3-v2"] and cfg.tasks[0] == str(tmp_path / "ds")
@@ -130,7 +130,7 @@ def test_config_errors(tmp_path):
 
 
 def test_cli_bad_input_is_one_line_exit_2(data, tmp_path):
-    cmd = [sys.executable, "-c", "from pipelines.cli import main; main()", "bench-embeddings",
+    cmd = [sys.executable, "-c", "from flywheel.pipelines.cli import main; main()", "bench-embeddings",
            "models=[./no/such/model]", f"tasks=[{data['sts']}]", f"out={tmp_path / 'o'}"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr

@@ -13,8 +13,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipelines.errors import InputError
-from pipelines.eval import EvalConfig, register, run_eval
+from flywheel.foundation.errors import InputError
+from flywheel.pipelines.eval import EvalConfig, register, run_eval
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = str(ROOT / "configs" / "prompts")
@@ -22,7 +22,7 @@ PROMPTS = str(ROOT / "configs" / "prompts")
 
 @pytest.fixture(scope="module")
 def base():
-    from training.models import resolve_base_model
+    from flywheel.training.models import resolve_base_model
 
     return resolve_base_model("smollm2-135m-instruct")
 
@@ -156,8 +156,8 @@ def test_cli_errors_are_one_line(tmp_path, mlflow_store):
 
 
 def test_demo_config_and_shipped_configs_validate():
-    from pipelines.config import load_config
-    from pipelines.eval import EvalConfig, demo_config
+    from flywheel.pipelines.config import load_config
+    from flywheel.pipelines.eval import EvalConfig, demo_config
 
     cfg = demo_config("/data/demo", "runs:/abc/adapter", "/tmp/out", limit=5)
     assert (cfg.cases, cfg.candidate, cfg.out, cfg.limit) == ("/data/demo", "runs:/abc/adapter", "/tmp/out", 5)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from pipelines import registry, tracking
-from pipelines.gate import GateConfig, run_gate
+from flywheel.pipelines import registry, tracking
+from flywheel.pipelines.gate import GateConfig, run_gate
 
 
 @pytest.fixture(autouse=True)
@@ -97,12 +97,12 @@ def test_missing_results_and_unreadable_candidate_are_errors(mlflow_store, tmp_p
 
 
 def test_crashed_eval_is_an_error(mlflow_store, tmp_path, monkeypatch):
-    import pipelines.eval
+    import flywheel.pipelines.eval
 
     def boom(cfg, **kw):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(pipelines.eval, "run_eval", boom)
+    monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", boom)
     run_id = fake_adapter_run(tmp_path)
     out = run_gate(GateConfig(out=str(tmp_path / "g"), min_cases=4), run_id, promote=True)
     assert out["decision"] == "error" and out["exit_code"] == 2 and out["promoted_version"] is None
@@ -191,7 +191,7 @@ def test_promote_on_results_checks_what_was_evaluated(mlflow_store, tmp_path):
 
 def test_champion_moved_during_evaluation_is_not_overwritten(mlflow_store, tmp_path, monkeypatch):
     """The gate evaluates against the base; meanwhile another gate promotes. This one must not replace it."""
-    import pipelines.eval
+    import flywheel.pipelines.eval
 
     rival = registry.resolve_model(fake_adapter_run(tmp_path, weights=b"\2", name="rival"))
     results = json.loads(open(results_file(tmp_path)).read().replace('"champion', '"base'))
@@ -200,7 +200,7 @@ def test_champion_moved_during_evaluation_is_not_overwritten(mlflow_store, tmp_p
         registry.promote("flywheel-demo", registry.register_adapter("flywheel-demo", rival), "rival-gate")
         return {"results": results, "run_id": "e" * 32}
 
-    monkeypatch.setattr(pipelines.eval, "run_eval", eval_while_someone_promotes)
+    monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", eval_while_someone_promotes)
     out = run_gate(GateConfig(out=str(tmp_path / "g"), min_cases=4), fake_adapter_run(tmp_path),
                    promote=True)
     assert out["exit_code"] == 2 and out["promoted_version"] is None
@@ -228,7 +228,7 @@ def test_racing_gate_processes_promote_exactly_one(mlflow_store, tmp_path):
         run = fake_adapter_run(tmp_path, weights=bytes([i + 1]), name=f"adapter{i}")
         res = results_file(tmp_path, targets=identities(candidate=hashlib.sha256(bytes([i + 1])).hexdigest()))
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "pipelines", "gate", "--candidate", run, "--results", res, "--promote",
+            [sys.executable, "-m", "flywheel.pipelines", "gate", "--candidate", run, "--results", res, "--promote",
              f"out={tmp_path / f'gate{i}'}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
     codes = sorted(c for c, _ in outs)
@@ -247,9 +247,9 @@ def _no_eval(cfg, **kw):
 
 
 def test_too_few_cases_is_an_error_before_evaluating(mlflow_store, tmp_path, monkeypatch):
-    import pipelines.eval
+    import flywheel.pipelines.eval
 
-    monkeypatch.setattr(pipelines.eval, "run_eval", _no_eval)
+    monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", _no_eval)
     fake_adapter_run(tmp_path)
     out = run_gate(GateConfig(out=str(tmp_path / "g")), str(tmp_path / "adapter"))  # 6 built-in cases vs 20
     assert out["exit_code"] == 2 and out["eval_run_id"] is None
@@ -261,10 +261,10 @@ def test_shipped_gate_config_gates_on_the_candidates_dataset(mlflow_store, tmp_p
     good candidate can pass; a dataset directory re-mined since is refused."""
     import mlflow
 
-    import pipelines.eval
-    from pipelines.config import load_config
-    from pipelines.demo_logs import write_demo_logs
-    from pipelines.mine import MineConfig, run_mine
+    import flywheel.pipelines.eval
+    from flywheel.pipelines.config import load_config
+    from flywheel.mining.demo_logs import write_demo_logs
+    from flywheel.pipelines.mine import MineConfig, run_mine
     from tests.conftest import ROOT
 
     write_demo_logs(tmp_path / "logs.jsonl", n=500, seed=0)  # 300 give 19 eval cases
@@ -289,7 +289,7 @@ def test_shipped_gate_config_gates_on_the_candidates_dataset(mlflow_store, tmp_p
         seen.update(cases=cfg.cases, limit=cfg.limit)
         return {"results": results, "run_id": "e" * 32}
 
-    monkeypatch.setattr(pipelines.eval, "run_eval", fake_eval)
+    monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", fake_eval)
     cfg = load_config(GateConfig, ROOT / "configs" / "gate.yaml", [f"out={tmp_path / 'g'}"])
     out = run_gate(cfg, f"runs:/{run.info.run_id}/adapter")
     assert out["decision"] == "pass", out["gate"]["reasons"]
@@ -304,7 +304,7 @@ def test_shipped_gate_config_gates_on_the_candidates_dataset(mlflow_store, tmp_p
 def test_cli_exit_codes(mlflow_store, tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from flywheel.pipelines.cli import app
 
     ok = CliRunner().invoke(app, ["gate", "--candidate", "c", "--results", results_file(tmp_path),
                                   f"out={tmp_path / 'a'}"])
@@ -326,7 +326,7 @@ def harmful_adapter(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    from training.models import resolve_base_model
+    from flywheel.training.models import resolve_base_model
 
     info = resolve_base_model("smollm2-135m-instruct")
     cfg = json.loads((info.path / "config.json").read_text())

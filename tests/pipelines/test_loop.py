@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import registry
-from pipelines.loop import LoopConfig, demo_loop_config, new_slices, run_loop
+from flywheel.pipelines import registry
+from flywheel.pipelines.loop import LoopConfig, demo_loop_config, new_slices, run_loop
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +18,7 @@ def _own_registry(monkeypatch):
 
 
 def test_new_slices_appends_rewrites_and_partial_lines(tmp_path):
-    from pipelines.loop import _prefix_sha
+    from flywheel.pipelines.loop import _prefix_sha
 
     f = tmp_path / "a.jsonl"
     f.write_bytes(b'{"x":1}\n{"x":2}\n{"x":3')  # last line still being written
@@ -36,7 +36,7 @@ def test_new_slices_appends_rewrites_and_partial_lines(tmp_path):
 def test_threshold_skip_then_nothing_to_do(mlflow_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.demo_logs import write_demo_logs
+    from flywheel.mining.demo_logs import write_demo_logs
 
     logs = tmp_path / "logs"
     write_demo_logs(logs / "day1.jsonl", n=40, seed=1)
@@ -65,7 +65,7 @@ def test_threshold_skip_then_nothing_to_do(mlflow_store, tmp_path):
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     with pytest.raises(InputError, match="no such file"):
         run_loop(LoopConfig(inputs=[str(tmp_path / "missing")], work_dir=str(tmp_path / "w")))
@@ -76,8 +76,8 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 @pytest.mark.slow
 def test_demo_loop_end_to_end(mlflow_store, tmp_path, monkeypatch):
     """Demo logs -> mine -> train (8 CPU steps) -> eval + gate vs the base -> promote -> publish; re-run: nothing."""
-    from pipelines.demo_logs import write_demo_logs
-    from pipelines.modelfile import parse
+    from flywheel.mining.demo_logs import write_demo_logs
+    from flywheel.training.modelfile import parse
 
     monkeypatch.chdir(tmp_path)
     write_demo_logs(tmp_path / "logs" / "demo.jsonl", n=300, seed=0)

@@ -6,11 +6,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.config import load_config
-from pipelines.demo_logs import write_demo_logs
-from pipelines.errors import InputError
-from pipelines.io import read_jsonl
-from pipelines.mine import MineConfig, mine_to_dir, run_mine
+from flywheel.pipelines.config import load_config
+from flywheel.mining.demo_logs import write_demo_logs
+from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import read_jsonl
+from flywheel.pipelines.mine import MineConfig, mine_to_dir, run_mine
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_mlflow_run_follows_the_contract(logs, tmp_path, mlflow_store):
 
 
 def test_cli_errors_are_one_line_exit_2(logs, tmp_path, monkeypatch):
-    from pipelines.cli import app
+    from flywheel.pipelines.cli import app
 
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     runner = CliRunner()

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from pipelines.demo_logs import _pii
-from pipelines.io import read_jsonl
-from pipelines.mine import MineConfig, mine_to_dir
+from flywheel.mining.demo_logs import _pii
+from flywheel.foundation.io import read_jsonl
+from flywheel.pipelines.mine import MineConfig, mine_to_dir
 from tests.conftest import shared_path
 
 

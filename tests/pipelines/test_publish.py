@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import modelfile as mf
-from pipelines import registry, tracking
-from pipelines.publish import PublishConfig, check_gguf, converters_dir, run_publish
+from flywheel.training import modelfile as mf
+from flywheel.pipelines import registry, tracking
+from flywheel.pipelines.publish import PublishConfig, check_gguf, converters_dir, run_publish
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,7 @@ def _own_registry(monkeypatch):
 
 @pytest.fixture(scope="module")
 def base():
-    from training.models import resolve_base_model
+    from flywheel.training.models import resolve_base_model
 
     return resolve_base_model("smollm2-135m-instruct")
 
@@ -132,7 +132,7 @@ def test_system_override_and_hostile_prompt(mlflow_store, tmp_path, adapter_dir)
 
 
 def test_refuses_another_base(mlflow_store, tmp_path, adapter_dir):
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     bad = tmp_path / "bad"
     shutil.copytree(adapter_dir, bad)

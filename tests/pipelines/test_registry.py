@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipelines import registry, tracking
-from pipelines.errors import InputError
+from flywheel.pipelines import registry, tracking
+from flywheel.foundation.errors import InputError
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +113,7 @@ def _promote_worker(uri, name, adapter_dir, attempts, barrier, queue):
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
-    from pipelines import registry, tracking
+    from flywheel.pipelines import registry, tracking
 
     tracking.setup(uri)
     try:

@@ -9,9 +9,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.config import ConfigError, load_config
-from pipelines.errors import InputError
-from pipelines.train import TrainConfig, demo_config, run_train
+from flywheel.pipelines.config import ConfigError, load_config
+from flywheel.foundation.errors import InputError
+from flywheel.pipelines.train import TrainConfig, demo_config, run_train
 from tests.training.conftest import write_dataset
 
 SMALL = {"max_steps": 6, "batch_size": 2, "max_length": 128, "learning_rate": 2e-3, "lr_scheduler": "constant",
@@ -80,7 +80,7 @@ def test_dataset_errors_name_the_line(tmp_path, content, message):
 
 @pytest.mark.slow
 def test_dry_run_prints_audit_and_masked_example(tiny_dataset, mlflow_store, tmp_path):
-    from pipelines.cli import app
+    from flywheel.pipelines.cli import app
 
     res = CliRunner().invoke(app, ["train", f"dataset={tiny_dataset}", f"output_dir={tmp_path / 'o'}",
                                    "--dry-run"])
@@ -99,7 +99,7 @@ def mined_dir(root, version):
 
 @pytest.mark.slow
 def test_dataset_by_version_is_found_through_the_mine_run(tmp_path, mlflow_store):
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     tiny_dataset = mined_dir(tmp_path / "ds", "v123")
     with tracking.start_run("mine", tags={"flywheel.dataset_version": "v123",
@@ -116,7 +116,7 @@ def test_dataset_by_version_is_found_through_the_mine_run(tmp_path, mlflow_store
 
 def test_dataset_version_must_be_what_the_directory_holds(tmp_path, mlflow_store):
     """The directory of v1 was mined again into v2: training must refuse, before the base model is touched."""
-    from pipelines import tracking
+    from flywheel.pipelines import tracking
 
     d = mined_dir(tmp_path / "ds", "v2")
     with tracking.start_run("mine", tags={"flywheel.dataset_version": "v1", "flywheel.dataset_path": str(d)}):
@@ -129,14 +129,14 @@ def test_dataset_version_must_be_what_the_directory_holds(tmp_path, mlflow_store
 
     from tests.conftest import ROOT
 
-    res = subprocess.run([sys.executable, "-m", "pipelines", "train", "dataset_version=v1",
+    res = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "train", "dataset_version=v1",
                           f"base_model={tmp_path / 'no-such-model'}"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "holds dataset version v2" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_failed_mine_runs_are_not_used_for_the_lookup(tmp_path, mlflow_store):
-    from pipelines import tracking
-    from pipelines.train import resolve_dataset
+    from flywheel.pipelines import tracking
+    from flywheel.pipelines.train import resolve_dataset
 
     good = mined_dir(tmp_path / "good", "v3")
     with tracking.start_run("mine", tags={"flywheel.dataset_version": "v3", "flywheel.dataset_path": str(good)}) as ok:

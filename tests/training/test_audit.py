@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 from tests.training.conftest import CAPITALS, record
-from training.audit import (IGNORE, audit, check_audit, render_masked, tokenize_conversations,
+from flywheel.training.audit import (IGNORE, audit, check_audit, render_masked, tokenize_conversations,
                             training_template)
 
 pytestmark = pytest.mark.slow  # loads a tokenizer (transformers import)
@@ -17,7 +17,7 @@ CONVS = [r["messages"] for r in RECORDS]
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from training.models import resolve_base_model
+    from flywheel.training.models import resolve_base_model
 
     return AutoTokenizer.from_pretrained(str(resolve_base_model("smollm2-135m-instruct").path))
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from pipelines.errors import InputError
-from training.data import load_sft_dataset, read_conversations
+from flywheel.foundation.errors import InputError
+from flywheel.training.data import load_sft_dataset, read_conversations
 
 
 def _write(path, rows):

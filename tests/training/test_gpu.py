@@ -25,7 +25,7 @@ def test_gpu_backends_train_and_save_an_adapter(dataset, tmp_path, mlflow_store,
         pytest.importorskip("unsloth", reason="the gpu extra (unsloth) is not installed")
     if four_bit:
         pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
-    from pipelines.train import TrainConfig, run_train
+    from flywheel.pipelines.train import TrainConfig, run_train
 
     cfg = TrainConfig.model_validate({**SMALL, "dataset": str(dataset), "backend": backend,
                                       "load_in_4bit": four_bit, "output_dir": str(tmp_path / "out")})

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from pipelines.errors import InputError
-from training import models
+from flywheel.foundation.errors import InputError
+from flywheel.training import models
 
 
 @pytest.mark.slow

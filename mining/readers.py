@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from pipelines.errors import InputError
+from flywheel.foundation.errors import InputError
 
 try:  # orjson is ~2x faster than json.loads; both raise ValueError subclasses on bad input.
     import orjson as _orjson

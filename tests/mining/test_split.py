@@ -1,4 +1,4 @@
-from pipelines.data.split import split_of
+from flywheel.mining.split import split_of
 
 
 def test_split_is_deterministic_and_close_to_fraction():

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pipelines.data import readers
-from pipelines.errors import InputError
+from flywheel.mining import readers
+from flywheel.foundation.errors import InputError
 
 
 def _lines(rows):

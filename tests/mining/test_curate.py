@@ -1,7 +1,7 @@
 import json
 from collections import Counter
 
-from pipelines.data import curate
+from flywheel.mining import curate
 
 S = {"min_rating": 4, "min_chars": 2, "max_chars": 200, "languages": ["en"], "redact": True, "gap_prefs": True,
      "near_dedupe": True, "num_perm": 64, "shingle": 3, "system_template": "ctx: {context}"}

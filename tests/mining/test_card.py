@@ -1,4 +1,4 @@
-from pipelines.data.card import render_card
+from flywheel.mining.card import render_card
 
 
 def test_card_lists_sources_filters_and_examples():

@@ -1,6 +1,6 @@
 import json
 
-from pipelines.data.preferences import GapMiner, best_vs_worst
+from flywheel.mining.preferences import GapMiner, best_vs_worst
 
 
 def _item(key, rating, rid, answer, context=None):

@@ -88,7 +88,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; bad JSON or a non-object is an InputError naming file:line."""
-    from pipelines.errors import InputError
+    from flywheel.foundation.errors import InputError
 
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):

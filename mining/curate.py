@@ -15,16 +15,16 @@ import hashlib
 from collections import Counter
 from typing import Any
 
-from pipelines.data import pii
+from flywheel.mining import pii
 
 try:
     import orjson
 
     def dumps(obj: Any) -> str:
-        """Canonical JSON (sorted keys, compact, UTF-8 kept), same bytes as `pipelines.io.dumps`, ~5x faster."""
+        """Canonical JSON (sorted keys, compact, UTF-8 kept), same bytes as `flywheel.foundation.io.dumps`, ~5x faster."""
         return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode("utf-8")
 except ImportError:  # pragma: no cover
-    from pipelines.io import dumps
+    from flywheel.foundation.io import dumps
 
 FLAG_ORDER = ("orphan", "deleted", "review_failed", "spam")
 

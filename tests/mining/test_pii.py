@@ -3,8 +3,8 @@ negatives (versions, dates, prices, ISBNs, non-Luhn digit runs)."""
 
 from collections import Counter
 
-from pipelines.data import pii
-from pipelines.demo_logs import generate_demo_records
+from flywheel.mining import pii
+from flywheel.mining.demo_logs import generate_demo_records
 
 POSITIVES = [
     ("email", "write to first.last+tag@sub.example.co.uk please"),

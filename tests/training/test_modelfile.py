@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import modelfile as mf
+from flywheel.training import modelfile as mf
 
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>"]
 

@@ -1,7 +1,7 @@
 import pytest
 
-from pipelines.data.curate import exact_key, normalise, signatures
-from pipelines.data.dedupe import Deduper
+from flywheel.mining.curate import exact_key, normalise, signatures
+from flywheel.mining.dedupe import Deduper
 
 A = ("Lentils have about 9 g of protein per 100 g cooked and are rich in iron and folate. Pair them with "
      "vitamin C to absorb the iron, and cook red lentils for fifteen minutes. A big batch on Sunday keeps "

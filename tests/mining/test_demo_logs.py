@@ -3,7 +3,7 @@
 import json
 from statistics import mean
 
-from pipelines.demo_logs import generate_demo_records, variant_for_user, write_demo_logs
+from flywheel.mining.demo_logs import generate_demo_records, variant_for_user, write_demo_logs
 
 
 def test_deterministic_file_and_planted_dirt(tmp_path):
