@@ -348,6 +348,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                         mlflow.log_table(_table(cell_rows), artifact_file="cases.json")
                         child_runs[f"{t.name}/{v.name}"] = child.info.run_id
 
+            refs = {t.name: t.adapter for t in cfg.targets} | ({"candidate": cfg.candidate} if cfg.candidate else {})
             results = {
                 "schema": RESULTS_SCHEMA,
                 "name": cfg.name,
@@ -361,7 +362,9 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True) -> dict:
                 "variants": [{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
                               "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
                              for v in variants],
-                "targets": [t.describe() for t in targets],
+                # What was evaluated, by identity (base/adapter sha256) and by the reference given (a registry
+                # version such as models:/name/3): the gate refuses to promote on results about other models.
+                "targets": [{**t.describe(), "adapter_ref": refs.get(t.name)} for t in targets],
                 "generation": {**params.key(), "repeat": g.repeat, "batch_size": g.batch_size},
                 "cells": cells,
                 "comparisons": comparisons,

@@ -128,7 +128,8 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     from flywheel.training.data import load_sft_dataset
     from flywheel.training.models import linear_module_names, resolve_base_model
 
-    # 2. base model identity and LoRA targets, before any weight loads.
+    # 2. base model identity and LoRA targets, before any weight loads (the dataset's version is checked first).
+    dataset_path, mine_run_id = resolve_dataset(cfg)
     info = resolve_base_model(cfg.base_model, cfg.model_cache)
     have = linear_module_names(info.path)
     missing = [m for m in cfg.lora.target_modules if m not in have]
@@ -137,8 +138,8 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
                           f"{', '.join(sorted(have))})")
 
     # 3. dataset.
-    dataset_path, mine_run_id = resolve_dataset(cfg)
     ds = load_sft_dataset(dataset_path)
+    check_dataset_version(dataset_path, ds.version, cfg.dataset_version)  # re-mined between the two reads
     if mine_run_id is None:
         mine_run_id = find_mine_run(ds.version, cfg.tracking_uri)
     train_recs = ds.train[: cfg.max_train_examples] if cfg.max_train_examples else ds.train
@@ -247,6 +248,8 @@ def resolve_dataset(cfg: TrainConfig) -> tuple[str, str | None]:
     from flywheel.foundation.errors import InputError
 
     if cfg.dataset:
+        if Path(cfg.dataset).is_dir():  # a single file has no manifest: its content hash is checked after loading
+            check_dataset_version(cfg.dataset, _manifest_version(cfg.dataset), cfg.dataset_version)
         return cfg.dataset, None
     if not cfg.dataset_version:
         raise ConfigError("dataset: give `dataset=<flywheel mine output dir>` or `dataset_version=<version>`")
@@ -257,7 +260,28 @@ def resolve_dataset(cfg: TrainConfig) -> tuple[str, str | None]:
     path = run.data.tags.get("flywheel.dataset_path")
     if not path:
         raise InputError(f"dataset_version: mine run {run.info.run_id} has no flywheel.dataset_path tag")
+    check_dataset_version(path, _manifest_version(path), cfg.dataset_version)
     return path, run.info.run_id
+
+
+def _manifest_version(path: str | Path) -> str | None:
+    import json
+
+    mf = Path(path) / "manifest.json"
+    try:
+        return str(json.loads(mf.read_text(encoding="utf-8"))["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_dataset_version(path: str | Path, found: str | None, wanted: str | None) -> None:
+    """The directory a version points at can be mined again into another version: training on it would give an
+    adapter whose lineage tags name one dataset and whose weights learned another."""
+    from flywheel.foundation.errors import InputError
+
+    if wanted and found != wanted:
+        raise InputError(f"dataset_version: {path} holds dataset version {found or '(no manifest.json)'}, not "
+                         f"{wanted} (mined again since?); mine {wanted} again or train on dataset={path}")
 
 
 def find_mine_run(version: str, tracking_uri: str | None = None) -> str | None:
@@ -276,7 +300,9 @@ def _mine_run_for_version(version: str, tracking_uri: str | None):
     if exp is None:
         return None
     safe = version.replace("'", "")
-    runs = client.search_runs([exp.experiment_id], f"tags.`flywheel.dataset_version` = '{safe}'",
+    # Only finished runs: a failed or still running mine has no complete dataset behind its tags.
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`flywheel.dataset_version` = '{safe}' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 

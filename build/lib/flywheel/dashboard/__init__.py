@@ -1,1 +1,0 @@
-"""Read-only Streamlit dashboard over the MLflow store the pipelines write."""

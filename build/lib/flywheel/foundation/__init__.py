@@ -1,1 +1,0 @@
-"""Foundation: errors and atomic I/O every layer may use (no MLflow, Typer, Rich or torch)."""

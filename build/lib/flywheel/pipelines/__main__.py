@@ -1,3 +1,0 @@
-from flywheel.pipelines.cli import main
-
-main()

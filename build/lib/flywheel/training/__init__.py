@@ -1,1 +1,0 @@
-"""LoRA training as plain functions over plain data: no MLflow, no config parsing, no printing."""
