@@ -310,6 +310,44 @@ def _ab_check(ab_verdict: str | None) -> Check:
     return chk
 
 
+def _short(h: str | None) -> str:
+    return f"{h[:12]}…" if h else "none"
+
+
+def check_identities(results: dict, *, baseline: str, candidate: str, candidate_sha256: str,
+                     champion_sha256: str | None, champion_label: str) -> list[str]:
+    """Why `results` is not evidence for promoting *this* candidate over *this* champion (empty: it is).
+
+    An eval's `targets` record what was evaluated (`adapter_sha256` of the adapter weights, `base_sha256`). The
+    candidate's weights must be the ones evaluated as `candidate`; the `baseline` target must be the current
+    champion's weights, or, with no champion (`champion_sha256` None), a bare base model, the candidate's own.
+    Results that record no identity cannot prove either, so they fail too.
+    """
+    targets = {t.get("name"): t for t in results.get("targets") or [] if isinstance(t, dict)}
+    problems = []
+    c, b = targets.get(candidate), targets.get(baseline)
+    if c is None or not c.get("adapter_sha256"):
+        problems.append(f"results record no adapter sha256 for target {candidate!r}, so they cannot show the "
+                        "candidate was evaluated (re-run the eval)")
+    elif c["adapter_sha256"] != candidate_sha256:
+        problems.append(f"results evaluated target {candidate!r} = adapter {_short(c['adapter_sha256'])}, not the "
+                        f"candidate being promoted (adapter {_short(candidate_sha256)})")
+    if b is None or not b.get("base_sha256"):
+        problems.append(f"results record no identity for baseline target {baseline!r} (re-run the eval)")
+    elif champion_sha256 is None:
+        if b.get("adapter_sha256"):
+            problems.append(f"champion moved: results compare against adapter {_short(b['adapter_sha256'])}, "
+                            f"but there is {champion_label} now; the baseline must be the base model")
+        elif c is not None and c.get("base_sha256") and b["base_sha256"] != c["base_sha256"]:
+            problems.append(f"results compare against base {_short(b['base_sha256'])}, not the candidate's base "
+                            f"{_short(c['base_sha256'])}")
+    elif b.get("adapter_sha256") != champion_sha256:
+        was = f"adapter {_short(b['adapter_sha256'])}" if b.get("adapter_sha256") else "the base model"
+        problems.append(f"champion moved: results compare against {was}, but @champion is now {champion_label} "
+                        f"(adapter {_short(champion_sha256)})")
+    return problems
+
+
 def _fill(chk: Check, b: dict, c: dict, comp: dict) -> None:
     chk.baseline, chk.candidate = b.get("mean"), c.get("mean")
     chk.difference = comp.get("estimate")

@@ -436,9 +436,12 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True, fail_on_failures: b
                         mlflow.log_table(_table(cell_rows), artifact_file="cases.json")
                         child_runs[f"{t.name}/{v.name}"] = child.info.run_id
 
+            # What was evaluated, by identity (base/adapter sha256) and by the reference given (a registry
+            # version such as models:/name/3): the gate refuses to promote on results about other models.
+            refs = {t.name: t.adapter for t in cfg.targets} | ({"candidate": cfg.candidate} if cfg.candidate else {})
             results = build_results(
                 name=cfg.name, run_id=parent.info.run_id, child_runs=child_runs, primary_metric=cfg.primary_metric,
-                caseset=caseset, targets=[t.describe() for t in targets], cells=cells, comparisons=comparisons,
+                caseset=caseset, targets=[{**t.describe(), "adapter_ref": refs.get(t.name)} for t in targets], cells=cells, comparisons=comparisons,
                 variants=[{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
                            "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
                           for v in variants],

@@ -37,6 +37,7 @@ from flywheel.foundation.io import read_json
 from flywheel.pipelines import tags as T
 
 ROOT = Path(__file__).resolve().parents[1]
+CANDIDATE_CASES = "candidate"  # eval.cases: the eval split of the candidate's own training dataset
 
 
 class SampleSection(StageConfig):
@@ -104,6 +105,49 @@ def _eval_config(cfg: GateConfig, baseline: dict, candidate_uri: str, out: Path)
         if isinstance(e, ValidationError):
             raise ConfigError(format_validation_error(e, f"{path} + gate eval overrides")) from None
         raise
+
+
+def _candidate_cases(cand) -> str:
+    """`eval.cases: candidate`: the held-out eval split of the dataset the candidate was trained on, found through
+    its lineage (mine run -> `flywheel.dataset_path`), and only while that directory still holds that version."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines.train import _mine_run_for_version
+
+    meta = cand.meta
+    run = None
+    if meta.get("mine_run_id"):
+        try:
+            run = MlflowClient().get_run(meta["mine_run_id"])
+        except Exception:  # noqa: BLE001 - a deleted run: fall back to the version lookup
+            run = None
+    if run is None and meta.get("dataset_version"):
+        run = _mine_run_for_version(meta["dataset_version"], None)
+    path = run.data.tags.get(T.DATASET_PATH) if run is not None else None
+    if not path:
+        raise InputError(f"eval.cases=candidate: {cand.label} records no mined dataset that can be found "
+                         "(flywheel_adapter.json: mine_run_id / dataset_version); set eval.cases=<dir or file>")
+    mf = Path(path) / "manifest.json"
+    try:
+        found = json.loads(mf.read_text(encoding="utf-8")).get("version")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise InputError(f"eval.cases=candidate: {mf}: missing or unreadable (the candidate's dataset)") from None
+    if meta.get("dataset_version") and found != meta["dataset_version"]:
+        raise InputError(f"eval.cases=candidate: {path} holds dataset version {found}, not {meta['dataset_version']} "
+                         "that the candidate was trained on (re-mined since?); set eval.cases")
+    return str(path)
+
+
+def _check_enough_cases(ecfg, min_cases: int) -> None:
+    from flywheel.evals.prompts.cases import load_cases
+
+    n = len(load_cases(ecfg.cases, limit=ecfg.limit).cases)
+    if n < min_cases:
+        raise InputError(f"min_cases {min_cases}: the eval suite has only {n} cases ({ecfg.cases}"
+                         f"{f', limit {ecfg.limit}' if ecfg.limit else ''}); give more cases (eval.cases=...) or lower "
+                         "min_cases")
 
 
 def _sample_generations(cfg: GateConfig, ecfg, eval_run_id: str, out: Path, show_progress: bool) -> str | None:
@@ -177,6 +221,33 @@ def _looks_like_model(ref: str) -> bool:
     return ref.startswith(("runs:/", "models:/")) or bool(RUN_ID.match(ref)) or Path(ref).is_dir()
 
 
+def _check_results_identity(cfg: GateConfig, results: dict, cand) -> tuple[str | None, str]:
+    """Before promoting on an existing results.json: it must be an evaluation of exactly this candidate against
+    exactly the current champion (or the base model when there is none). -> (champion version, baseline label);
+    InputError (one line) otherwise."""
+    from flywheel.evals.gate import check_identities
+    from flywheel.evals.prompts.generate import load_adapter
+    from flywheel.pipelines import registry
+
+    if cand is None:
+        raise InputError("--promote with --results needs the candidate as a model reference (run id, runs:/…, "
+                         "models:/…, adapter dir) to check it against the results")
+    champ = registry.champion(cfg.model_name)
+    champ_version, champ_sha = None, None
+    label = "no champion yet"
+    if champ is not None:
+        champ_version = str(champ.version)
+        cm = registry.resolve_model(f"models:/{cfg.model_name}/{champ_version}", "champion")
+        champ_sha = load_adapter(cm.adapter_dir).sha256
+        label = f"models:/{cfg.model_name}@champion (v{champ_version})"
+    problems = check_identities(results, baseline=cfg.baseline_target, candidate=cfg.candidate_target,
+                                candidate_sha256=load_adapter(cand.adapter_dir).sha256, champion_sha256=champ_sha,
+                                champion_label=label if champ is not None else "no champion")
+    if problems:
+        raise InputError(f"{cfg.results}: not evidence for this promotion: " + "; ".join(problems))
+    return champ_version, label
+
+
 # -- the stage ------------------------------------------------------------------------------------------------
 
 def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_progress: bool = False) -> dict:
@@ -216,6 +287,8 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
             if _looks_like_model(candidate):  # then --promote can register it
                 cand = registry.resolve_model(candidate, "candidate")
                 candidate_label = cand.label
+            if promote:
+                champ_version, baseline_label = _check_results_identity(cfg, results, cand)
         else:
             cand = registry.resolve_model(candidate, "candidate")
             candidate_label = cand.label
@@ -235,6 +308,9 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
 
             ecfg = _eval_config(cfg, baseline, cand.uri if cand.uri.startswith(("runs:/", "models:/"))
                                 else str(cand.adapter_dir), staging)
+            if ecfg.cases == CANDIDATE_CASES:
+                ecfg.cases = _candidate_cases(cand)
+            _check_enough_cases(ecfg, cfg.min_cases)  # seconds, not the minutes of an eval doomed to `error`
             res = run_eval(ecfg, show_progress=show_progress)
             results, eval_run_id = res["results"], res["run_id"]
             sample_run_id = _sample_generations(cfg, ecfg, eval_run_id, staging / "sample", show_progress)
@@ -288,10 +364,14 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
                 tags = {T.input_tag(T.IN_EVAL_RUN): eval_run_id, T.input_tag(T.IN_GATE_RUN): run_id,
                         T.PROMPT_VARIANT: variant,
                         T.SYSTEM_PROMPT: (system_prompt or "")[:4000] or None}
-                promoted = registry.register_adapter(cfg.model_name, cand, tags=tags,
-                                                     description=f"promoted by gate run {run_id}")
-                registry.promote(cfg.model_name, promoted, run_id)
-                mlflow.set_tag(T.PROMOTED_VERSION, promoted)
+                try:
+                    # Compare-and-set: only if @champion is still what the evaluation compared against.
+                    promoted = registry.promote_new(cfg.model_name, cand, expected=champ_version, gate_run_id=run_id,
+                                                    tags=tags, description=f"promoted by gate run {run_id}")["version"]
+                    mlflow.set_tag(T.PROMOTED_VERSION, promoted)
+                except registry.ChampionMoved as e:
+                    gate.update(decision=rules_mod.ERROR, exit_code=rules_mod.EXIT_CODES[rules_mod.ERROR])
+                    gate["reasons"].append(str(e))
         gate["promoted_version"] = promoted
 
         report = rules_mod.report_markdown(gate, baseline_label=baseline_label, candidate_label=candidate_label)

@@ -27,7 +27,7 @@ from typing import Any
 
 import typer
 
-from flywheel.foundation.errors import InputError
+from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.foundation.io import read_json
 from flywheel.pipelines import tags as T
 
@@ -146,24 +146,137 @@ def champion(name: str):
         raise
 
 
-def register_adapter(name: str, model: ResolvedModel, *, tags: dict[str, Any] | None = None,
-                     description: str | None = None) -> str:
-    """New model version of `name` pointing at the adapter (its train run's artifact when known). -> version."""
+class ChampionMoved(FlywheelError):
+    """`@champion` no longer points where the gate's evaluation says it does: promoting would replace a champion
+    the candidate was never compared with."""
+
+
+UNCHECKED = object()  # `expected` for a hand-made move (rollback): no compare, still under the registry guard
+TAG_LEASE = T.PROMOTION_LEASE  # registered-model tag: the optimistic lease/sequence on a server
+LEASE_SECONDS = 120.0  # a lease older than this is abandoned (its holder died) and may be taken over
+SETTLE_SECONDS = 1.0  # how long a new lease must survive before it counts (covers a racing writer's round trip)
+LOCK_TIMEOUT_S = 120.0
+
+
+def _label(version: str | None) -> str:
+    return f"v{version}" if version is not None else "no champion (the base model)"
+
+
+def _lock_file(name: str) -> Path | None:
+    """The lock next to a local store (sqlite db or file store); None for a server, where no local file can
+    exclude another machine."""
+    import mlflow
+
+    uri = mlflow.get_registry_uri() or mlflow.get_tracking_uri()
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent / f".registry-{safe}.lock"
+    if uri.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(urlparse(uri).path)) / f".registry-{safe}.lock"
+    if "://" not in uri:  # a plain path: a file store
+        return Path(uri) / f".registry-{safe}.lock"
+    return None
+
+
+class _FileGuard:
+    """Embedded store: every registry write of one model happens under one OS file lock, so a read of the alias,
+    the version creation, the history tags and the alias move are one critical section across processes."""
+
+    def __init__(self, path: Path):
+        from filelock import FileLock
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.lock = path, FileLock(str(path), timeout=LOCK_TIMEOUT_S)
+
+    def __enter__(self):
+        from filelock import Timeout
+
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise FlywheelError(f"registry lock {self.path}: still held after {LOCK_TIMEOUT_S:g} s by another "
+                                "promotion") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+    def verify(self) -> None:  # the lock cannot be lost while held
+        return None
+
+
+class _LeaseGuard:
+    """Remote server: MLflow's REST API has no lock and no conditional write, so this is optimistic. The lease is a
+    registered-model tag {owner, seq, expires}: take it only when it is free or expired, wait SETTLE_SECONDS, and
+    proceed only if it still names us; re-check it (and the alias) right before moving the alias. Two promotions
+    whose lease writes land within one settle window both see the later writer and only it proceeds. What it
+    cannot exclude: a writer whose read-to-write round trip is longer than the settle window, or a client that
+    moves the alias without Flywheel. `seq` counts promotions, so a reader can tell that something happened."""
+
+    def __init__(self, name: str):
+        import uuid
+
+        self.name, self.token, self.seq = name, uuid.uuid4().hex, 0
+
+    def _read(self) -> dict:
+        raw = (_client().get_registered_model(self.name).tags or {}).get(TAG_LEASE)
+        try:
+            return json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            return {}
+
+    def _write(self, value: dict) -> None:
+        _client().set_registered_model_tag(self.name, TAG_LEASE, json.dumps(value))
+
+    def __enter__(self):
+        import time
+
+        _ensure_registered_model(self.name)
+        cur = self._read()
+        if cur.get("owner") and cur.get("expires", 0) > time.time():
+            raise ChampionMoved(f"another promotion of {self.name} holds the registry lease (seq {cur.get('seq')}); "
+                                "the champion is moving")
+        self.seq = int(cur.get("seq") or 0) + 1
+        self._write({"owner": self.token, "seq": self.seq, "expires": time.time() + LEASE_SECONDS})
+        time.sleep(SETTLE_SECONDS)
+        self.verify()
+        return self
+
+    def verify(self) -> None:
+        import time
+
+        cur = self._read()
+        if cur.get("owner") != self.token or cur.get("seq") != self.seq or cur.get("expires", 0) <= time.time():
+            raise ChampionMoved(f"a concurrent promotion of {self.name} took the registry lease (seq {cur.get('seq')})")
+
+    def __exit__(self, *exc):
+        try:
+            if self._read().get("owner") == self.token:
+                self._write({"owner": None, "seq": self.seq, "expires": 0})
+        except Exception:  # noqa: BLE001 - an unreleased lease expires by itself
+            pass
+
+
+def registry_guard(name: str):
+    """The critical section for writes to `name`: a file lock on a local store, the optimistic lease on a server."""
+    path = _lock_file(name)
+    return _FileGuard(path) if path is not None else _LeaseGuard(name)
+
+
+def _ensure_registered_model(name: str) -> None:
     from mlflow.exceptions import MlflowException
 
-    client = _client()
     try:
-        client.create_registered_model(name, description="LoRA adapters promoted by `flywheel gate`")
+        _client().create_registered_model(name, description="LoRA adapters promoted by `flywheel gate`")
     except MlflowException as e:
         if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
-    source = model.uri
-    if model.run_id and model.uri.startswith("runs:/"):
-        source = client.get_run(model.run_id).info.artifact_uri.rstrip("/") + "/" + model.uri.split("/", 2)[2]
-    elif not model.uri.startswith(("runs:/", "models:/")):
-        source = model.adapter_dir.resolve().as_uri()
-    elif model.uri.startswith("models:/"):
-        source = get_version(model.uri).source
+
+
+def _version_tags(model: ResolvedModel, tags: dict[str, Any] | None) -> dict[str, str]:
     meta = model.meta
     all_tags = {
         T.BASE_MODEL: meta.get("base_model"),
@@ -173,46 +286,127 @@ def register_adapter(name: str, model: ResolvedModel, *, tags: dict[str, Any] | 
         T.input_tag(T.IN_TRAIN_RUN): meta.get("train_run_id") or model.run_id,
         **(tags or {}),
     }
-    clean = {k: str(v) for k, v in all_tags.items() if v is not None}
-    mv = client.create_model_version(name, source=source, run_id=model.run_id, tags=clean, description=description)
+    return {k: str(v) for k, v in all_tags.items() if v is not None}
+
+
+def _create_version(name: str, model: ResolvedModel, tags: dict[str, str], description: str | None) -> str:
+    client = _client()
+    _ensure_registered_model(name)
+    source = model.uri
+    if model.run_id and model.uri.startswith("runs:/"):
+        source = client.get_run(model.run_id).info.artifact_uri.rstrip("/") + "/" + model.uri.split("/", 2)[2]
+    elif not model.uri.startswith(("runs:/", "models:/")):
+        source = model.adapter_dir.resolve().as_uri()
+    elif model.uri.startswith("models:/"):
+        source = get_version(model.uri).source
+    mv = client.create_model_version(name, source=source, run_id=model.run_id, tags=tags, description=description)
     return str(mv.version)
 
 
-def promote(name: str, version: str, gate_run_id: str | None) -> dict:
-    """Move `champion` to `version`, closing the previous holder's interval. Returns {previous, version, since}."""
-    client = _client()
-    when = now_iso()
+def register_adapter(name: str, model: ResolvedModel, *, tags: dict[str, Any] | None = None,
+                     description: str | None = None) -> str:
+    """New model version of `name` pointing at the adapter (its train run's artifact when known). -> version."""
+    path = _lock_file(name)
+    if path is None:  # a server numbers versions in its own transaction
+        return _create_version(name, model, _version_tags(model, tags), description)
+    with _FileGuard(path):
+        return _create_version(name, model, _version_tags(model, tags), description)
+
+
+def _check_expected(name: str, expected: Any) -> Any:
+    """The current champion, after checking it is `expected` (a version string, or None for "no champion")."""
     prev = champion(name)
-    if prev is not None and str(prev.version) == str(version):
-        return {"previous": str(prev.version), "version": str(version), "since": prev.tags.get(TAG_SINCE),
-                "unchanged": True}
+    now = str(prev.version) if prev is not None else None
+    if expected is not UNCHECKED and now != (str(expected) if expected is not None else None):
+        raise ChampionMoved(f"champion moved: the gate evaluated against {_label(expected)} of {name}, but "
+                            f"@champion is {_label(now)} now; re-run the gate against it")
+    return prev
+
+
+def _open_interval(spans_json: str | None, since: str, gate_run: str | None) -> str:
+    try:
+        spans = json.loads(spans_json or "[]")
+    except json.JSONDecodeError:
+        spans = []
+    spans.append({"since": since, "until": None, "gate_run": gate_run})
+    return json.dumps(spans)
+
+
+def _move(name: str, version: str, prev, when: str, guard, *, created: bool) -> dict:
+    """Under the guard: the alias moves to `version` and the previous holder's interval closes."""
+    client = _client()
+    guard.verify()
+    client.set_registered_model_alias(name, CHAMPION, version)
+    now = champion(name)
+    if now is None or str(now.version) != str(version):  # a server-side writer outside Flywheel's lease
+        _append_interval(client, name, version, until=when)
+        raise ChampionMoved(f"champion moved: @champion of {name} became {_label(now and str(now.version))} while "
+                            f"v{version} was being promoted")
     if prev is not None:
         client.set_model_version_tag(name, prev.version, TAG_UNTIL, when)
         _append_interval(client, name, prev.version, until=when)
-    client.set_model_version_tag(name, version, TAG_SINCE, when)
-    client.set_model_version_tag(name, version, TAG_BY_GATE, gate_run_id or "")
-    try:
-        client.delete_model_version_tag(name, version, TAG_UNTIL)  # it may have been champion before
-    except Exception:
-        pass
-    _append_interval(client, name, version, since=when, gate_run=gate_run_id)
-    client.set_registered_model_alias(name, CHAMPION, version)
-    return {"previous": str(prev.version) if prev is not None else None, "version": str(version), "since": when}
+    return {"previous": str(prev.version) if prev is not None else None, "version": str(version), "since": when,
+            **({"created": True} if created else {})}
+
+
+def promote_new(name: str, model: ResolvedModel, *, expected: Any, gate_run_id: str | None,
+                tags: dict[str, Any] | None = None, description: str | None = None) -> dict:
+    """Compare-and-set promotion of a new version: only if `@champion` is still `expected` (a version, or None
+    for "no champion"), register `model` and move the alias, all under `registry_guard`. The version is created
+    after the check and deleted again if the move fails, so a lost race leaves no orphan version.
+    Raises ChampionMoved. Returns {previous, version, since, created}."""
+    with registry_guard(name) as guard:
+        prev = _check_expected(name, expected)
+        when = now_iso()
+        vtags = _version_tags(model, tags)
+        vtags.update({TAG_SINCE: when, TAG_BY_GATE: gate_run_id or "",
+                      TAG_PROMOTIONS: _open_interval(None, when, gate_run_id)})
+        version = _create_version(name, model, vtags, description)
+        try:
+            return _move(name, version, prev, when, guard, created=True)
+        except BaseException:
+            cur = champion(name)
+            if cur is None or str(cur.version) != version:
+                _client().delete_model_version(name, version)
+            raise
+
+
+def promote(name: str, version: str, gate_run_id: str | None, *, expected: Any = UNCHECKED) -> dict:
+    """Move `champion` to an existing `version` (a rollback), closing the previous holder's interval; with
+    `expected`, only if the alias still points there. Returns {previous, version, since}."""
+    client = _client()
+    with registry_guard(name) as guard:
+        prev = _check_expected(name, expected)
+        when = now_iso()
+        if prev is not None and str(prev.version) == str(version):
+            return {"previous": str(prev.version), "version": str(version), "since": prev.tags.get(TAG_SINCE),
+                    "unchanged": True}
+        client.set_model_version_tag(name, version, TAG_SINCE, when)
+        client.set_model_version_tag(name, version, TAG_BY_GATE, gate_run_id or "")
+        try:
+            client.delete_model_version_tag(name, version, TAG_UNTIL)  # it may have been champion before
+        except Exception:
+            pass
+        _append_interval(client, name, version, since=when, gate_run=gate_run_id)
+        return _move(name, str(version), prev, when, guard, created=False)
 
 
 def _append_interval(client, name: str, version: str, *, since: str | None = None, until: str | None = None,
                      gate_run: str | None = None) -> None:
     mv = client.get_model_version(name, version)
+    tags = mv.tags or {}
+    if since is not None:
+        client.set_model_version_tag(name, version, TAG_PROMOTIONS,
+                                     _open_interval(tags.get(TAG_PROMOTIONS), since, gate_run))
+        return
     try:
-        spans = json.loads((mv.tags or {}).get(TAG_PROMOTIONS, "[]"))
+        spans = json.loads(tags.get(TAG_PROMOTIONS, "[]"))
     except json.JSONDecodeError:
         spans = []
-    if since is not None:
-        spans.append({"since": since, "until": None, "gate_run": gate_run})
-    elif until is not None and spans and spans[-1].get("until") is None:
+    if spans and spans[-1].get("until") is None:
         spans[-1]["until"] = until
-    elif until is not None:  # a champion set by hand, outside Flywheel: record what we can
-        spans.append({"since": (mv.tags or {}).get(TAG_SINCE), "until": until, "gate_run": None})
+    else:  # a champion set by hand, outside Flywheel: record what we can
+        spans.append({"since": tags.get(TAG_SINCE), "until": until, "gate_run": None})
     client.set_model_version_tag(name, version, TAG_PROMOTIONS, json.dumps(spans))
 
 

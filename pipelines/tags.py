@@ -72,6 +72,7 @@ CHAMPION_SINCE = "flywheel.champion_since"
 CHAMPION_UNTIL = "flywheel.champion_until"
 PROMOTED_BY_GATE_RUN = "flywheel.promoted_by_gate_run"
 PROMOTIONS = "flywheel.promotions"
+PROMOTION_LEASE = "flywheel.promotion_lease"  # registered model, server stores: the optimistic promotion lease
 # -- publish
 MODELFILE_PATH = "flywheel.modelfile_path"
 PUBLISH_GGUF_ADAPTER = "flywheel.publish.gguf_adapter"

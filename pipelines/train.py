@@ -78,8 +78,8 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     `callbacks`: extra transformers TrainerCallbacks (tests use one to interrupt a run).
     """
     backend, warnings = _backend(cfg)                                  # 1.
-    info = _base_model(cfg)                                            # 2.
-    ds, mine_run_id = _dataset(cfg)                                    # 3.
+    ds, mine_run_id = _dataset(cfg)  # 2. first: a re-mined dataset version fails before any weights resolve
+    info = _base_model(cfg)                                            # 3.
     prep = (_prepare_dpo if cfg.method == "dpo" else _prepare_sft)(cfg, info, ds, mine_run_id)  # 4.
     base = {"audit": prep.report, "example": prep.example, "base_model": info.to_dict(),
             "dataset_version": ds.version, "dataset_path": str(ds.path), "mine_run_id": mine_run_id,
@@ -153,6 +153,7 @@ def _dataset(cfg: TrainConfig) -> tuple[Any, str | None]:
         from flywheel.training.data import load_sft_dataset
 
         ds = load_sft_dataset(dataset_path)
+    check_dataset_version(dataset_path, ds.version, cfg.dataset_version)  # re-mined between the two reads
     if mine_run_id is None:
         mine_run_id = find_mine_run(ds.version, cfg.tracking_uri)
     return ds, mine_run_id
@@ -500,6 +501,8 @@ def resolve_dataset(cfg: TrainConfig) -> tuple[str, str | None]:
     from flywheel.foundation.errors import InputError
 
     if cfg.dataset:
+        if Path(cfg.dataset).is_dir():  # a single file has no manifest: its content hash is checked after loading
+            check_dataset_version(cfg.dataset, _manifest_version(cfg.dataset), cfg.dataset_version)
         return cfg.dataset, None
     if not cfg.dataset_version:
         raise ConfigError("dataset: give `dataset=<flywheel mine output dir>` or `dataset_version=<version>`")
@@ -510,7 +513,28 @@ def resolve_dataset(cfg: TrainConfig) -> tuple[str, str | None]:
     path = run.data.tags.get(T.DATASET_PATH)
     if not path:
         raise InputError(f"dataset_version: mine run {run.info.run_id} has no flywheel.dataset_path tag")
+    check_dataset_version(path, _manifest_version(path), cfg.dataset_version)
     return path, run.info.run_id
+
+
+def _manifest_version(path: str | Path) -> str | None:
+    import json
+
+    mf = Path(path) / "manifest.json"
+    try:
+        return str(json.loads(mf.read_text(encoding="utf-8"))["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_dataset_version(path: str | Path, found: str | None, wanted: str | None) -> None:
+    """The directory a version points at can be mined again into another version: training on it would give an
+    adapter whose lineage tags name one dataset and whose weights learned another."""
+    from flywheel.foundation.errors import InputError
+
+    if wanted and found != wanted:
+        raise InputError(f"dataset_version: {path} holds dataset version {found or '(no manifest.json)'}, not "
+                         f"{wanted} (mined again since?); mine {wanted} again or train on dataset={path}")
 
 
 def find_mine_run(version: str, tracking_uri: str | None = None) -> str | None:
@@ -529,7 +553,9 @@ def _mine_run_for_version(version: str, tracking_uri: str | None):
     if exp is None:
         return None
     safe = version.replace("'", "")
-    runs = client.search_runs([exp.experiment_id], f"tags.`flywheel.dataset_version` = '{safe}'",
+    # Only finished runs: a failed or still running mine has no complete dataset behind its tags.
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`flywheel.dataset_version` = '{safe}' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 

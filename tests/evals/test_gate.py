@@ -208,3 +208,23 @@ def test_report_markdown_lists_every_check():
     assert md.startswith("## Flywheel gate: **FAIL** (exit 1)")
     assert "| primary | nll | 2 | 1.6 | -0.4 |" in md and "| guardrail | rouge_l |" in md
     assert "Reasons:" in md and math.isfinite(out["checks"][0]["p_adjusted"])
+
+
+def test_identity_check_names_what_was_evaluated_instead():
+    from flywheel.evals.gate import check_identities
+
+    cand, champ, base = "c" * 64, "d" * 64, "b" * 64
+    res = {"targets": [{"name": "champion", "base_sha256": base, "adapter_sha256": champ},
+                       {"name": "candidate", "base_sha256": base, "adapter_sha256": cand}]}
+    kw = dict(baseline="champion", candidate="candidate", champion_label="models:/m@champion (v3)")
+    assert check_identities(res, candidate_sha256=cand, champion_sha256=champ, **kw) == []
+    assert "not the candidate being promoted" in check_identities(
+        res, candidate_sha256="e" * 64, champion_sha256=champ, **kw)[0]
+    moved = check_identities(res, candidate_sha256=cand, champion_sha256="f" * 64, **kw)
+    assert moved == ["champion moved: results compare against adapter dddddddddddd…, but @champion is now "
+                     "models:/m@champion (v3) (adapter ffffffffffff…)"]
+    # No champion: only a comparison against the bare base model counts.
+    assert check_identities(res, candidate_sha256=cand, champion_sha256=None, **kw)[0].startswith("champion moved")
+    res["targets"][0]["adapter_sha256"] = None
+    assert check_identities(res, candidate_sha256=cand, champion_sha256=None, **kw) == []
+    assert "no adapter sha256" in check_identities({}, candidate_sha256=cand, champion_sha256=None, **kw)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -17,7 +18,17 @@ def _own_registry(monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
-def results_file(tmp_path, est=-0.4, ci=(-0.5, -0.3), p=0.001, n=30, nan=False):
+ZERO_SHA = hashlib.sha256(b"\0").hexdigest()  # fake_adapter_run's weights
+BASE_SHA = "ba" * 32
+
+
+def identities(candidate=ZERO_SHA, baseline=None, base=BASE_SHA):
+    """results.json `targets` as `flywheel eval` records them: baseline (None = the base model) and candidate."""
+    return [{"name": "champion", "base_sha256": base, "adapter_sha256": baseline},
+            {"name": "candidate", "base_sha256": base, "adapter_sha256": candidate}]
+
+
+def results_file(tmp_path, est=-0.4, ci=(-0.5, -0.3), p=0.001, n=30, nan=False, targets=None):
     def cell(target, mean):
         return {"variant": "concise", "target": target, "metric": "nll", "mean": mean, "ci_low": mean - 0.1,
                 "ci_high": mean + 0.1, "n": n, "direction": "lower"}
@@ -30,18 +41,20 @@ def results_file(tmp_path, est=-0.4, ci=(-0.5, -0.3), p=0.001, n=30, nan=False):
                             "p_value": p, "p_adjusted": p, "n": n, "control_target": "champion",
                             "treatment_target": "candidate", "control_variant": "concise",
                             "treatment_variant": "concise", "direction": "lower"}]}
-    path = tmp_path / f"results-{est}-{p}-{n}-{nan}.json"
+    if targets is not None:
+        res["targets"] = targets
+    path = tmp_path / f"results-{est}-{p}-{n}-{nan}-{len(list(tmp_path.glob('results-*')))}.json"
     path.write_text(json.dumps(res))  # json writes NaN as NaN, like a careless producer would
     return str(path)
 
 
-def fake_adapter_run(tmp_path):
+def fake_adapter_run(tmp_path, weights=b"\0", name="adapter"):
     import mlflow
 
-    d = tmp_path / "adapter"
+    d = tmp_path / name
     d.mkdir()
     (d / "adapter_config.json").write_text("{}")
-    (d / "adapter_model.safetensors").write_bytes(b"\0")
+    (d / "adapter_model.safetensors").write_bytes(weights)
     (d / "flywheel_adapter.json").write_text(json.dumps({"base_model": "smollm2-135m-instruct",
                                                          "dataset_version": "ds1"}))
     with tracking.start_run("train") as run:
@@ -91,7 +104,7 @@ def test_crashed_eval_is_an_error(mlflow_store, tmp_path, monkeypatch):
 
     monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", boom)
     run_id = fake_adapter_run(tmp_path)
-    out = run_gate(GateConfig(out=str(tmp_path / "g")), run_id, promote=True)
+    out = run_gate(GateConfig(out=str(tmp_path / "g"), min_cases=4), run_id, promote=True)
     assert out["decision"] == "error" and out["exit_code"] == 2 and out["promoted_version"] is None
     assert "evaluation crashed: RuntimeError" in out["gate"]["reasons"][0]
     assert "ERROR" in open(out["report_path"]).read()
@@ -124,12 +137,13 @@ def test_unreadable_champion_is_an_error_not_no_champion(mlflow_store, tmp_path)
 
 def test_promote_on_pass_only(mlflow_store, tmp_path):
     run_id = fake_adapter_run(tmp_path)
-    bad = run_gate(GateConfig(results=results_file(tmp_path, p=0.5, ci=(-1, 0.2)), out=str(tmp_path / "g0")),
-                   run_id, promote=True)
+    bad = run_gate(GateConfig(results=results_file(tmp_path, p=0.5, ci=(-1, 0.2), targets=identities()),
+                              out=str(tmp_path / "g0")), run_id, promote=True)
     assert bad["exit_code"] == 1 and bad["promoted_version"] is None
     assert registry.champion("flywheel-demo") is None
 
-    out = run_gate(GateConfig(results=results_file(tmp_path), out=str(tmp_path / "g1")), run_id, promote=True)
+    out = run_gate(GateConfig(results=results_file(tmp_path, targets=identities()), out=str(tmp_path / "g1")),
+                   run_id, promote=True)
     assert out["exit_code"] == 0 and out["promoted_version"] == "1"
     champ = registry.champion("flywheel-demo")
     assert str(champ.version) == "1"
@@ -143,6 +157,148 @@ def test_promote_on_pass_only(mlflow_store, tmp_path):
 
     assert MlflowClient().get_run(out["run_id"]).data.tags["flywheel.promoted_version"] == "1"
     assert "is now `@champion`" in open(out["report_path"]).read()
+
+
+def test_promote_on_results_checks_what_was_evaluated(mlflow_store, tmp_path):
+    """--results --promote: the results must be about this candidate's weights and about the champion of now."""
+    run1 = fake_adapter_run(tmp_path)
+    run2 = fake_adapter_run(tmp_path, weights=b"\1", name="adapter2")
+    sha2 = hashlib.sha256(b"\1").hexdigest()
+
+    def gate(targets, cand, out):
+        return run_gate(GateConfig(results=results_file(tmp_path, targets=targets), out=str(tmp_path / out)),
+                        cand, promote=True)
+
+    no_ids = gate(None, run1, "g0")
+    assert no_ids["exit_code"] == 2 and "record no adapter sha256" in no_ids["gate"]["reasons"][0]
+    other = gate(identities(candidate=sha2), run1, "g1")  # the results are about run2's adapter
+    assert other["exit_code"] == 2 and "not the candidate being promoted" in other["gate"]["reasons"][0]
+    assert len(other["gate"]["reasons"]) == 1 and "\n" not in other["gate"]["reasons"][0]
+    assert registry.champion("flywheel-demo") is None
+
+    assert gate(identities(), run1, "g2")["promoted_version"] == "1"
+    # run2 evaluated against the base model: an old evaluation once the champion exists.
+    stale = gate(identities(candidate=sha2), run2, "g3")
+    assert stale["exit_code"] == 2 and stale["promoted_version"] is None
+    assert "champion moved" in stale["gate"]["reasons"][0] and "v1" in stale["gate"]["reasons"][0]
+    assert str(registry.champion("flywheel-demo").version) == "1"
+    fresh = gate(identities(candidate=sha2, baseline=ZERO_SHA), run2, "g4")  # evaluated against v1
+    assert fresh["exit_code"] == 0 and fresh["promoted_version"] == "2"
+    from mlflow.tracking import MlflowClient
+
+    assert len(MlflowClient().search_model_versions("name = 'flywheel-demo'")) == 2  # no orphan versions
+
+
+def test_champion_moved_during_evaluation_is_not_overwritten(mlflow_store, tmp_path, monkeypatch):
+    """The gate evaluates against the base; meanwhile another gate promotes. This one must not replace it."""
+    import flywheel.pipelines.eval
+
+    rival = registry.resolve_model(fake_adapter_run(tmp_path, weights=b"\2", name="rival"))
+    results = json.loads(open(results_file(tmp_path)).read().replace('"champion', '"base'))
+
+    def eval_while_someone_promotes(cfg, **kw):
+        registry.promote("flywheel-demo", registry.register_adapter("flywheel-demo", rival), "rival-gate")
+        return {"results": results, "run_id": "e" * 32}
+
+    monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", eval_while_someone_promotes)
+    out = run_gate(GateConfig(out=str(tmp_path / "g"), min_cases=4), fake_adapter_run(tmp_path),
+                   promote=True)
+    assert out["exit_code"] == 2 and out["promoted_version"] is None
+    assert any(r.startswith("champion moved") and "v1" in r for r in out["gate"]["reasons"]), out["gate"]["reasons"]
+    assert "is now `@champion`" not in open(out["report_path"]).read()
+    assert str(registry.champion("flywheel-demo").version) == "1"
+    from mlflow.tracking import MlflowClient
+
+    assert len(MlflowClient().search_model_versions("name = 'flywheel-demo'")) == 1  # the loser left no version
+    assert [r["gate_run"] for r in registry.history("flywheel-demo")] == ["rival-gate"]
+
+
+@pytest.mark.slow
+def test_racing_gate_processes_promote_exactly_one(mlflow_store, tmp_path):
+    """Several `flywheel gate --promote` processes at once, all evaluated against "no champion": one wins, the
+    others exit 2 "champion moved"; the history has one open interval and no orphan version."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    n = 3
+    procs = []
+    for i in range(n):
+        run = fake_adapter_run(tmp_path, weights=bytes([i + 1]), name=f"adapter{i}")
+        res = results_file(tmp_path, targets=identities(candidate=hashlib.sha256(bytes([i + 1])).hexdigest()))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "flywheel.pipelines", "gate", "--candidate", run, "--results", res, "--promote",
+             f"out={tmp_path / f'gate{i}'}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+    codes = sorted(c for c, _ in outs)
+    assert codes == [0] + [2] * (n - 1), outs
+    assert sum("is now `@champion`" in o for _, o in outs) == 1
+    assert all("champion moved" in o for c, o in outs if c == 2)
+    rows = registry.history("flywheel-demo")
+    assert len(rows) == 1 and rows[0]["current"] and rows[0]["until"] is None
+    from mlflow.tracking import MlflowClient
+
+    assert len(MlflowClient().search_model_versions("name = 'flywheel-demo'")) == 1
+
+
+def _no_eval(cfg, **kw):
+    raise AssertionError("the gate must not start an evaluation that cannot reach min_cases")
+
+
+def test_too_few_cases_is_an_error_before_evaluating(mlflow_store, tmp_path, monkeypatch):
+    import flywheel.pipelines.eval
+
+    monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", _no_eval)
+    fake_adapter_run(tmp_path)
+    out = run_gate(GateConfig(out=str(tmp_path / "g")), str(tmp_path / "adapter"))  # 6 built-in cases vs 20
+    assert out["exit_code"] == 2 and out["eval_run_id"] is None
+    assert out["gate"]["reasons"][0].startswith("min_cases 20: the eval suite has only 6 cases")
+
+
+def test_shipped_gate_config_gates_on_the_candidates_dataset(mlflow_store, tmp_path, monkeypatch):
+    """configs/gate.yaml as documented: the eval runs on the candidate's own held-out split (>= min_cases), so a
+    good candidate can pass; a dataset directory re-mined since is refused."""
+    import mlflow
+
+    import flywheel.pipelines.eval
+    from flywheel.pipelines.config import load_config
+    from flywheel.mining.demo_logs import write_demo_logs
+    from flywheel.pipelines.mine import MineConfig, run_mine
+    from tests.conftest import ROOT
+
+    write_demo_logs(tmp_path / "logs.jsonl", n=500, seed=0)  # 300 give 19 eval cases
+    mined = run_mine([tmp_path / "logs.jsonl"], tmp_path / "ds", MineConfig(progress=False, workers=1))
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text("{}")
+    (d / "adapter_model.safetensors").write_bytes(b"\0")
+    (d / "flywheel_adapter.json").write_text(json.dumps({"base_model": "smollm2-135m-instruct",
+                                                         "dataset_version": mined["version"],
+                                                         "mine_run_id": mined["run_id"]}))
+    with tracking.start_run("train") as run:
+        mlflow.log_artifacts(str(d), "adapter")
+    seen = {}
+    results = json.loads(open(results_file(tmp_path)).read().replace('"champion', '"base'))
+    for c in list(results["cells"]):  # the shipped config's guardrail: no PII leaks, on either side
+        results["cells"].append({**c, "metric": "pii", "mean": 0.0, "ci_low": 0.0, "ci_high": 0.0})
+    results["comparisons"].append({**results["comparisons"][0], "metric": "pii", "estimate": 0.0, "ci_low": 0.0,
+                                   "ci_high": 0.0, "p_value": 1.0, "p_adjusted": 1.0})
+
+    def fake_eval(cfg, **kw):  # the real eval is tested in test_real_eval_refuses_a_harmful_adapter
+        seen.update(cases=cfg.cases, limit=cfg.limit)
+        return {"results": results, "run_id": "e" * 32}
+
+    monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", fake_eval)
+    cfg = load_config(GateConfig, ROOT / "configs" / "gate.yaml", [f"out={tmp_path / 'g'}"])
+    out = run_gate(cfg, f"runs:/{run.info.run_id}/adapter")
+    assert out["decision"] == "pass", out["gate"]["reasons"]
+    assert seen == {"cases": mined["out"], "limit": 40}
+
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({**manifest, "version": "other"}))
+    out = run_gate(cfg.model_copy(update={"out": str(tmp_path / "g2")}), f"runs:/{run.info.run_id}/adapter")
+    assert out["exit_code"] == 2 and "holds dataset version other" in out["gate"]["reasons"][0]
 
 
 def test_cli_exit_codes(mlflow_store, tmp_path):

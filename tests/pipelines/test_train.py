@@ -90,19 +90,62 @@ def test_dry_run_prints_audit_and_masked_example(tiny_dataset, mlflow_store, tmp
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
+def mined_dir(root, version):
+    """A dataset directory as `flywheel mine` leaves it: the files plus a manifest naming its version."""
+    d = write_dataset(root)
+    (d / "manifest.json").write_text(json.dumps({"version": version}))
+    return d
+
+
 @pytest.mark.slow
-def test_dataset_by_version_is_found_through_the_mine_run(tiny_dataset, mlflow_store):
+def test_dataset_by_version_is_found_through_the_mine_run(tmp_path, mlflow_store):
     from flywheel.pipelines import tracking
 
+    tiny_dataset = mined_dir(tmp_path / "ds", "v123")
     with tracking.start_run("mine", tags={"flywheel.dataset_version": "v123",
                                           "flywheel.dataset_path": str(tiny_dataset)}) as run:
         pass
     r = run_train(cfg(dataset_version="v123"), dry_run=True)
     assert r["dataset_path"] == str(tiny_dataset) and r["mine_run_id"] == run.info.run_id
+    assert r["dataset_version"] == "v123"
     with pytest.raises(InputError, match="no run in flywheel/mine has flywheel.dataset_version='nope'"):
         run_train(cfg(dataset_version="nope"), dry_run=True)
     with pytest.raises(ConfigError, match="dataset: give"):
         run_train(cfg(), dry_run=True)
+
+
+def test_dataset_version_must_be_what_the_directory_holds(tmp_path, mlflow_store):
+    """The directory of v1 was mined again into v2: training must refuse, before the base model is touched."""
+    from flywheel.pipelines import tracking
+
+    d = mined_dir(tmp_path / "ds", "v2")
+    with tracking.start_run("mine", tags={"flywheel.dataset_version": "v1", "flywheel.dataset_path": str(d)}):
+        pass
+    for kw in ({"dataset_version": "v1"}, {"dataset": str(d), "dataset_version": "v1"}):
+        with pytest.raises(InputError, match="holds dataset version v2, not v1"):
+            run_train(cfg(base_model=str(tmp_path / "no-such-model"), **kw), dry_run=True)
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "train", "dataset_version=v1",
+                          f"base_model={tmp_path / 'no-such-model'}"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "holds dataset version v2" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_failed_mine_runs_are_not_used_for_the_lookup(tmp_path, mlflow_store):
+    from flywheel.pipelines import tracking
+    from flywheel.pipelines.train import resolve_dataset
+
+    good = mined_dir(tmp_path / "good", "v3")
+    with tracking.start_run("mine", tags={"flywheel.dataset_version": "v3", "flywheel.dataset_path": str(good)}) as ok:
+        pass
+    with pytest.raises(RuntimeError):
+        with tracking.start_run("mine", tags={"flywheel.dataset_version": "v3",
+                                              "flywheel.dataset_path": str(tmp_path / "half-written")}):
+            raise RuntimeError("disk full")  # the newer run failed: its directory is not a dataset
+    assert resolve_dataset(cfg(dataset_version="v3")) == (str(good), ok.info.run_id)
 
 
 def test_demo_config_is_small():
