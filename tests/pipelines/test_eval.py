@@ -244,10 +244,11 @@ def test_a_target_that_dies_mid_run_is_an_error_with_counted_failures(mlflow_sto
 def test_published_parameters_are_the_evaluated_sampling():
     """`flywheel publish` pins exactly what `flywheel eval` sent: no server default (repeat_penalty 1.1) slips in."""
     from flywheel.pipelines.eval import gen_params
-    from flywheel.pipelines.publish import PublishConfig
+    from flywheel.pipelines.publish import PublishConfig, _eval_sampling
 
     evaluated = gen_params(EvalConfig()).modelfile_parameters()
-    shipped = PublishConfig().parameters
+    assert PublishConfig().parameters is None  # the default: filled by publish with the eval's sampling
+    shipped = _eval_sampling()
     assert {k: shipped[k] for k in evaluated} == evaluated
     assert evaluated["repeat_penalty"] == 1.0 and evaluated["temperature"] == 0.0 and evaluated["top_k"] == 1
 
