@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from flywheel.foundation.config import StageConfig
 
-RUNTIME_KEYS = ("workers", "batch_size", "tracking_uri", "log_mlflow", "progress")
+RUNTIME_KEYS = ("workers", "batch_size", "tracking_uri", "log_mlflow", "progress", "engine", "ray")
 
 
 def usable_cpus() -> int:
@@ -42,6 +42,15 @@ class PreferenceConfig(StageConfig):
     min_rating_gap: int = Field(2, ge=1, le=4, description="smallest rating difference that makes a pair")
     max_rank_pairs: int = Field(3, ge=1, description="oasst: the best-ranked sibling against up to this many "
                                                      "worse ones")
+
+
+class RayConfig(StageConfig):
+    address: str | None = Field(None, description="Ray cluster to run on: `auto` (inside a cluster), "
+                                                  "`ray://head:10001`, or unset to start a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray started when `address` is unset; "
+                                                         "unset = the machine's")
+    blocks: int = Field(0, ge=0, description="input blocks (Ray tasks) for parse + curate; 0 = 4 per CPU of "
+                                             "the cluster")
 
 
 class MineConfig(StageConfig):
@@ -72,6 +81,9 @@ class MineConfig(StageConfig):
                                                              "a chat)")
     workers: int = Field(0, ge=0, description="processes for parse + curate; 0 = min(2, CPUs); 1 = in-process")
     batch_size: int = Field(512, ge=1, description="records per task sent to a worker")
+    engine: Literal["local", "ray"] = Field("local", description="local: one process and its pool; ray: Ray "
+                                                               "Data stages on a Ray cluster (same output bytes)")
+    ray: RayConfig = Field(default_factory=RayConfig, description="the Ray engine's cluster and blocks")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; None: FLYWHEEL_HOME's store")
     log_mlflow: bool = Field(True, description="log the run to MLflow (`flywheel/mine`)")
     progress: bool = Field(True, description="show progress bars")

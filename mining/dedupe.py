@@ -77,6 +77,13 @@ class DedupeIndex:
                              "use the same settings or delete it to start a fresh index")
 
 
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band): datasketch's parameter search, recall weighted 4:1 (see module doc)."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, 0.2, 0.8)
+
+
 class Deduper:
     def __init__(self, near: bool = True, threshold: float = 0.8, num_perm: int = 128,
                  prior: DedupeIndex | None = None):
@@ -93,9 +100,7 @@ class Deduper:
         self._bands: list[dict[bytes, list[int]]] = []
         self._r = 0
         if near:
-            from datasketch.lsh import _optimal_param
-
-            b, self._r = _optimal_param(threshold, num_perm, 0.2, 0.8)
+            b, self._r = lsh_bands(threshold, num_perm)
             self._bands = [{} for _ in range(b)]
         self.n_prior = 0
         self._prior_sigs: list[Any] = []
@@ -131,14 +136,7 @@ class Deduper:
 
     def add(self, seq: int, key: bytes, sig: Any, rating: int, rec_id: str, group: str) -> tuple[int, str]:
         """Place record `seq`; returns (cluster index, how it joined: 'new' | 'exact' | 'near')."""
-        c = self.by_key.get(key)
-        how, keys = "exact", None
-        if c is None and self._bands and sig is not None:
-            keys = self._band_keys(sig)
-            c = self._query(sig, keys)
-            how = "near"
-            if c is not None:
-                self.by_key[key] = c  # later exact copies of this variant land in the same cluster directly
+        c, how, keys = self._find(key, sig)
         if c is None:
             c = self._new_cluster(seq, key, sig, rating, rec_id, group, keys)
             self.by_key[key] = c
@@ -148,6 +146,18 @@ class Deduper:
             self.best_seq[c] = seq
             self.best_key[c] = key
         return c, how
+
+    def _find(self, key: bytes, sig: Any) -> tuple[int | None, str, list[bytes] | None]:
+        """(the cluster a new record joins or None, 'exact' | 'near', its band keys when computed)."""
+        c = self.by_key.get(key)
+        how, keys = "exact", None
+        if c is None and self._bands and sig is not None:
+            keys = self._band_keys(sig)
+            c = self._query(sig, keys)
+            how = "near"
+            if c is not None:
+                self.by_key[key] = c  # later exact copies of this variant land in the same cluster directly
+        return c, how, keys
 
     def _band_keys(self, sig: Any) -> list[bytes]:
         r = self._r

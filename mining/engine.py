@@ -412,6 +412,7 @@ def open_pool(workers: int):
 class Mined:
     manifest: dict
     index: DedupeIndex  # `prior` plus what this run kept: the next batch's prior
+    stats: dict = field(default_factory=dict)  # engine facts for tracking (the Ray engine: cluster, peak RSS)
 
 
 def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False,

@@ -123,12 +123,18 @@ def detect_format(path: Path) -> str:
     raise InputError(f"{path}: unknown format (no JSON object in the first lines)")
 
 
-def iter_raw_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, bytes]]:
+def iter_raw_lines(path: Path, max_line_bytes: int, start: int = 0, first_line: int = 0,
+                   limit: int | None = None) -> Iterator[tuple[int, bytes | None, bytes]]:
     """(line_no, line, head) for each non-blank line; `line` is None when it exceeds `max_line_bytes`
-    (then `head` is its first bytes and the rest is skipped without being held in memory)."""
+    (then `head` is its first bytes and the rest is skipped without being held in memory).
+    `start`/`first_line`/`limit`: one block of the file (`line_blocks`): `limit` lines from byte `start`, the
+    first of which is line `first_line + 1`."""
     with open(path, "rb") as f:
-        n = 0
+        f.seek(start)
+        n = first_line
         while True:
+            if limit is not None and n - first_line >= limit:
+                return
             line = f.readline(max_line_bytes + 1)
             if not line:
                 return
@@ -141,6 +147,28 @@ def iter_raw_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes
                 continue
             if line.strip():
                 yield n, line, line
+
+
+def line_blocks(path: Path, block_bytes: int) -> list[tuple[int, int, int]]:
+    """(start byte, lines before it, lines in it) of blocks of about `block_bytes`, cut at line ends, counting
+    lines as `iter_raw_lines` does (a giant line is one line). One sequential read; nothing is held."""
+    blocks, start, first, n = [], 0, 0, 0
+    with open(path, "rb") as f:
+        while True:
+            line = f.readline(1 << 20)
+            if not line:
+                break
+            while not line.endswith(b"\n"):
+                line = f.readline(1 << 20)
+                if not line:
+                    break
+            n += 1
+            if f.tell() - start >= block_bytes:
+                blocks.append((start, first, n - first))
+                start, first = f.tell(), n
+    if n > first:
+        blocks.append((start, first, n - first))
+    return blocks
 
 
 # ----------------------------------------------------------------------------------------------- events

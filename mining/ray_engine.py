@@ -1,0 +1,380 @@
+"""The Ray engine of `flywheel mine` (`engine: ray`): the local engine's dataset, byte for byte, from Ray Data stages.
+
+    mine(inputs, out, cfg, progress=None) -> Mined
+
+How the field stages distributed MinHash dedupe, and what is kept here:
+- datatrove (`pipeline/dedup/minhash.py`): signatures -> per-bucket sorted files of band hashes -> one process
+  reads the bucket collisions and union-finds them (clusters = connected components, no Jaccard check) -> filter.
+- NeMo Curator (`stages/deduplication/fuzzy/`): MinHash -> LSH band shuffle -> bucket edges -> connected
+  components (GPU) -> duplicate ids -> removal.
+Kept: the signature stage, the LSH band shuffle (group by band key) that turns buckets into candidate pairs, and
+one clustering step on the driver over the pairs alone (as datatrove's cluster stage). Not kept: connected
+components. The local engine's clusters are not components (`dedupe.Deduper`): a new text joins the *most similar
+earlier representative* (estimated Jaccard on the signatures >= threshold, ties to the earliest), else founds a
+cluster; exact copies join their first copy's cluster. Components would merge a chain a~b~c that the local engine
+keeps apart when a and c are not similar. Input order is known here (every event carries `ord`), so the band stage
+verifies each pair's Jaccard, as the local engine verifies its LSH candidates, and the driver replays the same rule
+over the verified pairs: identical clusters, winners, files and manifest `version`.
+
+Stages:
+1. `curate_block` (map_batches over input blocks: a line range of a JSONL file, or a whole CSV/Parquet/oasst1
+   file): parse -> curate -> redact -> MinHash, the local engine's `work`; each event a row ordered by `ord`.
+2. exact groups: group by the normalised-text key -> its first occurrence (the only member the local engine
+   compares with representatives) with its signature.
+3. bands: each first occurrence -> its LSH band keys; group by band key -> pairs (earlier, later) whose estimated
+   Jaccard >= threshold.
+4. driver: `plan_near` replays the rule over the pairs -> {key: key of the representative it joins}.
+5. write: the events reach the driver block by block, in order, through the local engine's `Router` with a
+   `PlannedDeduper` (the local `Deduper`, near decisions taken from step 4; winner = best rating, then earliest),
+   then the local `write_splits`, `write_preferences`, `build_manifest` and `finish` inside `atomic_dir`.
+The driver holds what the local engine holds (a key per distinct text, a row per cluster) plus the near pairs;
+the records stay in Ray's object store and pass the driver one block at a time on their way into the files.
+A worker that dies is retried by Ray (`max_retries`); an input error comes back as a row and is raised as the
+local engine's one-line `InputError` naming file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import atomic_dir
+from flywheel.mining import engine, readers
+from flywheel.mining.config import MineConfig, RayConfig
+from flywheel.mining.curate import Cand, Filtered, PrefEvent, Reject
+from flywheel.mining.dedupe import DedupeIndex, Deduper, lsh_bands
+
+# A test hook: a worker that finds this marker path unused creates it and kills its own process (SIGKILL) once,
+# so a test can show that Ray's retry of the task gives the same output.
+KILL_ONCE_ENV = "FLYWHEEL_TEST_RAY_KILL_ONCE"
+MAX_RETRIES = 3
+_POS_BITS, _BLOCK_BITS = 24, 20  # ord = file << 44 | block << 24 | position in the block
+
+COLUMNS = ("ord", "kind", "line", "key", "sig", "rating", "rid", "grp", "record", "gap_key", "gap_line",
+           "reason", "raw", "pref_id", "pref_json")
+
+
+# ------------------------------------------------------------------------------------------ 1. curate the blocks
+def plan_blocks(plan: list[engine.InputFile], n_blocks: int) -> list[dict]:
+    """Ray tasks: line ranges of about total/n_blocks bytes of the line-based files; CSV, Parquet and oasst1
+    (threads need the whole file) are one block each."""
+    line_files = [(i, p) for i, p in enumerate(plan) if p.fmt != "empty" and _by_lines(p)]
+    total = sum(p.path.stat().st_size for _, p in line_files)
+    block_bytes = max(1, total // max(1, n_blocks))
+    tasks = []
+    for i, p in enumerate(plan):
+        if p.fmt == "empty":
+            continue
+        spans = readers.line_blocks(p.path, block_bytes) if _by_lines(p) else [(0, 0, -1)]
+        if len(spans) >= 1 << _BLOCK_BITS:
+            raise InputError(f"{p.path}: more than {1 << _BLOCK_BITS} blocks; use fewer `ray.blocks`")
+        tasks += [{"file": i, "block": j, "path": str(p.path), "fmt": p.fmt, "start": a, "first": f, "lines": n}
+                  for j, (a, f, n) in enumerate(spans)]
+    return tasks
+
+
+def _by_lines(p: engine.InputFile) -> bool:
+    return p.path.suffix.lower() not in (".csv", ".parquet") and p.fmt != "oasst1"
+
+
+def _maybe_die_once() -> None:
+    marker = os.environ.get(KILL_ONCE_ENV)
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def block_events(task: dict, cfg: MineConfig) -> tuple[list[tuple], Counter]:
+    """The local engine's `work` over one block, in input order."""
+    s = engine.settings(cfg)
+    path = Path(task["path"])
+    if task["lines"] < 0:
+        tasks: Iterator[tuple] = engine.file_tasks(path, task["fmt"], cfg, s, lambda n: None)
+    else:
+        raw = readers.iter_raw_lines(path, cfg.max_line_bytes, task["start"], task["first"], task["lines"])
+        tasks = (("lines", task["fmt"], b, s) for b in engine.batches(raw, cfg.batch_size))
+    events: list[tuple] = []
+    pii: Counter = Counter()
+    for t in tasks:
+        ev, counts = engine.work(t)
+        events += ev
+        pii.update(counts)
+    return events, pii
+
+
+def _row(o: int, ev: tuple) -> dict:
+    r = {"ord": o, "kind": ev[0], "line": ev[1], "key": b"", "sig": b"", "rating": 0, "rid": "", "grp": "",
+         "record": "", "gap_key": "", "gap_line": "", "reason": "", "raw": "", "pref_id": "", "pref_json": ""}
+    if isinstance(ev, Cand):
+        r.update(key=ev.key, sig=b"" if ev.sig is None else ev.sig.tobytes(), rating=ev.rating, rid=ev.id,
+                 grp=ev.group, record=ev.record)
+    elif isinstance(ev, PrefEvent):
+        r.update(pref_id=ev.pref_id, pref_json=ev.pref_json)
+    elif isinstance(ev, Reject):
+        r.update(reason=ev.reason, raw=ev.raw)
+    else:
+        r["reason"] = ev.reason
+    gap = getattr(ev, "gap", None)
+    if gap is not None:
+        r.update(gap_key=gap[0], gap_line=gap[1])
+    return r
+
+
+def curate_block(batch: dict, cfg_json: str) -> Any:
+    """map_batches function (one task row per call): the block's events as rows, then one "block" row with its
+    PII counts and the worker's pid and peak RSS; an input error becomes one "error" row."""
+    import pyarrow as pa
+
+    _maybe_die_once()
+    cfg = MineConfig.model_validate_json(cfg_json)
+    rows: list[dict] = []
+    for k in range(len(batch["file"])):
+        task = {key: (v[k].item() if hasattr(v[k], "item") else v[k]) for key, v in batch.items()}
+        base = task["file"] << (_BLOCK_BITS + _POS_BITS) | task["block"] << _POS_BITS
+        try:
+            events, pii = block_events(task, cfg)
+        except InputError as e:
+            rows.append(_row(base, Filtered("error", 0, str(e))))
+            continue
+        if len(events) >= 1 << _POS_BITS:
+            raise RuntimeError(f"{task['path']}: block {task['block']} holds too many events; use more blocks")
+        rows += [_row(base + n, ev) for n, ev in enumerate(events)]
+        stats = {"pii": dict(pii), "pid": os.getpid(), "node": os.uname().nodename,
+                 "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        rows.append(_row(base + (1 << _POS_BITS) - 1, Filtered("block", 0, json.dumps(stats))))
+    return pa.Table.from_pylist(rows, schema=_schema())
+
+
+def _schema():
+    import pyarrow as pa
+
+    types = {"ord": pa.int64(), "line": pa.int64(), "rating": pa.int64(), "key": pa.binary(), "sig": pa.binary()}
+    return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
+
+
+# ------------------------------------------------------------------------------------------ 2-3. exact groups, bands
+def first_occurrence(group: Any) -> Any:
+    """One exact-key group -> its earliest member (key, ord, sig)."""
+    import pyarrow.compute as pc
+
+    return group.take([pc.index(group["ord"], pc.min(group["ord"])).as_py()])
+
+
+def band_rows(nodes: Any, bands: int, rows: int) -> Any:
+    """Each node once per band: "band index + the band's slice of the signature" is the bucket key."""
+    import pyarrow as pa
+
+    out: dict[str, list] = {"bucket": [], "ord": [], "key": [], "sig": []}
+    width = rows * 4  # uint32
+    for o, k, s in zip(nodes["ord"].to_pylist(), nodes["key"].to_pylist(), nodes["sig"].to_pylist()):
+        for b in range(bands):
+            out["bucket"].append(b.to_bytes(2, "big") + s[b * width:(b + 1) * width])
+            out["ord"].append(o)
+            out["key"].append(k)
+            out["sig"].append(s)
+    return pa.table(out, schema=pa.schema([("bucket", pa.binary()), ("ord", pa.int64()), ("key", pa.binary()),
+                                           ("sig", pa.binary())]))
+
+
+def bucket_pairs(group: Any, threshold: float) -> Any:
+    """One LSH bucket -> the pairs (later, earlier) whose estimated Jaccard (share of equal signature values, the
+    local engine's test, in the same float arithmetic) is >= threshold."""
+    import numpy as np
+    import pyarrow as pa
+
+    schema = pa.schema([("u_ord", pa.int64()), ("u_key", pa.binary()), ("v_ord", pa.int64()),
+                        ("v_key", pa.binary()), ("j", pa.float64())])
+    out: dict[str, list] = {n: [] for n in schema.names}
+    if group.num_rows > 1:
+        g = group.sort_by("ord")
+        ords, keys = g["ord"].to_pylist(), g["key"].to_pylist()
+        sigs = np.stack([np.frombuffer(s, dtype=np.uint32) for s in g["sig"].to_pylist()])
+        for a in range(1, len(ords)):
+            js = (sigs[:a] == sigs[a]).mean(axis=1)
+            for v in np.nonzero(js >= threshold)[0]:
+                out["u_ord"].append(ords[a])
+                out["u_key"].append(keys[a])
+                out["v_ord"].append(ords[v])
+                out["v_key"].append(keys[v])
+                out["j"].append(float(js[v]))
+    return pa.table(out, schema=schema)
+
+
+# ------------------------------------------------------------------------------------------ 4. the clusters
+def plan_near(pairs: Iterator[dict]) -> dict[bytes, bytes]:
+    """The local engine's rule over the verified pairs: in input order, a text joins its most similar earlier
+    representative (ties: the earliest); a text with no such pair is a representative."""
+    by_u: dict[int, tuple[bytes, set]] = {}
+    for p in pairs:
+        by_u.setdefault(p["u_ord"], (p["u_key"], set()))[1].add((-p["j"], p["v_ord"], p["v_key"]))
+    rep_of: dict[bytes, bytes] = {}
+    for u in sorted(by_u):
+        u_key, cands = by_u[u]
+        live = [c for c in cands if c[2] not in rep_of]
+        if live:
+            rep_of[u_key] = min(live)[2]
+    return rep_of
+
+
+class PlannedDeduper(Deduper):
+    """The local `Deduper` (exact keys, winners, reasons) with the near decisions taken from `plan_near`."""
+
+    def __init__(self, rep_of: dict[bytes, bytes], cfg: MineConfig):
+        super().__init__(near=False, threshold=cfg.dedupe.threshold, num_perm=cfg.dedupe.num_perm)
+        self.rep_of = rep_of
+        self.rep_sigs: list[bytes] = []
+
+    def _find(self, key: bytes, sig: Any) -> tuple[int | None, str, None]:
+        c = self.by_key.get(key)
+        if c is None and key in self.rep_of:
+            c = self.by_key[self.rep_of[key]]  # the representative came earlier, so it has its cluster
+            self.by_key[key] = c
+            return c, "near", None
+        if c is None:
+            self.rep_sigs.append(sig)
+        return c, "exact", None
+
+    def index(self, shingle: int) -> DedupeIndex:
+        import numpy as np
+
+        sigs = [np.frombuffer(s, dtype=np.uint32).copy() for s in self.rep_sigs if s]
+        return DedupeIndex(self.num_perm, shingle, list(self.by_key), sigs)
+
+
+# ------------------------------------------------------------------------------------------ 5. route + write
+def _event(r: dict) -> tuple:
+    gap = (r["gap_key"], r["gap_line"]) if r["gap_key"] else None
+    kind = r["kind"]
+    if kind == "cand":
+        return Cand("cand", r["line"], r["record"], r["key"], r["sig"] or None, gap, r["rating"], r["rid"],
+                    r["grp"])
+    if kind in ("pair", "pref"):
+        return PrefEvent(kind, r["line"], r["pref_id"], r["pref_json"])
+    if kind == "reject":
+        return Reject("reject", r["line"], r["reason"], r["raw"])
+    return Filtered("filtered", r["line"], r["reason"], gap)
+
+
+def route_all(events: Any, router: engine.Router, plan: list[engine.InputFile], n_blocks: int,
+              progress: engine.ProgressFn) -> dict[int, int]:
+    """Stream the events, block by block in input order, through the local `Router`; returns {worker pid: peak
+    RSS bytes}."""
+    last, done, rss = -1, 0, {}
+    progress("ray: route", 0, n_blocks)
+    for batch in events.iter_batches(batch_format="pyarrow", batch_size=None):
+        pending: list[tuple] = []
+        file_of = -1
+        for r in batch.to_pylist():
+            if r["ord"] <= last:
+                raise RuntimeError("Ray returned the events out of input order")
+            last = r["ord"]
+            i = r["ord"] >> (_BLOCK_BITS + _POS_BITS)
+            if r["kind"] == "error":
+                raise InputError(r["reason"])
+            if i != file_of and pending:
+                router.route(file_of, plan[file_of].counts, pending)
+                pending = []
+            file_of = i
+            if r["kind"] == "block":
+                stats = json.loads(r["reason"])
+                router.pii.update(stats["pii"])
+                key = f"{stats['node']}:{stats['pid']}"
+                rss[key] = max(rss.get(key, 0), stats["rss"])
+                done += 1
+                progress("ray: route", done, n_blocks)
+                continue
+            pending.append(_event(r))
+        if pending:
+            router.route(file_of, plan[file_of].counts, pending)
+    return rss
+
+
+@contextmanager
+def ray_session(rc: RayConfig) -> Iterator[Any]:
+    """The running Ray (a caller's, e.g. a test's), else `ray.init` on `rc.address` (None: a local Ray with
+    `rc.num_cpus`), shut down afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    kw: dict[str, Any] = {"address": rc.address, "include_dashboard": False, "log_to_driver": False,
+                          "logging_level": "ERROR"}
+    if rc.address is None:
+        kw["num_cpus"] = rc.num_cpus
+    ray.init(**kw)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _retries() -> dict:
+    return {"max_retries": MAX_RETRIES}  # a task whose worker died runs again (user exceptions are not retried)
+
+
+def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig) -> tuple[Any, dict[bytes, bytes]]:
+    """Stages 1-4: the materialised events and the near plan."""
+    import pyarrow.compute as pc
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the events come back in input order
+    ctx.enable_progress_bars = False
+    events = (ray.data.from_items(tasks, override_num_blocks=len(tasks))
+              .map_batches(curate_block, batch_size=1, fn_kwargs={"cfg_json": cfg.model_dump_json()},
+                           batch_format="numpy", ray_remote_args_fn=_retries)
+              .materialize())
+    if not cfg.dedupe.near:
+        return events, {}
+    bands, rows = lsh_bands(cfg.dedupe.threshold, cfg.dedupe.num_perm)
+    nodes = (events.map_batches(lambda t: t.filter(pc.equal(t["kind"], "cand")).select(["key", "ord", "sig"]),
+                                batch_format="pyarrow", batch_size=None)
+             .groupby("key", num_partitions=len(tasks)).map_groups(first_occurrence, batch_format="pyarrow"))
+    pairs = (nodes.map_batches(band_rows, fn_kwargs={"bands": bands, "rows": rows}, batch_format="pyarrow",
+                               batch_size=None)
+             .groupby("bucket", num_partitions=len(tasks)).map_groups(bucket_pairs, fn_kwargs={"threshold": cfg.dedupe.threshold},
+                                           batch_format="pyarrow"))
+    return events, plan_near(pairs.iter_rows())
+
+
+def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False,
+         progress: engine.ProgressFn | None = None, prior: DedupeIndex | None = None) -> engine.Mined:
+    """Write the dataset dir for `inputs` atomically with Ray; the same bytes as `engine.mine`."""
+    progress = progress or engine._no_progress
+    if prior is not None:
+        raise InputError("engine=ray does not take an earlier batches' dedupe index yet; use engine=local")
+    plan = engine.plan_inputs(inputs, cfg)
+    with ray_session(cfg.ray) as ray, atomic_dir(out, force=force, inputs=inputs, stage="mine") as tmp:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        tasks = plan_blocks(plan, cfg.ray.blocks or 4 * cpus)
+        events, rep_of = _datasets(ray, tasks, cfg)
+        work_dir = tmp / ".work"
+        work_dir.mkdir()
+        router = engine.Router(tmp, work_dir, cfg)
+        router.dedup = PlannedDeduper(rep_of, cfg)
+        rss = route_all(events, router, plan, len(tasks), progress)
+        router.close_stream()
+        splits, samples = engine.write_splits(tmp, router, plan, cfg, progress)
+        engine.write_preferences(router)
+        splits.update(router.pref_splits)
+        shutil.rmtree(work_dir)
+        manifest = engine.build_manifest(tmp, plan, router.pii, splits, router.n_prefs, cfg)
+        engine.finish(tmp, manifest, samples)
+        stats = {"engine": "ray", "ray_address": cfg.ray.address or "local", "cluster_cpus": cpus,
+                 "cluster_nodes": len([n for n in ray.nodes() if n.get("Alive")]), "blocks": len(tasks),
+                 "near_joins": len(rep_of),
+                 "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                 "worker_peak_rss_mb": {k: v / 2**20 for k, v in sorted(rss.items())}}
+    return engine.Mined(manifest, router.dedup.index(cfg.dedupe.shingle), stats)
