@@ -368,6 +368,19 @@ def finish(tmp: Path, manifest: dict, samples: list[dict]) -> None:
         p.chmod(0o644)
 
 
+def write_outputs(tmp: Path, router: Router, plan: list[InputFile], cfg: MineConfig, progress: ProgressFn,
+                  prior: DedupeIndex | None = None) -> dict:
+    """Phases 4-5 once every event went through `router`: splits, preferences, manifest, card; the manifest."""
+    router.close_stream()
+    splits, samples = write_splits(tmp, router, plan, cfg, progress)
+    write_preferences(router)
+    splits.update(router.pref_splits)
+    shutil.rmtree(router.spill_path.parent)
+    manifest = build_manifest(tmp, plan, router.pii, splits, router.n_prefs, cfg, prior)
+    finish(tmp, manifest, samples)
+    return manifest
+
+
 # ------------------------------------------------------------------------------------------ the whole run
 def _exit_with_parent(parent_pid: int) -> None:
     """Pool initializer: a worker must not outlive `flywheel mine` (a `kill -9` of the parent would leave it
@@ -434,13 +447,7 @@ def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool
             for i, inp in enumerate(plan):
                 if inp.fmt != "empty":
                     stream_file(pool, workers, router, i, inp, cfg, s, progress)
-            router.close_stream()
-            splits, samples = write_splits(tmp, router, plan, cfg, progress)
-            write_preferences(router)
-            splits.update(router.pref_splits)
-            shutil.rmtree(work_dir)
-            manifest = build_manifest(tmp, plan, router.pii, splits, router.n_prefs, cfg, prior)
-            finish(tmp, manifest, samples)
+            manifest = write_outputs(tmp, router, plan, cfg, progress, prior)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -29,7 +29,8 @@ Stages:
    then the local `write_splits`, `write_preferences`, `build_manifest` and `finish` inside `atomic_dir`.
 The driver holds what the local engine holds (a key per distinct text, a row per cluster) plus the near pairs;
 the records stay in Ray's object store and pass the driver one block at a time on their way into the files.
-A worker that dies is retried by Ray (`max_retries`); an input error comes back as a row and is raised as the
+A task whose worker dies runs again (Ray Data's default `max_retries=-1` for system failures;
+user exceptions are not retried); an input error comes back as a row and is raised as the
 local engine's one-line `InputError` naming file and line.
 """
 
@@ -38,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import signal
 from collections import Counter
 from contextlib import contextmanager
@@ -52,10 +52,9 @@ from flywheel.mining.config import MineConfig, RayConfig
 from flywheel.mining.curate import Cand, Filtered, PrefEvent, Reject
 from flywheel.mining.dedupe import DedupeIndex, Deduper, lsh_bands
 
-# A test hook: a worker that finds this marker path unused creates it and kills its own process (SIGKILL) once,
-# so a test can show that Ray's retry of the task gives the same output.
+# A test hook: while the file this names exists, the first task to rename it away kills its own worker process
+# (SIGKILL), so a test can show that Ray's retry of the task gives the same output.
 KILL_ONCE_ENV = "FLYWHEEL_TEST_RAY_KILL_ONCE"
-MAX_RETRIES = 3
 _POS_BITS, _BLOCK_BITS = 24, 20  # ord = file << 44 | block << 24 | position in the block
 
 COLUMNS = ("ord", "kind", "line", "key", "sig", "rating", "rid", "grp", "record", "gap_key", "gap_line",
@@ -86,13 +85,12 @@ def _by_lines(p: engine.InputFile) -> bool:
 
 
 def _maybe_die_once() -> None:
-    marker = os.environ.get(KILL_ONCE_ENV)
-    if marker:
+    armed = os.environ.get(KILL_ONCE_ENV)
+    if armed:
         try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+            os.rename(armed, armed + ".fired")  # one worker wins the rename, and dies
+        except FileNotFoundError:
             return
-        os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -321,10 +319,6 @@ def ray_session(rc: RayConfig) -> Iterator[Any]:
         ray.shutdown()
 
 
-def _retries() -> dict:
-    return {"max_retries": MAX_RETRIES}  # a task whose worker died runs again (user exceptions are not retried)
-
-
 def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig) -> tuple[Any, dict[bytes, bytes]]:
     """Stages 1-4: the materialised events and the near plan."""
     import pyarrow.compute as pc
@@ -334,7 +328,7 @@ def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig) -> tuple[Any, dict[b
     ctx.enable_progress_bars = False
     events = (ray.data.from_items(tasks, override_num_blocks=len(tasks))
               .map_batches(curate_block, batch_size=1, fn_kwargs={"cfg_json": cfg.model_dump_json()},
-                           batch_format="numpy", ray_remote_args_fn=_retries)
+                           batch_format="numpy")
               .materialize())
     if not cfg.dedupe.near:
         return events, {}
@@ -365,16 +359,12 @@ def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool
         router = engine.Router(tmp, work_dir, cfg)
         router.dedup = PlannedDeduper(rep_of, cfg)
         rss = route_all(events, router, plan, len(tasks), progress)
-        router.close_stream()
-        splits, samples = engine.write_splits(tmp, router, plan, cfg, progress)
-        engine.write_preferences(router)
-        splits.update(router.pref_splits)
-        shutil.rmtree(work_dir)
-        manifest = engine.build_manifest(tmp, plan, router.pii, splits, router.n_prefs, cfg)
-        engine.finish(tmp, manifest, samples)
-        stats = {"engine": "ray", "ray_address": cfg.ray.address or "local", "cluster_cpus": cpus,
-                 "cluster_nodes": len([n for n in ray.nodes() if n.get("Alive")]), "blocks": len(tasks),
-                 "near_joins": len(rep_of),
-                 "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                 "worker_peak_rss_mb": {k: v / 2**20 for k, v in sorted(rss.items())}}
+        manifest = engine.write_outputs(tmp, router, plan, cfg, progress)
+        workers = [v / 2**20 for _, v in sorted(rss.items())]
+        stats = {"params": {"ray.cluster_address": cfg.ray.address or "local", "ray.cluster_cpus": cpus,
+                            "ray.cluster_nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+                            "ray.block_tasks": len(tasks), "ray.workers": len(workers)},
+                 "metrics": {"ray.near_joins": len(rep_of), "ray.worker_peak_rss_mb.max": max(workers, default=0),
+                             "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                             **{f"ray.worker_peak_rss_mb.{n}": v for n, v in enumerate(workers)}}}
     return engine.Mined(manifest, router.dedup.index(cfg.dedupe.shingle), stats)

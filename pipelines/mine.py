@@ -55,8 +55,11 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, forc
 
 def _mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool,
           prior_index: DedupeIndex | None = None) -> Mined:
+    run = mine
+    if cfg.engine == "ray":
+        from flywheel.mining.ray_engine import mine as run
     with _progress(cfg.progress) as bar:
-        return mine(inputs, out, cfg, force=force, progress=_Bars(bar) if cfg.progress else None, prior=prior_index)
+        return run(inputs, out, cfg, force=force, progress=_Bars(bar) if cfg.progress else None, prior=prior_index)
 
 
 def run_mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig | None = None, force: bool = False,
@@ -71,7 +74,7 @@ def run_mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig | None =
     mined = _mine(inputs, out, cfg, force, prior_index)
     manifest = mined.manifest
     out = Path(out).resolve()
-    run_id = _log_run(out, manifest, cfg) if cfg.log_mlflow else None
+    run_id = _log_run(out, manifest, cfg, mined.stats) if cfg.log_mlflow else None
     return {"run_id": run_id, "out": str(out), "manifest": manifest, "version": manifest["version"],
             "counts": manifest["counts"], "splits": manifest["splits"], "warnings": input_warnings(manifest),
             "index": mined.index}
@@ -81,7 +84,7 @@ def input_warnings(manifest: dict) -> list[str]:
     return [f"{i['path']}: empty input file (0 records)" for i in manifest["inputs"] if i.get("empty")]
 
 
-def _log_run(out: Path, manifest: dict, cfg: MineConfig) -> str:
+def _log_run(out: Path, manifest: dict, cfg: MineConfig, stats: dict | None = None) -> str:
     import warnings
 
     import mlflow
@@ -102,6 +105,8 @@ def _log_run(out: Path, manifest: dict, cfg: MineConfig) -> str:
     inputs = {T.IN_LOGS: ",".join(i["path"] for i in manifest["inputs"]),
               T.IN_LOGS_SHA256: ",".join(i["sha256"][:16] for i in manifest["inputs"])}
     params = flatten({k: v for k, v in cfg.model_dump().items() if k not in ("progress",)})
+    params.update((stats or {}).get("params", {}))  # the Ray engine: its cluster's size; peak RSS as metrics
+    metrics.update((stats or {}).get("metrics", {}))
     with tracking.start_run("mine", run_name=f"mine-{manifest['version']}", inputs=inputs, tags=tags,
                             params=params, configured_uri=cfg.tracking_uri) as run:
         tracking.log_metrics(metrics)
