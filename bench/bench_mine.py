@@ -1,7 +1,7 @@
 """Bench `flywheel mine`: records/s with and without near-dedupe against the plain-JSON-parse floor, and peak RSS
 at 100k and 1M records, all measured in one run on the same machine.
 
-    python bench/bench_mine.py [--sizes 100000 1000000] [--workers 2]
+    python bench/bench_mine.py [--sizes 100000 1000000] [--workers 2] [--engine ray]
 
 The log is built by resampling real oasst conversations (../shared/data: oasst1 threads and oasst2 trees; each
 text cut to <= 800 characters at a word boundary), with random ratings/variants/users and PII planted into 5%
@@ -102,11 +102,18 @@ def _peak_rss(proc: subprocess.Popen, out: dict) -> None:
     out["tree"] = peak
 
 
-def mine(path: Path, out: Path, near: bool, workers: int) -> dict:
+def mine(path: Path, out: Path, near: bool, workers: int, engine: str = "local") -> dict:
     code = ("import json,sys,time; from flywheel.pipelines.mine import MineConfig, mine_to_dir; "
             f"cfg = MineConfig(workers={workers}, progress=False, log_mlflow=False, dedupe={{'near': {near}}}); "
             f"t = time.perf_counter(); m = mine_to_dir([{str(path)!r}], {str(out)!r}, cfg); "
             "print(json.dumps({'s': time.perf_counter() - t, 'counts': m['counts']}))")
+    if engine == "ray":  # the clock includes starting the local Ray: a user pays it too
+        code = ("import json,os,time; os.environ.setdefault('RAY_AUTH_MODE', 'disabled'); "
+                "from flywheel.mining.config import MineConfig; from flywheel.mining.ray_engine import mine; "
+                f"cfg = MineConfig(engine='ray', ray={{'num_cpus': {workers}}}, progress=False, log_mlflow=False, "
+                f"dedupe={{'near': {near}}}); t = time.perf_counter(); m = mine([{str(path)!r}], {str(out)!r}, cfg); "
+                "print(json.dumps({'s': time.perf_counter() - t, 'counts': m.manifest['counts'], "
+                "'version': m.manifest['version'], 'stats': m.stats}))")
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -123,18 +130,48 @@ def mine(path: Path, out: Path, near: bool, workers: int) -> dict:
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     res = json.loads(stdout.strip().splitlines()[-1])
     c = res["counts"]
-    return {"seconds": round(res["s"], 2), "records_per_s": round(c["read"] / res["s"], 1), "read": c["read"],
+    return {**({"ray": res["stats"]} if "stats" in res else {}), "seconds": round(res["s"], 2), "records_per_s": round(c["read"] / res["s"], 1), "read": c["read"],
             "cpu_seconds_all_processes": round(cpu, 2), "records_per_cpu_s": round(c["read"] / cpu, 1),
             "kept": c["kept"], "filtered": c["filtered"], "peak_rss_tree_mib": round(rss.get("tree", 0) / 2**20, 1),
             "peak_rss_parent_mib": round(rss.get("parent", 0) / 2**20, 1)}
 
 
+def main_ray(args: argparse.Namespace) -> None:
+    """The Ray engine beside the local one (near-dedupe on), same log, same output bytes checked."""
+    import filecmp
+
+    results: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
+                     "workers_or_ray_cpus": args.workers, "sizes": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-mine-ray-") as tmp:
+        for n in args.sizes:
+            log = Path(tmp) / f"log-{n}.jsonl"
+            build_log(log, n)
+            row = {e: mine(log, Path(tmp) / f"out-{n}-{e}", True, args.workers, e) for e in ("local", "ray")}
+            row["identical_outputs"] = all(filecmp.cmp(Path(tmp) / f"out-{n}-local" / f, Path(tmp) / f"out-{n}-ray" / f,
+                                                       shallow=False)
+                                           for f in ("train.jsonl", "eval.jsonl", "preferences.jsonl",
+                                                     "preferences_eval.jsonl", "rejects.jsonl", "manifest.json"))
+            print(f"[{n}] local {row['local']['records_per_s']:.0f} rec/s, ray {row['ray']['records_per_s']:.0f} "
+                  f"rec/s, identical {row['identical_outputs']}", flush=True)
+            results["sizes"][str(n)] = row
+            log.unlink()
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="ray: the Ray engine beside the local one -> bench/results/mine-ray.json")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mine.json")
     args = ap.parse_args()
+    if args.engine == "ray":
+        if args.out == ROOT / "bench" / "results" / "mine.json":
+            args.out = ROOT / "bench" / "results" / "mine-ray.json"
+        return main_ray(args)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                  "load_avg_at_start": os.getloadavg()}, "workers": args.workers, "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="bench-mine-") as tmp:

@@ -1,0 +1,98 @@
+"""The Ray engine writes the local engine's bytes: real sets, bad lines, a killed worker, an input error.
+
+One local Ray per module (2 CPUs, more blocks than CPUs), shut down in a finalizer."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+
+import pytest
+
+from tests.conftest import shared_path
+from flywheel.foundation.errors import InputError
+from flywheel.mining import engine, ray_engine
+from flywheel.mining.config import MineConfig
+from flywheel.mining.demo_logs import write_demo_logs
+
+pytestmark = pytest.mark.slow
+FILES = ("train.jsonl", "eval.jsonl", "preferences.jsonl", "preferences_eval.jsonl", "rejects.jsonl")
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    arm = tmp_path_factory.mktemp("kill") / "armed"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ[ray_engine.KILL_ONCE_ENV] = str(arm)  # inherited by the workers; armed by creating the file
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield arm
+    ray.shutdown()
+    os.environ.pop(ray_engine.KILL_ONCE_ENV, None)
+
+
+def _both(inputs, tmp_path, **kw):
+    local = engine.mine(inputs, tmp_path / "local", MineConfig(progress=False, log_mlflow=False, workers=1, **kw))
+    ray = ray_engine.mine(inputs, tmp_path / "ray", MineConfig(progress=False, log_mlflow=False, engine="ray",
+                                                               ray={"blocks": 5}, **kw))
+    for f in FILES + ("manifest.json", "README.md"):
+        assert filecmp.cmp(tmp_path / "local" / f, tmp_path / "ray" / f, shallow=False), f
+    assert ray.manifest["version"] == local.manifest["version"]
+    return local, ray
+
+
+@pytest.mark.parametrize("name", ["oasst1-en-validation", "oasst2-vegan-filtered-trees",
+                                  "hh-rlhf-harmless-base-test"])
+def test_real_sets_byte_identical(ray_local, tmp_path, name):
+    local, ray = _both([shared_path(name)], tmp_path)
+    assert local.manifest["counts"]["read"] > 100
+    assert ray.stats["params"]["ray.cluster_cpus"] == 2
+    assert ray.stats["metrics"]["ray.worker_peak_rss_mb.max"] > 50
+
+
+def test_bad_lines_near_duplicates_and_files_byte_identical(ray_local, tmp_path):
+    """Demo logs (malformed lines, planted exact and near duplicates, PII) cut into two rotated files."""
+    write_demo_logs(tmp_path / "all.jsonl", n=400)
+    lines = (tmp_path / "all.jsonl").read_bytes().splitlines(keepends=True)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b"".join(lines[:250]))
+    (tmp_path / "in" / "b.jsonl").write_bytes(b"".join(lines[250:]) + b"{not json\n")
+    local, ray = _both([tmp_path / "in"], tmp_path)
+    c = local.manifest["counts"]
+    assert c["rejected"] > 0 and c["filtered"].get("near_duplicate", 0) > 0
+    assert ray.stats["params"]["ray.block_tasks"] > 2  # more blocks than CPUs
+
+
+def test_killed_worker_is_retried_same_output(ray_local, tmp_path):
+    write_demo_logs(tmp_path / "in.jsonl", n=200)
+    ray_local.write_text("")
+    _both([tmp_path / "in.jsonl"], tmp_path)
+    assert not ray_local.exists() and ray_local.with_name("armed.fired").exists()  # a worker did die
+
+
+def test_input_error_names_the_file_and_leaves_no_output(ray_local, tmp_path):
+    good = tmp_path / "good.jsonl"
+    write_demo_logs(good, n=50)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\nrating,messages\n")
+    out = tmp_path / "out"
+    cfg = MineConfig(progress=False, log_mlflow=False, engine="ray", format="chatlog")
+    with pytest.raises(InputError, match=r"bad\.csv:1: CSV has no header row"):
+        ray_engine.mine([good, bad], out, cfg)
+    assert not out.exists()  # nor a temp sibling; only the writers' lock file stays
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == [".out.output.lock"]
+
+
+def test_run_mine_logs_engine_and_memory(ray_local, tmp_path, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines.mine import run_mine
+
+    write_demo_logs(tmp_path / "in.jsonl", n=100)
+    res = run_mine([tmp_path / "in.jsonl"], tmp_path / "out", MineConfig(progress=False, engine="ray"))
+    run = MlflowClient().get_run(res["run_id"])
+    p, m = run.data.params, run.data.metrics
+    assert p["engine"] == "ray" and p["ray.cluster_cpus"] == "2" and p["ray.cluster_address"] == "local"
+    assert m["driver_peak_rss_mb"] > 50 and m["ray.worker_peak_rss_mb.max"] > 50
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["version"] == res["version"]
