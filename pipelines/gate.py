@@ -60,7 +60,9 @@ class GuardrailSection(_Section):
 
 class AbSection(_Section):
     require: bool = False                            # a recent `flywheel ab` verdict must say ship
-    variant: Optional[str] = None                    # the A/B variant whose verdict counts (default: gate variant)
+    # The A/B variant whose verdict counts (the logs' prompt_variant, e.g. v2). None: the treatment of the
+    # latest `flywheel ab` run when it has exactly one; several -> error naming them.
+    variant: Optional[str] = None
     max_age_hours: float = Field(24 * 7, gt=0)
 
 
@@ -85,7 +87,9 @@ class GateConfig(StageConfig):
     # An NLL-only gate generates one token per case; reviewers get real answers on a few cases, for display only.
     sample_generations: SampleSection = Field(default_factory=SampleSection)
     results: Optional[str] = None                    # re-gate an existing results.json (no eval run)
-    baseline_target: str = "champion"                # target names inside results.json
+    # Target names inside results.json. None: `champion` when the file has it (a gate's own eval), else the
+    # first target that is not the candidate (`base` in what `flywheel eval candidate=...` writes).
+    baseline_target: Optional[str] = None
     candidate_target: str = "candidate"
     out: Optional[str] = None                        # default <FLYWHEEL_HOME>/gate/<run id>
     force: bool = False                              # replace an existing `out` Flywheel did not write
@@ -202,16 +206,32 @@ def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("flywheel/ab")
-    if exp is None or not variant:
+    if exp is None:
         return None
     since = int((time.time() - max_age_hours * 3600) * 1000)
     runs = client.search_runs([exp.experiment_id], f"attributes.start_time > {since}",
                               order_by=["attributes.start_time DESC"], max_results=20)
+    prefix = "flywheel.ab.verdict."
     for r in runs:
-        v = r.data.tags.get(sanitize_metric_name(f"flywheel.ab.verdict.{variant}"))
+        if variant is None:  # the latest analysis decides which variant, when it has a single treatment
+            found = {k[len(prefix):]: v for k, v in r.data.tags.items() if k.startswith(prefix)}
+            if len(found) > 1:
+                raise InputError(f"ab.require: the latest `flywheel ab` run has verdicts for {sorted(found)}; "
+                                 "set ab.variant to the one that ships")
+            if found:
+                return next(iter(found.values()))
+            continue
+        v = r.data.tags.get(sanitize_metric_name(f"{prefix}{variant}"))
         if v:
             return v
     return None
+
+
+def default_baseline_target(results: dict, candidate_target: str) -> str:
+    names = [t.get("name") if isinstance(t, dict) else t for t in results.get("targets") or []]
+    if "champion" in names:
+        return "champion"
+    return next((n for n in names if n and n != candidate_target), "champion")
 
 
 def _looks_like_model(ref: str) -> bool:
@@ -255,7 +275,8 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
                 raise InputError(f"results {rp}: no such file")
             results = read_json(rp)
             eval_run_id = results.get("run_id")
-            baseline_label = cfg.baseline_target
+            baseline_target = cfg.baseline_target or default_baseline_target(results, candidate_target)
+            baseline_label = baseline_target
             if _looks_like_model(candidate):  # then --promote can register it
                 cand = registry.resolve_model(candidate, "candidate")
                 candidate_label = cand.label
@@ -313,7 +334,10 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
         out = Path(cfg.out) if cfg.out else tracking.flywheel_home() / "gate" / run_id
         ab_verdict = None
         if cfg.ab.require:
-            ab_verdict = latest_ab_verdict(cfg.ab.variant or variant, cfg.ab.max_age_hours)
+            try:
+                ab_verdict = latest_ab_verdict(cfg.ab.variant, cfg.ab.max_age_hours)
+            except InputError as e:
+                problems.append(str(e))
         gate = rules_mod.evaluate(results, rules_from_config(cfg), baseline=baseline_target,
                                   candidate=candidate_target, variant=variant, ab_verdict=ab_verdict,
                                   problems=problems)

@@ -63,7 +63,7 @@ class MineConfig(StageConfig):
     phone_region: str = "US"  # region for phone numbers written without a +country code
     dedupe: DedupeConfig = DedupeConfig()
     preferences: PreferenceConfig = PreferenceConfig()
-    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    eval_fraction: float = Field(0.2, ge=0, lt=1)  # 100 kept records -> ~20 eval cases, the gate's min_cases
     split_salt: str = "flywheel"
     system_template: str = "Answer using this context:\n{context}"
     max_line_bytes: int = Field(1_000_000, gt=0)  # longer lines are rejected unread (a 10 MB line is not a chat)
