@@ -43,7 +43,7 @@ import typer
 from pydantic import Field
 
 from flywheel.pipelines.config import StageConfig, load_config
-from flywheel.foundation.errors import InputError
+from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.foundation.io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,7 +233,7 @@ def stage_configs(cfg: LoopConfig, work: Path, batch: str, dataset: str | Path) 
     gate = _stage_config(GateConfig, "gate", cfg.gate_config, cfg.gate, gate_extra)
     try:  # the eval suite the gate will run, with placeholder targets: its keys are checked now too
         evalc = _eval_config(gate, {"name": "base", "base": train.base_model}, "candidate", work / "gate" / batch)
-    except InputError as e:
+    except FlywheelError as e:
         raise type(e)(f"loop config, section gate.eval: {e}") from None
     publish = _stage_config(PublishConfig, "publish_config", None, cfg.publish_config, _uri(cfg))
     return {"mine": mine, "train": train, "gate": gate, "eval": evalc, "publish": publish}

@@ -5,7 +5,9 @@ Embedded default: a sqlite store plus an artifact folder under `.flywheel/` in t
 
 Conventions every stage follows, so lineage can be walked from a Modelfile back to the logs:
 - experiment `flywheel/<stage>`; tag `flywheel.stage`;
-- tag `flywheel.git_commit` when the working directory is a git checkout;
+- tag `flywheel.version`: the Flywheel that wrote the run (package version), plus `flywheel.source_commit`, the
+  commit of the Flywheel checkout when it is installed editable (`pip install -e`);
+- tag `flywheel.git_commit`: the user's repository (the working directory's git checkout), when there is one;
 - tags `flywheel.input.<kind>` naming what the run consumed (a run id or a dataset version), e.g.
   `flywheel.input.mine_run`, `flywheel.input.dataset_version`, `flywheel.input.train_run`.
 mlflow is imported lazily: `flywheel --help` must stay instant.
@@ -14,6 +16,7 @@ mlflow is imported lazily: `flywheel --help` must stay instant.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -23,7 +26,9 @@ from flywheel.foundation.io import protect_paths
 
 STAGES = ("mine", "train", "embeddings", "prompts", "ab", "gate", "publish", "run")
 TAG_STAGE = "flywheel.stage"
-TAG_COMMIT = "flywheel.git_commit"
+TAG_COMMIT = "flywheel.git_commit"         # the user's repository: the working directory's checkout
+TAG_VERSION = "flywheel.version"            # the tool itself
+TAG_SOURCE_COMMIT = "flywheel.source_commit"  # the Flywheel checkout's commit, when installed editable
 TAG_INPUT = "flywheel.input."
 
 
@@ -125,12 +130,37 @@ def experiment_id(stage: str) -> str:
         return exp.experiment_id
 
 
-def git_commit(cwd: str | Path | None = None) -> str | None:
+def _git(cwd: str | Path | None, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """HEAD of the git checkout `cwd` (default: the working directory) is in, or None."""
+    return _git(cwd, "rev-parse", "HEAD")
+
+
+@functools.lru_cache(maxsize=1)
+def tool_version() -> dict[str, str]:
+    """{flywheel.version, flywheel.source_commit?}: which Flywheel wrote a run, whatever directory it ran in.
+    The commit only when the package is an editable checkout (its source folder is a repository's root)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        out = {TAG_VERSION: version("flywheel")}
+    except PackageNotFoundError:
+        out = {TAG_VERSION: "unknown"}
+    src = Path(__file__).resolve().parents[1]
+    top = _git(src, "rev-parse", "--show-toplevel")
+    if top and Path(top).resolve() == src:
+        commit = git_commit(src)
+        if commit:
+            dirty = _git(src, "status", "--porcelain", "--untracked-files=no")
+            out[TAG_SOURCE_COMMIT] = commit + ("-dirty" if dirty else "")
+    return out
 
 
 @contextlib.contextmanager
@@ -142,7 +172,7 @@ def start_run(stage: str, run_name: str | None = None, *, inputs: Mapping[str, s
 
     if not nested:
         setup(configured_uri)
-    all_tags = {TAG_STAGE: stage}
+    all_tags = {TAG_STAGE: stage, **tool_version()}
     commit = git_commit()
     if commit:
         all_tags[TAG_COMMIT] = commit

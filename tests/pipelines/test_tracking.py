@@ -52,3 +52,36 @@ def test_concurrent_first_use_of_a_fresh_store(tmp_path):
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert later.returncode == 0, later.stderr[-2000:]
     assert later.stdout.split() == ["3", "0"]
+
+
+def test_runs_record_the_tool_version_and_the_users_commit_apart(mlflow_store, tmp_path, monkeypatch):
+    """`flywheel.git_commit` is the user's repository (cwd), `flywheel.version`/`source_commit` is Flywheel."""
+    from importlib.metadata import version
+
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines import tracking
+
+    user_repo = tmp_path / "user-repo"
+    user_repo.mkdir()
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=user_repo, check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], cwd=user_repo, check=True)
+    user_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=user_repo, capture_output=True,
+                                 text=True).stdout.strip()
+    monkeypatch.chdir(user_repo)
+    with tracking.start_run("mine") as run:
+        pass
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags["flywheel.git_commit"] == user_commit
+    assert tags["flywheel.version"] == version("flywheel")
+    flywheel_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if flywheel_commit.returncode == 0:  # an editable checkout (this repository)
+        assert tags["flywheel.source_commit"].startswith(flywheel_commit.stdout.strip())
+        assert tags["flywheel.source_commit"] != user_commit
+
+    monkeypatch.chdir(tmp_path)  # not a git checkout: no user commit, still the tool's version
+    with tracking.start_run("mine") as run:
+        pass
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert "flywheel.git_commit" not in tags and tags["flywheel.version"] == version("flywheel")
