@@ -35,6 +35,7 @@ import typer
 from pydantic import Field, field_validator
 
 from flywheel.pipelines.config import StageConfig, flatten, load_config
+from flywheel.pipelines.tracking import home_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -75,7 +76,7 @@ class EmbeddingsConfig(StageConfig):
     # mpnet is optional (`make models-mpnet`): configs/embeddings.yaml adds it.
     models: list[str] = ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2", "static-64"]
     tasks: list[str] = ["medline", "cranfield", "stsb"]
-    out: str = ".flywheel/embeddings"
+    out: str = Field(default_factory=lambda: home_path("embeddings"))  # <FLYWHEEL_HOME>/embeddings
     force: bool = False  # replace an existing `out` Flywheel did not write
     data_dir: str | None = None  # default: ../shared/data next to the repo
     qrels_split: str = "test"

@@ -41,6 +41,11 @@ def flywheel_home() -> Path:
     return Path(os.environ.get("FLYWHEEL_HOME", ".flywheel")).resolve()
 
 
+def home_path(*parts: str) -> str:
+    """A default output path: everything Flywheel writes by default lives under one home (FLYWHEEL_HOME)."""
+    return str(flywheel_home().joinpath(*parts))
+
+
 def default_tracking_uri() -> str:
     return f"sqlite:///{flywheel_home() / 'mlflow.db'}"
 
@@ -105,7 +110,51 @@ def _create_sqlite_store(uri: str) -> None:
         client.search_experiments(max_results=1)  # builds the tracking store: runs its migrations
         if not _USER_REGISTRY_URI:
             client.search_registered_models(max_results=1)  # the registry store checks/creates its tables too
+        if uri == default_tracking_uri():
+            rehome_artifacts(db)
     _READY.add(uri)
+
+
+# Where a sqlite store keeps absolute artifact locations (MLflow makes a relative artifact_location absolute
+# when the experiment is created, so a relative one cannot be stored).
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"))
+
+
+def rehome_artifacts(db: Path) -> int:
+    """A copied or moved home: point the embedded store's artifact locations at *this* home's `artifacts/`.
+
+    The store records absolute paths; after `cp -r .flywheel /elsewhere` the copy would otherwise read (and
+    write new runs into) the original folder. The old root is read off the `flywheel/<stage>` experiments, whose
+    artifacts always live in `<home>/artifacts/<stage>`. Returns the number of rows rewritten."""
+    import sqlite3
+    from urllib.parse import unquote
+
+    new_root = artifact_root()
+    con = sqlite3.connect(db)
+    try:
+        exps = con.execute("SELECT name, artifact_location FROM experiments WHERE name LIKE 'flywheel/%'").fetchall()
+        olds = set()
+        for name, loc in exps:
+            stage = "/" + name.split("/", 1)[1]
+            if loc and loc.startswith("file://") and loc.endswith(stage):
+                olds.add(Path(unquote(loc[len("file://"):-len(stage)])))
+        changed = 0
+        for old in olds - {new_root}:
+            for o, n in ((old.as_uri(), new_root.as_uri()), (str(old), str(new_root))):
+                for table, col in _LOCATION_COLUMNS:
+                    try:
+                        changed += con.execute(
+                            f"UPDATE {table} SET {col} = ? || substr({col}, ?) "
+                            f"WHERE {col} = ? OR substr({col}, 1, ?) = ?",
+                            (n, len(o) + 1, o, len(o) + 1, o + "/")).rowcount
+                    except sqlite3.OperationalError:  # a table this MLflow version does not have
+                        pass
+        con.commit()
+        return changed
+    finally:
+        con.close()
 
 
 def experiment_id(stage: str) -> str:

@@ -29,6 +29,7 @@ import typer
 from pydantic import Field
 
 from flywheel.pipelines.config import ConfigError, StageConfig
+from flywheel.pipelines.tracking import home_path
 
 STAGE = "train"
 DEFAULT_CONFIG = "configs/train/smollm2-lora.yaml"
@@ -80,7 +81,7 @@ class TrainConfig(StageConfig):
     nproc: int = Field(1, gt=0)
     ddp_timeout: int = Field(600, gt=0)        # seconds a rank waits for a dead or hung peer before it exits
     # outputs
-    output_dir: str = ".flywheel/train/smollm2-lora"
+    output_dir: str = Field(default_factory=lambda: home_path("train", "smollm2-lora"))  # <FLYWHEEL_HOME>/train/...
     generations: int = Field(3, ge=0)          # eval prompts in the base-vs-adapter table (0 = skip)
     generation_max_new_tokens: int = Field(48, gt=0)
     tracking_uri: Optional[str] = None

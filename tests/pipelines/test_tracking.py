@@ -85,3 +85,42 @@ def test_runs_record_the_tool_version_and_the_users_commit_apart(mlflow_store, t
         pass
     tags = MlflowClient().get_run(run.info.run_id).data.tags
     assert "flywheel.git_commit" not in tags and tags["flywheel.version"] == version("flywheel")
+
+
+def test_a_copied_home_reads_its_artifacts_and_writes_new_ones_inside_the_copy(tmp_path, monkeypatch):
+    """Moving a store = copy the folder + FLYWHEEL_HOME; the absolute artifact locations are rewritten on open."""
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines import registry, tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setattr(tracking, "_USER_REGISTRY_URI", None)
+    old, new = tmp_path / "old home", tmp_path / "new-home"
+    monkeypatch.setenv("FLYWHEEL_HOME", str(old))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "flywheel_adapter.json").write_text('{"base_model": "smollm2-135m-instruct"}')
+    with tracking.start_run("train") as run:
+        mlflow.log_text("first", "note.txt")
+        mlflow.log_artifacts(str(adapter), "adapter")
+    version = registry.register_adapter("m", registry.resolve_model(run.info.run_id))
+
+    shutil.copytree(old, new)
+    shutil.rmtree(old)  # nothing may still point at the original
+    monkeypatch.setenv("FLYWHEEL_HOME", str(new))
+    monkeypatch.setattr(tracking, "_READY", set())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exported the old one
+    tracking.setup()
+    client = MlflowClient()
+    assert client.get_run(run.info.run_id).info.artifact_uri.startswith((new / "artifacts").as_uri())
+    assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/note.txt") == "first"
+    assert registry.resolve_model(f"models:/m/{version}").adapter_dir.exists()
+    with tracking.start_run("train") as run2:
+        mlflow.log_text("second", "note.txt")
+    assert (new / "artifacts" / "train" / run2.info.run_id / "artifacts" / "note.txt").read_text() == "second"
+    assert not old.exists()
