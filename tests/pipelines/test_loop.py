@@ -214,16 +214,22 @@ def test_nothing_to_do_after_a_gate_error_points_at_retry(tmp_path):
     assert "nothing to do" in _nothing_to_do(LoopConfig(), [Path("a")], state)
 
 
-def test_demo_refuses_a_work_dir_it_did_not_write(tmp_path):
-    from flywheel.foundation.errors import InputError
-    from flywheel.pipelines.demo import run_demo
+def test_flywheel_demo_cli_leaves_a_work_dir_it_did_not_write(tmp_path):
+    """`flywheel demo --work-dir DIR`: a folder without Flywheel's output marker is refused (exit 2, one line)."""
+    import os
+    import subprocess
+    import sys
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    with pytest.raises(InputError):
-        run_demo(mine, publish_out=tmp_path / "pub", say=lambda m: None)
-    assert (mine / "notes.txt").read_text() == "mine" and not (tmp_path / "pub").exists()
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "demo", "--work-dir", str(mine),
+                        "--publish-out", str(tmp_path / "pub")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and not (tmp_path / "pub").exists()
 
 
 def test_demo_exit_code_is_the_gates():
