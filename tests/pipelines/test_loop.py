@@ -82,7 +82,7 @@ def test_demo_loop_end_to_end(mlflow_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_demo_logs(tmp_path / "logs" / "demo.jsonl", n=300, seed=0)
     cfg = demo_loop_config(tmp_path / "logs", tmp_path / "work",
-                           publish_config={"base": "ollama", "gguf_adapter": False})  # GGUF: test_publish
+                           publish_config={"mode": "adapter", "base": "ollama", "gguf_adapter": False})  # GGUF: test_publish
     res = run_loop(cfg)
     assert res["status"] == "pass", res["gate"]
     assert res["gate"]["promoted_version"] == "1"
