@@ -276,8 +276,6 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     """One pass of the loop. Returns {status, message, batch, mine, train, gate, publish, run_id}."""
     import mlflow
 
-    from flywheel.pipelines import tracking
-
     say = log or (lambda msg: None)
     work = work_dir(cfg)
     batch = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -300,6 +298,39 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
 
     # 1. cut the new bytes into a batch; they stay pending until a gate reaches a decision on them
     batch += f"-{len(state.get('runs', [])):04d}"
+    new_bytes = _cut_batch(work, state, slices, batch, result, say)
+    # 2. mine
+    plan = stage_configs(cfg, work, batch, work / "datasets" / batch)
+    mined, summary = _mine(cfg, plan["mine"], work, batch, state["pending"], result, say)
+    kept = result["mine"]["kept"]
+    short = _too_little(cfg, plan, kept, result["mine"]["eval"])
+    if short:
+        say(short)
+        result.update(status="skipped", message=short)
+        _summary_run(cfg, result, summary, new_bytes, kept)
+        state.setdefault("runs", []).append({"batch": batch, "status": "skipped", "kept": kept})
+        save_state(work, state)
+        return result
+
+    # 3. train, 4. gate (runs the eval) and promote
+    plan = stage_configs(cfg, work, batch, mined["out"])
+    trained = _train(plan["train"], mined["out"], result, summary, log)
+    gated = _gate(cfg, plan["gate"], trained["run_id"], result, summary, say)
+    _record_gate(state, batch, kept, trained["run_id"], gated, say)
+    save_state(work, state)
+
+    # 5. publish the new champion
+    if gated["promoted_version"] and cfg.publish:
+        result["publish"] = _publish(cfg, plan["publish"], publish_out, summary, say)
+    result.update(status=gated["decision"], message=f"gate {gated['decision']}")
+    _summary_run(cfg, result, summary, new_bytes, kept)
+    while mlflow.active_run():
+        mlflow.end_run()
+    return result
+
+
+def _cut_batch(work: Path, state: dict, slices: list[dict], batch: str, result: dict, say) -> int:
+    """Copy the new slices into `batches/<batch>`, add them to the pending ones; returns the new bytes."""
     written = write_slices(slices, work / "batches" / batch) if slices else []
     for s in slices:
         state["files"][s["path"]] = {"bytes": s["end"], "sha256": _prefix_sha(Path(s["path"]), s["end"])}
@@ -313,39 +344,34 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
         + (f" ({len(pending) - len(written)} pending from earlier runs)" if len(pending) > len(written) else ""))
     result["batch"] = batch
     result["sources"] = [state["sources"][p] for p in pending if p in state["sources"]]
+    return new_bytes
 
-    # 2. mine
+
+def _mine(cfg: LoopConfig, mine_cfg, work: Path, batch: str, pending: list[str], result: dict,
+          say) -> tuple[dict, dict]:
+    from flywheel.pipelines import tracking
     from flywheel.pipelines.mine import run_mine
 
-    plan = stage_configs(cfg, work, batch, work / "datasets" / batch)
-    mined = run_mine(pending, work / "datasets" / batch, plan["mine"])
+    mined = run_mine(pending, work / "datasets" / batch, mine_cfg)
     kept = int(mined["counts"]["kept"])
     n_eval = int((mined.get("splits") or {}).get("eval", 0))
     result["mine"] = {"run_id": mined["run_id"], "out": mined["out"], "version": mined["version"], "kept": kept,
                       "eval": n_eval}
     say(f"mined dataset {mined['version']}: {kept} kept records, {n_eval} for eval (run {mined['run_id']})")
-    summary: dict[str, Any] = {"mine_run": mined["run_id"], "dataset_version": mined["version"]}
     if mined["run_id"]:  # the mine run saw only slices: name the real log files on it, for lineage
         from mlflow.tracking import MlflowClient
 
         tracking.setup(cfg.tracking_uri)
         MlflowClient().set_tag(mined["run_id"], "flywheel.loop.sources",
                                json.dumps(result["sources"])[:5000])
+    return mined, {"mine_run": mined["run_id"], "dataset_version": mined["version"]}
 
-    short = _too_little(cfg, plan, kept, n_eval)
-    if short:
-        say(short)
-        result.update(status="skipped", message=short)
-        _summary_run(cfg, result, summary, new_bytes, kept)
-        state.setdefault("runs", []).append({"batch": batch, "status": "skipped", "kept": kept})
-        save_state(work, state)
-        return result
 
-    # 3. train
+def _train(train_cfg, dataset: str, result: dict, summary: dict, log) -> dict:
     from flywheel.pipelines.train import run_train
 
-    train_cfg = stage_configs(cfg, work, batch, mined["out"])["train"]
-    say(f"training {train_cfg.base_model} on {mined['out']} (max_steps={train_cfg.max_steps})")
+    say = log or (lambda msg: None)
+    say(f"training {train_cfg.base_model} on {dataset} (max_steps={train_cfg.max_steps})")
     trained = run_train(train_cfg, progress=log is not None)  # a progress bar when someone is watching
     if not trained.get("adapter_dir"):
         raise InputError(f"training run {trained.get('run_id')} ended without an adapter")
@@ -353,29 +379,20 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
                        "final_loss": trained.get("final_loss")}
     summary["train_run"] = trained["run_id"]
     say(f"trained adapter {trained['adapter_dir']} (run {trained['run_id']})")
+    return trained
 
-    # 4. gate (runs the eval) and promote
+
+def _gate(cfg: LoopConfig, gate_cfg, train_run: str, result: dict, summary: dict, say) -> dict:
     from flywheel.pipelines.gate import run_gate
 
-    gate_cfg = stage_configs(cfg, work, batch, mined["out"])["gate"]
-    gated = run_gate(gate_cfg, f"runs:/{trained['run_id']}/adapter", promote=cfg.promote)
+    gated = run_gate(gate_cfg, f"runs:/{train_run}/adapter", promote=cfg.promote)
     result["gate"] = {k: gated[k] for k in ("decision", "exit_code", "run_id", "report_path",
                                               "promoted_version", "eval_run_id", "variant")}
     summary.update(gate_run=gated["run_id"], eval_run=gated["eval_run_id"])
     say(f"gate {gated['decision']} (exit {gated['exit_code']}): {gated['report_path']}")
     for r in gated["gate"]["reasons"][:5]:
         say(f"  - {r}")
-    _record_gate(state, batch, kept, trained["run_id"], gated, say)
-    save_state(work, state)
-
-    # 5. publish the new champion
-    if gated["promoted_version"] and cfg.publish:
-        result["publish"] = _publish(cfg, plan["publish"], publish_out, summary, say)
-    result.update(status=gated["decision"], message=f"gate {gated['decision']}")
-    _summary_run(cfg, result, summary, new_bytes, kept)
-    while mlflow.active_run():
-        mlflow.end_run()
-    return result
+    return gated
 
 
 def _too_little(cfg: LoopConfig, plan: dict[str, Any], kept: int, n_eval: int) -> str | None:
