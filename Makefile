@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml configs/constraints/cpu.txt
 
 install: $(STAMP)
 
+# Fails unless the gate passed: `flywheel demo` exits with the gate's code (0 pass, 1 fail, 2 error).
 demo: install
-	$(BIN)/flywheel demo
+	@$(BIN)/flywheel demo || { code=$$?; echo "flywheel demo exited $$code (1: the gate refused the candidate, 2: error)"; exit $$code; }
 
 # Debian chromium for the dashboard's browser test (the test skips with a reason when it is absent).
 browser:

@@ -76,7 +76,8 @@ class AbRule(StageConfig):
     """An optional `flywheel ab` verdict the gate must see."""
 
     require: bool = Field(False, description="a recent `flywheel ab` verdict must say ship")
-    variant: str | None = Field(None, description="the A/B variant whose verdict counts; None: the gate's variant")
+    variant: str | None = Field(None, description="the A/B variant whose verdict counts (the logs' prompt_variant); "
+                                "None: the treatment of the latest `flywheel ab` run when it has exactly one")
     max_age_hours: float = Field(24 * 7, gt=0, description="verdicts older than this are not read")
 
 

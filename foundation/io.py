@@ -14,6 +14,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 
+def flywheel_home() -> Path:
+    """Where Flywheel writes by default: `FLYWHEEL_HOME`, else `.flywheel` in the working directory."""
+    return Path(os.environ.get("FLYWHEEL_HOME", ".flywheel")).resolve()
+
+
+def home_path(*parts: str) -> str:
+    """A default output path: everything Flywheel writes by default lives under one home (FLYWHEEL_HOME)."""
+    return str(flywheel_home().joinpath(*parts))
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -72,7 +72,7 @@ class MineConfig(StageConfig):
     phone_region: str = Field("US", description="region for phone numbers written without a +country code")
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig, description="exact and near dedupe")
     preferences: PreferenceConfig = Field(default_factory=PreferenceConfig, description="preference pairs")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of groups (conversations, prompts) hashed "
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of groups (conversations, prompts) hashed "
                                                               "into the eval splits")
     split_salt: str = Field("flywheel", description="salt of the split hash; change it to draw another split")
     system_template: str = Field("Answer using this context:\n{context}",

@@ -52,7 +52,7 @@ class GateConfig(GateRules):
     """The rule set (primary, guardrails, alpha, correction, min_cases, ab: `flywheel.evals.gate.GateRules`) plus
     where the evidence comes from and where the decision goes."""
 
-    model_name: str = Field("flywheel-demo", description="registered model; the baseline is its @champion")
+    model_name: str = Field("flywheel", description="registered model; the baseline is its @champion")
     base_model: Optional[str] = Field(None, description="baseline when there is no champion; default: the "
                                       "candidate's base model")
     eval_config: str = Field("configs/eval/demo.yaml", description="the eval suite both sides are evaluated on")
@@ -64,7 +64,7 @@ class GateConfig(GateRules):
     sample_generations: SampleSection = Field(default_factory=SampleSection,
                                               description="real answers on a few cases, for display")
     results: Optional[str] = Field(None, description="re-gate an existing results.json (no eval run)")
-    baseline_target: str = Field("champion", description="baseline target name inside results.json")
+    baseline_target: Optional[str] = Field(None, description="baseline target name inside results.json; None: `champion` when the file has it (a gate's own eval), else the first target that is not the candidate (`base` in what `flywheel eval candidate=...` writes)")
     candidate_target: str = Field("candidate", description="candidate target name inside results.json")
     out: Optional[str] = Field(None, description="output directory; default <FLYWHEEL_HOME>/gate/<run id>")
     force: bool = Field(False, description="replace an existing `out` Flywheel did not write")
@@ -203,16 +203,32 @@ def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("flywheel/ab")
-    if exp is None or not variant:
+    if exp is None:
         return None
     since = int((time.time() - max_age_hours * 3600) * 1000)
     runs = client.search_runs([exp.experiment_id], f"attributes.start_time > {since}",
                               order_by=["attributes.start_time DESC"], max_results=20)
+    prefix = T.ab_verdict_tag("")
     for r in runs:
+        if variant is None:  # the latest analysis decides which variant, when it has a single treatment
+            found = {k[len(prefix):]: v for k, v in r.data.tags.items() if k.startswith(prefix)}
+            if len(found) > 1:
+                raise InputError(f"ab.require: the latest `flywheel ab` run has verdicts for {sorted(found)}; "
+                                 "set ab.variant to the one that ships")
+            if found:
+                return next(iter(found.values()))
+            continue
         v = r.data.tags.get(T.ab_verdict_tag(variant))
         if v:
             return v
     return None
+
+
+def default_baseline_target(results: dict, candidate_target: str) -> str:
+    names = [t.get("name") if isinstance(t, dict) else t for t in results.get("targets") or []]
+    if "champion" in names:
+        return "champion"
+    return next((n for n in names if n and n != candidate_target), "champion")
 
 
 def _looks_like_model(ref: str) -> bool:
@@ -240,7 +256,8 @@ def _check_results_identity(cfg: GateConfig, results: dict, cand) -> tuple[str |
         cm = registry.resolve_model(f"models:/{cfg.model_name}/{champ_version}", "champion")
         champ_sha = load_adapter(cm.adapter_dir).sha256
         label = f"models:/{cfg.model_name}@champion (v{champ_version})"
-    problems = check_identities(results, baseline=cfg.baseline_target, candidate=cfg.candidate_target,
+    baseline = cfg.baseline_target or default_baseline_target(results, cfg.candidate_target)
+    problems = check_identities(results, baseline=baseline, candidate=cfg.candidate_target,
                                 candidate_sha256=load_adapter(cand.adapter_dir).sha256, champion_sha256=champ_sha,
                                 champion_label=label if champ is not None else "no champion")
     if problems:
@@ -283,7 +300,8 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
                 raise InputError(f"results {rp}: no such file")
             results = read_json(rp)
             eval_run_id = results.get("run_id")
-            baseline_label = cfg.baseline_target
+            baseline_target = cfg.baseline_target or default_baseline_target(results, candidate_target)
+            baseline_label = baseline_target
             if _looks_like_model(candidate):  # then --promote can register it
                 cand = registry.resolve_model(candidate, "candidate")
                 candidate_label = cand.label
@@ -346,7 +364,10 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
         out = Path(cfg.out) if cfg.out else tracking.flywheel_home() / "gate" / run_id
         ab_verdict = None
         if cfg.ab.require:
-            ab_verdict = latest_ab_verdict(cfg.ab.variant or variant, cfg.ab.max_age_hours)
+            try:
+                ab_verdict = latest_ab_verdict(cfg.ab.variant, cfg.ab.max_age_hours)
+            except InputError as e:
+                problems.append(str(e))
         gate = rules_mod.evaluate(results, cfg, baseline=baseline_target,
                                   candidate=candidate_target, variant=variant, variant_family=family,
                                   ab_verdict=ab_verdict,

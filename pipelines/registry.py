@@ -442,18 +442,32 @@ def history(name: str) -> list[dict]:
     return rows
 
 
+def default_model_name(config: Path) -> str:
+    """The model `flywheel run --config <config>` registers (its `model_name`), so both name the same model."""
+    from flywheel.pipelines.loop import ROOT, LoopConfig
+    from flywheel.pipelines.config import load_config
+
+    path = config if config.exists() or config.is_absolute() else ROOT / config
+    if not path.exists():
+        raise InputError(f"{config}: no such file; name the model: flywheel history MODEL_NAME")
+    return load_config(LoopConfig, path).model_name
+
+
 def history_command(app: typer.Typer) -> None:
     """Adds `flywheel history` (registered by pipelines/loop.py, next to `flywheel run`)."""
 
     @app.command("history")
     def history_cmd(
-        name: str = typer.Argument("flywheel-demo", help="registered model name"),
+        name: str = typer.Argument(None, help="registered model name (default: model_name of --config)"),
+        config: Path = typer.Option(Path("configs/flywheel.yaml"), "--config", "-c",
+                                    help="the loop config whose model_name is the default"),
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
         tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: embedded)"),
     ) -> None:
         """Who held `champion` when, and which gate run moved it."""
         from flywheel.pipelines import tracking
 
+        name = name or default_model_name(config)
         tracking.setup(tracking_uri)
         rows = history(name)
         if as_json:

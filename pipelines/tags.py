@@ -14,7 +14,9 @@ PREFIX = "flywheel."
 
 # -- every run (tracking.start_run)
 STAGE = "flywheel.stage"                      # the stage that logged the run (mine, train, gate, ...)
-GIT_COMMIT = "flywheel.git_commit"            # HEAD of the working directory's checkout, when it is one
+GIT_COMMIT = "flywheel.git_commit"            # HEAD of the user's repository: the working directory's checkout
+VERSION = "flywheel.version"                  # the Flywheel package version that wrote the run
+SOURCE_COMMIT = "flywheel.source_commit"      # Flywheel's own checkout commit (editable installs; -dirty if changed)
 INPUT = "flywheel.input."                     # + kind: what the run consumed (a run id, a dataset version, ...)
 
 # -- input kinds (the keys of start_run(inputs=...))

@@ -5,7 +5,9 @@ Embedded default: a sqlite store plus an artifact folder under `.flywheel/` in t
 
 Conventions every stage follows, so lineage can be walked from a Modelfile back to the logs:
 - experiment `flywheel/<stage>`; tag `flywheel.stage`;
-- tag `flywheel.git_commit` when the working directory is a git checkout;
+- tag `flywheel.version`: the Flywheel that wrote the run (package version), plus `flywheel.source_commit`, the
+  commit of the Flywheel checkout when it is installed editable (`pip install -e`);
+- tag `flywheel.git_commit`: the user's repository (the working directory's git checkout), when there is one;
 - tags `flywheel.input.<kind>` naming what the run consumed (a run id or a dataset version), e.g.
   `flywheel.input.mine_run`, `flywheel.input.dataset_version`, `flywheel.input.train_run`.
 Every tag name is a constant in `pipelines/tags.py`; read-only queries live in `pipelines/store_read.py`.
@@ -15,6 +17,7 @@ mlflow is imported lazily: `flywheel --help` must stay instant.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -27,6 +30,8 @@ STAGES = ("mine", "train", "embeddings", "prompts", "ab", "gate", "publish", "ru
 TAG_STAGE = T.STAGE
 TAG_COMMIT = T.GIT_COMMIT
 TAG_INPUT = T.INPUT
+TAG_VERSION = T.VERSION                # the tool itself
+TAG_SOURCE_COMMIT = T.SOURCE_COMMIT    # the Flywheel checkout's commit, when installed editable
 
 
 # What the user set, read once: mlflow.set_registry_uri() writes MLFLOW_REGISTRY_URI into os.environ itself, so
@@ -34,8 +39,9 @@ TAG_INPUT = T.INPUT
 _USER_REGISTRY_URI = os.environ.get("MLFLOW_REGISTRY_URI")
 
 
-def flywheel_home() -> Path:
-    return Path(os.environ.get("FLYWHEEL_HOME", ".flywheel")).resolve()
+# One home for everything Flywheel writes by default (FLYWHEEL_HOME); the foundation owns it so that the cores'
+# config defaults can name it too.
+from flywheel.foundation.io import flywheel_home, home_path  # noqa: E402,F401
 
 
 def default_tracking_uri() -> str:
@@ -102,7 +108,51 @@ def _create_sqlite_store(uri: str) -> None:
         client.search_experiments(max_results=1)  # builds the tracking store: runs its migrations
         if not _USER_REGISTRY_URI:
             client.search_registered_models(max_results=1)  # the registry store checks/creates its tables too
+        if uri == default_tracking_uri():
+            rehome_artifacts(db)
     _READY.add(uri)
+
+
+# Where a sqlite store keeps absolute artifact locations (MLflow makes a relative artifact_location absolute
+# when the experiment is created, so a relative one cannot be stored).
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"))
+
+
+def rehome_artifacts(db: Path) -> int:
+    """A copied or moved home: point the embedded store's artifact locations at *this* home's `artifacts/`.
+
+    The store records absolute paths; after `cp -r .flywheel /elsewhere` the copy would otherwise read (and
+    write new runs into) the original folder. The old root is read off the `flywheel/<stage>` experiments, whose
+    artifacts always live in `<home>/artifacts/<stage>`. Returns the number of rows rewritten."""
+    import sqlite3
+    from urllib.parse import unquote
+
+    new_root = artifact_root()
+    con = sqlite3.connect(db)
+    try:
+        exps = con.execute("SELECT name, artifact_location FROM experiments WHERE name LIKE 'flywheel/%'").fetchall()
+        olds = set()
+        for name, loc in exps:
+            stage = "/" + name.split("/", 1)[1]
+            if loc and loc.startswith("file://") and loc.endswith(stage):
+                olds.add(Path(unquote(loc[len("file://"):-len(stage)])))
+        changed = 0
+        for old in olds - {new_root}:
+            for o, n in ((old.as_uri(), new_root.as_uri()), (str(old), str(new_root))):
+                for table, col in _LOCATION_COLUMNS:
+                    try:
+                        changed += con.execute(
+                            f"UPDATE {table} SET {col} = ? || substr({col}, ?) "
+                            f"WHERE {col} = ? OR substr({col}, 1, ?) = ?",
+                            (n, len(o) + 1, o, len(o) + 1, o + "/")).rowcount
+                    except sqlite3.OperationalError:  # a table this MLflow version does not have
+                        pass
+        con.commit()
+        return changed
+    finally:
+        con.close()
 
 
 def experiment_id(stage: str) -> str:
@@ -127,12 +177,37 @@ def experiment_id(stage: str) -> str:
         return exp.experiment_id
 
 
-def git_commit(cwd: str | Path | None = None) -> str | None:
+def _git(cwd: str | Path | None, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """HEAD of the git checkout `cwd` (default: the working directory) is in, or None."""
+    return _git(cwd, "rev-parse", "HEAD")
+
+
+@functools.lru_cache(maxsize=1)
+def tool_version() -> dict[str, str]:
+    """{flywheel.version, flywheel.source_commit?}: which Flywheel wrote a run, whatever directory it ran in.
+    The commit only when the package is an editable checkout (its source folder is a repository's root)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        out = {TAG_VERSION: version("flywheel")}
+    except PackageNotFoundError:
+        out = {TAG_VERSION: "unknown"}
+    src = Path(__file__).resolve().parents[1]
+    top = _git(src, "rev-parse", "--show-toplevel")
+    if top and Path(top).resolve() == src:
+        commit = git_commit(src)
+        if commit:
+            dirty = _git(src, "status", "--porcelain", "--untracked-files=no")
+            out[TAG_SOURCE_COMMIT] = commit + ("-dirty" if dirty else "")
+    return out
 
 
 @contextlib.contextmanager
@@ -144,7 +219,7 @@ def start_run(stage: str, run_name: str | None = None, *, inputs: Mapping[str, s
 
     if not nested:
         setup(configured_uri)
-    all_tags = {TAG_STAGE: stage}
+    all_tags = {TAG_STAGE: stage, **tool_version()}
     commit = git_commit()
     if commit:
         all_tags[TAG_COMMIT] = commit

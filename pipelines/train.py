@@ -34,6 +34,7 @@ from flywheel.pipelines.config import ConfigError
 from flywheel.training.config import TrainConfig
 from flywheel.pipelines import tags as T
 
+
 STAGE = "train"
 DEFAULT_CONFIG = "configs/train/smollm2-lora.yaml"
 

@@ -11,6 +11,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from flywheel.foundation.config import StageConfig
+from flywheel.foundation.io import home_path
 
 # TRL's DPOTrainer loss types (trl.trainer.dpo_config.DPOConfig.loss_type).
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -100,7 +101,8 @@ class TrainConfig(StageConfig):
                        "(CPU cores or GPUs)")
     ddp_timeout: int = Field(600, gt=0, description="seconds a rank waits for a dead or hung peer before it exits")
     # outputs
-    output_dir: str = Field(".flywheel/train/smollm2-lora", description="checkpoints/ and adapter/ go here")
+    output_dir: str = Field(default_factory=lambda: home_path("train", "smollm2-lora"),
+                            description="checkpoints/ and adapter/ go here; default <FLYWHEEL_HOME>/train/smollm2-lora")
     generations: int = Field(3, ge=0, description="eval prompts in the base-vs-adapter table (0 = skip)")
     generation_max_new_tokens: int = Field(48, gt=0, description="tokens generated per prompt in that table")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or "

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from flywheel.foundation.config import StageConfig
+from flywheel.foundation.io import home_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -51,7 +52,8 @@ class EmbeddingsConfig(StageConfig):
                               description="catalog names (flywheel.evals.embeddings.models) or local model dirs")
     tasks: list[str] = Field(["medline", "cranfield", "stsb"],
                              description="BEIR names under data_dir, 'stsb', a mined dataset dir, or a pairs JSONL")
-    out: str = Field(".flywheel/embeddings", description="output directory (written whole or not at all)")
+    out: str = Field(default_factory=lambda: home_path("embeddings"),
+                     description="output directory (written whole or not at all); default <FLYWHEEL_HOME>/embeddings")
     force: bool = Field(False, description="replace an existing `out` Flywheel did not write")
     data_dir: str | None = Field(None, description="where named tasks live; default: ../shared/data next to the repo")
     qrels_split: str = Field("test", description="BEIR qrels split (qrels/<split>.tsv)")

@@ -385,3 +385,26 @@ def test_nll_only_gate_keeps_a_readable_sample(mlflow_store, tmp_path, harmful_a
     assert client.get_run(out["eval_run_id"]).data.tags["flywheel.eval.sample_run"] == sid
     assert client.get_run(sid).data.tags["flywheel.eval.sample_of"] == out["eval_run_id"]
     assert out["decision"] == "fail"  # the sample decides nothing
+
+
+def test_regate_reads_what_flywheel_eval_writes_with_the_defaults(mlflow_store, tmp_path):
+    """`flywheel eval candidate=...` names its targets `base` and `candidate`; the default config gates it."""
+    raw = open(results_file(tmp_path)).read().replace('"champion"', '"base"')
+    res = json.loads(raw)
+    res["targets"] = [{"name": "base", "base": "smollm2-135m-instruct"}, {"name": "candidate", "adapter": "x"}]
+    path = tmp_path / "eval-results.json"
+    path.write_text(json.dumps(res))
+    out = run_gate(GateConfig(results=str(path), out=str(tmp_path / "g")), "candidate")
+    assert (out["decision"], out["exit_code"]) == ("pass", 0), out["gate"]["reasons"]
+    assert out["gate"]["baseline"] == "base"
+
+
+def test_ab_require_without_a_variant_uses_the_single_treatment_or_says_which(mlflow_store, tmp_path):
+    cfg = GateConfig(results=results_file(tmp_path), out=str(tmp_path / "g1"), ab={"require": True})
+    with tracking.start_run("ab", tags={"flywheel.ab.verdict.v2": "ship"}):  # A/B variants are the logs' names
+        pass
+    assert run_gate(cfg, "c")["decision"] == "pass"
+    with tracking.start_run("ab", tags={"flywheel.ab.verdict.v2": "ship", "flywheel.ab.verdict.v3": "ship"}):
+        pass
+    out = run_gate(cfg.model_copy(update={"out": str(tmp_path / "g2")}), "c")
+    assert out["decision"] == "error" and "set ab.variant" in " ".join(out["gate"]["reasons"])

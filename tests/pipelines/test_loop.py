@@ -97,3 +97,190 @@ def test_demo_loop_end_to_end(mlflow_store, tmp_path, monkeypatch):
     assert f"{tmp_path / 'logs' / 'demo.jsonl'} (bytes 0-" in readme  # the real log file, not the batch slice
     assert registry.history("flywheel-demo")[0]["gate_run"] == res["gate"]["run_id"]
     assert run_loop(cfg)["status"] == "no_new_logs"
+
+
+# -- checked before any work ----------------------------------------------------------------------------------
+
+def _logs(tmp_path, n=40, seed=1):
+    from flywheel.mining.demo_logs import write_demo_logs
+
+    logs = tmp_path / "logs"
+    write_demo_logs(logs / "day1.jsonl", n=n, seed=seed)
+    return logs
+
+
+@pytest.mark.parametrize("section,match", [
+    ({"train": {"max_stepz": 3}}, "section train .*max_stepz"),
+    ({"gate": {"min_casez": 3}}, "section gate .*min_casez"),
+    ({"gate": {"eval": {"limt": 3}}}, "section gate.eval.*limt"),
+    ({"mine": {"min_ratin": 3}}, "section mine.*min_ratin"),
+    ({"publish_config": {"quantize": "q4_k_m"}}, "section publish_config.*quantize"),
+])
+def test_a_typo_in_any_section_stops_before_mining(mlflow_store, tmp_path, section, match):
+    from flywheel.foundation.errors import FlywheelError
+
+    cfg = LoopConfig(inputs=[str(_logs(tmp_path))], work_dir=str(tmp_path / "work"), **section)
+    with pytest.raises(FlywheelError, match=match):
+        run_loop(cfg)
+    assert not (tmp_path / "work" / "state.json").exists()  # nothing read, mined or trained
+
+
+def test_a_plan_that_cannot_reach_a_decision_is_refused_up_front(mlflow_store, tmp_path):
+    from flywheel.foundation.errors import InputError
+
+    logs = _logs(tmp_path)
+    cfg = LoopConfig(inputs=[str(logs)], work_dir=str(tmp_path / "work"), min_new_records=100,
+                     mine={"eval_fraction": 0.1})
+    with pytest.raises(InputError, match=r"min_new_records=100 .*~10 eval cases .*eval_fraction=0.1\).*"
+                                         r"gate.min_cases=20.*min_new_records>=200"):
+        run_loop(cfg)
+    with pytest.raises(InputError, match=r"gate.eval.limit=10 .*gate.min_cases=20"):
+        run_loop(cfg.model_copy(update={"mine": {}, "gate": {"eval": {"limit": 10}}}))
+    assert not (tmp_path / "work" / "state.json").exists()
+
+
+def test_shipped_loop_config_passes_its_own_plan_check_on_the_demo_logs(mlflow_store, tmp_path):
+    """configs/flywheel.yaml: validated, and the demo logs (what CI falls back to) give enough eval cases."""
+    from flywheel.pipelines.config import load_config
+    from flywheel.pipelines.loop import ROOT, check_plan, stage_configs
+
+    cfg = load_config(LoopConfig, ROOT / "configs" / "flywheel.yaml", [f"work_dir={tmp_path / 'w'}"])
+    plan = stage_configs(cfg, tmp_path / "w", "b", tmp_path / "w" / "datasets" / "b")
+    check_plan(cfg, plan)
+    from flywheel.mining.demo_logs import write_demo_logs
+    from flywheel.pipelines.mine import mine_to_dir
+
+    write_demo_logs(tmp_path / "demo.jsonl", n=300, seed=0)
+    mined = mine_to_dir([tmp_path / "demo.jsonl"], tmp_path / "mined",
+                        plan["mine"].model_copy(update={"workers": 1, "progress": False}))
+    kept, n_eval = mined["counts"]["kept"], mined["splits"]["eval"]
+    assert kept >= cfg.min_new_records and min(n_eval, plan["eval"].limit) >= plan["gate"].min_cases
+
+
+def test_too_few_eval_records_for_the_gate_means_no_training(tmp_path):
+    """The plan check works on expectations; the mined batch's real eval split is checked before training."""
+    from flywheel.pipelines.loop import _too_little, stage_configs
+
+    cfg = LoopConfig(work_dir=str(tmp_path / "w"), min_new_records=100)
+    plan = stage_configs(cfg, tmp_path / "w", "b", tmp_path / "w" / "d")
+    msg = _too_little(cfg, plan, kept=120, n_eval=15)
+    assert "15 eval records" in msg and "gate.min_cases=20" in msg and "stay pending" in msg
+    assert _too_little(cfg, plan, kept=120, n_eval=25) is None
+    assert "min_new_records=100" in _too_little(cfg, plan, kept=99, n_eval=25)
+
+
+@pytest.mark.xfail(reason="needs the mining stage to keep one record per conversation_id (latest turn)",
+                   strict=False)
+def test_a_per_turn_logged_conversation_is_mined_once(mlflow_store, tmp_path):
+    """A chat app that logs the conversation after every turn: the same conversation_id, growing. The loop
+    mines the later line together with the pending earlier one; the dataset holds the conversation once."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    f = logs / "chat.jsonl"
+
+    def line(cid, turns):
+        msgs = []
+        for t in range(turns):
+            msgs += [{"role": "user", "content": f"Question {t} of {cid}: how much fibre is in oats?"},
+                     {"role": "assistant", "content": f"Answer {t} for {cid}: about 10 g of fibre per 100 g of "
+                                                      f"rolled oats, part of it beta-glucan ({t})."}]
+        return json.dumps({"conversation_id": cid, "messages": msgs, "rating": 5}) + "\n"
+
+    f.write_text("".join(line(f"c{i}", 1) for i in range(6)))
+    cfg = LoopConfig(inputs=[str(logs)], work_dir=str(tmp_path / "work"), min_new_records=1000,
+                     mine={"workers": 1, "progress": False, "dedupe": {"near": False}})
+    assert run_loop(cfg)["status"] == "skipped"
+    with open(f, "a") as fh:  # the next turn of every conversation arrives
+        fh.write("".join(line(f"c{i}", 2) for i in range(6)))
+    res = run_loop(cfg)
+    assert res["status"] == "skipped"
+    out = Path(res["mine"]["out"])
+    rows = [json.loads(x) for name in ("train.jsonl", "eval.jsonl") for x in (out / name).read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 6, ids  # one record per conversation: its latest, longest version
+    assert all(sum(m["role"] == "assistant" for m in r["messages"]) == 2 for r in rows)
+
+
+def test_nothing_to_do_after_a_gate_error_points_at_retry(tmp_path):
+    from flywheel.pipelines.loop import _nothing_to_do, _record_gate
+
+    state = {"files": {}, "pending": ["b/000-a.jsonl"], "sources": {"b/000-a.jsonl": {}}, "runs": []}
+    said: list[str] = []
+    _record_gate(state, "b1", 30, "t" * 32, {"decision": "error", "exit_code": 2, "run_id": "g" * 32}, said.append)
+    assert state["pending"] == ["b/000-a.jsonl"] and "--retry" in said[0]
+    assert "--retry" in _nothing_to_do(LoopConfig(), [Path("a")], state)
+    _record_gate(state, "b2", 30, "t" * 32, {"decision": "fail", "exit_code": 1, "run_id": "g" * 32}, said.append)
+    assert state["pending"] == [] and state["sources"] == {}
+    assert "nothing to do" in _nothing_to_do(LoopConfig(), [Path("a")], state)
+
+
+def test_flywheel_demo_cli_leaves_a_work_dir_it_did_not_write(tmp_path):
+    """`flywheel demo --work-dir DIR`: a folder without Flywheel's output marker is refused (exit 2, one line)."""
+    import os
+    import subprocess
+    import sys
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run([sys.executable, "-m", "flywheel.pipelines", "demo", "--work-dir", str(mine),
+                        "--publish-out", str(tmp_path / "pub")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and not (tmp_path / "pub").exists()
+
+
+def test_demo_exit_code_is_the_gates():
+    from flywheel.pipelines.demo import exit_code
+
+    assert [exit_code({"loop": {"gate": {"exit_code": c}}}) for c in (0, 1, 2)] == [0, 1, 2]
+    assert exit_code({"loop": {"status": "skipped"}}) == 2  # the demo never reached its gate
+
+
+@pytest.mark.slow
+def test_a_gate_error_keeps_the_batch_and_a_retry_gates_the_same_slice(mlflow_store, tmp_path, monkeypatch):
+    """Scenario: the champion's files vanished -> gate error (exit 2): nothing consumed; the next run without new
+    logs says so and points at --retry; once fixed, `--retry` mines the same slice and the gate decides."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.mining.demo_logs import write_demo_logs
+    from flywheel.pipelines import tracking
+
+    monkeypatch.chdir(tmp_path)
+    write_demo_logs(tmp_path / "logs" / "demo.jsonl", n=300, seed=0)
+    # An unreadable champion: registered, then its artifacts deleted.
+    adapter = tmp_path / "fake-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "flywheel_adapter.json").write_text(json.dumps({"base_model": "smollm2-135m-instruct"}))
+    import mlflow
+
+    with tracking.start_run("train") as run:
+        mlflow.log_artifacts(str(adapter), "adapter")
+    v = registry.register_adapter("flywheel-demo", registry.resolve_model(run.info.run_id))
+    registry.promote("flywheel-demo", v, None)
+    shutil.rmtree(MlflowClient().get_run(run.info.run_id).info.artifact_uri.replace("file://", ""))
+
+    cfg = demo_loop_config(tmp_path / "logs", tmp_path / "work", train={"max_steps": 1}, publish=False,
+                           gate={"eval": {"limit": 8, "variants": ["concise"]}, "sample_generations": {"n_cases": 0}})
+    said: list[str] = []
+    first = run_loop(cfg, log=said.append)
+    assert first["status"] == "error" and first["gate"]["exit_code"] == 2
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert len(state["pending"]) == 1 and state["runs"][-1]["status"] == "error"
+    assert any("pending slice(s) are kept" in m and "--retry" in m for m in said)
+
+    again = run_loop(cfg, log=said.append)
+    assert again["status"] == "no_new_logs" and "--retry" in again["message"]
+
+    MlflowClient().delete_registered_model("flywheel-demo")  # fixed: no champion, the base is the baseline
+    retried = run_loop(cfg.model_copy(update={"retry_pending": True}), log=said.append)
+    assert retried["status"] in ("pass", "fail"), retried.get("gate")
+    assert retried["mine"]["version"] == first["mine"]["version"]  # the same slice, mined again
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert state["pending"] == [] and [r["status"] for r in state["runs"]] == ["error", retried["status"]]
+    assert run_loop(cfg)["status"] == "no_new_logs"

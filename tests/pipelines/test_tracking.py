@@ -52,3 +52,75 @@ def test_concurrent_first_use_of_a_fresh_store(tmp_path):
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert later.returncode == 0, later.stderr[-2000:]
     assert later.stdout.split() == ["3", "0"]
+
+
+def test_runs_record_the_tool_version_and_the_users_commit_apart(mlflow_store, tmp_path, monkeypatch):
+    """`flywheel.git_commit` is the user's repository (cwd), `flywheel.version`/`source_commit` is Flywheel."""
+    from importlib.metadata import version
+
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines import tracking
+
+    user_repo = tmp_path / "user-repo"
+    user_repo.mkdir()
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=user_repo, check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], cwd=user_repo, check=True)
+    user_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=user_repo, capture_output=True,
+                                 text=True).stdout.strip()
+    monkeypatch.chdir(user_repo)
+    with tracking.start_run("mine") as run:
+        pass
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags["flywheel.git_commit"] == user_commit
+    assert tags["flywheel.version"] == version("flywheel")
+    flywheel_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if flywheel_commit.returncode == 0:  # an editable checkout (this repository)
+        assert tags["flywheel.source_commit"].startswith(flywheel_commit.stdout.strip())
+        assert tags["flywheel.source_commit"] != user_commit
+
+    monkeypatch.chdir(tmp_path)  # not a git checkout: no user commit, still the tool's version
+    with tracking.start_run("mine") as run:
+        pass
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert "flywheel.git_commit" not in tags and tags["flywheel.version"] == version("flywheel")
+
+
+def test_a_copied_home_reads_its_artifacts_and_writes_new_ones_inside_the_copy(tmp_path, monkeypatch):
+    """Moving a store = copy the folder + FLYWHEEL_HOME; the absolute artifact locations are rewritten on open."""
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines import registry, tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setattr(tracking, "_USER_REGISTRY_URI", None)
+    old, new = tmp_path / "old home", tmp_path / "new-home"
+    monkeypatch.setenv("FLYWHEEL_HOME", str(old))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "flywheel_adapter.json").write_text('{"base_model": "smollm2-135m-instruct"}')
+    with tracking.start_run("train") as run:
+        mlflow.log_text("first", "note.txt")
+        mlflow.log_artifacts(str(adapter), "adapter")
+    version = registry.register_adapter("m", registry.resolve_model(run.info.run_id))
+
+    shutil.copytree(old, new)
+    shutil.rmtree(old)  # nothing may still point at the original
+    monkeypatch.setenv("FLYWHEEL_HOME", str(new))
+    monkeypatch.setattr(tracking, "_READY", set())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exported the old one
+    tracking.setup()
+    client = MlflowClient()
+    assert client.get_run(run.info.run_id).info.artifact_uri.startswith((new / "artifacts").as_uri())
+    assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/note.txt") == "first"
+    assert registry.resolve_model(f"models:/m/{version}").adapter_dir.exists()
+    with tracking.start_run("train") as run2:
+        mlflow.log_text("second", "note.txt")
+    assert (new / "artifacts" / "train" / run2.info.run_id / "artifacts" / "note.txt").read_text() == "second"
+    assert not old.exists()
