@@ -175,9 +175,13 @@ def _sample_generations(cfg: GateConfig, ecfg, eval_run_id: str, out: Path, show
         while mlflow.active_run():
             mlflow.end_run(status="FAILED")
         return None
-    client = MlflowClient()
-    client.set_tag(eval_run_id, T.EVAL_SAMPLE_RUN, res["run_id"])
-    client.set_tag(res["run_id"], T.EVAL_SAMPLE_OF, eval_run_id)
+    try:
+        client = MlflowClient()
+        client.set_tag(eval_run_id, T.EVAL_SAMPLE_RUN, res["run_id"])
+        client.set_tag(res["run_id"], T.EVAL_SAMPLE_OF, eval_run_id)
+    except Exception as e:  # noqa: BLE001 - display only: a missing link never changes the decision
+        typer.secho(f"warning: could not link the sample run ({type(e).__name__}: {e})", fg=typer.colors.YELLOW,
+                    err=True)
     return res["run_id"]
 
 

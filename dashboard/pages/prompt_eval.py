@@ -88,7 +88,8 @@ with ui.bad_run_shown(run, "this evaluation"):
 
     # ------------------------------------------------------------------------------------------- cases
     st.subheader("Generations side by side")
-    gen_tokens = (results.get("generation") or {}).get("max_new_tokens")
+    gen = results.get("generation") or {}
+    gen_tokens = gen.get("max_tokens", gen.get("max_new_tokens"))  # results.json schema 2 / 1
     if isinstance(gen_tokens, int) and gen_tokens <= 1:
         sample = run["tags"].get(T.EVAL_SAMPLE_RUN)
         st.info(f"This evaluation scored the reference answers only (NLL), so each generation below stops after "

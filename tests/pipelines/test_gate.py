@@ -10,6 +10,8 @@ import pytest
 from flywheel.pipelines import registry, tracking
 from flywheel.pipelines.gate import GateConfig, run_gate
 
+MODEL = GateConfig().model_name  # the registered model a gate promotes into by default
+
 
 @pytest.fixture(autouse=True)
 def _own_registry(monkeypatch):
@@ -128,8 +130,8 @@ def test_unreadable_champion_is_an_error_not_no_champion(mlflow_store, tmp_path)
     run_id = fake_adapter_run(tmp_path)
     from mlflow.tracking import MlflowClient
 
-    v = registry.register_adapter("flywheel-demo", registry.resolve_model(run_id))
-    registry.promote("flywheel-demo", v, None)
+    v = registry.register_adapter(MODEL, registry.resolve_model(run_id))
+    registry.promote(MODEL, v, None)
     shutil.rmtree(MlflowClient().get_run(run_id).info.artifact_uri.replace("file://", ""))
     out = run_gate(GateConfig(out=str(tmp_path / "g")), str(tmp_path / "adapter"))
     assert out["decision"] == "error" and "champion" in " ".join(out["gate"]["reasons"])
@@ -140,12 +142,12 @@ def test_promote_on_pass_only(mlflow_store, tmp_path):
     bad = run_gate(GateConfig(results=results_file(tmp_path, p=0.5, ci=(-1, 0.2), targets=identities()),
                               out=str(tmp_path / "g0")), run_id, promote=True)
     assert bad["exit_code"] == 1 and bad["promoted_version"] is None
-    assert registry.champion("flywheel-demo") is None
+    assert registry.champion(MODEL) is None
 
     out = run_gate(GateConfig(results=results_file(tmp_path, targets=identities()), out=str(tmp_path / "g1")),
                    run_id, promote=True)
     assert out["exit_code"] == 0 and out["promoted_version"] == "1"
-    champ = registry.champion("flywheel-demo")
+    champ = registry.champion(MODEL)
     assert str(champ.version) == "1"
     assert champ.tags[registry.TAG_BY_GATE] == out["run_id"]
     assert champ.tags["flywheel.input.gate_run"] == out["run_id"]
@@ -174,19 +176,19 @@ def test_promote_on_results_checks_what_was_evaluated(mlflow_store, tmp_path):
     other = gate(identities(candidate=sha2), run1, "g1")  # the results are about run2's adapter
     assert other["exit_code"] == 2 and "not the candidate being promoted" in other["gate"]["reasons"][0]
     assert len(other["gate"]["reasons"]) == 1 and "\n" not in other["gate"]["reasons"][0]
-    assert registry.champion("flywheel-demo") is None
+    assert registry.champion(MODEL) is None
 
     assert gate(identities(), run1, "g2")["promoted_version"] == "1"
     # run2 evaluated against the base model: an old evaluation once the champion exists.
     stale = gate(identities(candidate=sha2), run2, "g3")
     assert stale["exit_code"] == 2 and stale["promoted_version"] is None
     assert "champion moved" in stale["gate"]["reasons"][0] and "v1" in stale["gate"]["reasons"][0]
-    assert str(registry.champion("flywheel-demo").version) == "1"
+    assert str(registry.champion(MODEL).version) == "1"
     fresh = gate(identities(candidate=sha2, baseline=ZERO_SHA), run2, "g4")  # evaluated against v1
     assert fresh["exit_code"] == 0 and fresh["promoted_version"] == "2"
     from mlflow.tracking import MlflowClient
 
-    assert len(MlflowClient().search_model_versions("name = 'flywheel-demo'")) == 2  # no orphan versions
+    assert len(MlflowClient().search_model_versions(f"name = '{MODEL}'")) == 2  # no orphan versions
 
 
 def test_champion_moved_during_evaluation_is_not_overwritten(mlflow_store, tmp_path, monkeypatch):
@@ -197,7 +199,7 @@ def test_champion_moved_during_evaluation_is_not_overwritten(mlflow_store, tmp_p
     results = json.loads(open(results_file(tmp_path)).read().replace('"champion', '"base'))
 
     def eval_while_someone_promotes(cfg, **kw):
-        registry.promote("flywheel-demo", registry.register_adapter("flywheel-demo", rival), "rival-gate")
+        registry.promote(MODEL, registry.register_adapter(MODEL, rival), "rival-gate")
         return {"results": results, "run_id": "e" * 32}
 
     monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", eval_while_someone_promotes)
@@ -206,11 +208,11 @@ def test_champion_moved_during_evaluation_is_not_overwritten(mlflow_store, tmp_p
     assert out["exit_code"] == 2 and out["promoted_version"] is None
     assert any(r.startswith("champion moved") and "v1" in r for r in out["gate"]["reasons"]), out["gate"]["reasons"]
     assert "is now `@champion`" not in open(out["report_path"]).read()
-    assert str(registry.champion("flywheel-demo").version) == "1"
+    assert str(registry.champion(MODEL).version) == "1"
     from mlflow.tracking import MlflowClient
 
-    assert len(MlflowClient().search_model_versions("name = 'flywheel-demo'")) == 1  # the loser left no version
-    assert [r["gate_run"] for r in registry.history("flywheel-demo")] == ["rival-gate"]
+    assert len(MlflowClient().search_model_versions(f"name = '{MODEL}'")) == 1  # the loser left no version
+    assert [r["gate_run"] for r in registry.history(MODEL)] == ["rival-gate"]
 
 
 @pytest.mark.slow
@@ -235,11 +237,11 @@ def test_racing_gate_processes_promote_exactly_one(mlflow_store, tmp_path):
     assert codes == [0] + [2] * (n - 1), outs
     assert sum("is now `@champion`" in o for _, o in outs) == 1
     assert all("champion moved" in o for c, o in outs if c == 2)
-    rows = registry.history("flywheel-demo")
+    rows = registry.history(MODEL)
     assert len(rows) == 1 and rows[0]["current"] and rows[0]["until"] is None
     from mlflow.tracking import MlflowClient
 
-    assert len(MlflowClient().search_model_versions("name = 'flywheel-demo'")) == 1
+    assert len(MlflowClient().search_model_versions(f"name = '{MODEL}'")) == 1
 
 
 def _no_eval(cfg, **kw):
@@ -361,7 +363,7 @@ def test_real_eval_refuses_a_harmful_adapter(mlflow_store, tmp_path, harmful_ada
     assert primary["metric"] == "nll" and primary["difference"] > 0  # NLL went up: worse
     assert primary["n"] == 6 and out["eval_run_id"]
     assert out["gate"]["baseline"].startswith("base model smollm2-135m-instruct")
-    assert registry.champion("flywheel-demo") is None  # refused: nothing promoted
+    assert registry.champion(MODEL) is None  # refused: nothing promoted
     assert (tmp_path / "gate" / "eval" / "results.json").exists()
 
 
@@ -377,7 +379,7 @@ def test_nll_only_gate_keeps_a_readable_sample(mlflow_store, tmp_path, harmful_a
     out = run_gate(cfg, str(harmful_adapter))
     gate_eval = [json.loads(x) for x in (tmp_path / "gate" / "eval" / "cases.jsonl").read_text().splitlines()]
     sample = [json.loads(x) for x in (tmp_path / "gate" / "sample" / "cases.jsonl").read_text().splitlines()]
-    assert json.loads((tmp_path / "gate" / "eval" / "results.json").read_text())["generation"]["max_new_tokens"] == 1
+    assert json.loads((tmp_path / "gate" / "eval" / "results.json").read_text())["generation"]["max_tokens"] == 1
     assert len(sample) == 2 * 2  # 2 cases x (base, candidate)
     assert max(len(r["output"].split()) for r in sample) > max(len(r["output"].split()) for r in gate_eval)
     sid = out["gate"]["sample_eval_run_id"]

@@ -257,8 +257,8 @@ def test_merged_publish(published_merged, base):
     from flywheel.training.export import read_gguf
 
     out = Path(published_merged["out"])
-    assert sorted(p.name for p in out.iterdir()) == [".gitignore", "Modelfile", "README.md", "lineage.json",
-                                                     "model.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == [".flywheel-output.json", ".gitignore", "Modelfile", "README.md",
+                                                     "lineage.json", "model.gguf"]
     text = (out / "Modelfile").read_text()
     parsed = mf.parse(text)
     assert parsed.get("from") == "./model.gguf" and parsed.get("adapter") is None
