@@ -203,7 +203,8 @@ def test_champion_moved_during_evaluation_is_not_overwritten(mlflow_store, tmp_p
         return {"results": results, "run_id": "e" * 32}
 
     monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", eval_while_someone_promotes)
-    out = run_gate(GateConfig(out=str(tmp_path / "g"), min_cases=4), fake_adapter_run(tmp_path),
+    out = run_gate(GateConfig(out=str(tmp_path / "g"), min_cases=4, sample_generations={"n_cases": 0}),
+                   fake_adapter_run(tmp_path),
                    promote=True)
     assert out["exit_code"] == 2 and out["promoted_version"] is None
     assert any(r.startswith("champion moved") and "v1" in r for r in out["gate"]["reasons"]), out["gate"]["reasons"]
@@ -292,7 +293,9 @@ def test_shipped_gate_config_gates_on_the_candidates_dataset(mlflow_store, tmp_p
         return {"results": results, "run_id": "e" * 32}
 
     monkeypatch.setattr(flywheel.pipelines.eval, "run_eval", fake_eval)
-    cfg = load_config(GateConfig, ROOT / "configs" / "gate.yaml", [f"out={tmp_path / 'g'}"])
+    # (no display sample: the fake eval stands for the gate's own evaluation only)
+    cfg = load_config(GateConfig, ROOT / "configs" / "gate.yaml", [f"out={tmp_path / 'g'}",
+                                                                   "sample_generations.n_cases=0"])
     out = run_gate(cfg, f"runs:/{run.info.run_id}/adapter")
     assert out["decision"] == "pass", out["gate"]["reasons"]
     assert seen == {"cases": mined["out"], "limit": 40}
