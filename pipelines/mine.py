@@ -55,6 +55,9 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, forc
 
 def _mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool,
           prior_index: DedupeIndex | None = None) -> Mined:
+    from flywheel.pipelines.traces import resolve_inputs
+
+    inputs = resolve_inputs(inputs, cfg)  # `mlflow-traces:<experiment>` -> traces read from the tracking server
     with _progress(cfg.progress) as bar:
         return mine(inputs, out, cfg, force=force, progress=_Bars(bar) if cfg.progress else None, prior=prior_index)
 
@@ -122,7 +125,8 @@ def register(app: typer.Typer) -> None:
     @app.command("mine")
     def mine(
         args: list[str] = typer.Argument(..., metavar="INPUT... [KEY=VALUE...]",
-                                         help="log files or directories (JSONL/CSV/Parquet, oasst, hh), then "
+                                         help="log files or directories (JSONL/CSV/Parquet, oasst, hh) or "
+                                              "mlflow-traces:<experiment>, then "
                                               "key=value config overrides, e.g. min_rating=5"),
         out: Path = typer.Option(..., "--out", "-o", help="dataset directory to write (a new or empty one, or an earlier Flywheel output)"),
         config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (configs/mine.yaml)"),
