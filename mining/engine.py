@@ -104,7 +104,8 @@ def work(task: tuple) -> tuple[list[tuple], Counter]:
     kind, fmt, items, s = task
     pii.DEFAULT_REGION = s["region"]
     if kind == "lines":
-        events = readers.parse_lines(fmt, items, s["oasst_rating"], s["max_line_bytes"], s["max_rank_pairs"])
+        events = readers.parse_lines(fmt, items, s["oasst_rating"], s["max_line_bytes"], s["max_rank_pairs"],
+                                     s.get("ratings"))
     elif kind == "rows":
         events = readers.parse_rows(items)
     elif kind == "traces":
@@ -158,9 +159,10 @@ def file_tasks(path: Path, fmt: str, cfg: MineConfig, s: dict, advance: Callable
             yield ("events", fmt, b, s)
         advance(path.stat().st_size)
     else:
+        ratings = readers.rating_lines(path) if fmt == "chatlog" else {}
         for b in batches(readers.iter_raw_lines(path, cfg.max_line_bytes), cfg.batch_size):
             advance(sum(len(r[2]) for r in b))
-            yield ("lines", fmt, b, s)
+            yield ("lines", fmt, b, {**s, "ratings": readers.batch_ratings(ratings, b)} if ratings else s)
 
 
 # ------------------------------------------------------------------------------------------ 3. route the events

@@ -137,7 +137,8 @@ def pick_feedback(assessments: list[dict], name: str, rule: str) -> dict | None:
           and a.get("valid", True) is not False and (a["feedback"] or {}).get("value") is not None]
     human = [a for a in fb if (a.get("source") or {}).get("source_type") == "HUMAN"]
     pool = human if rule == "human_only" or (rule == "human_first" and human) else fb
-    return max(pool, key=_when) if pool else None
+    # the latest wins; equal times (one millisecond) go to the one listed last, as the store lists them in order
+    return max(enumerate(pool), key=lambda ia: (_when(ia[1]), ia[0]))[1] if pool else None
 
 
 def rating_of(assessments: list[dict], spec: dict) -> int | None:

@@ -122,7 +122,7 @@ def test_traces_mine_like_the_same_jsonl(mlflow_store, tmp_path):
     # the dataset equals the one mined from the JSONL (apart from each record's `source`)
     for name in ("train.jsonl", "eval.jsonl", "preferences.jsonl", "preferences_eval.jsonl"):
         assert _records(tmp_path / "from_traces", name) == _records(tmp_path / "from_jsonl", name), name
-    assert m["splits"] == ref["manifest"]["splits"]
+    assert m["splits"] == ref["manifest"]["splits"] and m["counts"]["filtered"] == ref["counts"]["filtered"]
     assert res["counts"]["kept"] == ref["counts"]["kept"] > 0 and m["splits"]["preferences"] > 0
     train = list(read_jsonl(tmp_path / "from_traces" / "train.jsonl"))
     assert {r["source"] for r in train} == {"mlflow-traces"}
