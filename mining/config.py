@@ -60,7 +60,7 @@ class TracesConfig(StageConfig):
                                                         "messages list (what autologging records)")
     question_field: str | None = Field(None, description="dotted path in the root span's inputs to the user's "
                                                          "question, for a custom @mlflow.trace function; "
-                                                         "overrides messages_field")
+                                                         "used when a trace has no messages_field list")
     answer_field: str | None = Field(None, description="dotted path in the root span's outputs to the answer; "
                                                        "null: a string output, choices.0.message.content, "
                                                        "content or message.content")

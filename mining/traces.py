@@ -4,7 +4,7 @@ The shell reads the traces (`flywheel.pipelines.traces`); this module only maps 
 mining worker pool like any other reader and never imports mlflow.
 
 A trace maps to one record:
-- messages: the root span's inputs (`messages_field`, the OpenAI-style list autologging records, or
+- messages: the root span's inputs (`messages_field`, the OpenAI-style list autologging records; without one,
   `question_field` for a custom `@mlflow.trace` function taking a question), then the answer from the root span's
   outputs (`answer_field`, else the first that fits: a string, `choices[0].message.content`, `content`,
   `message.content`, the last assistant message of a list);
@@ -101,12 +101,13 @@ def _answer(outputs: Any, field: str | None) -> str:
 
 
 def _conversation(inputs: Any, spec: dict) -> list[dict]:
-    if spec["question_field"]:
+    msgs = _get(inputs, spec["messages_field"])
+    if not isinstance(msgs, list) and spec["question_field"]:  # a custom function's traces beside autologged ones
         q = _get(inputs, spec["question_field"])
         if not isinstance(q, str) or not q:
-            raise RecordError(f"no question: root span inputs have no string at {spec['question_field']!r}")
+            raise RecordError(f"no messages and no question: root span inputs have neither a list at "
+                              f"{spec['messages_field']!r} nor a string at {spec['question_field']!r}")
         return [{"role": "user", "content": q}]
-    msgs = _get(inputs, spec["messages_field"])
     if not isinstance(msgs, list) or not msgs:
         raise RecordError(f"no messages: root span inputs have no list at {spec['messages_field']!r} "
                           "(set traces.messages_field or traces.question_field)")

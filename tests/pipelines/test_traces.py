@@ -152,10 +152,15 @@ def test_rating_rules_filter_and_window(mlflow_store, tmp_path):
 def test_cli_and_errors(mlflow_store, tmp_path):
     from flywheel.pipelines.cli import app
 
-    make_traces(6)
+    _, bad = make_traces(6)
     r = CliRunner().invoke(app, ["mine", f"mlflow-traces:{EXP}", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert "read 9 = kept" in r.output and "mlflow run" in r.output
+    # a custom @mlflow.trace function: its question is at `query`; a rating outside 1-5 is a reject naming it
+    _feedback(bad[0], 7, "HUMAN")
+    m = run_mine([f"mlflow-traces:{EXP}"], tmp_path / "q", cfg(**{"traces": {"question_field": "query"}}))["manifest"]
+    (rej,) = read_jsonl(tmp_path / "q" / "rejects.jsonl")
+    assert rej["raw"] == bad[0] and "7 is outside 1-5" in rej["reason"] and m["counts"]["rejected"] == 1
     r = CliRunner().invoke(app, ["mine", "mlflow-traces:nope", "--out", str(tmp_path / "o2"), "log_mlflow=false"])
     assert getattr(r.exception, "exit_code", None) == 2  # an InputError: one line, exit 2 from `main`
     assert "mlflow-traces:nope: no such experiment" in str(r.exception)
