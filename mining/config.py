@@ -53,6 +53,31 @@ class RayConfig(StageConfig):
                                              "the cluster")
 
 
+class TracesConfig(StageConfig):
+    """How `mlflow-traces:<experiment>` inputs are read and mapped (`flywheel.mining.traces`)."""
+    filter_string: str | None = Field(None, description="MLflow trace search filter, e.g. \"tags.env = 'prod'\"; "
+                                                        "null = every trace of the experiment")
+    max_age_days: float | None = Field(None, gt=0, description="only traces requested in the last N days; null = "
+                                                               "no window")
+    rating_name: str = Field("user_rating", description="name of the feedback assessment that rates a trace")
+    rating_rule: Literal["human_first", "latest", "human_only"] = Field(
+        "human_first", description="which feedback counts: the latest HUMAN one, else the latest of any source "
+                                   "(LLM judge, code); latest: the latest of any; human_only: HUMAN ones only")
+    true_rating: int = Field(5, ge=1, le=5, description="rating of a boolean feedback `true` (thumbs up)")
+    false_rating: int = Field(1, ge=1, le=5, description="rating of a boolean feedback `false` (thumbs down)")
+    messages_field: str = Field("messages", description="dotted path in the root span's inputs to the OpenAI-style "
+                                                        "messages list (what autologging records)")
+    question_field: str | None = Field(None, description="dotted path in the root span's inputs to the user's "
+                                                         "question, for a custom @mlflow.trace function; "
+                                                         "used when a trace has no messages_field list")
+    answer_field: str | None = Field(None, description="dotted path in the root span's outputs to the answer; "
+                                                       "null: a string output, choices.0.message.content, "
+                                                       "content or message.content")
+    variant_tag: str = Field("prompt_variant", description="trace tag (or metadata key) naming the prompt variant")
+    model_tag: str = Field("model", description="trace tag (or metadata key) naming the model")
+    lang_tag: str = Field("lang", description="trace tag (or metadata key) declaring the language")
+
+
 class MineConfig(StageConfig):
     format: Literal["auto", "chatlog", "oasst1", "oasst2", "hh"] = Field(
         "auto", description="input format; auto: by suffix and the first record's keys")
@@ -75,6 +100,7 @@ class MineConfig(StageConfig):
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of groups (conversations, prompts) hashed "
                                                               "into the eval splits")
     split_salt: str = Field("flywheel", description="salt of the split hash; change it to draw another split")
+    traces: TracesConfig = Field(default_factory=TracesConfig, description="mlflow-traces:<experiment> inputs")
     system_template: str = Field("Answer using this context:\n{context}",
                                  description="system message built from a record's retrieved context")
     max_line_bytes: int = Field(1_000_000, gt=0, description="longer lines are rejected unread (a 10 MB line is not "

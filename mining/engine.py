@@ -45,24 +45,43 @@ def _no_progress(task: str, done: int, total: int) -> None:
 
 # ------------------------------------------------------------------------------------------ 1. plan the inputs
 @dataclass
+class StreamInput:
+    """An input that is not a file: batches of items that a `work` task kind parses (traces that the shell reads
+    from a tracking server: kind "traces", items (ordinal, trace dict)). `manifest` holds extra entries for the
+    input's manifest record; the reader may fill it while the batches are consumed (e.g. the newest trace)."""
+    name: str
+    kind: str
+    batches: Iterable[list]
+    fmt: str
+    manifest: dict = field(default_factory=dict)
+
+
+@dataclass
 class InputFile:
-    path: Path
+    path: Path | None  # None for a StreamInput
     fmt: str  # a readers.FORMATS name, or "empty" (a rotated log: counted, 0 records)
     counts: dict  # the manifest's per-input entry: path, sha256, format, read, kept, rejected, filtered
+    stream: StreamInput | None = None
 
 
-def plan_inputs(inputs: Iterable[str | Path], cfg: MineConfig) -> list[InputFile]:
-    files = readers.expand_inputs(inputs)
+def _counts(name: str, sha: str, fmt: str) -> dict:
+    return {"path": name, "sha256": sha, "format": fmt, "read": 0, "kept": 0, "rejected": 0, "filtered": Counter()}
+
+
+def plan_inputs(inputs: Iterable[str | Path | StreamInput], cfg: MineConfig) -> list[InputFile]:
+    """Files first (as given), then stream inputs."""
+    inputs = list(inputs)
+    streams = [x for x in inputs if isinstance(x, StreamInput)]
+    files = readers.expand_inputs([x for x in inputs if not isinstance(x, StreamInput)])
     # An empty file (a rotated log) is counted with 0 records and named in the manifest and the warnings.
     fmts = ["empty" if readers.is_empty(f) else readers.detect_format(f) if cfg.format == "auto" else cfg.format
             for f in files]
     for f, fmt in zip(files, fmts):
         if fmt in ("oasst1", "oasst2", "hh") and f.suffix.lower() not in (".jsonl", ".json"):
             raise InputError(f"{f}: format {fmt} is JSONL only")
-    return [InputFile(f, fmt, {"path": readers.display_name(f), "sha256": sha256_file(f), "format": fmt,
-                               "read": 0, "kept": 0, "rejected": 0, "filtered": Counter(),
+    return [InputFile(f, fmt, {**_counts(readers.display_name(f), sha256_file(f), fmt),
                                **({"empty": True} if fmt == "empty" else {})})
-            for f, fmt in zip(files, fmts)]
+            for f, fmt in zip(files, fmts)] + [InputFile(None, x.fmt, _counts(x.name, "", x.fmt), x) for x in streams]
 
 
 # ------------------------------------------------------------------------------------------ 2. stream through the pool
@@ -74,7 +93,8 @@ def settings(cfg: MineConfig) -> dict:
             "gap_prefs": cfg.preferences.from_rating_gap, "near_dedupe": cfg.dedupe.near,
             "num_perm": cfg.dedupe.num_perm, "shingle": cfg.dedupe.shingle, "region": cfg.phone_region,
             "oasst_rating": cfg.oasst_rating, "max_line_bytes": cfg.max_line_bytes,
-            "max_rank_pairs": cfg.preferences.max_rank_pairs, "system_template": cfg.system_template}
+            "max_rank_pairs": cfg.preferences.max_rank_pairs, "system_template": cfg.system_template,
+            "traces": cfg.traces.model_dump()}
 
 
 def work(task: tuple) -> tuple[list[tuple], Counter]:
@@ -84,9 +104,14 @@ def work(task: tuple) -> tuple[list[tuple], Counter]:
     kind, fmt, items, s = task
     pii.DEFAULT_REGION = s["region"]
     if kind == "lines":
-        events = readers.parse_lines(fmt, items, s["oasst_rating"], s["max_line_bytes"], s["max_rank_pairs"])
+        events = readers.parse_lines(fmt, items, s["oasst_rating"], s["max_line_bytes"], s["max_rank_pairs"],
+                                     s.get("ratings"))
     elif kind == "rows":
         events = readers.parse_rows(items)
+    elif kind == "traces":
+        from flywheel.mining.traces import trace_events
+
+        events = trace_events(items, s["traces"])
     else:
         events = items
     return curate.curate_events(events, s)
@@ -134,9 +159,10 @@ def file_tasks(path: Path, fmt: str, cfg: MineConfig, s: dict, advance: Callable
             yield ("events", fmt, b, s)
         advance(path.stat().st_size)
     else:
+        ratings = readers.rating_lines(path) if fmt == "chatlog" else {}
         for b in batches(readers.iter_raw_lines(path, cfg.max_line_bytes), cfg.batch_size):
             advance(sum(len(r[2]) for r in b))
-            yield ("lines", fmt, b, s)
+            yield ("lines", fmt, b, {**s, "ratings": readers.batch_ratings(ratings, b)} if ratings else s)
 
 
 # ------------------------------------------------------------------------------------------ 3. route the events
@@ -226,6 +252,32 @@ def stream_file(pool, workers: int, router: Router, i: int, inp: InputFile, cfg:
         router.pii.update(pii_counts)
         router.route(i, inp.counts, events)
     progress(name, total, total)
+
+
+def stream_input(pool, workers: int, router: Router, i: int, inp: InputFile, s: dict,
+                 progress: ProgressFn) -> None:
+    """A StreamInput through the same pool and router as a file; its sha256 covers every item it yielded."""
+    import hashlib
+
+    from flywheel.mining.traces import digest
+
+    src, h, done = inp.stream, hashlib.sha256(), 0
+    name = f"mine {src.name}"
+
+    def tasks() -> Iterator[tuple]:
+        nonlocal done
+        for b in src.batches:
+            digest(h, b)
+            done += len(b)
+            progress(name, done, done)
+            yield (src.kind, src.fmt, b, s)
+
+    for events, pii_counts in ordered(pool, work, tasks(), depth=2 * workers):
+        router.pii.update(pii_counts)
+        router.route(i, inp.counts, events)
+    inp.counts.update({**src.manifest, "sha256": h.hexdigest()})
+    if done == 0:
+        inp.counts["empty"] = True
 
 
 # ------------------------------------------------------------------------------------------ 4. split + write
@@ -343,6 +395,8 @@ def build_manifest(tmp: Path, plan: list[InputFile], pii_counts: Counter, splits
     counts = {**total, "filtered": dict(sorted(total["filtered"].items())), "preferences": n_prefs,
               "pii": dict(sorted(pii_counts.items()))}
     config = {k: v for k, v in cfg.model_dump().items() if k not in RUNTIME_KEYS}
+    if not any(p.stream for p in plan):  # trace settings change nothing a file run writes: same version as before
+        config.pop("traces")
     files = {name: sha256_file(tmp / name) for name in ("train.jsonl", "eval.jsonl", "preferences.jsonl",
                                                          "preferences_eval.jsonl", "rejects.jsonl")}
     body = {"inputs": inputs, "counts": counts, "splits": splits, "config": config, "files": files}
@@ -428,7 +482,7 @@ class Mined:
     stats: dict = field(default_factory=dict)  # engine facts for tracking (the Ray engine: cluster, peak RSS)
 
 
-def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False,
+def mine(inputs: list[str | Path | StreamInput], out: str | Path, cfg: MineConfig, force: bool = False,
          progress: ProgressFn | None = None, prior: DedupeIndex | None = None) -> Mined:
     """Write the dataset dir for `inputs` atomically. `prior`: what earlier batches kept (dropped here as
     `duplicate_earlier_batch`)."""
@@ -440,12 +494,15 @@ def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool
     workers = cfg.workers or min(2, usable_cpus())
     pool = open_pool(workers)
     try:
-        with atomic_dir(out, force=force, inputs=inputs, stage="mine") as tmp:
+        files = [x for x in inputs if not isinstance(x, StreamInput)]
+        with atomic_dir(out, force=force, inputs=files, stage="mine") as tmp:
             work_dir = tmp / ".work"
             work_dir.mkdir()
             router = Router(tmp, work_dir, cfg, prior)
             for i, inp in enumerate(plan):
-                if inp.fmt != "empty":
+                if inp.stream is not None:
+                    stream_input(pool, workers, router, i, inp, s, progress)
+                elif inp.fmt != "empty":
                     stream_file(pool, workers, router, i, inp, cfg, s, progress)
             manifest = write_outputs(tmp, router, plan, cfg, progress, prior)
     finally:

@@ -196,8 +196,9 @@ def _decode(raw: bytes) -> Any:
 
 
 def parse_lines(fmt: str, items: list[tuple[int, bytes | None, bytes]], oasst_rating: str = "quality",
-                max_line_bytes: int = 0, max_rank_pairs: int = 3) -> list[tuple]:
-    """Raw lines of one line-oriented format -> events. Pure; runs in worker processes."""
+                max_line_bytes: int = 0, max_rank_pairs: int = 3, ratings: dict | None = None) -> list[tuple]:
+    """Raw lines of one line-oriented format -> events. Pure; runs in worker processes. `ratings`: later rating
+    lines of the file by conversation id (`rating_lines`); a rating line itself is not a record."""
     out: list[tuple] = []
     for line_no, raw, head in items:
         if raw is None:
@@ -208,7 +209,12 @@ def parse_lines(fmt: str, items: list[tuple[int, bytes | None, bytes]], oasst_ra
             if not isinstance(obj, dict):
                 raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
             if fmt == "chatlog":
-                out.append(("cand", line_no, chatlog_candidate(obj, line_no)))
+                if "rating_for" in obj:
+                    continue
+                cand = chatlog_candidate(obj, line_no)
+                if ratings and cand["id"] in ratings:
+                    cand["rating"] = _rating(ratings[cand["id"]])
+                out.append(("cand", line_no, cand))
             elif fmt == "oasst2":
                 out.extend(oasst2_events(obj, line_no, oasst_rating, max_rank_pairs))
             elif fmt == "hh":
@@ -278,7 +284,8 @@ def chatlog_candidate(obj: dict, line_no: int) -> dict:
     """One canonical (or seed flat-shape) chat-log record -> candidate. Raises RecordError naming the field."""
     if "messages" in obj:
         messages = _messages(obj["messages"])
-        rating = _rating(obj.get("rating"))
+        # `"rating": null` is an interaction not rated (yet): filtered as no_rating; a missing key is a defect
+        rating = None if "rating" in obj and obj["rating"] is None else _rating(obj.get("rating"))
         context = _opt_str(obj, "retrieved_context")
         cid = obj.get("conversation_id")
     elif "user_query" in obj or "llm_response" in obj:  # the flat RAG-log shape
@@ -306,6 +313,46 @@ def chatlog_candidate(obj: dict, line_no: int) -> dict:
         "source": "chatlog", "prompt_variant": _opt_str(obj, "prompt_variant"), "model": _opt_str(obj, "model"),
         "lang": _opt_str(obj, "lang"), "flags": [],
     }
+
+
+# Ratings that arrive after the interaction (`flywheel.pipelines.applog.log_rating` without a tracking server):
+# a line {"rating_for": <conversation_id>, "rating": r} later in the same file; the last one wins.
+RATING_LINE = b'{"rating_for"'
+_CID_RE = re.compile(rb'"conversation_id": ?"((?:[^"\\]|\\.)*)"')
+
+
+def rating_lines(path: Path) -> dict[str, Any]:
+    """{conversation_id: rating} of the file's rating lines; {} (one C-speed scan) when it has none."""
+    import mmap
+
+    if path.stat().st_size == 0:
+        return {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm.find(RATING_LINE) < 0:
+            return {}
+    out: dict[str, Any] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.startswith(RATING_LINE):
+                try:
+                    obj = _loads(line)
+                    out[str(obj["rating_for"])] = obj.get("rating")
+                except (ValueError, KeyError, TypeError):
+                    continue  # the line itself is rejected when the main pass reads it
+    return out
+
+
+def batch_ratings(ratings: dict[str, Any], items: list[tuple[int, bytes | None, bytes]]) -> dict[str, Any]:
+    """The ratings a batch of raw lines needs (found by their conversation_id), so a worker gets only those."""
+    if not ratings:
+        return {}
+    out = {}
+    for _, raw, _ in items:
+        for m in _CID_RE.finditer(raw or b""):
+            cid = m.group(1).decode("utf-8", "replace")
+            if cid in ratings:
+                out[cid] = ratings[cid]
+    return out
 
 
 def iter_csv_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:

@@ -21,6 +21,7 @@ import typer
 from flywheel.mining.config import RUNTIME_KEYS, DedupeConfig, MineConfig, PreferenceConfig, usable_cpus
 from flywheel.mining.dedupe import DedupeIndex
 from flywheel.mining.engine import Mined, mine
+from flywheel.foundation.errors import InputError
 from flywheel.pipelines.config import load_config, split_args
 from flywheel.pipelines import tags as T
 
@@ -55,9 +56,16 @@ def mine_to_dir(inputs: list[str | Path], out: str | Path, cfg: MineConfig, forc
 
 def _mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool,
           prior_index: DedupeIndex | None = None) -> Mined:
+    from flywheel.pipelines.traces import resolve_inputs
+
+    inputs = resolve_inputs(inputs, cfg)  # `mlflow-traces:<experiment>` -> traces read from the tracking server
     run = mine
     if cfg.engine == "ray":
+        from flywheel.mining.engine import StreamInput
         from flywheel.mining.ray_engine import mine as run
+
+        if any(isinstance(i, StreamInput) for i in inputs):
+            raise InputError("engine=ray reads files only; mine mlflow-traces: inputs with engine=local")
     with _progress(cfg.progress) as bar:
         return run(inputs, out, cfg, force=force, progress=_Bars(bar) if cfg.progress else None, prior=prior_index)
 
@@ -127,7 +135,8 @@ def register(app: typer.Typer) -> None:
     @app.command("mine")
     def mine(
         args: list[str] = typer.Argument(..., metavar="INPUT... [KEY=VALUE...]",
-                                         help="log files or directories (JSONL/CSV/Parquet, oasst, hh), then "
+                                         help="log files or directories (JSONL/CSV/Parquet, oasst, hh) or "
+                                              "mlflow-traces:<experiment>, then "
                                               "key=value config overrides, e.g. min_rating=5"),
         out: Path = typer.Option(..., "--out", "-o", help="dataset directory to write (a new or empty one, or an earlier Flywheel output)"),
         config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (configs/mine.yaml)"),
