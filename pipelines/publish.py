@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import shutil
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,8 @@ from flywheel.pipelines.config import load_config
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.pipelines import tags as T
 # The config type and the folder's pure parts live with the export core; imported here for the stage's callers.
-from flywheel.training.export import (ADAPTER_CAVEAT, check_modelfile, check_readme, readme, split_system,
+from flywheel.training.export import (ADAPTER_CAVEAT, check_gguf, check_modelfile, check_readme,  # noqa: F401
+                                      convert_adapter, convert_base, converters_dir, readme, split_system,
                                       static_system)
 from flywheel.training.export_config import PublishConfig
 
@@ -64,63 +64,6 @@ def _eval_sampling() -> dict[str, Any]:
 
 
 # -- llama.cpp converters -------------------------------------------------------------------------------------
-
-def converters_dir(configured: str | None = None) -> Path | None:
-    """Where convert_lora_to_gguf.py lives (with its gguf-py and conversion/ beside it), or None.
-
-    A configured folder is the only one looked at (so a config can also switch conversion off); otherwise
-    $FLYWHEEL_LLAMA_CPP, then where `make llama-cpp-converters` puts them.
-    """
-    candidates = [configured] if configured else [os.environ.get("FLYWHEEL_LLAMA_CPP"),
-                                                  str(Path(sys.prefix) / "share" / "flywheel" / "llama.cpp")]
-    for c in candidates:
-        if c and (Path(c) / "convert_lora_to_gguf.py").exists() and (Path(c) / "gguf-py").is_dir():
-            return Path(c)
-    return None
-
-
-def _run_converter(script: Path, args: list[str], timeout: int) -> dict:
-    from flywheel.training.export import converter_env, run_measured
-
-    m = run_measured([sys.executable, str(script), *args], env=converter_env(), timeout=timeout)
-    if m.timed_out:
-        raise InputError(f"{script.name}: timed out after {timeout}s")
-    if m.returncode != 0:
-        tail = (m.stderr or m.stdout).strip().splitlines()[-3:]
-        raise InputError(f"{script.name} failed (exit {m.returncode}): {' | '.join(tail)[:400]}")
-    return {"seconds": m.seconds, "peak_rss_bytes": m.peak_rss_bytes}
-
-
-def convert_adapter(adapter_dir: Path, base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f16",
-                    timeout: int = 900) -> Path:
-    # Always --base: adapter_config.json holds whatever base path training used, often relative or gone.
-    _run_converter(llama_cpp / "convert_lora_to_gguf.py",
-                   [str(adapter_dir), "--base", str(base_dir), "--outtype", outtype, "--outfile", str(dest)], timeout)
-    check_gguf(dest, expect_type="adapter")
-    return dest
-
-
-def convert_base(base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f16", timeout: int = 900) -> Path:
-    _run_converter(llama_cpp / "convert_hf_to_gguf.py", [str(base_dir), "--outtype", outtype, "--outfile",
-                                                         str(dest)], timeout)
-    check_gguf(dest, expect_type="model")
-    return dest
-
-
-def check_gguf(path: Path, expect_type: str | None = None) -> dict:
-    """Open a GGUF and read `general.type`: llama.cpp segfaults on a bad `lora_path` instead of raising."""
-    from flywheel.training.export import ExportError, read_gguf
-
-    try:
-        info = read_gguf(path, converters_dir())
-    except ExportError as e:
-        raise InputError(str(e)) from None
-    kind = info["type"]
-    ok = kind == "adapter" if expect_type == "adapter" else kind in ("model", None)
-    if expect_type and not ok:
-        raise InputError(f"{path}: general.type is {kind!r}, expected {expect_type!r}")
-    return {"type": kind, "size": info["size"], "tensors": len(info["tensors"])}
-
 
 def _cached_base_gguf(base_dir: Path, sha256: str, llama_cpp: Path, outtype: str, timeout: int) -> Path:
     """Converting the base takes ~10 s and 270 MB: do it once per base hash, then hard-link into folders."""

@@ -292,6 +292,62 @@ def check_merged_gguf(path: Path, *, hf_tensors: dict[str, dict], outtype: str, 
             "chat_template": info["chat_template"] is not None, "stops_in_vocab": list(stops)}
 
 
+# ---------------------------------------------------------------------------------------- converters, by path
+# llama.cpp's own scripts, found where `make llama-cpp-converters` installs them, run in child processes.
+
+def converters_dir(configured: str | None = None) -> Path | None:
+    """Where convert_lora_to_gguf.py lives (with its gguf-py and conversion/ beside it), or None.
+
+    A configured folder is the only one looked at (so a config can also switch conversion off); otherwise
+    $FLYWHEEL_LLAMA_CPP, then where `make llama-cpp-converters` puts them.
+    """
+    candidates = [configured] if configured else [os.environ.get("FLYWHEEL_LLAMA_CPP"),
+                                                  str(Path(sys.prefix) / "share" / "flywheel" / "llama.cpp")]
+    for c in candidates:
+        if c and (Path(c) / "convert_lora_to_gguf.py").exists() and (Path(c) / "gguf-py").is_dir():
+            return Path(c)
+    return None
+
+
+def _run_converter(script: Path, args: list[str], timeout: int) -> dict:
+    m = run_measured([sys.executable, str(script), *args], env=converter_env(), timeout=timeout)
+    if m.timed_out:
+        raise InputError(f"{script.name}: timed out after {timeout}s")
+    if m.returncode != 0:
+        tail = (m.stderr or m.stdout).strip().splitlines()[-3:]
+        raise InputError(f"{script.name} failed (exit {m.returncode}): {' | '.join(tail)[:400]}")
+    return {"seconds": m.seconds, "peak_rss_bytes": m.peak_rss_bytes}
+
+
+def convert_adapter(adapter_dir: Path, base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f16",
+                    timeout: int = 900) -> Path:
+    # Always --base: adapter_config.json holds whatever base path training used, often relative or gone.
+    _run_converter(llama_cpp / "convert_lora_to_gguf.py",
+                   [str(adapter_dir), "--base", str(base_dir), "--outtype", outtype, "--outfile", str(dest)], timeout)
+    check_gguf(dest, expect_type="adapter")
+    return dest
+
+
+def convert_base(base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f16", timeout: int = 900) -> Path:
+    _run_converter(llama_cpp / "convert_hf_to_gguf.py", [str(base_dir), "--outtype", outtype, "--outfile",
+                                                         str(dest)], timeout)
+    check_gguf(dest, expect_type="model")
+    return dest
+
+
+def check_gguf(path: Path, expect_type: str | None = None) -> dict:
+    """Open a GGUF and read `general.type`: llama.cpp segfaults on a bad `lora_path` instead of raising."""
+    try:
+        info = read_gguf(path, converters_dir())
+    except ExportError as e:
+        raise InputError(str(e)) from None
+    kind = info["type"]
+    ok = kind == "adapter" if expect_type == "adapter" else kind in ("model", None)
+    if expect_type and not ok:
+        raise InputError(f"{path}: general.type is {kind!r}, expected {expect_type!r}")
+    return {"type": kind, "size": info["size"], "tensors": len(info["tensors"])}
+
+
 # ---------------------------------------------------------------------------------------- the published folder
 # What `flywheel publish` writes beside the GGUF: the SYSTEM prompt (static part only), the README with the
 # lineage, and the checks that parse both back before they are written.
