@@ -416,3 +416,12 @@ def report_markdown(gate: dict, *, baseline_label: str, candidate_label: str, ti
     if gate["reasons"]:
         lines += ["", "Reasons:"] + [f"- {md.text(r)}" for r in gate["reasons"]]
     return "\n".join(lines) + "\n"
+
+
+def decision_metrics(gate: dict) -> dict[str, Any]:
+    """The numbers a gate run logs: its exit code and the primary check's baseline, candidate, difference and
+    corrected p (None where the check never got that far)."""
+    primary = gate["checks"][0] if gate["checks"] else {}
+    return {"exit_code": gate["exit_code"], "primary.baseline": primary.get("baseline"),
+            "primary.candidate": primary.get("candidate"), "primary.difference": primary.get("difference"),
+            "primary.p_adjusted": primary.get("p_adjusted")}

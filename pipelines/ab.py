@@ -228,80 +228,82 @@ def register(app: typer.Typer) -> None:
     ab = typer.Typer(name="ab", help="A/B statistics: analyze logged outcomes, plan sample sizes.",
                      no_args_is_help=True)
     app.add_typer(ab, name="ab")
+    ab.command("analyze")(analyze_cmd)
+    ab.command("plan")(plan_cmd)
 
-    @ab.command("analyze")
-    def analyze_cmd(
-        args: list[str] = typer.Argument(..., metavar="LOGS... [KEY=VALUE...]",
-                                         help="outcome files (chat-log JSONL, JSON, CSV, Parquet), then key=value "
-                                              "config overrides, e.g. correction=bh"),
-        config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (configs/ab.yaml)"),
-        unit: str | None = typer.Option(None, "--unit", help="unit id column ('none': each row is a unit)"),
-        variant: str | None = typer.Option(None, "--variant", help="variant column"),
-        metric: list[str] = typer.Option([], "--metric", help="outcome column or configured metric name "
-                                                              "(repeatable; replaces the metric list)"),
-        control: str | None = typer.Option(None, "--control", help="control variant name"),
-        paired: bool = typer.Option(False, "--paired", help="items scored under every variant (unit = item)"),
-        alpha: float | None = typer.Option(None, "--alpha", help="significance level"),
-        as_json: bool = typer.Option(False, "--json", help="print the machine-readable report only"),
-        out: Path | None = typer.Option(None, "--out", "-o", help="also write report.json + plots here"),
-        force: bool = typer.Option(False, "--force", help="replace an existing --out directory Flywheel did not write"),
-    ) -> None:
-        """Variant vs control for each metric: tests, CIs, corrections, SRM, sequential, verdicts."""
-        paths, extra = split_args(args)
-        if not paths:
-            raise typer.BadParameter("give at least one LOGS file")
-        cfg = load_config(AbConfig, config, extra)
-        cfg = apply_flags(cfg, unit=unit, variant=variant, metric=metric, control=control, paired=paired,
-                          alpha=alpha, out=out)
-        if force:
-            cfg = cfg.model_copy(update={"force": True})
-        res = run_ab(paths, cfg)
-        if as_json:
-            typer.echo(report_json(res["report"]), nl=False)
-            return
-        print_report(res["report"])
-        if res["out_dir"]:
-            typer.echo(f"report -> {res['out_dir']}/report.json")
-        if res["run_id"]:
-            typer.echo(f"mlflow run {res['run_id']} (experiment flywheel/ab)")
 
-    @ab.command("plan")
-    def plan_cmd(
-        type_: str = typer.Option("mean", "--type", help="mean | proportion"),
-        baseline: float = typer.Option(..., "--baseline", help="control mean, or control rate for proportions"),
-        sd: float | None = typer.Option(None, "--sd", help="standard deviation per unit (means)"),
-        mde: float | None = typer.Option(None, "--mde", help="minimum detectable effect -> sample size"),
-        absolute: bool = typer.Option(False, "--absolute", help="--mde is absolute (default: relative lift)"),
-        n: float | None = typer.Option(None, "--n", help="units per arm -> MDE"),
-        daily_units: float | None = typer.Option(None, "--daily-units", help="traffic per day (all arms)"),
-        days: float | None = typer.Option(None, "--days", help="duration in days"),
-        arms: int = typer.Option(2, "--arms", help="variants including control"),
-        alpha: float = typer.Option(0.05, "--alpha"),
-        power_: float = typer.Option(0.8, "--power"),
-        as_json: bool = typer.Option(False, "--json"),
-    ) -> None:
-        """Units per arm for an MDE, or the MDE for given traffic and duration (statsmodels power)."""
-        from flywheel.evals.ab.power import plan
+def analyze_cmd(
+    args: list[str] = typer.Argument(..., metavar="LOGS... [KEY=VALUE...]",
+                                     help="outcome files (chat-log JSONL, JSON, CSV, Parquet), then key=value "
+                                          "config overrides, e.g. correction=bh"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (configs/ab.yaml)"),
+    unit: str | None = typer.Option(None, "--unit", help="unit id column ('none': each row is a unit)"),
+    variant: str | None = typer.Option(None, "--variant", help="variant column"),
+    metric: list[str] = typer.Option([], "--metric", help="outcome column or configured metric name "
+                                                          "(repeatable; replaces the metric list)"),
+    control: str | None = typer.Option(None, "--control", help="control variant name"),
+    paired: bool = typer.Option(False, "--paired", help="items scored under every variant (unit = item)"),
+    alpha: float | None = typer.Option(None, "--alpha", help="significance level"),
+    as_json: bool = typer.Option(False, "--json", help="print the machine-readable report only"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="also write report.json + plots here"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out directory Flywheel did not write"),
+) -> None:
+    """Variant vs control for each metric: tests, CIs, corrections, SRM, sequential, verdicts."""
+    paths, extra = split_args(args)
+    if not paths:
+        raise typer.BadParameter("give at least one LOGS file")
+    cfg = load_config(AbConfig, config, extra)
+    cfg = apply_flags(cfg, unit=unit, variant=variant, metric=metric, control=control, paired=paired,
+                      alpha=alpha, out=out)
+    if force:
+        cfg = cfg.model_copy(update={"force": True})
+    res = run_ab(paths, cfg)
+    if as_json:
+        typer.echo(report_json(res["report"]), nl=False)
+        return
+    print_report(res["report"])
+    if res["out_dir"]:
+        typer.echo(f"report -> {res['out_dir']}/report.json")
+    if res["run_id"]:
+        typer.echo(f"mlflow run {res['run_id']} (experiment flywheel/ab)")
 
-        r = plan(metric_type=type_, baseline=baseline, sd=sd, mde=mde, relative=not absolute, n_per_arm=n,
-                 daily_units=daily_units, days=days, arms=arms, alpha=alpha, power=power_)
-        if as_json:
-            typer.echo(json.dumps(r, indent=2))
-            return
-        if r["solve"] == "sample_size":
-            typer.echo(f"units per arm: {r['n_per_arm']}  (total {r['n_total']} over {arms} arms"
-                       + (f", about {r['days_needed']} days" if "days_needed" in r else "") + ")")
-            typer.echo(f"to detect {r['mde_abs']:.4g} absolute"
-                       + (f" ({r['mde_relative']:+.2%} relative)" if r["mde_relative"] is not None else "")
-                       + f" on baseline {baseline:g}")
-        else:
-            typer.echo(f"minimum detectable effect: {r['mde_abs']:.4g} absolute"
-                       + (f" ({r['mde_relative']:+.2%} relative)" if r["mde_relative"] is not None else "")
-                       + f" with {r['n_per_arm']:.0f} units per arm")
-        typer.echo(f"test: {r['test']}; alpha={alpha}, power={power_}" + (f", sd={sd}" if sd else ""))
-        typer.echo("assumptions:")
-        for a in r["assumptions"]:
-            typer.echo(f"  - {a}")
+
+def plan_cmd(
+    type_: str = typer.Option("mean", "--type", help="mean | proportion"),
+    baseline: float = typer.Option(..., "--baseline", help="control mean, or control rate for proportions"),
+    sd: float | None = typer.Option(None, "--sd", help="standard deviation per unit (means)"),
+    mde: float | None = typer.Option(None, "--mde", help="minimum detectable effect -> sample size"),
+    absolute: bool = typer.Option(False, "--absolute", help="--mde is absolute (default: relative lift)"),
+    n: float | None = typer.Option(None, "--n", help="units per arm -> MDE"),
+    daily_units: float | None = typer.Option(None, "--daily-units", help="traffic per day (all arms)"),
+    days: float | None = typer.Option(None, "--days", help="duration in days"),
+    arms: int = typer.Option(2, "--arms", help="variants including control"),
+    alpha: float = typer.Option(0.05, "--alpha"),
+    power_: float = typer.Option(0.8, "--power"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Units per arm for an MDE, or the MDE for given traffic and duration (statsmodels power)."""
+    from flywheel.evals.ab.power import plan
+
+    r = plan(metric_type=type_, baseline=baseline, sd=sd, mde=mde, relative=not absolute, n_per_arm=n,
+             daily_units=daily_units, days=days, arms=arms, alpha=alpha, power=power_)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    if r["solve"] == "sample_size":
+        typer.echo(f"units per arm: {r['n_per_arm']}  (total {r['n_total']} over {arms} arms"
+                   + (f", about {r['days_needed']} days" if "days_needed" in r else "") + ")")
+        typer.echo(f"to detect {r['mde_abs']:.4g} absolute"
+                   + (f" ({r['mde_relative']:+.2%} relative)" if r["mde_relative"] is not None else "")
+                   + f" on baseline {baseline:g}")
+    else:
+        typer.echo(f"minimum detectable effect: {r['mde_abs']:.4g} absolute"
+                   + (f" ({r['mde_relative']:+.2%} relative)" if r["mde_relative"] is not None else "")
+                   + f" with {r['n_per_arm']:.0f} units per arm")
+    typer.echo(f"test: {r['test']}; alpha={alpha}, power={power_}" + (f", sd={sd}" if sd else ""))
+    typer.echo("assumptions:")
+    for a in r["assumptions"]:
+        typer.echo(f"  - {a}")
 
 
 def apply_flags(cfg: AbConfig, *, unit=None, variant=None, metric=(), control=None, paired=False, alpha=None,

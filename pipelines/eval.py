@@ -20,6 +20,7 @@ Python entry: `run_eval(cfg: EvalConfig) -> {"run_id", "results_path", "results"
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -333,33 +334,35 @@ def check_failures(results: dict) -> None:
                             f"{results.get('results_path', 'results.json')}")
 
 
-def run_eval(cfg: EvalConfig, *, show_progress: bool = True, fail_on_failures: bool = True) -> dict:
-    """Evaluate `cfg.variants` x `cfg.targets` on `cfg.cases`. Returns {run_id, results_path, results, out}.
-    Raises FlywheelError (after writing the results) when generations failed above `cfg.max_failure_rate`."""
-    import tempfile
+@dataclass
+class _Plan:
+    """What phase 1 resolved without generating anything; the later phases read it."""
 
-    import mlflow
-    from mlflow.tracking import MlflowClient
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    caseset: Any
+    variants: list[Any]
+    params: Any
+    out_dir: Path
+    cache: Any
+    metrics: list[str]
+    judge: Any
+    pairs: Optional[list] = None  # configured compare pairs; None: harness.auto_pairs
 
+
+def _plan(cfg: EvalConfig) -> _Plan:
+    """Phase 1: everything that can be wrong, before generation (targets are resolved later, in the scratch dir)."""
     from flywheel.evals.prompts import harness
     from flywheel.evals.prompts.cases import load_cases
-    from flywheel.foundation.cache import JsonCache
     from flywheel.evals.prompts.templates import load_template
+    from flywheel.foundation.cache import JsonCache
+    from flywheel.foundation.io import check_output_dir
     from flywheel.pipelines import tracking
-    from flywheel.pipelines.config import flatten
-    from flywheel.foundation.io import atomic_dir, check_output_dir, write_json, write_jsonl
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    # 1. everything that can be wrong, before generation
     caseset = load_cases(cfg.cases, limit=cfg.limit)
     variants = [load_template(v, _prompts_dir(cfg)) for v in cfg.variants]
     if cfg.primary_metric not in cfg.metrics + ["pass_rate", "error_rate"]:
         raise InputError(f"primary_metric {cfg.primary_metric!r} is not among metrics {cfg.metrics}")
     target_names = [t.name for t in cfg.targets] + (["candidate"] if cfg.candidate else [])
     harness.validate_static(caseset.cases, variants, target_names, cfg.assertions, cfg.metrics)
-    g = cfg.generation
     params = gen_params(cfg)
     out_dir = Path(cfg.out) if cfg.out else tracking.flywheel_home() / "eval" / cfg.name
     check_output_dir(out_dir, inputs=[cfg.cases], force=cfg.force)  # now, not after the generation
@@ -369,100 +372,150 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True, fail_on_failures: b
     if cfg.judge.endpoint and "judge_score" not in metrics:
         metrics.append("judge_score")  # configuring a judge is asking for its score
     judge = _judge(cfg) if cfg.judge.endpoint else None
+    pairs = None
     if cfg.compare.pairs:
-        names_v, names_t = {v.name for v in variants}, set(target_names)
-        for i, pr in enumerate(cfg.compare.pairs):
-            for side in (pr.control, pr.treatment):
-                if side.get("variant") not in names_v or side.get("target") not in names_t:
-                    raise InputError(f"compare.pairs[{i}]: {side} names no cell (variants {sorted(names_v)}, "
-                                     f"targets {sorted(names_t)})")
+        pairs = harness.configured_pairs([(p.control, p.treatment) for p in cfg.compare.pairs],
+                                         [v.name for v in variants], target_names)
+    return _Plan(caseset, variants, params, out_dir, cache, metrics, judge, pairs)
 
+
+def _register_prompts(cfg: EvalConfig, plan: _Plan, run_id: str) -> dict[str, Any]:
+    """Each variant in the prompt registry, linked to the parent run. -> {variant name: prompt version}."""
+    from mlflow.tracking import MlflowClient
+
+    prompt_versions = {}
+    if cfg.register_prompts:
+        for v in plan.variants:
+            pv = register_prompt(v)
+            MlflowClient().link_prompt_version_to_run(run_id, pv)
+            prompt_versions[v.name] = pv
+    return prompt_versions
+
+
+def _generate(cfg: EvalConfig, plan: _Plan, targets: list[Any], show_progress: bool) -> dict:
+    """Phase 2: the matrix, under a progress bar. -> harness.run_matrix's {rows, notes}."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flywheel.evals.prompts import harness
+
+    g = cfg.generation
+    embedder = _LazyEmbedder(cfg.embedding_model) if "embedding_similarity" in plan.metrics else None
+    total = len(targets) * len(plan.variants) * len(plan.caseset.cases) * g.repeat
+    with Progress(TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), disable=not show_progress, transient=True) as bar:
+        task = bar.add_task("generate", total=total)
+        return harness.run_matrix(
+            plan.caseset.cases, plan.variants, targets, params=plan.params, cache=plan.cache, metrics=plan.metrics,
+            suite_assertions=cfg.assertions, repeat=g.repeat, embedder=embedder, judge=plan.judge,
+            nll_batch_size=cfg.nll_batch_size, nll_max_length=cfg.nll_max_length,
+            progress=_progress(bar, task, show_progress))
+
+
+def _log_cells(plan: _Plan, targets: list[Any], rows: list[dict], cells: list[dict], prompt_versions: dict,
+               inputs: dict) -> dict[str, str]:
+    """Phase 3: one child run per variant x target. -> {"target/variant": run id}."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines import tracking
+
+    child_runs = {}
+    for v in plan.variants:
+        for t in targets:
+            cell_rows = [r for r in rows if r["variant"] == v.name and r["target"] == t.name]
+            pv = prompt_versions.get(v.name)
+            with tracking.start_run("prompts", f"{t.name}/{v.name}", nested=True,
+                                    inputs=inputs,
+                                    params={"variant": v.name, "target": t.name,
+                                            "prompt_version": v.version,
+                                            "prompt_uri": pv.uri if pv else None,
+                                            "target_identity": t.identity,
+                                            "n_cases": len(cell_rows)}) as child:
+                if pv is not None:
+                    MlflowClient().link_prompt_version_to_run(child.info.run_id, pv)
+                tracking.log_metrics({c["metric"]: c["mean"] for c in cells
+                                      if c["variant"] == v.name and c["target"] == t.name})
+                mlflow.log_table(_table(cell_rows), artifact_file="cases.json")
+                child_runs[f"{t.name}/{v.name}"] = child.info.run_id
+    return child_runs
+
+
+def _results(cfg: EvalConfig, plan: _Plan, run_id: str, targets: list[Any], matrix: dict, prompt_versions: dict,
+             inputs: dict) -> dict:
+    """Cells, comparisons and child runs -> the results.json dict."""
+    from flywheel.evals.prompts import harness
+
+    rows = matrix["rows"]
+    cells = harness.cells(rows, alpha=cfg.compare.alpha)
+    pairs = plan.pairs or harness.auto_pairs([v.name for v in plan.variants], [t.name for t in targets])
+    comparisons, cmp_notes = harness.compare(rows, pairs, alpha=cfg.compare.alpha,
+                                             correction=cfg.compare.correction, test=cfg.compare.test)
+    child_runs = _log_cells(plan, targets, rows, cells, prompt_versions, inputs)
+    g, params, cache = cfg.generation, plan.params, plan.cache
+    # What was evaluated, by identity (base/adapter sha256) and by the reference given (a registry
+    # version such as models:/name/3): the gate refuses to promote on results about other models.
+    refs = {t.name: t.adapter for t in cfg.targets} | ({"candidate": cfg.candidate} if cfg.candidate else {})
+    return build_results(
+        name=cfg.name, run_id=run_id, child_runs=child_runs, primary_metric=cfg.primary_metric,
+        caseset=plan.caseset, targets=[{**t.describe(), "adapter_ref": refs.get(t.name)} for t in targets],
+        cells=cells, comparisons=comparisons,
+        variants=[{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
+                   "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
+                  for v in plan.variants],
+        # every sampling parameter as sent (greedy spelled out: temperature 0, top_k 1): what publish pins
+        generation={**params.sampling(), "do_sample": params.do_sample, "repeat": g.repeat,
+                    "batch_size": g.batch_size},
+        cache={"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)}, rows=rows,
+        failures=harness.failures(rows), max_failure_rate=cfg.max_failure_rate, notes=matrix["notes"] + cmp_notes)
+
+
+def _write(cfg: EvalConfig, plan: _Plan, results: dict, rows: list[dict]) -> None:
+    """Phase 4: results.json, cases.jsonl, config.yaml (atomically), then the parent run's artifacts and metrics."""
+    import mlflow
+
+    from flywheel.foundation.io import atomic_dir, write_json, write_jsonl
+    from flywheel.pipelines import tracking
+
+    out_dir = plan.out_dir
+    with atomic_dir(out_dir, force=cfg.force, inputs=[cfg.cases], stage="eval") as tmp:
+        write_json(tmp / "results.json", results)
+        write_jsonl(tmp / "cases.jsonl", rows)
+        (tmp / "config.yaml").write_text(_yaml(cfg), encoding="utf-8")
+    mlflow.log_artifact(str(out_dir / "results.json"))
+    mlflow.log_artifact(str(out_dir / "config.yaml"))
+    pm = [c for c in results["cells"] if c["metric"] == cfg.primary_metric]
+    tracking.log_metrics({f"{c['target']}.{c['variant']}.{c['metric']}": c["mean"] for c in pm})
+    tracking.log_metrics({"cases": len(plan.caseset.cases), "generated": results["generated"],
+                          "failures": sum(f["failed"] for f in results["failures"].values()),
+                          "cache_hits": plan.cache.hits})
+
+
+def run_eval(cfg: EvalConfig, *, show_progress: bool = True, fail_on_failures: bool = True) -> dict:
+    """Evaluate `cfg.variants` x `cfg.targets` on `cfg.cases`. Returns {run_id, results_path, results, out}.
+    Raises FlywheelError (after writing the results) when generations failed above `cfg.max_failure_rate`."""
+    import tempfile
+
+    from flywheel.pipelines import tracking
+    from flywheel.pipelines.config import flatten
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    plan = _plan(cfg)
     tracking.setup(cfg.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="flywheel-eval-") as scratch:
         targets, lineage = build_targets(cfg, Path(scratch))
         for t in targets:  # an unreachable endpoint fails here, before the MLflow run exists
             t.check()
-        inputs = {T.IN_CASES: caseset.path, T.IN_DATASET_VERSION: caseset.dataset_version, **lineage}
+        inputs = {T.IN_CASES: plan.caseset.path, T.IN_DATASET_VERSION: plan.caseset.dataset_version, **lineage}
         with tracking.start_run("prompts", cfg.run_name or f"eval-{cfg.name}", inputs=inputs,
                                 params=flatten(cfg.model_dump(mode="json")), configured_uri=cfg.tracking_uri,
                                 tags={T.EVAL_PRIMARY_METRIC: cfg.primary_metric}) as parent:
-            prompt_versions = {}
-            if cfg.register_prompts:
-                for v in variants:
-                    pv = register_prompt(v)
-                    MlflowClient().link_prompt_version_to_run(parent.info.run_id, pv)
-                    prompt_versions[v.name] = pv
-            embedder = _LazyEmbedder(cfg.embedding_model) if "embedding_similarity" in metrics else None
-
-            # 2. the matrix
-            total = len(targets) * len(variants) * len(caseset.cases) * g.repeat
-            with Progress(TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), disable=not show_progress, transient=True) as bar:
-                task = bar.add_task("generate", total=total)
-                matrix = harness.run_matrix(
-                    caseset.cases, variants, targets, params=params, cache=cache, metrics=metrics,
-                    suite_assertions=cfg.assertions, repeat=g.repeat, embedder=embedder, judge=judge,
-                    nll_batch_size=cfg.nll_batch_size, nll_max_length=cfg.nll_max_length,
-                    progress=_progress(bar, task, show_progress))
-            rows = matrix["rows"]
-            cells = harness.cells(rows, alpha=cfg.compare.alpha)
-            failures = harness.failures(rows)
-            if cfg.compare.pairs:
-                pairs = [((p.control["variant"], p.control["target"]), (p.treatment["variant"],
-                                                                         p.treatment["target"]))
-                         for p in cfg.compare.pairs]
-            else:
-                pairs = harness.auto_pairs([v.name for v in variants], [t.name for t in targets])
-            comparisons, cmp_notes = harness.compare(rows, pairs, alpha=cfg.compare.alpha,
-                                                     correction=cfg.compare.correction, test=cfg.compare.test)
-
-            # 3. one child run per cell
-            child_runs = {}
-            for v in variants:
-                for t in targets:
-                    cell_rows = [r for r in rows if r["variant"] == v.name and r["target"] == t.name]
-                    pv = prompt_versions.get(v.name)
-                    with tracking.start_run("prompts", f"{t.name}/{v.name}", nested=True,
-                                            inputs=inputs,
-                                            params={"variant": v.name, "target": t.name,
-                                                    "prompt_version": v.version,
-                                                    "prompt_uri": pv.uri if pv else None,
-                                                    "target_identity": t.identity,
-                                                    "n_cases": len(cell_rows)}) as child:
-                        if pv is not None:
-                            MlflowClient().link_prompt_version_to_run(child.info.run_id, pv)
-                        tracking.log_metrics({c["metric"]: c["mean"] for c in cells
-                                              if c["variant"] == v.name and c["target"] == t.name})
-                        mlflow.log_table(_table(cell_rows), artifact_file="cases.json")
-                        child_runs[f"{t.name}/{v.name}"] = child.info.run_id
-
-            # What was evaluated, by identity (base/adapter sha256) and by the reference given (a registry
-            # version such as models:/name/3): the gate refuses to promote on results about other models.
-            refs = {t.name: t.adapter for t in cfg.targets} | ({"candidate": cfg.candidate} if cfg.candidate else {})
-            results = build_results(
-                name=cfg.name, run_id=parent.info.run_id, child_runs=child_runs, primary_metric=cfg.primary_metric,
-                caseset=caseset, targets=[{**t.describe(), "adapter_ref": refs.get(t.name)} for t in targets], cells=cells, comparisons=comparisons,
-                variants=[{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
-                           "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
-                          for v in variants],
-                # every sampling parameter as sent (greedy spelled out: temperature 0, top_k 1): what publish pins
-                generation={**params.sampling(), "do_sample": params.do_sample, "repeat": g.repeat,
-                            "batch_size": g.batch_size},
-                cache={"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)}, rows=rows,
-                failures=failures, max_failure_rate=cfg.max_failure_rate, notes=matrix["notes"] + cmp_notes)
-            with atomic_dir(out_dir, force=cfg.force, inputs=[cfg.cases], stage="eval") as tmp:
-                write_json(tmp / "results.json", results)
-                write_jsonl(tmp / "cases.jsonl", rows)
-                (tmp / "config.yaml").write_text(_yaml(cfg), encoding="utf-8")
-            mlflow.log_artifact(str(out_dir / "results.json"))
-            mlflow.log_artifact(str(out_dir / "config.yaml"))
-            pm = [c for c in cells if c["metric"] == cfg.primary_metric]
-            tracking.log_metrics({f"{c['target']}.{c['variant']}.{c['metric']}": c["mean"] for c in pm})
-            tracking.log_metrics({"cases": len(caseset.cases), "generated": results["generated"],
-                                  "failures": sum(f["failed"] for f in failures.values()),
-                                  "cache_hits": cache.hits})
-    res = {"run_id": results["run_id"], "results_path": str(out_dir / "results.json"), "results": results,
-           "out": str(out_dir)}
+            prompt_versions = _register_prompts(cfg, plan, parent.info.run_id)
+            matrix = _generate(cfg, plan, targets, show_progress)
+            results = _results(cfg, plan, parent.info.run_id, targets, matrix, prompt_versions, inputs)
+            _write(cfg, plan, results, matrix["rows"])
+    res = {"run_id": results["run_id"], "results_path": str(plan.out_dir / "results.json"), "results": results,
+           "out": str(plan.out_dir)}
     if fail_on_failures:
         check_failures({**results, "results_path": res["results_path"]})
     return res

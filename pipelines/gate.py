@@ -23,8 +23,9 @@ gate, promoted_version, eval_run_id, variant, system_prompt}`.
 from __future__ import annotations
 
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from pydantic import Field
@@ -64,7 +65,9 @@ class GateConfig(GateRules):
     sample_generations: SampleSection = Field(default_factory=SampleSection,
                                               description="real answers on a few cases, for display")
     results: Optional[str] = Field(None, description="re-gate an existing results.json (no eval run)")
-    baseline_target: Optional[str] = Field(None, description="baseline target name inside results.json; None: `champion` when the file has it (a gate's own eval), else the first target that is not the candidate (`base` in what `flywheel eval candidate=...` writes)")
+    baseline_target: Optional[str] = Field(None, description=(
+        "baseline target name inside results.json; None: `champion` when the file has it (a gate's own eval), else "
+        "the first target that is not the candidate (`base` in what `flywheel eval candidate=...` writes)"))
     candidate_target: str = Field("candidate", description="candidate target name inside results.json")
     out: Optional[str] = Field(None, description="output directory; default <FLYWHEEL_HOME>/gate/<run id>")
     force: bool = Field(False, description="replace an existing `out` Flywheel did not write")
@@ -271,93 +274,180 @@ def _check_results_identity(cfg: GateConfig, results: dict, cand) -> tuple[str |
 
 # -- the stage ------------------------------------------------------------------------------------------------
 
-def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_progress: bool = False) -> dict:
-    """Gate `candidate` against the champion (or base). Never raises for a bad candidate/champion/eval: those
-    are decisions (`error`, exit 2) with a report. Returns {decision, exit_code, run_id, report_path, ...}."""
-    import tempfile
+@dataclass
+class _Evidence:
+    """Phase 1's findings, filled in as they are found: a crash part-way keeps what was already known (the
+    candidate, the champion version) for the decision and its report."""
 
+    candidate_label: str
+    baseline_target: str
+    candidate_target: str
+    baseline_label: str = "?"
+    problems: list[str] = field(default_factory=list)
+    results: Optional[dict] = None
+    eval_run_id: Optional[str] = None
+    sample_run_id: Optional[str] = None
+    cand: Any = None
+    champ_version: Optional[str] = None
+
+
+def _regate_results(cfg: GateConfig, candidate: str, promote: bool, ev: _Evidence) -> None:
+    """Re-gating an existing evaluation: the targets are named in the file."""
+    from flywheel.pipelines import registry
+
+    rp = Path(cfg.results)
+    if not rp.exists():
+        raise InputError(f"results {rp}: no such file")
+    ev.results = read_json(rp)
+    ev.eval_run_id = ev.results.get("run_id")
+    ev.baseline_target = cfg.baseline_target or default_baseline_target(ev.results, ev.candidate_target)
+    ev.baseline_label = ev.baseline_target
+    if _looks_like_model(candidate):  # then --promote can register it
+        ev.cand = registry.resolve_model(candidate, "candidate")
+        ev.candidate_label = ev.cand.label
+    if promote:
+        ev.champ_version, ev.baseline_label = _check_results_identity(cfg, ev.results, ev.cand)
+
+
+def _baseline(cfg: GateConfig, cand, ev: _Evidence) -> dict:
+    """The eval target to beat: the champion (read now: one whose files are gone must stop the gate, not be
+    skipped), else the base model."""
+    from flywheel.pipelines import registry
+
+    champ = registry.champion(cfg.model_name)
+    if champ is not None:
+        ev.champ_version = str(champ.version)
+        registry.resolve_model(f"models:/{cfg.model_name}/{ev.champ_version}", "champion")
+        ev.baseline_label = f"models:/{cfg.model_name}@champion (v{ev.champ_version})"
+        return {"name": "champion", "adapter": f"models:/{cfg.model_name}/{ev.champ_version}"}
+    base = cfg.base_model or cand.meta.get("base_model") or "smollm2-135m-instruct"
+    ev.baseline_label = f"base model {base} (no champion yet)"
+    return {"name": "base", "base": base}
+
+
+def _evaluate_candidate(cfg: GateConfig, candidate: str, ev: _Evidence, staging: Path, show_progress: bool) -> None:
+    """Candidate and baseline through `flywheel eval` on the same cases (plus the display-only sample)."""
+    from flywheel.pipelines import registry
+    from flywheel.pipelines.eval import run_eval
+
+    cand = ev.cand = registry.resolve_model(candidate, "candidate")
+    ev.candidate_label = cand.label
+    baseline = _baseline(cfg, cand, ev)
+    ev.baseline_target, ev.candidate_target = baseline["name"], "candidate"
+    ecfg = _eval_config(cfg, baseline, cand.uri if cand.uri.startswith(("runs:/", "models:/"))
+                        else str(cand.adapter_dir), staging)
+    if ecfg.cases == CANDIDATE_CASES:
+        ecfg.cases = _candidate_cases(cand)
+    _check_enough_cases(ecfg, cfg.min_cases)  # seconds, not the minutes of an eval doomed to `error`
+    res = run_eval(ecfg, show_progress=show_progress)
+    ev.results, ev.eval_run_id = res["results"], res["run_id"]
+    ev.sample_run_id = _sample_generations(cfg, ecfg, ev.eval_run_id, staging / "sample", show_progress)
+
+
+def _gather_evidence(cfg: GateConfig, candidate: str, promote: bool, staging: Path, show_progress: bool) -> _Evidence:
+    """Phase 1, the evidence, before the gate run opens (the eval stage logs its own run in flywheel/prompts).
+    Never raises for a bad candidate/champion/eval: the problem is recorded for an `error` decision."""
     import mlflow
 
-    from flywheel.evals import gate as rules_mod
-    from flywheel.pipelines import registry, tracking
-    from flywheel.foundation.io import atomic_dir, check_output_dir, write_json
-
-    tracking.setup(cfg.tracking_uri)
-    if cfg.out:  # refuse a bad `out` before evaluating and promoting, not after
-        check_output_dir(cfg.out, inputs=[cfg.results] if cfg.results else [], force=cfg.force)
-    problems: list[str] = []
-    results = None
-    eval_run_id = sample_run_id = None
-    cand = None
-    champ_version = None
-    baseline_label, candidate_label = "?", candidate
-    baseline_target, candidate_target = cfg.baseline_target, cfg.candidate_target
-    # Phase 1, the evidence, before the gate run opens (the eval stage logs its own run in flywheel/prompts).
-    staging_root = (Path(cfg.out).parent if cfg.out else tracking.flywheel_home() / "gate")
-    staging_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".gate-eval-", dir=staging_root))
+    ev = _Evidence(candidate_label=candidate, baseline_target=cfg.baseline_target,
+                   candidate_target=cfg.candidate_target)
     try:
         if cfg.results:
-            # Re-gating an existing evaluation: the targets are named in the file.
-            rp = Path(cfg.results)
-            if not rp.exists():
-                raise InputError(f"results {rp}: no such file")
-            results = read_json(rp)
-            eval_run_id = results.get("run_id")
-            baseline_target = cfg.baseline_target or default_baseline_target(results, candidate_target)
-            baseline_label = baseline_target
-            if _looks_like_model(candidate):  # then --promote can register it
-                cand = registry.resolve_model(candidate, "candidate")
-                candidate_label = cand.label
-            if promote:
-                champ_version, baseline_label = _check_results_identity(cfg, results, cand)
+            _regate_results(cfg, candidate, promote, ev)
         else:
-            cand = registry.resolve_model(candidate, "candidate")
-            candidate_label = cand.label
-            champ = registry.champion(cfg.model_name)
-            if champ is not None:
-                champ_version = str(champ.version)
-                # Read it now: a champion whose files are gone must stop the gate, not be skipped.
-                registry.resolve_model(f"models:/{cfg.model_name}/{champ_version}", "champion")
-                baseline = {"name": "champion", "adapter": f"models:/{cfg.model_name}/{champ_version}"}
-                baseline_label = f"models:/{cfg.model_name}@champion (v{champ_version})"
-            else:
-                base = cfg.base_model or cand.meta.get("base_model") or "smollm2-135m-instruct"
-                baseline = {"name": "base", "base": base}
-                baseline_label = f"base model {base} (no champion yet)"
-            baseline_target, candidate_target = baseline["name"], "candidate"
-            from flywheel.pipelines.eval import run_eval
-
-            ecfg = _eval_config(cfg, baseline, cand.uri if cand.uri.startswith(("runs:/", "models:/"))
-                                else str(cand.adapter_dir), staging)
-            if ecfg.cases == CANDIDATE_CASES:
-                ecfg.cases = _candidate_cases(cand)
-            _check_enough_cases(ecfg, cfg.min_cases)  # seconds, not the minutes of an eval doomed to `error`
-            res = run_eval(ecfg, show_progress=show_progress)
-            results, eval_run_id = res["results"], res["run_id"]
-            sample_run_id = _sample_generations(cfg, ecfg, eval_run_id, staging / "sample", show_progress)
+            _evaluate_candidate(cfg, candidate, ev, staging, show_progress)
     except FlywheelError as e:
-        problems.append(str(e))
+        ev.problems.append(str(e))
     except Exception as e:  # a crashed evaluation is an error decision, with the cause in the report
-        problems.append(f"evaluation crashed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        ev.problems.append(f"evaluation crashed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         traceback.print_exc()
     finally:
         while mlflow.active_run():  # a crash inside eval may leave its run open
             mlflow.end_run(status="FAILED")
+    return ev
 
+
+def _shipped_variant(cfg: GateConfig, ev: _Evidence) -> tuple[str | None, list[str], str | None]:
+    """(variant, the family it was picked from, its system prompt). The gate picks when no variant is fixed,
+    and then corrects for the choice."""
     variant, family = cfg.variant, []
-    if results is not None and variant is None:  # the gate picks: it then corrects for the choice
-        variant, family = pick_variant(results, cfg.primary.metric, candidate_target)
+    if ev.results is not None and variant is None:
+        variant, family = pick_variant(ev.results, cfg.primary.metric, ev.candidate_target)
     system_prompt = None
-    if results is not None:
+    if ev.results is not None:
         try:
-            system_prompt = system_prompt_for(results, variant)
+            system_prompt = system_prompt_for(ev.results, variant)
         except FlywheelError:
             system_prompt = None
+    return variant, family, system_prompt
 
-    # Phase 2, the decision, in its own run.
-    inputs = {T.IN_CANDIDATE: candidate, T.IN_EVAL_RUN: eval_run_id, T.IN_SAMPLE_EVAL_RUN: sample_run_id,
-              T.IN_CHAMPION: f"{cfg.model_name}/{champ_version}" if champ_version else None,
+
+def _promote(cfg: GateConfig, gate: dict, ev: _Evidence, run_id: str, variant: str | None,
+             system_prompt: str | None) -> str | None:
+    """On a pass with --promote: register and move @champion, only if it is still what was evaluated against
+    (compare-and-set); a moved champion turns the decision into `error`. -> the new version or None."""
+    import mlflow
+
+    from flywheel.evals import gate as rules_mod
+    from flywheel.pipelines import registry
+
+    if gate["decision"] != rules_mod.PASS:
+        return None
+    if ev.cand is None:
+        gate["reasons"].append("--promote needs a candidate model reference (run id, runs:/, dir)")
+        return None
+    tags = {T.input_tag(T.IN_EVAL_RUN): ev.eval_run_id, T.input_tag(T.IN_GATE_RUN): run_id,
+            T.PROMPT_VARIANT: variant,
+            T.SYSTEM_PROMPT: (system_prompt or "")[:4000] or None}
+    try:
+        promoted = registry.promote_new(cfg.model_name, ev.cand, expected=ev.champ_version, gate_run_id=run_id,
+                                        tags=tags, description=f"promoted by gate run {run_id}")["version"]
+        mlflow.set_tag(T.PROMOTED_VERSION, promoted)
+        return promoted
+    except registry.ChampionMoved as e:
+        gate.update(decision=rules_mod.ERROR, exit_code=rules_mod.EXIT_CODES[rules_mod.ERROR])
+        gate["reasons"].append(str(e))
+        return None
+
+
+def _write_decision(cfg: GateConfig, out: Path, staging: Path, gate: dict, ev: _Evidence,
+                    variant: str | None) -> None:
+    """gate.json + gate_report.md (with the eval outputs they rest on), atomically; artifacts, tags, metrics."""
+    import mlflow
+
+    from flywheel.evals import gate as rules_mod
+    from flywheel.foundation.io import atomic_dir, write_json
+    from flywheel.pipelines import tracking
+
+    report = rules_mod.report_markdown(gate, baseline_label=ev.baseline_label, candidate_label=ev.candidate_label)
+    promoted = gate["promoted_version"]
+    if promoted:
+        report += f"\nPromoted: {md.code(f'models:/{cfg.model_name}/{promoted}')} is now `@champion`.\n"
+    with atomic_dir(out, force=cfg.force, inputs=[cfg.results] if cfg.results else [], stage="gate") as tmp:
+        if (staging / "eval").exists():  # the eval outputs travel with the decision they support
+            (staging / "eval").rename(tmp / "eval")
+        if (staging / "sample").exists():
+            (staging / "sample").rename(tmp / "sample")
+        write_json(tmp / "gate.json", gate)
+        (tmp / "gate_report.md").write_text(report, encoding="utf-8")
+    mlflow.log_artifact(str(out / "gate.json"))
+    mlflow.log_artifact(str(out / "gate_report.md"))
+    mlflow.set_tags({T.GATE_DECISION: gate["decision"],
+                     **({T.GATE_VARIANT: variant} if variant else {})})
+    tracking.log_metrics(rules_mod.decision_metrics(gate))
+
+
+def _decide(cfg: GateConfig, candidate: str, promote: bool, ev: _Evidence,
+            staging: Path) -> tuple[dict, Path, str | None]:
+    """Phase 2, the decision, in its own run: rules, optional promotion, gate.json + report.
+    -> (gate, out, shipped variant)."""
+    from flywheel.evals import gate as rules_mod
+    from flywheel.pipelines import tracking
+
+    variant, family, system_prompt = _shipped_variant(cfg, ev)
+    cand = ev.cand
+    inputs = {T.IN_CANDIDATE: candidate, T.IN_EVAL_RUN: ev.eval_run_id, T.IN_SAMPLE_EVAL_RUN: ev.sample_run_id,
+              T.IN_CHAMPION: f"{cfg.model_name}/{ev.champ_version}" if ev.champ_version else None,
               T.IN_DATASET_VERSION: cand.meta.get("dataset_version") if cand else None,
               T.IN_TRAIN_RUN: (cand.meta.get("train_run_id") or cand.run_id) if cand else None}
     with tracking.start_run("gate", cfg.run_name or "gate", configured_uri=cfg.tracking_uri, inputs=inputs,
@@ -371,60 +461,41 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
             try:
                 ab_verdict = latest_ab_verdict(cfg.ab.variant, cfg.ab.max_age_hours)
             except InputError as e:
-                problems.append(str(e))
-        gate = rules_mod.evaluate(results, cfg, baseline=baseline_target,
-                                  candidate=candidate_target, variant=variant, variant_family=family,
-                                  ab_verdict=ab_verdict,
-                                  problems=problems)
-        gate.update(gate_run_id=run_id, eval_run_id=eval_run_id, sample_eval_run_id=sample_run_id,
-                    candidate=candidate,
-                    candidate_label=candidate_label, baseline=baseline_label, champion_version=champ_version,
-                    model_name=cfg.model_name, system_prompt=system_prompt, config=cfg.model_dump(mode="json"))
+                ev.problems.append(str(e))
+        gate = rules_mod.evaluate(ev.results, cfg, baseline=ev.baseline_target, candidate=ev.candidate_target,
+                                  variant=variant, variant_family=family, ab_verdict=ab_verdict,
+                                  problems=ev.problems)
+        gate.update(gate_run_id=run_id, eval_run_id=ev.eval_run_id, sample_eval_run_id=ev.sample_run_id,
+                    candidate=candidate, candidate_label=ev.candidate_label, baseline=ev.baseline_label,
+                    champion_version=ev.champ_version, model_name=cfg.model_name, system_prompt=system_prompt,
+                    config=cfg.model_dump(mode="json"))
+        gate["promoted_version"] = _promote(cfg, gate, ev, run_id, variant, system_prompt) if promote else None
+        _write_decision(cfg, out, staging, gate, ev, variant)
+    return gate, out, variant
 
-        promoted = None
-        if promote and gate["decision"] == rules_mod.PASS:
-            if cand is None:
-                gate["reasons"].append("--promote needs a candidate model reference (run id, runs:/, dir)")
-            else:
-                tags = {T.input_tag(T.IN_EVAL_RUN): eval_run_id, T.input_tag(T.IN_GATE_RUN): run_id,
-                        T.PROMPT_VARIANT: variant,
-                        T.SYSTEM_PROMPT: (system_prompt or "")[:4000] or None}
-                try:
-                    # Compare-and-set: only if @champion is still what the evaluation compared against.
-                    promoted = registry.promote_new(cfg.model_name, cand, expected=champ_version, gate_run_id=run_id,
-                                                    tags=tags, description=f"promoted by gate run {run_id}")["version"]
-                    mlflow.set_tag(T.PROMOTED_VERSION, promoted)
-                except registry.ChampionMoved as e:
-                    gate.update(decision=rules_mod.ERROR, exit_code=rules_mod.EXIT_CODES[rules_mod.ERROR])
-                    gate["reasons"].append(str(e))
-        gate["promoted_version"] = promoted
 
-        report = rules_mod.report_markdown(gate, baseline_label=baseline_label, candidate_label=candidate_label)
-        if promoted:
-            report += f"\nPromoted: {md.code(f'models:/{cfg.model_name}/{promoted}')} is now `@champion`.\n"
-        with atomic_dir(out, force=cfg.force, inputs=[cfg.results] if cfg.results else [], stage="gate") as tmp:
-            if (staging / "eval").exists():  # the eval outputs travel with the decision they support
-                (staging / "eval").rename(tmp / "eval")
-            if (staging / "sample").exists():
-                (staging / "sample").rename(tmp / "sample")
-            write_json(tmp / "gate.json", gate)
-            (tmp / "gate_report.md").write_text(report, encoding="utf-8")
-        mlflow.log_artifact(str(out / "gate.json"))
-        mlflow.log_artifact(str(out / "gate_report.md"))
-        mlflow.set_tags({T.GATE_DECISION: gate["decision"],
-                         **({T.GATE_VARIANT: variant} if variant else {})})
-        primary = gate["checks"][0] if gate["checks"] else {}
-        tracking.log_metrics({"exit_code": gate["exit_code"], "primary.baseline": primary.get("baseline"),
-                              "primary.candidate": primary.get("candidate"),
-                              "primary.difference": primary.get("difference"),
-                              "primary.p_adjusted": primary.get("p_adjusted")})
+def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_progress: bool = False) -> dict:
+    """Gate `candidate` against the champion (or base). Never raises for a bad candidate/champion/eval: those
+    are decisions (`error`, exit 2) with a report. Returns {decision, exit_code, run_id, report_path, ...}."""
     import shutil
+    import tempfile
 
+    from flywheel.foundation.io import check_output_dir
+    from flywheel.pipelines import tracking
+
+    tracking.setup(cfg.tracking_uri)
+    if cfg.out:  # refuse a bad `out` before evaluating and promoting, not after
+        check_output_dir(cfg.out, inputs=[cfg.results] if cfg.results else [], force=cfg.force)
+    staging_root = (Path(cfg.out).parent if cfg.out else tracking.flywheel_home() / "gate")
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".gate-eval-", dir=staging_root))
+    ev = _gather_evidence(cfg, candidate, promote, staging, show_progress)
+    gate, out, variant = _decide(cfg, candidate, promote, ev, staging)
     shutil.rmtree(staging, ignore_errors=True)
-    return {"decision": gate["decision"], "exit_code": gate["exit_code"], "run_id": run_id,
+    return {"decision": gate["decision"], "exit_code": gate["exit_code"], "run_id": gate["gate_run_id"],
             "report_path": str(out / "gate_report.md"), "gate_path": str(out / "gate.json"), "gate": gate,
-            "promoted_version": promoted, "eval_run_id": eval_run_id, "variant": variant,
-            "system_prompt": system_prompt, "out": str(out)}
+            "promoted_version": gate["promoted_version"], "eval_run_id": ev.eval_run_id,
+            "variant": variant, "system_prompt": gate["system_prompt"], "out": str(out)}
 
 
 def register(app: typer.Typer) -> None:

@@ -32,14 +32,11 @@ gguf_adapter, base_gguf, quantize, peak_rss, seconds, warnings, ollama_create}`.
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import shutil
-import re
 import resource
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,7 +45,10 @@ import typer
 from flywheel.pipelines.config import load_config
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.pipelines import tags as T
-# The config type lives with the export core whose stage it configures.
+# The config type and the folder's pure parts live with the export core; imported here for the stage's callers.
+from flywheel.training.export import (ADAPTER_CAVEAT, check_gguf, check_modelfile, check_readme,  # noqa: F401
+                                      convert_adapter, convert_base, converters_dir, readme, split_system,
+                                      static_system)
 from flywheel.training.export_config import PublishConfig
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -64,63 +64,6 @@ def _eval_sampling() -> dict[str, Any]:
 
 
 # -- llama.cpp converters -------------------------------------------------------------------------------------
-
-def converters_dir(configured: str | None = None) -> Path | None:
-    """Where convert_lora_to_gguf.py lives (with its gguf-py and conversion/ beside it), or None.
-
-    A configured folder is the only one looked at (so a config can also switch conversion off); otherwise
-    $FLYWHEEL_LLAMA_CPP, then where `make llama-cpp-converters` puts them.
-    """
-    candidates = [configured] if configured else [os.environ.get("FLYWHEEL_LLAMA_CPP"),
-                                                  str(Path(sys.prefix) / "share" / "flywheel" / "llama.cpp")]
-    for c in candidates:
-        if c and (Path(c) / "convert_lora_to_gguf.py").exists() and (Path(c) / "gguf-py").is_dir():
-            return Path(c)
-    return None
-
-
-def _run_converter(script: Path, args: list[str], timeout: int) -> dict:
-    from flywheel.training.export import converter_env, run_measured
-
-    m = run_measured([sys.executable, str(script), *args], env=converter_env(), timeout=timeout)
-    if m.timed_out:
-        raise InputError(f"{script.name}: timed out after {timeout}s")
-    if m.returncode != 0:
-        tail = (m.stderr or m.stdout).strip().splitlines()[-3:]
-        raise InputError(f"{script.name} failed (exit {m.returncode}): {' | '.join(tail)[:400]}")
-    return {"seconds": m.seconds, "peak_rss_bytes": m.peak_rss_bytes}
-
-
-def convert_adapter(adapter_dir: Path, base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f16",
-                    timeout: int = 900) -> Path:
-    # Always --base: adapter_config.json holds whatever base path training used, often relative or gone.
-    _run_converter(llama_cpp / "convert_lora_to_gguf.py",
-                   [str(adapter_dir), "--base", str(base_dir), "--outtype", outtype, "--outfile", str(dest)], timeout)
-    check_gguf(dest, expect_type="adapter")
-    return dest
-
-
-def convert_base(base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f16", timeout: int = 900) -> Path:
-    _run_converter(llama_cpp / "convert_hf_to_gguf.py", [str(base_dir), "--outtype", outtype, "--outfile",
-                                                         str(dest)], timeout)
-    check_gguf(dest, expect_type="model")
-    return dest
-
-
-def check_gguf(path: Path, expect_type: str | None = None) -> dict:
-    """Open a GGUF and read `general.type`: llama.cpp segfaults on a bad `lora_path` instead of raising."""
-    from flywheel.training.export import ExportError, read_gguf
-
-    try:
-        info = read_gguf(path, converters_dir())
-    except ExportError as e:
-        raise InputError(str(e)) from None
-    kind = info["type"]
-    ok = kind == "adapter" if expect_type == "adapter" else kind in ("model", None)
-    if expect_type and not ok:
-        raise InputError(f"{path}: general.type is {kind!r}, expected {expect_type!r}")
-    return {"type": kind, "size": info["size"], "tensors": len(info["tensors"])}
-
 
 def _cached_base_gguf(base_dir: Path, sha256: str, llama_cpp: Path, outtype: str, timeout: int) -> Path:
     """Converting the base takes ~10 s and 270 MB: do it once per base hash, then hard-link into folders."""
@@ -147,37 +90,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 # -- system prompt --------------------------------------------------------------------------------------------
 
-# Template fields in any of the syntaxes the project writes: `{{ context }}` (prompt variants), `{context}`
-# (mine's system_template), and Jinja blocks.
-FIELD_RE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{[A-Za-z_][A-Za-z0-9_.]*\}", re.S)
-
-
-def split_system(template_system: str) -> tuple[str, str]:
-    """(static part, per-request part) of a variant's system text, split at blank-line paragraphs.
-
-    A paragraph that names a field (and so its label, e.g. "Context:") belongs to the request; the rest is
-    the same for every request and goes into SYSTEM.
-    """
-    paras = re.split(r"\n\s*\n", template_system.strip())
-    static = [p for p in paras if not FIELD_RE.search(p)]
-    dynamic = [p for p in paras if FIELD_RE.search(p)]
-    return "\n\n".join(static).strip(), "\n\n".join(dynamic).strip()
-
-
-def static_system(text: str | None, source: str) -> str | None:
-    """Refuse a SYSTEM that is empty or still holds template fields (Ollama would send them literally)."""
-    if text is None:
-        return None
-    if not text.strip():
-        raise InputError(f"{source}: the static system prompt is empty; nothing to put in SYSTEM "
-                         "(pass --system TEXT)")
-    found = FIELD_RE.findall(text)
-    if found:
-        raise InputError(f"{source}: the system prompt still contains template field(s) {found[:3]}; SYSTEM "
-                         "cannot fill them per request (pass --system with the static text)")
-    return text.strip()
-
-
 def variant_system(variant: str | None) -> tuple[str, str, str] | None:
     """(static, per-request, full template text) of a prompt variant's system prompt, or None if not found."""
     if not variant:
@@ -192,14 +104,6 @@ def variant_system(variant: str | None) -> tuple[str, str, str] | None:
     static, dynamic = split_system(t.system)
     return static, dynamic, t.system.strip()
 
-
-def chat_api_example(name: str, static: str, dynamic: str) -> str:
-    """An Ollama /api/chat request whose system message carries the static text plus the request's fields."""
-    filled = FIELD_RE.sub(lambda m: "<" + re.sub(r"[{}%\s]", "", m.group(0)) + " for this request>", dynamic)
-    body = {"model": name, "stream": False, "messages": [
-        {"role": "system", "content": f"{static}\n\n{filled}"},
-        {"role": "user", "content": "<the user's question>"}]}
-    return "curl http://localhost:11434/api/chat -d " + shlex.quote(json.dumps(body, ensure_ascii=False))
 
 
 # -- merged model ---------------------------------------------------------------------------------------------
@@ -243,74 +147,6 @@ def lineage(model: Any) -> dict:
     return out
 
 
-ADAPTER_CAVEAT = ("mode=adapter writes an ADAPTER line: Ollama takes one GGUF adapter (or a safetensors adapter "
-                  "for llama/gemma2 bases only), and Ollama v0.34.1 and later are reported to reject any Modelfile "
-                  "with ADAPTER at `ollama create`; use the default mode=merged for current Ollama")
-
-OLLAMA_NOTES = {
-    "merged": ["This folder has no `ADAPTER` line: the LoRA is merged into `model.gguf`, which any Ollama that "
-               "imports GGUF files accepts (including v0.34.1 and later, reported to reject `ADAPTER`), and which "
-               "llama.cpp loads directly (`llama-cli -m model.gguf`)."],
-    "adapter": ["`base.gguf` + `adapter.gguf`: for llama.cpp (`llama-cli -m base.gguf --lora adapter.gguf`) and "
-                "Ollama releases before v0.34.1, whose `ADAPTER` takes one GGUF adapter. " + ADAPTER_CAVEAT + "."],
-}
-
-
-def readme(lin: dict, *, name: str, files: dict[str, str | None], warnings: list[str], system: str | None,
-           create_cmd: str, mode: str = "merged", quantize: str = "f16",
-           request_system: tuple[str, str] | None = None) -> str:
-    def v(x):
-        return f"`{x}`" if x else "unknown"
-
-    rows = [
-        ("logs", ", ".join(f"`{x}`" for x in lin.get("logs") or []) or "unknown"),
-        ("mine run (`flywheel/mine`)", v(lin.get("mine_run"))),
-        ("dataset version", v(lin.get("dataset_version"))),
-        ("train run (`flywheel/train`)", v(lin.get("train_run"))),
-        ("eval run (`flywheel/prompts`)", v(lin.get("eval_run"))),
-        ("gate run (`flywheel/gate`)", f"{v(lin.get('gate_run'))} decision: {v(lin.get('gate_decision'))}"),
-        ("registered model", f"{v(lin.get('registered_model'))} version {v(lin.get('version'))}"),
-        ("base model", f"{v(lin.get('base_model'))} sha256 {v(lin.get('base_model_sha256'))}"),
-        ("prompt variant", v(lin.get("prompt_variant"))),
-        ("mode", v(mode)),
-        ("quantization", v(quantize)),
-    ]
-    lines = [f"# {name}", "", "Published by `flywheel publish`. Run it with Ollama:", "", "```bash",
-             create_cmd, shlex.join(["ollama", "run", name]), "```", ""] + OLLAMA_NOTES[mode]
-    if mode == "merged":
-        lines += ["", "## Quantization", "",
-                  f"`model.gguf` is `{quantize}`, written by llama.cpp's `convert_hf_to_gguf.py` (which writes f16, "
-                  "bf16 and q8_0: `flywheel publish ... quantize=q8_0`). Smaller k-quants (Q4_K_M, Q5_K_M, Q6_K, "
-                  "...) need llama.cpp's `llama-quantize` on the f16 file, then point FROM at the result:", "",
-                  "```bash", "llama-quantize model.gguf model-Q4_K_M.gguf Q4_K_M",
-                  "sed -i 's#^FROM ./model.gguf#FROM ./model-Q4_K_M.gguf#' Modelfile", "```",
-                  "", "(`ollama create --quantize q4_K_M` does the same inside Ollama for f16/bf16 models.)"]
-    lines += ["", "## Lineage", "", "| step | value |", "|---|---|"]
-    lines += [f"| {a} | {b} |" for a, b in rows]
-    lines += ["", "## Files", ""] + [f"- `{k}`: {v_ or 'not produced'}" for k, v_ in files.items()]
-    if system:
-        lines += ["", "## System prompt", "", "`SYSTEM` in the Modelfile (used when a request sends no system "
-                  "message):", "", "```text", system, "```"]
-    if request_system:
-        static, dynamic = request_system
-        lines += ["", "## Per-request context", "",
-                  "The prompt variant also has per-request fields, which are not in `SYSTEM` (a fixed placeholder "
-                  "there would be answered from on every request). Send them in your own system message; it "
-                  "replaces `SYSTEM` for that request:", "", "```text", dynamic, "```", "", "```bash",
-                  chat_api_example(name, static, dynamic), "```"]
-    if warnings:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
-    return "\n".join(lines) + "\n"
-
-
-def check_readme(text: str, lin: dict, quantize: str) -> None:
-    """The lineage a reader needs to trace the model: dataset, train run, gate run and the quantization."""
-    for key in ("dataset_version", "train_run", "gate_run"):
-        if lin.get(key) and f"`{lin[key]}`" not in text:
-            raise InputError(f"README.md: lineage row {key} ({lin[key]}) missing")
-    if f"| quantization | `{quantize}` |" not in text:
-        raise InputError("README.md: quantization row missing")
-
 
 def _write_adapter_pair(tmp: Path, adapter_dir: Path, info: Any, llama_cpp: Path | None, cfg: PublishConfig,
                         warnings: list[str]) -> tuple[dict, str, bool, str, Path | None, Path | None]:
@@ -349,22 +185,6 @@ def _write_adapter_pair(tmp: Path, adapter_dir: Path, info: Any, llama_cpp: Path
     return files, base_ref, base_is_path, "./adapter.gguf" if gguf_adapter else "./adapter", gguf_adapter, base_gguf
 
 
-def check_modelfile(text: str, folder: Path, mode: str) -> None:
-    """Parse what will be written (Ollama's grammar); merged: no ADAPTER; local FROM/ADAPTER files exist."""
-    from flywheel.training.modelfile import ModelfileError, parse
-
-    try:
-        mf = parse(text)
-    except ModelfileError as e:
-        raise InputError(f"Modelfile: {e}") from None
-    if mode == "merged" and (mf.get("adapter") is not None or mf.get("from") != "./model.gguf"):
-        raise InputError("Modelfile: mode=merged must be FROM ./model.gguf with no ADAPTER line")
-    for key in ("from", "adapter"):
-        ref = mf.get(key)
-        if ref and ref.startswith("./") and not (folder / ref).exists():
-            raise InputError(f"Modelfile: {key.upper()} {ref} does not exist in the published folder")
-
-
 # -- the stage ------------------------------------------------------------------------------------------------
 
 def _ollama_name(name: str) -> str:
@@ -399,29 +219,42 @@ def chat_format_from_tokenizer(tok_dir: Path, meta: dict):
     return derive_chat_format(render, specials, eos), tok.chat_template
 
 
-def run_publish(model_uri: str, out: str | Path | None = None, system: str | None = None,
-                cfg: PublishConfig | None = None) -> dict:
-    """Publish `model_uri` (models:/name@champion, models:/name/3, runs:/…, run id, adapter dir)."""
-    import mlflow
+@dataclass
+class _Source:
+    """What phases 1-4 resolved, before anything is written."""
 
-    from flywheel.pipelines import registry, tracking
-    from flywheel.foundation.io import atomic_dir, check_output_dir, write_json
-    from flywheel.training.modelfile import ModelfileSpec, create_command, write
+    model: Any
+    name: str
+    out_dir: Path
+    info: Any                              # the base model, checked by hash
+    tok_dir: Path
+    chat: Any                              # ChatFormat: TEMPLATE and stops
+    chat_template: str
+    system_text: str | None
+    request_system: tuple[str, str] | None
+    llama_cpp: Path | None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Weights:
+    """What the weights step wrote into the folder, and how the Modelfile refers to it."""
+
+    files: dict[str, str | None]
+    base_ref: str
+    base_is_path: bool
+    adapter_ref: str | None
+    export: dict[str, Any] = field(default_factory=dict)
+    model_gguf: Path | None = None
+    gguf_adapter: Path | None = None
+    base_gguf: Path | None = None
+
+
+def _verified_base(model: Any, cfg: PublishConfig) -> Any:
+    """Phase 1: the base, by hash: an adapter on the wrong base loads fine and produces gibberish."""
     from flywheel.training.models import resolve_base_model
 
-    cfg = cfg or PublishConfig()
-    parameters = cfg.parameters if cfg.parameters is not None else _eval_sampling()
-    if cfg.name is not None:
-        _ollama_name(cfg.name)  # before any work: a bad name given by hand fails first
-    tracking.setup(cfg.tracking_uri)
-    model = registry.resolve_model(model_uri, "model")
     meta = model.meta
-    name = _ollama_name(cfg.name or (model.name or f"flywheel-{(model.run_id or 'adapter')[:8]}").lower())
-    out_dir = Path(out or cfg.out or Path("Modelfiles") / name)
-    check_output_dir(out_dir, inputs=[model.adapter_dir], force=cfg.force)  # before any conversion work
-    warnings: list[str] = []
-
-    # 1. the base, by hash
     base_name, recorded = meta.get("base_model"), meta.get("base_model_sha256")
     if not base_name or not recorded:
         raise InputError(f"{model.adapter_dir}/flywheel_adapter.json: base_model / base_model_sha256 missing; "
@@ -430,31 +263,32 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
     if info.sha256 != recorded:
         raise InputError(f"adapter {model.label} was trained on {base_name} sha256 {recorded[:12]}…, but "
                          f"{info.path} has sha256 {info.sha256[:12]}…: refusing to publish on another base")
+    return info
 
-    # 2. template + stops from the tokenizer the adapter carries (else the base's)
-    tok_dir = model.adapter_dir if (model.adapter_dir / "tokenizer_config.json").exists() else info.path
-    chat, chat_template = chat_format_from_tokenizer(tok_dir, meta)
 
-    # 3. SYSTEM: only what is the same for every request
+def _system_prompt(model: Any, system: str | None, cfg: PublishConfig,
+                   warnings: list[str]) -> tuple[str | None, tuple[str, str] | None]:
+    """Phase 3, SYSTEM: only what is the same for every request. -> (SYSTEM text, (static, per-request) parts
+    for the README when the variant has per-request fields)."""
     variant = model.tags.get(T.PROMPT_VARIANT)
     parts = variant_system(variant)
-    request_system = None
     explicit = system if system is not None else cfg.system
     if explicit is not None:
-        system_text = static_system(explicit, "--system")
-    elif parts is not None:
-        system_text = static_system(parts[0], f"prompt variant {variant!r}")
-        request_system = (parts[0], parts[1]) if parts[1] else None
-    else:
-        system_text = static_system(model.tags.get(T.SYSTEM_PROMPT) or None, "flywheel.system_prompt tag")
-        if system_text is None:
-            warnings.append("no system prompt recorded for this model (no winning prompt variant): using the "
-                            "tokenizer's default")
-        elif variant:
-            warnings.append(f"prompt variant {variant!r} not found under configs/prompts: SYSTEM is the system "
-                            "prompt recorded at promotion, as is")
+        return static_system(explicit, "--system"), None
+    if parts is not None:
+        return static_system(parts[0], f"prompt variant {variant!r}"), ((parts[0], parts[1]) if parts[1] else None)
+    system_text = static_system(model.tags.get(T.SYSTEM_PROMPT) or None, "flywheel.system_prompt tag")
+    if system_text is None:
+        warnings.append("no system prompt recorded for this model (no winning prompt variant): using the "
+                        "tokenizer's default")
+    elif variant:
+        warnings.append(f"prompt variant {variant!r} not found under configs/prompts: SYSTEM is the system "
+                        "prompt recorded at promotion, as is")
+    return system_text, None
 
-    # 4. converters: merged mode cannot do without them, so fail before anything is written
+
+def _converters(cfg: PublishConfig, warnings: list[str]) -> Path | None:
+    """Phase 4: merged mode cannot do without llama.cpp's converters, so fail before anything is written."""
     llama_cpp = converters_dir(cfg.llama_cpp_dir)
     if cfg.mode == "merged":
         if cfg.base != "gguf":
@@ -464,74 +298,135 @@ def run_publish(model_uri: str, out: str | Path | None = None, system: str | Non
                              "or set FLYWHEEL_LLAMA_CPP (or publish mode=adapter)")
     else:
         warnings.append(ADAPTER_CAVEAT)
+    return llama_cpp
 
-    t0 = time.perf_counter()
-    export: dict[str, Any] = {}
-    gguf_adapter = base_gguf = model_gguf = None
-    with atomic_dir(out_dir, force=cfg.force, inputs=[model.adapter_dir], stage="publish") as tmp:
-        if cfg.mode == "merged":
-            export = export_merged(model.adapter_dir, info.path, tok_dir, chat_template, list(chat.stop),
-                                   tmp / "model.gguf", llama_cpp, cfg.quantize, cfg.convert_timeout_s)
-            model_gguf = tmp / "model.gguf"
-            files: dict[str, str | None] = {
-                "Modelfile": "Ollama Modelfile (no ADAPTER line)",
-                "model.gguf": f"{info.name} + LoRA merged (PEFT merge_and_unload), GGUF {cfg.quantize} "
-                              f"({export['check']['tensors']} tensors)"}
-            base_ref, base_is_path, adapter_ref = "./model.gguf", True, None
-        else:
-            files, base_ref, base_is_path, adapter_ref, gguf_adapter, base_gguf = _write_adapter_pair(
-                tmp, model.adapter_dir, info, llama_cpp, cfg, warnings)
 
-        lin = lineage(model)
-        header = [f"Published by flywheel publish from {model.uri} (mode {cfg.mode}, {cfg.quantize})",
-                  f"base {info.name} sha256 {info.sha256}",
-                  f"dataset {lin.get('dataset_version')} | train run {lin.get('train_run')} | "
-                  f"gate run {lin.get('gate_run')} ({lin.get('gate_decision')})"]
-        spec = ModelfileSpec(base=base_ref, base_is_path=base_is_path, chat=chat, adapter=adapter_ref,
-                             system=system_text, parameters=parameters, license=cfg.license, header=header)
-        text, mf_warnings = write(spec)
-        warnings += mf_warnings
-        check_modelfile(text, tmp, cfg.mode)
-        (tmp / "Modelfile").write_text(text, encoding="utf-8")
-        create_cmd = create_command(name, out_dir.resolve() / "Modelfile")
-        final_system = system_text if system_text is not None else chat.default_system
-        readme_text = readme(lin, name=name, files=files, warnings=warnings, system=final_system,
-                             create_cmd=create_cmd, mode=cfg.mode, quantize=cfg.quantize,
-                             request_system=request_system)
-        check_readme(readme_text, lin, cfg.quantize)
-        (tmp / "README.md").write_text(readme_text, encoding="utf-8")
-        lin.update(mode=cfg.mode, quantize=cfg.quantize, gguf_check=export.get("check"))
-        write_json(tmp / "lineage.json", {**lin, "files": files, "warnings": warnings})
-        # GGUFs are large and rebuilt by `flywheel publish`: keep them out of git if the folder is in a repo.
-        (tmp / ".gitignore").write_text("# written by flywheel publish: GGUF files are rebuilt, not versioned\n"
-                                        "*.gguf\n", encoding="utf-8")
-        # Temp files are private (0600/0700); a published folder is meant to be read by others (ollama, CI).
-        for p in [tmp, *tmp.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
-    seconds = time.perf_counter() - t0
-    peak_rss = {"publish": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "merge": export.get("peak_rss_merge"), "convert": export.get("peak_rss_convert")}
+def _resolve(model_uri: str, out: str | Path | None, system: str | None, cfg: PublishConfig) -> _Source:
+    """Phases 1-4, everything checked before any conversion work."""
+    from flywheel.foundation.io import check_output_dir
+    from flywheel.pipelines import registry
 
-    inputs = {T.IN_MODEL_URI: model.uri, T.IN_TRAIN_RUN: lin.get("train_run"), T.IN_GATE_RUN: lin.get("gate_run"),
-              T.IN_DATASET_VERSION: lin.get("dataset_version")}
-    with tracking.start_run("publish", cfg.run_name or f"publish-{name}", inputs=inputs,
+    model = registry.resolve_model(model_uri, "model")
+    name = _ollama_name(cfg.name or (model.name or f"flywheel-{(model.run_id or 'adapter')[:8]}").lower())
+    out_dir = Path(out or cfg.out or Path("Modelfiles") / name)
+    check_output_dir(out_dir, inputs=[model.adapter_dir], force=cfg.force)  # before any conversion work
+    warnings: list[str] = []
+    info = _verified_base(model, cfg)
+    # 2. template + stops from the tokenizer the adapter carries (else the base's)
+    tok_dir = model.adapter_dir if (model.adapter_dir / "tokenizer_config.json").exists() else info.path
+    chat, chat_template = chat_format_from_tokenizer(tok_dir, model.meta)
+    system_text, request_system = _system_prompt(model, system, cfg, warnings)
+    llama_cpp = _converters(cfg, warnings)
+    return _Source(model, name, out_dir, info, tok_dir, chat, chat_template, system_text, request_system,
+                   llama_cpp, warnings)
+
+
+def _write_weights(tmp: Path, src: _Source, cfg: PublishConfig) -> _Weights:
+    """The merged model.gguf, or the adapter pair (mode=adapter)."""
+    info = src.info
+    if cfg.mode == "merged":
+        export = export_merged(src.model.adapter_dir, info.path, src.tok_dir, src.chat_template,
+                               list(src.chat.stop), tmp / "model.gguf", src.llama_cpp, cfg.quantize,
+                               cfg.convert_timeout_s)
+        files: dict[str, str | None] = {
+            "Modelfile": "Ollama Modelfile (no ADAPTER line)",
+            "model.gguf": f"{info.name} + LoRA merged (PEFT merge_and_unload), GGUF {cfg.quantize} "
+                          f"({export['check']['tensors']} tensors)"}
+        return _Weights(files, "./model.gguf", True, None, export=export, model_gguf=tmp / "model.gguf")
+    files, base_ref, base_is_path, adapter_ref, gguf_adapter, base_gguf = _write_adapter_pair(
+        tmp, src.model.adapter_dir, info, src.llama_cpp, cfg, src.warnings)
+    return _Weights(files, base_ref, base_is_path, adapter_ref, gguf_adapter=gguf_adapter, base_gguf=base_gguf)
+
+
+def _write_docs(tmp: Path, src: _Source, w: _Weights, cfg: PublishConfig, parameters: dict) -> tuple[dict, str]:
+    """Modelfile, README.md, lineage.json and .gitignore, each checked before it is written.
+    -> (lineage, the `ollama create` command)."""
+    from flywheel.foundation.io import write_json
+    from flywheel.training.modelfile import ModelfileSpec, create_command, write
+
+    model, info, warnings = src.model, src.info, src.warnings
+    lin = lineage(model)
+    header = [f"Published by flywheel publish from {model.uri} (mode {cfg.mode}, {cfg.quantize})",
+              f"base {info.name} sha256 {info.sha256}",
+              f"dataset {lin.get('dataset_version')} | train run {lin.get('train_run')} | "
+              f"gate run {lin.get('gate_run')} ({lin.get('gate_decision')})"]
+    spec = ModelfileSpec(base=w.base_ref, base_is_path=w.base_is_path, chat=src.chat, adapter=w.adapter_ref,
+                         system=src.system_text, parameters=parameters, license=cfg.license, header=header)
+    text, mf_warnings = write(spec)
+    warnings += mf_warnings
+    check_modelfile(text, tmp, cfg.mode)
+    (tmp / "Modelfile").write_text(text, encoding="utf-8")
+    create_cmd = create_command(src.name, src.out_dir.resolve() / "Modelfile")
+    final_system = src.system_text if src.system_text is not None else src.chat.default_system
+    readme_text = readme(lin, name=src.name, files=w.files, warnings=warnings, system=final_system,
+                         create_cmd=create_cmd, mode=cfg.mode, quantize=cfg.quantize,
+                         request_system=src.request_system)
+    check_readme(readme_text, lin, cfg.quantize)
+    (tmp / "README.md").write_text(readme_text, encoding="utf-8")
+    lin.update(mode=cfg.mode, quantize=cfg.quantize, gguf_check=w.export.get("check"))
+    write_json(tmp / "lineage.json", {**lin, "files": w.files, "warnings": warnings})
+    # GGUFs are large and rebuilt by `flywheel publish`: keep them out of git if the folder is in a repo.
+    (tmp / ".gitignore").write_text("# written by flywheel publish: GGUF files are rebuilt, not versioned\n"
+                                    "*.gguf\n", encoding="utf-8")
+    return lin, create_cmd
+
+
+def _log_publish(src: _Source, w: _Weights, lin: dict, cfg: PublishConfig, parameters: dict, seconds: float,
+                 peak_rss: dict) -> str:
+    """The `flywheel/publish` run: lineage inputs, the folder's text files, timings. -> run id."""
+    import mlflow
+
+    from flywheel.pipelines import tracking
+
+    out_dir = src.out_dir
+    inputs = {T.IN_MODEL_URI: src.model.uri, T.IN_TRAIN_RUN: lin.get("train_run"),
+              T.IN_GATE_RUN: lin.get("gate_run"), T.IN_DATASET_VERSION: lin.get("dataset_version")}
+    with tracking.start_run("publish", cfg.run_name or f"publish-{src.name}", inputs=inputs,
                             configured_uri=cfg.tracking_uri,
                             tags={T.MODELFILE_PATH: str((out_dir / "Modelfile").resolve()),
-                                  T.PUBLISH_GGUF_ADAPTER: "yes" if gguf_adapter else "no",
+                                  T.PUBLISH_GGUF_ADAPTER: "yes" if w.gguf_adapter else "no",
                                   T.PUBLISH_MODE: cfg.mode,
-                                  T.BASE_MODEL_SHA256: info.sha256},
+                                  T.BASE_MODEL_SHA256: src.info.sha256},
                             params={"mode": cfg.mode, "base": cfg.base, "quantize": cfg.quantize,
                                     **{f"parameters.{k}": v for k, v in parameters.items()}}) as run:
         mlflow.log_artifact(str(out_dir / "Modelfile"))
         mlflow.log_artifact(str(out_dir / "README.md"))
         mlflow.log_artifact(str(out_dir / "lineage.json"))
         mlflow.log_metrics({"publish_s": seconds, **{f"peak_rss_mb.{k}": v / 2**20 for k, v in peak_rss.items() if v}})
-    return {"out": str(out_dir.resolve()), "modelfile": str((out_dir / "Modelfile").resolve()), "run_id": run.info.run_id,
+        return run.info.run_id
+
+
+def run_publish(model_uri: str, out: str | Path | None = None, system: str | None = None,
+                cfg: PublishConfig | None = None) -> dict:
+    """Publish `model_uri` (models:/name@champion, models:/name/3, runs:/…, run id, adapter dir)."""
+    from flywheel.foundation.io import atomic_dir
+    from flywheel.pipelines import tracking
+
+    cfg = cfg or PublishConfig()
+    parameters = cfg.parameters if cfg.parameters is not None else _eval_sampling()
+    if cfg.name is not None:
+        _ollama_name(cfg.name)  # before any work: a bad name given by hand fails first
+    tracking.setup(cfg.tracking_uri)
+    src = _resolve(model_uri, out, system, cfg)
+    out_dir = src.out_dir
+
+    t0 = time.perf_counter()
+    with atomic_dir(out_dir, force=cfg.force, inputs=[src.model.adapter_dir], stage="publish") as tmp:
+        w = _write_weights(tmp, src, cfg)
+        lin, create_cmd = _write_docs(tmp, src, w, cfg, parameters)
+        # Temp files are private (0600/0700); a published folder is meant to be read by others (ollama, CI).
+        for p in [tmp, *tmp.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    seconds = time.perf_counter() - t0
+    peak_rss = {"publish": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "merge": w.export.get("peak_rss_merge"), "convert": w.export.get("peak_rss_convert")}
+    run_id = _log_publish(src, w, lin, cfg, parameters, seconds, peak_rss)
+    return {"out": str(out_dir.resolve()), "modelfile": str((out_dir / "Modelfile").resolve()), "run_id": run_id,
             "mode": cfg.mode, "quantize": cfg.quantize, "seconds": seconds, "peak_rss": peak_rss,
-            "model_gguf": str(out_dir / "model.gguf") if model_gguf else None,
-            "gguf_adapter": str(out_dir / "adapter.gguf") if gguf_adapter else None,
-            "base_gguf": str(out_dir / "base.gguf") if base_gguf else None, "warnings": warnings,
-            "ollama_create": create_cmd, "name": name}
+            "model_gguf": str(out_dir / "model.gguf") if w.model_gguf else None,
+            "gguf_adapter": str(out_dir / "adapter.gguf") if w.gguf_adapter else None,
+            "base_gguf": str(out_dir / "base.gguf") if w.base_gguf else None, "warnings": src.warnings,
+            "ollama_create": create_cmd, "name": src.name}
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,5 @@
-"""Merge a LoRA adapter into its base, convert the merged model to GGUF, and check the GGUF that came out.
+"""Merge a LoRA adapter into its base, convert the merged model to GGUF, and check the GGUF that came out; the
+rest of a published folder (SYSTEM prompt, README with lineage) and the checks that read it back.
 
 Plain functions over paths and dicts (no MLflow, no CLI framework); `flywheel.pipelines.publish` orchestrates them.
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from flywheel.foundation.errors import InputError
 
 # What llama.cpp's convert_hf_to_gguf.py writes itself (`--outtype`). Everything else needs llama-quantize.
 CONVERTER_TYPES = ("f16", "bf16", "q8_0")
@@ -285,6 +290,192 @@ def check_merged_gguf(path: Path, *, hf_tensors: dict[str, dict], outtype: str, 
         raise ExportError(f"{path}: stop token(s) {missing} named in the Modelfile are not in the GGUF vocabulary")
     return {"tensors": len(tensors), "types": types, "size": info["size"], "architecture": info["architecture"],
             "chat_template": info["chat_template"] is not None, "stops_in_vocab": list(stops)}
+
+
+# ---------------------------------------------------------------------------------------- converters, by path
+# llama.cpp's own scripts, found where `make llama-cpp-converters` installs them, run in child processes.
+
+def converters_dir(configured: str | None = None) -> Path | None:
+    """Where convert_lora_to_gguf.py lives (with its gguf-py and conversion/ beside it), or None.
+
+    A configured folder is the only one looked at (so a config can also switch conversion off); otherwise
+    $FLYWHEEL_LLAMA_CPP, then where `make llama-cpp-converters` puts them.
+    """
+    candidates = [configured] if configured else [os.environ.get("FLYWHEEL_LLAMA_CPP"),
+                                                  str(Path(sys.prefix) / "share" / "flywheel" / "llama.cpp")]
+    for c in candidates:
+        if c and (Path(c) / "convert_lora_to_gguf.py").exists() and (Path(c) / "gguf-py").is_dir():
+            return Path(c)
+    return None
+
+
+def _run_converter(script: Path, args: list[str], timeout: int) -> dict:
+    m = run_measured([sys.executable, str(script), *args], env=converter_env(), timeout=timeout)
+    if m.timed_out:
+        raise InputError(f"{script.name}: timed out after {timeout}s")
+    if m.returncode != 0:
+        tail = (m.stderr or m.stdout).strip().splitlines()[-3:]
+        raise InputError(f"{script.name} failed (exit {m.returncode}): {' | '.join(tail)[:400]}")
+    return {"seconds": m.seconds, "peak_rss_bytes": m.peak_rss_bytes}
+
+
+def convert_adapter(adapter_dir: Path, base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f16",
+                    timeout: int = 900) -> Path:
+    # Always --base: adapter_config.json holds whatever base path training used, often relative or gone.
+    _run_converter(llama_cpp / "convert_lora_to_gguf.py",
+                   [str(adapter_dir), "--base", str(base_dir), "--outtype", outtype, "--outfile", str(dest)], timeout)
+    check_gguf(dest, expect_type="adapter")
+    return dest
+
+
+def convert_base(base_dir: Path, dest: Path, llama_cpp: Path, outtype: str = "f16", timeout: int = 900) -> Path:
+    _run_converter(llama_cpp / "convert_hf_to_gguf.py", [str(base_dir), "--outtype", outtype, "--outfile",
+                                                         str(dest)], timeout)
+    check_gguf(dest, expect_type="model")
+    return dest
+
+
+def check_gguf(path: Path, expect_type: str | None = None) -> dict:
+    """Open a GGUF and read `general.type`: llama.cpp segfaults on a bad `lora_path` instead of raising."""
+    try:
+        info = read_gguf(path, converters_dir())
+    except ExportError as e:
+        raise InputError(str(e)) from None
+    kind = info["type"]
+    ok = kind == "adapter" if expect_type == "adapter" else kind in ("model", None)
+    if expect_type and not ok:
+        raise InputError(f"{path}: general.type is {kind!r}, expected {expect_type!r}")
+    return {"type": kind, "size": info["size"], "tensors": len(info["tensors"])}
+
+
+# ---------------------------------------------------------------------------------------- the published folder
+# What `flywheel publish` writes beside the GGUF: the SYSTEM prompt (static part only), the README with the
+# lineage, and the checks that parse both back before they are written.
+
+# Template fields in any of the syntaxes the project writes: `{{ context }}` (prompt variants), `{context}`
+# (mine's system_template), and Jinja blocks.
+FIELD_RE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{[A-Za-z_][A-Za-z0-9_.]*\}", re.S)
+
+
+def split_system(template_system: str) -> tuple[str, str]:
+    """(static part, per-request part) of a variant's system text, split at blank-line paragraphs.
+
+    A paragraph that names a field (and so its label, e.g. "Context:") belongs to the request; the rest is
+    the same for every request and goes into SYSTEM.
+    """
+    paras = re.split(r"\n\s*\n", template_system.strip())
+    static = [p for p in paras if not FIELD_RE.search(p)]
+    dynamic = [p for p in paras if FIELD_RE.search(p)]
+    return "\n\n".join(static).strip(), "\n\n".join(dynamic).strip()
+
+
+def static_system(text: str | None, source: str) -> str | None:
+    """Refuse a SYSTEM that is empty or still holds template fields (Ollama would send them literally)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise InputError(f"{source}: the static system prompt is empty; nothing to put in SYSTEM "
+                         "(pass --system TEXT)")
+    found = FIELD_RE.findall(text)
+    if found:
+        raise InputError(f"{source}: the system prompt still contains template field(s) {found[:3]}; SYSTEM "
+                         "cannot fill them per request (pass --system with the static text)")
+    return text.strip()
+
+
+def chat_api_example(name: str, static: str, dynamic: str) -> str:
+    """An Ollama /api/chat request whose system message carries the static text plus the request's fields."""
+    filled = FIELD_RE.sub(lambda m: "<" + re.sub(r"[{}%\s]", "", m.group(0)) + " for this request>", dynamic)
+    body = {"model": name, "stream": False, "messages": [
+        {"role": "system", "content": f"{static}\n\n{filled}"},
+        {"role": "user", "content": "<the user's question>"}]}
+    return "curl http://localhost:11434/api/chat -d " + shlex.quote(json.dumps(body, ensure_ascii=False))
+
+
+ADAPTER_CAVEAT = ("mode=adapter writes an ADAPTER line: Ollama takes one GGUF adapter (or a safetensors adapter "
+                  "for llama/gemma2 bases only), and Ollama v0.34.1 and later are reported to reject any Modelfile "
+                  "with ADAPTER at `ollama create`; use the default mode=merged for current Ollama")
+
+
+OLLAMA_NOTES = {
+    "merged": ["This folder has no `ADAPTER` line: the LoRA is merged into `model.gguf`, which any Ollama that "
+               "imports GGUF files accepts (including v0.34.1 and later, reported to reject `ADAPTER`), and which "
+               "llama.cpp loads directly (`llama-cli -m model.gguf`)."],
+    "adapter": ["`base.gguf` + `adapter.gguf`: for llama.cpp (`llama-cli -m base.gguf --lora adapter.gguf`) and "
+                "Ollama releases before v0.34.1, whose `ADAPTER` takes one GGUF adapter. " + ADAPTER_CAVEAT + "."],
+}
+
+
+def readme(lin: dict, *, name: str, files: dict[str, str | None], warnings: list[str], system: str | None,
+           create_cmd: str, mode: str = "merged", quantize: str = "f16",
+           request_system: tuple[str, str] | None = None) -> str:
+    def v(x):
+        return f"`{x}`" if x else "unknown"
+
+    rows = [
+        ("logs", ", ".join(f"`{x}`" for x in lin.get("logs") or []) or "unknown"),
+        ("mine run (`flywheel/mine`)", v(lin.get("mine_run"))),
+        ("dataset version", v(lin.get("dataset_version"))),
+        ("train run (`flywheel/train`)", v(lin.get("train_run"))),
+        ("eval run (`flywheel/prompts`)", v(lin.get("eval_run"))),
+        ("gate run (`flywheel/gate`)", f"{v(lin.get('gate_run'))} decision: {v(lin.get('gate_decision'))}"),
+        ("registered model", f"{v(lin.get('registered_model'))} version {v(lin.get('version'))}"),
+        ("base model", f"{v(lin.get('base_model'))} sha256 {v(lin.get('base_model_sha256'))}"),
+        ("prompt variant", v(lin.get("prompt_variant"))),
+        ("mode", v(mode)),
+        ("quantization", v(quantize)),
+    ]
+    lines = [f"# {name}", "", "Published by `flywheel publish`. Run it with Ollama:", "", "```bash",
+             create_cmd, shlex.join(["ollama", "run", name]), "```", ""] + OLLAMA_NOTES[mode]
+    if mode == "merged":
+        lines += ["", "## Quantization", "",
+                  f"`model.gguf` is `{quantize}`, written by llama.cpp's `convert_hf_to_gguf.py` (which writes f16, "
+                  "bf16 and q8_0: `flywheel publish ... quantize=q8_0`). Smaller k-quants (Q4_K_M, Q5_K_M, Q6_K, "
+                  "...) need llama.cpp's `llama-quantize` on the f16 file, then point FROM at the result:", "",
+                  "```bash", "llama-quantize model.gguf model-Q4_K_M.gguf Q4_K_M",
+                  "sed -i 's#^FROM ./model.gguf#FROM ./model-Q4_K_M.gguf#' Modelfile", "```",
+                  "", "(`ollama create --quantize q4_K_M` does the same inside Ollama for f16/bf16 models.)"]
+    lines += ["", "## Lineage", "", "| step | value |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    lines += ["", "## Files", ""] + [f"- `{k}`: {v_ or 'not produced'}" for k, v_ in files.items()]
+    if system:
+        lines += ["", "## System prompt", "", "`SYSTEM` in the Modelfile (used when a request sends no system "
+                  "message):", "", "```text", system, "```"]
+    if request_system:
+        static, dynamic = request_system
+        lines += ["", "## Per-request context", "",
+                  "The prompt variant also has per-request fields, which are not in `SYSTEM` (a fixed placeholder "
+                  "there would be answered from on every request). Send them in your own system message; it "
+                  "replaces `SYSTEM` for that request:", "", "```text", dynamic, "```", "", "```bash",
+                  chat_api_example(name, static, dynamic), "```"]
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
+    return "\n".join(lines) + "\n"
+
+
+def check_readme(text: str, lin: dict, quantize: str) -> None:
+    """The lineage a reader needs to trace the model: dataset, train run, gate run and the quantization."""
+    for key in ("dataset_version", "train_run", "gate_run"):
+        if lin.get(key) and f"`{lin[key]}`" not in text:
+            raise InputError(f"README.md: lineage row {key} ({lin[key]}) missing")
+    if f"| quantization | `{quantize}` |" not in text:
+        raise InputError("README.md: quantization row missing")
+
+
+def check_modelfile(text: str, folder: Path, mode: str) -> None:
+    """Parse what will be written (Ollama's grammar); merged: no ADAPTER; local FROM/ADAPTER files exist."""
+    from flywheel.training.modelfile import ModelfileError, parse
+
+    try:
+        mf = parse(text)
+    except ModelfileError as e:
+        raise InputError(f"Modelfile: {e}") from None
+    if mode == "merged" and (mf.get("adapter") is not None or mf.get("from") != "./model.gguf"):
+        raise InputError("Modelfile: mode=merged must be FROM ./model.gguf with no ADAPTER line")
+    for key in ("from", "adapter"):
+        ref = mf.get(key)
+        if ref and ref.startswith("./") and not (folder / ref).exists():
+            raise InputError(f"Modelfile: {key.upper()} {ref} does not exist in the published folder")
 
 
 # ---------------------------------------------------------------------------------------------- CLI (merge)

@@ -336,6 +336,20 @@ def auto_pairs(variants: Sequence[str], targets: Sequence[str]) -> list[tuple[tu
     return pairs
 
 
+def configured_pairs(pairs: Sequence[tuple[dict, dict]], variants: Sequence[str],
+                     targets: Sequence[str]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Configured (control, treatment) cells, each {variant, target}, as `compare`'s pairs. A side that names no
+    cell is an InputError, raised before any generation."""
+    out = []
+    for i, (control, treatment) in enumerate(pairs):
+        for side in (control, treatment):
+            if side.get("variant") not in variants or side.get("target") not in targets:
+                raise InputError(f"compare.pairs[{i}]: {side} names no cell (variants {sorted(set(variants))}, "
+                                 f"targets {sorted(set(targets))})")
+        out.append(((control["variant"], control["target"]), (treatment["variant"], treatment["target"])))
+    return out
+
+
 def compare(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, str], tuple[str, str]]], *,
             metrics: Sequence[str] | None = None, alpha: float = 0.05, correction: str = "holm",
             test: str = "auto") -> tuple[list[dict], list[str]]:

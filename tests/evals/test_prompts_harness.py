@@ -196,3 +196,12 @@ def test_disk_cache_roundtrip_and_key(tmp_path):
     assert GenParams(batch_size=2).key() == GenParams(batch_size=16).key()
     assert GenParams(do_sample=True, seed=1).key() != GenParams(do_sample=True, seed=2).key()
     assert not math.isnan(len(k))
+
+
+def test_configured_pairs_become_compare_pairs_and_a_wrong_cell_is_named():
+    pairs = [({"variant": "concise", "target": "base"}, {"variant": "grounded", "target": "base"})]
+    assert harness.configured_pairs(pairs, ["concise", "grounded"], ["base"]) == [
+        (("concise", "base"), ("grounded", "base"))]
+    bad = pairs + [({"variant": "concise", "target": "base"}, {"variant": "concise", "target": "tuned"})]
+    with pytest.raises(InputError, match=r"compare.pairs\[1\]: .*'tuned'.* names no cell"):
+        harness.configured_pairs(bad, ["concise", "grounded"], ["base"])
