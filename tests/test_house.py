@@ -14,7 +14,6 @@ CORES = ("foundation", "mining", "training", "evals")
 
 # "<path relative to the repo>:<function>" -> why it may be longer, for now.
 LONG_FUNCTIONS_ALLOWED = {
-    "pipelines/loop.py:run_loop": "being reworked",
 }
 # "<path>:<function>" -> why it may call print().
 PRINT_ALLOWED = {
