@@ -353,7 +353,8 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True, fail_on_failures: b
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # 1. everything that can be wrong, before generation
-    caseset = load_cases(cfg.cases, limit=cfg.limit)
+    # asking for preference_accuracy reads a mined dataset's preference eval split instead of eval.jsonl
+    caseset = load_cases(cfg.cases, limit=cfg.limit, preferences="preference_accuracy" in cfg.metrics)
     variants = [load_template(v, _prompts_dir(cfg)) for v in cfg.variants]
     if cfg.primary_metric not in cfg.metrics + ["pass_rate", "error_rate"]:
         raise InputError(f"primary_metric {cfg.primary_metric!r} is not among metrics {cfg.metrics}")
