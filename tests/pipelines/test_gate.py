@@ -437,3 +437,18 @@ def test_dpo_gate_eval_is_teacher_forced_on_the_preference_split(tmp_path):
     ecfg = _eval_config(cfg, {"name": "champion", "base": "smollm2-135m-instruct"}, "runs:/x/adapter", tmp_path)
     assert ecfg.metrics == ["preference_accuracy", "nll"] and ecfg.primary_metric == "preference_accuracy"
     assert ecfg.generation.max_new_tokens == 1 and ecfg.variants == ["plain"]
+
+
+def test_dpo_gate_counts_the_preference_pairs_not_eval_jsonl(tmp_path):
+    """min_cases is checked on the cases the eval will read: the preference split when it scores pairs."""
+    from flywheel.pipelines.config import load_config
+    from flywheel.pipelines.gate import ROOT, _check_enough_cases, _eval_config
+    from tests.evals.test_prompts_preference import fluent_vs_shuffled, write_jsonl
+
+    d = tmp_path / "mined"
+    d.mkdir()
+    (d / "eval.jsonl").write_text("")  # hh-rlhf mines pairs only
+    pairs = [{**p, "id": f"{p['id']}-{k}"} for k in range(2) for p in fluent_vs_shuffled()]
+    write_jsonl(d / "preferences_eval.jsonl", pairs)
+    cfg = load_config(GateConfig, ROOT / "configs" / "gate-dpo.yaml", [f"eval.cases={d}"])
+    _check_enough_cases(_eval_config(cfg, {"name": "champion"}, "runs:/x/adapter", tmp_path), cfg.min_cases)
