@@ -39,7 +39,8 @@ ZERO_BASELINE_EPS = 1e-10  # MLflow's fallback when the baseline is exactly 0
 
 
 CorrectionMethod = Literal["holm", "bonferroni", "bh", "fdr_bh", "by", "fdr_by", "hommel", "none"]
-TEACHER_FORCED = frozenset({"nll"})  # metrics computed from the reference answer, not from generated text
+# metrics computed from the reference (or a preference pair's two answers), not from generated text
+TEACHER_FORCED = frozenset({"nll", "preference_accuracy"})
 
 
 class PrimaryRule(StageConfig):

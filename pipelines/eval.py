@@ -305,6 +305,14 @@ def demo_config(cases: str | Path, candidate: str | None = None, out: str | Path
     return cfg
 
 
+def eval_cases(cfg: EvalConfig):
+    """The config's cases. Asking for preference_accuracy reads a mined dataset's preference eval split
+    (`preferences_eval.jsonl`) instead of `eval.jsonl`."""
+    from flywheel.evals.prompts.cases import load_cases
+
+    return load_cases(cfg.cases, limit=cfg.limit, preferences="preference_accuracy" in cfg.metrics)
+
+
 def _progress(bar: Any, task: Any, show: bool):
     """The bar advances per case; a failure is printed above it as it happens and counted in its label."""
     failed = [0]
@@ -351,13 +359,12 @@ class _Plan:
 def _plan(cfg: EvalConfig) -> _Plan:
     """Phase 1: everything that can be wrong, before generation (targets are resolved later, in the scratch dir)."""
     from flywheel.evals.prompts import harness
-    from flywheel.evals.prompts.cases import load_cases
     from flywheel.evals.prompts.templates import load_template
     from flywheel.foundation.cache import JsonCache
     from flywheel.foundation.io import check_output_dir
     from flywheel.pipelines import tracking
 
-    caseset = load_cases(cfg.cases, limit=cfg.limit)
+    caseset = eval_cases(cfg)
     variants = [load_template(v, _prompts_dir(cfg)) for v in cfg.variants]
     if cfg.primary_metric not in cfg.metrics + ["pass_rate", "error_rate"]:
         raise InputError(f"primary_metric {cfg.primary_metric!r} is not among metrics {cfg.metrics}")

@@ -144,9 +144,9 @@ def _candidate_cases(cand) -> str:
 
 
 def _check_enough_cases(ecfg, min_cases: int) -> None:
-    from flywheel.evals.prompts.cases import load_cases
+    from flywheel.pipelines.eval import eval_cases
 
-    n = len(load_cases(ecfg.cases, limit=ecfg.limit).cases)
+    n = len(eval_cases(ecfg).cases)
     if n < min_cases:
         raise InputError(f"min_cases {min_cases}: the eval suite has only {n} cases ({ecfg.cases}"
                          f"{f', limit {ecfg.limit}' if ecfg.limit else ''}); give more cases (eval.cases=...) or lower "

@@ -278,26 +278,3 @@ def reward_history(trainer: Any) -> list[dict]:
     return [{"step": h["step"], "accuracy": h["eval_rewards/accuracies"], "margin": h.get("eval_rewards/margins")}
             for h in trainer.state.log_history if "eval_rewards/accuracies" in h]
 
-
-def preference_wins(model: Any, rows: list[dict], adapter: bool = True) -> list[int]:
-    """Per pair, 1 when the model gives the chosen answer a higher length-normalised log-likelihood (mean token
-    log-prob) than the rejected one, else 0; `adapter=False` scores the base (a PEFT model's adapter disabled).
-    0/1 per pair, so two models compare paired (McNemar) on the same pairs."""
-    import contextlib
-
-    import torch
-
-    device = next(model.parameters()).device
-    off = model.disable_adapter() if not adapter else contextlib.nullcontext()
-    wins = []
-    model.eval()
-    with torch.no_grad(), off:
-        for r in rows:
-            scores = []
-            for key in ("chosen_ids", "rejected_ids"):
-                ids = torch.tensor([r["prompt_ids"] + r[key]], device=device)
-                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-                tok = logp.gather(1, ids[0, 1:, None])[:, 0][len(r["prompt_ids"]) - 1:]
-                scores.append(tok.mean().item())
-            wins.append(int(scores[0] > scores[1]))
-    return wins

@@ -7,7 +7,12 @@ Three sources, told apart by shape, so `cases=` can point at whatever the user h
   `{id?, question, reference?, context?, assert?: [{type: contains, value: ...}, ...], vars?: {...}}`;
 - an oasst1 flat message table (`message_id`/`parent_id`/`role`/`rank` per line, as in ../shared/data): each
   root prompt becomes a case whose reference is its best-ranked assistant reply. This lets a suite run on the
-  real data before (or without) a mining step.
+  real data before (or without) a mining step;
+- preference pairs (TRL's conversational format, as `flywheel mine` writes them: `{id, prompt: [messages],
+  chosen: [assistant message], rejected: [assistant message]}`): a pairs .jsonl file, told apart by shape, or a
+  mined dataset directory's `preferences_eval.jsonl` when `preferences=True` (the eval stage asks for it when the
+  metrics include `preference_accuracy`). The prompt's last user turn is the question, the chosen answer is the
+  reference (so reference NLL reads the chosen answers), and both answers are kept for teacher-forced scoring.
 
 Every case remembers `file:line`, so an error about it names where to look.
 """
@@ -36,6 +41,12 @@ class Case:
     assertions: list[dict] = field(default_factory=list)
     vars: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # file:line
+    chosen: str | None = None    # a preference case: the preferred answer (also its reference) ...
+    rejected: str | None = None  # ... and the dispreferred one
+
+    @property
+    def is_pair(self) -> bool:
+        return self.chosen is not None and self.rejected is not None
 
     def fields(self) -> dict[str, Any]:
         """What a template may name. `None` means absent (a template's `defaults` may fill it)."""
@@ -49,20 +60,23 @@ class Case:
 class CaseSet:
     cases: list[Case]
     path: str
-    kind: str  # "dataset" | "cases" | "oasst"
+    kind: str  # "dataset" | "cases" | "oasst" | "preferences"
     dataset_version: str | None = None
 
 
-def load_cases(path: str | Path, limit: int | None = None) -> CaseSet:
+def load_cases(path: str | Path, limit: int | None = None, preferences: bool = False) -> CaseSet:
+    """`preferences`: from a mined dataset directory, read the preference pairs' eval split instead of eval.jsonl
+    (a file is read by its shape either way)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: cases not found (a mined dataset directory, or a .jsonl/.yaml cases file)")
     version = None
     kind = "cases"
     if p.is_dir():
-        ds = open_dataset(p, need=("eval",))
+        split = "preferences_eval" if preferences else "eval"
+        ds = open_dataset(p, need=(split,))
         version = ds.version
-        records = list(_read_jsonl(ds.files["eval"]))
+        records = list(_read_jsonl(ds.files[split]))
         kind = "dataset"
     elif p.suffix in (".yaml", ".yml"):
         records = _read_yaml(p)
@@ -74,6 +88,9 @@ def load_cases(path: str | Path, limit: int | None = None) -> CaseSet:
     if records and "message_id" in records[0][1] and "role" in records[0][1]:
         cases = _oasst_cases(records)
         kind = "oasst"
+    elif records and "chosen" in records[0][1] and "rejected" in records[0][1]:
+        cases = [_case_from_pair(rec, where) for where, rec in records]
+        kind = "preferences"
     else:
         cases = [_case_from_record(rec, where) for where, rec in records]
     if not cases:
@@ -178,6 +195,27 @@ def _case_from_chat(rec: dict, where: str) -> Case:
                 context=context, history=history,
                 vars={k: rec[k] for k in ("rating", "source", "prompt_variant", "cluster") if rec.get(k) is not None},
                 source=where)
+
+
+def _completion(rec: dict, key: str, where: str) -> str:
+    msgs = rec.get(key)
+    _check_messages(msgs, where, key)
+    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+        raise InputError(f"{where}: {key}: expected one assistant message (multi-turn completions are not scored)")
+    return msgs[0]["content"]
+
+
+def _case_from_pair(rec: dict, where: str) -> Case:
+    """A preference pair: the prompt read like a mined chat record, plus both answers."""
+    prompt = rec.get("prompt")
+    if not isinstance(prompt, list) or not prompt:
+        raise InputError(f"{where}: prompt: expected a non-empty list of {{role, content}} (TRL conversational "
+                         f"preference format)")
+    chosen, rejected = _completion(rec, "chosen", where), _completion(rec, "rejected", where)
+    case = _case_from_chat({k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
+                           | {"messages": prompt + [{"role": "assistant", "content": chosen}]}, where)
+    case.chosen, case.rejected = chosen, rejected
+    return case
 
 
 def _oasst_cases(records: list[tuple[str, dict]]) -> list[Case]:

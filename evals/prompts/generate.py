@@ -322,6 +322,17 @@ class HFTarget:
             progress(len(prompts))
         return out
 
+    def preference(self, prompts: Sequence[Messages], chosen: Sequence[str], rejected: Sequence[str],
+                   cache: JsonCache, batch_size: int = 4, max_length: int = 384) -> list[float | None]:
+        """Per pair, 1/0: does the target prefer the chosen answer (`nll.preference_win`)? Both answers go through
+        `nll` in one batched, cached pass, so a chosen answer that is also a case's reference is scored once."""
+        from flywheel.evals.prompts.nll import preference_win
+
+        vals = self.nll(list(prompts) * 2, list(chosen) + list(rejected), cache, batch_size=batch_size,
+                        max_length=max_length)
+        n = len(prompts)
+        return [preference_win(c, r) for c, r in zip(vals[:n], vals[n:])]
+
 
 # -- OpenAI-compatible endpoint -------------------------------------------------------------------------------
 
@@ -423,7 +434,8 @@ def server_fingerprint(client: Any, base_url: str, model: str) -> dict:
 
 class EndpointTarget:
     """Any OpenAI-compatible /v1 server (Ollama: http://localhost:11434/v1, llama.cpp: http://localhost:8080/v1).
-    No reference NLL (no logprobs API is common to them all): its `nll` cells are absent and results.json says so.
+    No reference NLL (no logprobs API is common to them all): its `nll` and `preference_accuracy` cells are absent
+    and results.json says so.
 
     Cached only when the cache key can name the weights: the server's fingerprint, or a pinned `revision`."""
 
@@ -513,3 +525,6 @@ class EndpointTarget:
         if progress:
             progress(len(prompts))
         return [None] * len(prompts)
+
+    def preference(self, prompts, chosen, rejected, cache, batch_size=4, max_length=384):  # noqa: ANN001
+        return [None] * len(prompts)  # no teacher forcing over a chat API, like nll

@@ -6,8 +6,9 @@ Order of work, and why:
 1. `validate` everything that can be wrong before a single token is generated: template fields against every
    case, every assertion against its case, every target's base/adapter/endpoint.
 2. Per target (loaded once, unloaded after): per variant, generate `repeat` times (cached), then reference NLL
-   (cached); score each case. A failed generation is a row with `failed` set: no metric has a value for it
-   (never a zero that looks like a score), its cell counts it in `n_failed`, comparisons leave its pairs out.
+   and, for preference pairs, which answer the target prefers (both teacher-forced, cached); score each case.
+   A failed generation is a row with `failed` set: no metric has a value for it (never a zero that looks like a
+   score), its cell counts it in `n_failed`, comparisons leave its pairs out.
 3. Embedding similarity in one batch over all rows (one model load), then cells and paired comparisons.
 
 Cell CIs: Wilson for 0/1 metrics (statsmodels), Student t for the rest (scipy). Comparisons reuse the A/B engine
@@ -59,6 +60,9 @@ def validate_static(cases: Sequence[Case], variants: Sequence[PromptTemplate], t
     unknown = [m for m in metrics if m not in KNOWN_METRICS]
     if unknown:
         raise InputError(f"metrics: unknown {unknown[0]!r} (known: {', '.join(sorted(KNOWN_METRICS))})")
+    if "preference_accuracy" in metrics and not any(c.is_pair for c in cases):
+        raise InputError("metrics: preference_accuracy needs preference pairs (prompt/chosen/rejected): give "
+                         "cases=<mined dataset dir> (its preferences_eval.jsonl) or a .jsonl of pairs")
     check_fields(variants, cases)
     for i, a in enumerate(suite_assertions):
         scorers.validate_assertion(a, f"config assertions[{i}]", reference="(suite)")
@@ -119,8 +123,9 @@ def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], target
 
     rows: list[dict] = []
     for target in targets:
-        if "nll" in metrics and getattr(target, "kind", "") != "hf":
-            notes.append(f"nll not available for target {target.name!r} ({target.kind}: no teacher forcing)")
+        for m in ("nll", "preference_accuracy"):
+            if m in metrics and getattr(target, "kind", "") != "hf":
+                notes.append(f"{m} not available for target {target.name!r} ({target.kind}: no teacher forcing)")
         if getattr(target, "kind", "") == "openai" and not getattr(target, "cacheable", True):
             notes.append(f"target {target.name!r}: not cached: the server reports nothing that identifies its "
                          f"weights (set the target's `revision` to cache it)")
@@ -136,10 +141,12 @@ def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], target
                     nll_vals[i] = v
                 if progress:
                     progress("nll", 1)
+            prefs = _preferences(target, cases, prompts, cache, nll_batch_size, nll_max_length) \
+                if "preference_accuracy" in metrics else [None] * len(cases)
             for i, case in enumerate(cases):
                 gens = [run[i] for run in runs]
                 rows.append(_score_row(case, variant, target, prompts[i], gens, nll_vals[i], metrics,
-                                       suite_assertions, judge))
+                                       suite_assertions, judge, preference=prefs[i]))
         target.unload()
 
     if "embedding_similarity" in metrics and embedder is not None:
@@ -147,6 +154,18 @@ def run_matrix(cases: Sequence[Case], variants: Sequence[PromptTemplate], target
     if "judge_score" in metrics and judge is not None:
         notes += judge_notes(rows)
     return {"rows": rows, "notes": notes}
+
+
+def _preferences(target: Any, cases: Sequence[Case], prompts: list, cache: JsonCache, batch_size: int,
+                 max_length: int) -> list[float | None]:
+    """preference_accuracy per case (None for a case that is not a pair): teacher-forced, like nll."""
+    out: list[float | None] = [None] * len(cases)
+    pairs = [i for i, c in enumerate(cases) if c.is_pair]
+    vals = target.preference([prompts[i] for i in pairs], [cases[i].chosen for i in pairs],
+                             [cases[i].rejected for i in pairs], cache, batch_size=batch_size, max_length=max_length)
+    for i, v in zip(pairs, vals):
+        out[i] = v
+    return out
 
 
 def judge_notes(rows: Sequence[dict]) -> list[str]:
@@ -198,7 +217,8 @@ def _embedding_similarity(rows: list[dict], embedder: Embedder, cache: JsonCache
 
 
 def _score_row(case: Case, variant: PromptTemplate, target: Any, prompt: list[dict], gens: list, nll: float | None,
-               metrics: Sequence[str], suite_assertions: Sequence[dict], judge: Judge | None) -> dict:
+               metrics: Sequence[str], suite_assertions: Sequence[dict], judge: Judge | None,
+               preference: float | None = None) -> dict:
     """One row. A failed generation (any repeat) fails the whole row: every metric but error_rate is None, never
     a zero that looks like a score, and the row is counted in its cell's `n_failed`."""
     assertions = case_assertions(case, suite_assertions)
@@ -230,6 +250,8 @@ def _score_row(case: Case, variant: PromptTemplate, target: Any, prompt: list[di
     agg = {k: _mean([m.get(k) for m in per_rep]) for k in keys}
     if "nll" in metrics and nll is not None:
         agg["nll"] = None if failed else nll
+    if "preference_accuracy" in metrics and preference is not None:
+        agg["preference_accuracy"] = None if failed else preference
     if len(gens) > 1:
         agg["consistency"] = None if failed else scorers.consistency_rate([g.text for g in gens])
     return {

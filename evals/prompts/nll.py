@@ -59,3 +59,14 @@ def reference_nll(model: Any, tokenizer: Any, prompts: Sequence[str], references
         for row, i in enumerate(idx):
             out[i] = float(per_seq[row])
     return out
+
+
+def preference_win(chosen_nll: float | None, rejected_nll: float | None) -> float | None:
+    """1.0 when the target gives the chosen answer a higher length-normalised log-likelihood (mean token log-prob,
+    i.e. a lower mean NLL from `reference_nll`) than the rejected one, 0.0 otherwise (a tie is not a win); None
+    when either side has no value. 0/1 per pair, so two targets compare paired (McNemar) on the same pairs.
+
+    Length-normalised because a summed log-likelihood prefers the shorter answer whatever it says."""
+    if chosen_nll is None or rejected_nll is None or chosen_nll != chosen_nll or rejected_nll != rejected_nll:
+        return None
+    return 1.0 if chosen_nll < rejected_nll else 0.0

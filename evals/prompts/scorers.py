@@ -353,6 +353,9 @@ metric("embedding_similarity", direction="higher", needs_reference=True, default
 metric("nll", direction="lower", needs_reference=True, default=True,
        description="mean token negative log-likelihood of the reference answer under the target "
                    "(teacher-forced; nats/token)")(None)
+metric("preference_accuracy", direction="higher", binary=True,
+       description="preference cases: 1 when the target gives the chosen answer a higher mean token "
+                   "log-likelihood than the rejected one, else 0 (teacher-forced; 0/1 per pair)")(None)
 
 
 @metric("pii", direction="lower", binary=True, default=True,

@@ -131,7 +131,8 @@ def test_registry_declares_every_metric_once_with_a_direction():
                                          "latency_ms", "batch_latency_ms", "generated_tokens"]
     for name, spec in scorers.METRICS.items():
         assert spec.direction in ("higher", "lower", "none") and spec.description, name
-    assert {m for m, s in scorers.METRICS.items() if s.binary} == {"pass_rate", "error_rate", "exact_match", "pii"}
+    assert {m for m, s in scorers.METRICS.items() if s.binary} == {"pass_rate", "error_rate", "exact_match", "pii",
+                                                                         "preference_accuracy"}
     # per-request and per-batch latency are different quantities: two names, the batch one never compared
     assert scorers.direction("latency_ms") == "lower" and scorers.direction("batch_latency_ms") == "none"
 

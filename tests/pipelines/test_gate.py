@@ -413,3 +413,70 @@ def test_ab_require_without_a_variant_uses_the_single_treatment_or_says_which(ml
         pass
     out = run_gate(cfg.model_copy(update={"out": str(tmp_path / "g2")}), "c")
     assert out["decision"] == "error" and "set ab.variant" in " ".join(out["gate"]["reasons"])
+
+
+def dpo_results_file(tmp_path, nll_ci=(0.0, 0.04), n=64):
+    """results.json of the preference suite: the candidate prefers the chosen answers more often (McNemar), and
+    its reference NLL moved by `nll_ci` (baseline 2.5: the 2 % margin of configs/gate-dpo.yaml is 0.05)."""
+    def cell(target, metric, mean, direction):
+        return {"variant": "plain", "target": target, "metric": metric, "mean": mean, "ci_low": mean - 0.1,
+                "ci_high": mean + 0.1, "n": n, "direction": direction}
+
+    def comp(metric, test, est, ci, p, direction):
+        return {"variant": "candidate/plain", "control": "champion/plain", "metric": metric, "test": test,
+                "estimate": est, "ci_low": ci[0], "ci_high": ci[1], "p_value": p, "p_adjusted": p, "n": n,
+                "control_target": "champion", "treatment_target": "candidate", "control_variant": "plain",
+                "treatment_variant": "plain", "direction": direction}
+
+    nll_est = sum(nll_ci) / 2
+    res = {"run_id": "e" * 32, "variants": [{"name": "plain", "source": "configs/prompts/plain.yaml"}],
+           "cells": [cell("champion", "preference_accuracy", 0.55, "higher"),
+                     cell("candidate", "preference_accuracy", 0.70, "higher"),
+                     cell("champion", "nll", 2.5, "lower"), cell("candidate", "nll", 2.5 + nll_est, "lower")],
+           "comparisons": [comp("preference_accuracy", "mcnemar_exact", 0.15, (0.05, 0.25), 0.004, "higher"),
+                           comp("nll", "paired_t", nll_est, nll_ci, 0.2, "lower")]}
+    path = tmp_path / f"results-dpo-{nll_ci[1]}.json"
+    path.write_text(json.dumps(res))
+    return str(path)
+
+
+@pytest.mark.parametrize("nll_ci,decision", [((0.0, 0.04), "pass"), ((0.03, 0.09), "fail")])
+def test_dpo_gate_wants_preference_gains_without_breaking_nll(mlflow_store, tmp_path, nll_ci, decision):
+    from flywheel.pipelines.config import load_config
+    from flywheel.pipelines.gate import ROOT
+
+    cfg = load_config(GateConfig, ROOT / "configs" / "gate-dpo.yaml",
+                      [f"results={dpo_results_file(tmp_path, nll_ci)}", f"out={tmp_path / 'g'}"])
+    assert cfg.primary.metric == "preference_accuracy" and [g.metric for g in cfg.guardrails] == ["nll"]
+    out = run_gate(cfg, "candidate")
+    assert out["decision"] == decision
+    checks = {c["metric"]: c for c in out["gate"]["checks"]}
+    assert checks["preference_accuracy"]["status"] == "pass"
+    assert checks["nll"]["status"] == decision
+    if decision == "fail":
+        assert any("nll: may have got worse" in r for r in out["gate"]["reasons"])
+
+
+def test_dpo_gate_eval_is_teacher_forced_on_the_preference_split(tmp_path):
+    from flywheel.pipelines.config import load_config
+    from flywheel.pipelines.gate import ROOT, _eval_config
+
+    cfg = load_config(GateConfig, ROOT / "configs" / "gate-dpo.yaml")
+    ecfg = _eval_config(cfg, {"name": "champion", "base": "smollm2-135m-instruct"}, "runs:/x/adapter", tmp_path)
+    assert ecfg.metrics == ["preference_accuracy", "nll"] and ecfg.primary_metric == "preference_accuracy"
+    assert ecfg.generation.max_new_tokens == 1 and ecfg.variants == ["plain"]
+
+
+def test_dpo_gate_counts_the_preference_pairs_not_eval_jsonl(tmp_path):
+    """min_cases is checked on the cases the eval will read: the preference split when it scores pairs."""
+    from flywheel.pipelines.config import load_config
+    from flywheel.pipelines.gate import ROOT, _check_enough_cases, _eval_config
+    from tests.evals.test_prompts_preference import fluent_vs_shuffled, write_jsonl
+
+    d = tmp_path / "mined"
+    d.mkdir()
+    (d / "eval.jsonl").write_text("")  # hh-rlhf mines pairs only
+    pairs = [{**p, "id": f"{p['id']}-{k}"} for k in range(2) for p in fluent_vs_shuffled()]
+    write_jsonl(d / "preferences_eval.jsonl", pairs)
+    cfg = load_config(GateConfig, ROOT / "configs" / "gate-dpo.yaml", [f"eval.cases={d}"])
+    _check_enough_cases(_eval_config(cfg, {"name": "champion"}, "runs:/x/adapter", tmp_path), cfg.min_cases)
