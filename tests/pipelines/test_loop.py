@@ -169,8 +169,6 @@ def test_too_few_eval_records_for_the_gate_means_no_training(tmp_path):
     assert "min_new_records=100" in _too_little(cfg, plan, kept=99, n_eval=25)
 
 
-@pytest.mark.xfail(reason="needs the mining stage to keep one record per conversation_id (latest turn)",
-                   strict=False)
 def test_a_per_turn_logged_conversation_is_mined_once(mlflow_store, tmp_path):
     """A chat app that logs the conversation after every turn: the same conversation_id, growing. The loop
     mines the later line together with the pending earlier one; the dataset holds the conversation once."""
