@@ -59,11 +59,6 @@ for _name in STAGE_MODULES:
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
-    import logging
-
-    # MLflow logs every SQLAlchemy error with the full SQL before raising it; the raised error carries the same
-    # message, so the log only buries the one line below (e.g. "database or disk is full").
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         app()
     except Exception as e:

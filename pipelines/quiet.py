@@ -32,6 +32,11 @@ NOISY_PACKAGES = ("transformers", "datasets", "huggingface_hub", "mlflow", "trl"
 
 def quiet_third_party() -> None:
     """Switch the libraries' own progress bars, INFO logs and FutureWarnings off (idempotent)."""
+    import logging
+
+    # MLflow logs every SQLAlchemy error with the full SQL before raising it; the raised error carries the same
+    # message, so the log only buries Flywheel's one-line error (e.g. "database or disk is full").
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     pattern = r"(%s)(\.|$)" % "|".join(NOISY_PACKAGES)

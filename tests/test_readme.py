@@ -37,6 +37,11 @@ SKIP = [
     (r"^flywheel gate ", "needs a trained adapter (tests/pipelines/test_gate.py, test_loop.py)"),
     (r"^flywheel publish ", "needs a champion (tests/pipelines/test_publish.py)"),
     (r"^flywheel dashboard", "a long-running server (tests/dashboard/ renders every page)"),
+    (r"^flywheel mine .*engine=ray ray\.address=", "needs a running Ray cluster (tests/mining/test_ray_engine.py "
+                                                 "runs the engine on a local Ray)"),
+    (r"^flywheel mine mlflow-traces:", "needs an experiment of rated traces (tests/pipelines/test_traces.py builds "
+                                       "one)"),
+    (r"^flywheel server ", "starts PostgreSQL + an MLflow server (tests/pipelines/test_server.py runs them)"),
 ]
 
 # Examples whose placeholders need a value here: (pattern, {text: replacement}).

@@ -112,7 +112,10 @@ class TrainConfig(StageConfig):
     @model_validator(mode="after")
     def _keys_of_the_method(self):
         other = SFT_ONLY if self.method == "dpo" else DPO_ONLY
-        wrong = [k for k in other if k in self.model_fields_set]
+        # A key written out at its default (a dumped config, e.g. the one DDP ranks read) changes nothing: only a
+        # value that would be ignored is refused.
+        wrong = [k for k in other if k in self.model_fields_set
+                 and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
         if wrong:
             raise ValueError(f"{wrong[0]} is a {'sft' if self.method == 'dpo' else 'dpo'}-only setting but "
                              f"method is {self.method} (remove it, or set method="

@@ -55,16 +55,39 @@ class Measured:
     timed_out: bool = False
 
 
-def run_measured(cmd: list[str], *, env: dict | None = None, timeout: float = 900) -> Measured:
-    """Run `cmd`, return its output, wall time and peak RSS (`ru_maxrss` from `os.wait4` on that one child).
+def _vm_hwm(pid: int) -> int:
+    """The process's own peak RSS so far (`VmHWM`, bytes), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
-    The child is killed on timeout and if this process is interrupted: no converter outlives its caller.
+
+def run_measured(cmd: list[str], *, env: dict | None = None, timeout: float = 900) -> Measured:
+    """Run `cmd`, return its output, wall time and peak RSS.
+
+    The peak is the child's own high-water mark (`VmHWM`, sampled every 50 ms), not `ru_maxrss` from `wait4`:
+    Linux carries `ru_maxrss` across fork+exec, so a child started by a large process would report the parent's
+    size. The child is killed on timeout and if this process is interrupted: no converter outlives its caller.
     """
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                peak[0] = max(peak[0], _vm_hwm(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:
@@ -73,11 +96,13 @@ def run_measured(cmd: list[str], *, env: dict | None = None, timeout: float = 90
             raise
         finally:
             timer.cancel()
+            done.set()
+            sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen so it does not wait
         out.seek(0)
         err.seek(0)
         return Measured(proc.returncode, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"),
-                        time.perf_counter() - t0, usage.ru_maxrss * 1024, timed_out=timer.finished.is_set()
+                        time.perf_counter() - t0, peak[0] or usage.ru_maxrss * 1024, timed_out=timer.finished.is_set()
                         and proc.returncode < 0)
 
 
@@ -137,7 +162,7 @@ def merge_lora(base_dir: Path, adapter_dir: Path, dest: Path, *, tokenizer_dir: 
         tok.chat_template = chat_template
     tok.save_pretrained(str(dest))
     return {"tensors": safetensors_index(dest), "seconds": time.perf_counter() - t0,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": _vm_hwm(os.getpid()) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def merge_in_subprocess(base_dir: Path, adapter_dir: Path, dest: Path, *, tokenizer_dir: Path | None = None,
@@ -152,9 +177,7 @@ def merge_in_subprocess(base_dir: Path, adapter_dir: Path, dest: Path, *, tokeni
             cmd += ["--chat-template-file", str(Path(td) / "chat_template.jinja")]
         result_file = Path(td) / "result.json"
         cmd += ["--result", str(result_file)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                              os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         m = run_measured(cmd, env=env, timeout=timeout)
         if m.timed_out:
             raise ExportError(f"merging {adapter_dir} into {base_dir}: timed out after {timeout:.0f}s")

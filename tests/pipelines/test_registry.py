@@ -122,10 +122,13 @@ def _promote_worker(uri, name, adapter_dir, attempts, barrier, queue):
         barrier.abort()
         queue.put([("crash", None, repr(e), None)])
         return
+    # The first attempt reads the champion before the barrier: every process then races on the same state (read
+    # after it, a slow process could legitimately see the winner's version and win the next round).
+    first = registry.champion(name)
     barrier.wait()
     out = []
     for i in range(attempts):
-        cur = registry.champion(name)
+        cur = first if i == 0 else registry.champion(name)
         expected = str(cur.version) if cur is not None else None
         try:
             r = registry.promote_new(name, model, expected=expected, gate_run_id=f"{os.getpid()}-{i}")

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from flywheel.pipelines import server
-from tests.pipelines.test_gate import results_file
+from tests.pipelines.test_gate import identities, results_file
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cret-Flywheel-admin-x7Q2"
@@ -132,10 +132,17 @@ def test_every_stage_through_the_server(team, tmp_path, monkeypatch):
     assert train.returncode == 0, train.stderr[-2000:]
     cl = _client(url)
     train_run = cl.search_runs([cl.get_experiment_by_name("flywheel/train").experiment_id])[0]
-    gate = flywheel(env, "gate", "--candidate", train_run.info.run_id, "--results", results_file(tmp_path),
-                    "--promote", f"out={tmp_path / 'gate'}")
+    # The re-gated results must name what is promoted (the gate refuses evidence about other weights).
+    from flywheel.foundation.io import sha256_file
+
+    adapter = tmp_path / "train" / "adapter"
+    meta = json.loads((adapter / "flywheel_adapter.json").read_text())
+    evidence = results_file(tmp_path, targets=identities(candidate=sha256_file(adapter / "adapter_model.safetensors"),
+                                                         base=meta["base_model_sha256"]))
+    gate = flywheel(env, "gate", "--candidate", train_run.info.run_id, "--results", evidence,
+                    "--promote", f"out={tmp_path / 'gate'}", "model_name=flywheel-demo")
     assert gate.returncode == 0, gate.stdout[-1500:] + gate.stderr[-1500:]
-    pub = flywheel(env, "publish", "models:/flywheel-demo@champion", "base=ollama", "gguf_adapter=false",
+    pub = flywheel(env, "publish", "models:/flywheel-demo@champion", "mode=adapter", "base=ollama", "gguf_adapter=false",
                    "--out", str(tmp_path / "mf"))
     assert pub.returncode == 0, pub.stderr[-2000:]
     assert (tmp_path / "mf" / "adapter" / "adapter_model.safetensors").exists()
