@@ -8,11 +8,11 @@ Every problem is an `InputError` naming file, line and field, because a bad reco
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel.foundation.errors import InputError
+from flywheel.foundation.io import iter_jsonl
 from flywheel.mining.dataset import open_dataset
 
 ROLES = ("system", "user", "assistant")
@@ -52,16 +52,9 @@ def load_sft_dataset(path: str | Path) -> SFTDataset:
 def read_conversations(path: str | Path, allow_empty: bool = False) -> list[dict]:
     path = Path(path)
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            validate_record(rec, f"{path}:{lineno}")
-            rows.append(rec)
+    for lineno, rec in iter_jsonl(path):  # bad JSON or a non-object: an InputError naming file:line
+        validate_record(rec, f"{path}:{lineno}")
+        rows.append(rec)
     if not rows and not allow_empty:
         raise InputError(f"{path}: dataset is empty (no records)")
     return rows
