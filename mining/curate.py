@@ -224,6 +224,14 @@ def curate_events(events: list[tuple], s: dict) -> tuple[list[tuple], Counter]:
     for ev in events:
         kind = ev[0]
         if kind in ("pair", "pref"):
+            # The language filter applies to pairs too, judged on the chosen answer: an hh pair is a record and is
+            # counted under its reason; a derived pair (oasst sibling ranks) is not a record and is just not kept.
+            why = language_reason({"lang": ev[2].get("lang"), "messages": ev[2].get("chosen") or []},
+                                  s["languages"], s.get("detect_min_chars"))
+            if why:
+                if kind == "pair":
+                    out.append(Filtered("filtered", ev[1], why))
+                continue
             pref = redact_preference(ev[2], counts) if s["redact"] else ev[2]
             out.append(PrefEvent(kind, ev[1], pref["id"], dumps(pref)))
             continue

@@ -62,3 +62,22 @@ def test_language_detected_when_no_lang_is_declared():
     assert curate.language_reason(_reply(de, lang="en"), ["en"], 20) is None  # a declared lang decides
     assert curate.language_reason(_reply(en, lang="de"), ["en"], 20) == "language"
     assert curate.language_reason(_reply(de), [], 20) is None  # no language filter: the detector never runs
+
+
+def test_the_language_filter_applies_to_preference_pairs():
+    de = "Seitan ist ein Fleischersatz aus Weizeneiweiß, der viel Protein enthält und gut gewürzt werden muss."
+    en = "Seitan is a meat substitute made from wheat gluten; it is rich in protein and takes spices well."
+
+    def pair(text, i):
+        return {"id": f"p{i}", "prompt": [{"role": "user", "content": "What is seitan?"}],
+                "chosen": [{"role": "assistant", "content": text}],
+                "rejected": [{"role": "assistant", "content": "no idea"}], "source": "hh"}
+
+    s = {**S, "detect_min_chars": 20}
+    events = [("pair", 1, pair(de, 1)), ("pair", 2, pair(en, 2)), ("pref", 3, pair(de, 3)), ("pref", 4, pair(en, 4))]
+    out, _ = curate.curate_events(events, s)
+    # the German hh pair is a record filtered under its reason; the German derived pair is simply not kept
+    assert [(e[0], e[1]) for e in out] == [("filtered", 1), ("pair", 2), ("pref", 4)]
+    assert out[0].reason == "language_detected"
+    out, _ = curate.curate_events(events, {**s, "languages": []})  # no filter: every pair kept
+    assert [e[0] for e in out] == ["pair", "pair", "pref", "pref"]
