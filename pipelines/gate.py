@@ -113,8 +113,6 @@ def _eval_config(cfg: GateConfig, baseline: dict, candidate_uri: str, out: Path)
 def _candidate_cases(cand) -> str:
     """`eval.cases: candidate`: the held-out eval split of the dataset the candidate was trained on, found through
     its lineage (mine run -> `flywheel.dataset_path`), and only while that directory still holds that version."""
-    import json
-
     from mlflow.tracking import MlflowClient
 
     from flywheel.pipelines.train import _mine_run_for_version
@@ -132,11 +130,16 @@ def _candidate_cases(cand) -> str:
     if not path:
         raise InputError(f"eval.cases=candidate: {cand.label} records no mined dataset that can be found "
                          "(flywheel_adapter.json: mine_run_id / dataset_version); set eval.cases=<dir or file>")
-    mf = Path(path) / "manifest.json"
+    from flywheel.mining.dataset import open_dataset
+
     try:
-        found = json.loads(mf.read_text(encoding="utf-8")).get("version")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        raise InputError(f"eval.cases=candidate: {mf}: missing or unreadable (the candidate's dataset)") from None
+        ds = open_dataset(path)
+    except InputError:
+        ds = None
+    if ds is None or ds.manifest is None:
+        raise InputError(f"eval.cases=candidate: {Path(path) / 'manifest.json'}: missing or unreadable (the "
+                         "candidate's dataset)")
+    found = ds.version
     if meta.get("dataset_version") and found != meta["dataset_version"]:
         raise InputError(f"eval.cases=candidate: {path} holds dataset version {found}, not {meta['dataset_version']} "
                          "that the candidate was trained on (re-mined since?); set eval.cases")

@@ -519,13 +519,15 @@ def resolve_dataset(cfg: TrainConfig) -> tuple[str, str | None]:
 
 
 def _manifest_version(path: str | Path) -> str | None:
-    import json
+    """The mined dataset's version, or None where there is no readable manifest (the check then says so)."""
+    from flywheel.foundation.errors import InputError
+    from flywheel.mining.dataset import open_dataset
 
-    mf = Path(path) / "manifest.json"
     try:
-        return str(json.loads(mf.read_text(encoding="utf-8"))["version"])
-    except (OSError, ValueError, KeyError, TypeError):
+        version = open_dataset(path).version
+    except InputError:
         return None
+    return None if version is None else str(version)
 
 
 def check_dataset_version(path: str | Path, found: str | None, wanted: str | None) -> None:
