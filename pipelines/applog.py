@@ -95,6 +95,9 @@ class ChatLogger:
             from mlflow.entities import AssessmentSource
 
             mlflow.set_tracking_uri(self.tracking_uri)
+            # Traces are exported by a background queue (MLflow's default): a rating given right after its
+            # interaction would name a trace that is not in the store yet ("Trace ... not found").
+            mlflow.flush_trace_async_logging()
             mlflow.log_feedback(trace_id=trace_id, name=self.rating_name, value=value,
                                 source=AssessmentSource(source_type="HUMAN", source_id=source_id))
         else:

@@ -2,6 +2,7 @@
 JSONL; both mine into the same examples, and importing it loads no torch/transformers."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,20 @@ def test_jsonl_rating_lines_merge(tmp_path):
         log.rating(first, 7)
     with pytest.raises(InputError):
         ChatLogger(tracking_uri="")
+
+
+@pytest.mark.slow  # a fresh interpreter that imports mlflow: ~5 s
+def test_rating_right_after_the_interaction_with_async_trace_export(tmp_path):
+    """MLflow's default exports traces from a background queue: the rating must still find its trace."""
+    code = ("from flywheel.pipelines.applog import ChatLogger\n"
+            "import mlflow\n"
+            f"log = ChatLogger(experiment='app', tracking_uri='sqlite:///{tmp_path / 'm.db'}')\n"
+            "tid = log.interaction(messages=[{'role': 'user', 'content': 'Is rice gluten free?'}],\n"
+            "                      answer='Yes, plain rice is naturally gluten free.', rating=5)\n"
+            "t = mlflow.get_trace(tid)\n"
+            "print([a.value for a in t.info.assessments])\n")
+    env = {**os.environ, "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "true"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[5]"
