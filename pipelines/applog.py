@@ -94,12 +94,19 @@ class ChatLogger:
             import mlflow
             from mlflow.entities import AssessmentSource
 
+            from mlflow.exceptions import MlflowException
+
             mlflow.set_tracking_uri(self.tracking_uri)
-            # Traces are exported by a background queue (MLflow's default): a rating given right after its
-            # interaction would name a trace that is not in the store yet ("Trace ... not found").
-            mlflow.flush_trace_async_logging()
-            mlflow.log_feedback(trace_id=trace_id, name=self.rating_name, value=value,
-                                source=AssessmentSource(source_type="HUMAN", source_id=source_id))
+            source = AssessmentSource(source_type="HUMAN", source_id=source_id)
+            try:
+                mlflow.log_feedback(trace_id=trace_id, name=self.rating_name, value=value, source=source)
+            except MlflowException as e:
+                # Traces are exported by a background queue (MLflow's default): a rating given right after its
+                # interaction can name a trace not in the store yet. Flushing costs ~2 s, so only then.
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                mlflow.flush_trace_async_logging()
+                mlflow.log_feedback(trace_id=trace_id, name=self.rating_name, value=value, source=source)
         else:
             # a bool becomes the miner's default thumbs mapping, so JSONL and traces give the same dataset
             self._append({"rating_for": trace_id, "rating": (5 if value else 1) if isinstance(value, bool)
