@@ -12,6 +12,10 @@ One pass:
    batch and the hash of that prefix. Appended lines (complete lines only: a line being written stays for next
    time) are new; a file whose prefix changed was rewritten and counts as new in full. No new bytes and nothing
    to retry: nothing is run or logged, and the command says so.
+   An input `mlflow-traces:<experiment>` is read from the tracking store instead: per experiment the state keeps
+   the consumed watermark (the newest trace time of the last batch a gate decided on) and the newest trace time
+   mined so far. Each batch mines the traces newer than the consumed watermark (those of an undecided batch are
+   mined again, like pending slices); a trace newer than anything mined so far counts as new logs.
 2. **Mine** the new slices plus any still-pending ones (`flywheel.pipelines.mine.run_mine`).
 3. **Threshold.** Fewer new kept records than `min_new_records`, or fewer eval records than the gate's
    `min_cases`: no training. The slices stay pending and are mined again together with the next logs.
@@ -54,7 +58,8 @@ INDEX_FILE = "dedupe-index.npz"  # exact keys + MinHash signatures of what consu
 
 class LoopConfig(StageConfig):
     inputs: list[str] = Field(default_factory=list, description="Log files or folders of them (append-only JSONL; "
-                              "CSV/Parquet count as new when they change).")
+                              "CSV/Parquet count as new when they change), and `mlflow-traces:<experiment>` "
+                              "(the traces newer than the last consumed batch's newest).")
     work_dir: Optional[str] = Field(None, description="state.json, batches/, datasets/, train/, gate/; default "
                                     "<FLYWHEEL_HOME>/loop.")
     min_new_records: int = Field(150, ge=0, description="Fewer new kept records than this: no training; the "
@@ -202,10 +207,47 @@ def check_plan(cfg: LoopConfig, plan: dict[str, Any]) -> None:
             f"{gate.min_cases}); set mine.eval_fraction or gate.eval.cases")
 
 
-def _nothing_to_do(cfg: LoopConfig, files: list[Path], state: dict) -> str:
-    pending = state.get("pending", [])
+# -- traces: per experiment, what was consumed and what was mined --------------------------------------------
+
+def _split_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """(log files, `mlflow-traces:<experiment>` sources) named by the loop's inputs."""
+    from flywheel.pipelines.traces import is_source
+
+    srcs = [x for x in inputs if is_source(x)]
+    paths = [x for x in inputs if not is_source(x)]
+    return (expand_inputs(paths) if paths or not srcs else []), srcs
+
+
+def _marks(state: dict, source: str) -> dict:
+    """{consumed_ms, mined_ms} of a trace source: newest trace of the last decided batch / of any mined batch."""
+    return state.setdefault("traces", {}).setdefault(source, {"consumed_ms": None, "mined_ms": None})
+
+
+def _pending_traces(state: dict, sources: list[str]) -> list[str]:
+    """Sources with traces mined into a batch that no gate decided on yet."""
+    return [s for s in sources if (_marks(state, s)["mined_ms"] or 0) > (_marks(state, s)["consumed_ms"] or 0)]
+
+
+def _new_traces(mine_cfg, state: dict, sources: list[str]) -> list[str]:
+    from flywheel.pipelines.traces import has_new
+
+    return [s for s in sources if has_new(s, mine_cfg, _marks(state, s)["mined_ms"])]
+
+
+def _mark_traces(state: dict, manifest: dict, key: str) -> None:
+    """Move a watermark (`mined_ms` after mining, `consumed_ms` after a decision) to the batch's newest trace."""
+    for inp in manifest["inputs"]:
+        newest = inp.get("newest_trace_ms")
+        if inp["path"] in state.get("traces", {}) and newest is not None:
+            marks = _marks(state, inp["path"])
+            marks[key] = max(newest, marks[key] or newest)
+
+
+def _nothing_to_do(cfg: LoopConfig, files: list[Path], state: dict, sources: list[str] = ()) -> str:
+    pending = state.get("pending", []) + _pending_traces(state, list(sources))
     last = (state.get("runs") or [{}])[-1]
-    msg = f"no new logs since the last run ({len(files)} file(s) checked, {len(pending)} pending slice(s) kept)"
+    checked = f"{len(files)} file(s)" + (f" and {len(sources)} trace experiment(s)" if sources else "")
+    msg = f"no new logs since the last run ({checked} checked, {len(pending)} pending slice(s) kept)"
     if pending and last.get("status") == "error":
         return (f"{msg}; the last run ({last.get('batch')}) ended in a gate error and kept its slices: "
                 "`flywheel run --retry` tries them again now, or they go with the next logs")
@@ -220,14 +262,17 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     work = work_dir(cfg)
     batch = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     # 0. every section validated and the plan checked before anything is read, mined or trained
-    check_plan(cfg, stage_configs(cfg, work, batch, work / "datasets" / batch))
+    plan = stage_configs(cfg, work, batch, work / "datasets" / batch)
+    check_plan(cfg, plan)
     work.mkdir(parents=True, exist_ok=True)
     state = load_state(work)
-    files = expand_inputs(cfg.inputs)
+    files, sources = _split_inputs(cfg.inputs)
     slices = new_slices(files, state)
+    new_traces = _new_traces(plan["mine"], state, sources)
     result: dict[str, Any] = {"status": None, "work_dir": str(work)}
-    if not slices and not (cfg.retry_pending and state.get("pending")):
-        msg = _nothing_to_do(cfg, files, state)
+    pending = state.get("pending") or _pending_traces(state, sources)
+    if not slices and not new_traces and not (cfg.retry_pending and pending):
+        msg = _nothing_to_do(cfg, files, state, sources)
         say(msg)
         return {**result, "status": "no_new_logs", "message": msg}
     publish_out = cfg.publish_out or str(Path("Modelfiles") / cfg.model_name)
@@ -241,7 +286,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     new_bytes = _cut_batch(work, state, slices, batch, result, say)
     # 2. mine
     plan = stage_configs(cfg, work, batch, work / "datasets" / batch)
-    mined, summary = _mine(cfg, plan["mine"], work, batch, state["pending"], result, say)
+    mined, summary = _mine(cfg, plan["mine"], work, batch, state, sources, result, say)
     kept = result["mine"]["kept"]
     short = _too_little(cfg, plan, kept, result["mine"]["eval"])
     if short:
@@ -257,6 +302,8 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     trained = _train(plan["train"], mined["out"], result, summary, log)
     gated = _gate(cfg, plan["gate"], trained["run_id"], result, summary, say)
     decided = _record_gate(state, batch, kept, trained["run_id"], gated, say)
+    if decided:  # the traces of this batch are consumed with its slices
+        _mark_traces(state, mined["manifest"], "consumed_ms")
     save_state(work, state)
     if decided:
         # Only once the slices are consumed (pending ones are mined again and must not match themselves); after the
@@ -291,13 +338,21 @@ def _cut_batch(work: Path, state: dict, slices: list[dict], batch: str, result: 
     return new_bytes
 
 
-def _mine(cfg: LoopConfig, mine_cfg, work: Path, batch: str, pending: list[str], result: dict,
+def _mine(cfg: LoopConfig, mine_cfg, work: Path, batch: str, state: dict, sources: list[str], result: dict,
           say) -> tuple[dict, dict]:
     from flywheel.pipelines import tracking
     from flywheel.pipelines.mine import run_mine
+    from flywheel.pipelines.traces import resolve_inputs
 
+    # The traces newer than the last decided batch's: those of an undecided batch are mined again.
+    since = {s: _marks(state, s)["consumed_ms"] for s in sources}
+    for s in sources:
+        say(f"{s}: mining the traces " + (f"newer than {since[s]} ms" if since[s] is not None else "(all)"))
+    inputs = resolve_inputs(list(state["pending"]) + sources, mine_cfg, since)
     # What earlier, consumed batches kept: a conversation seen there is dropped as `duplicate_earlier_batch`.
-    mined = run_mine(pending, work / "datasets" / batch, mine_cfg, prior_index=load_index(work))
+    mined = run_mine(inputs, work / "datasets" / batch, mine_cfg, prior_index=load_index(work))
+    _mark_traces(state, mined["manifest"], "mined_ms")
+    save_state(work, state)
     kept = int(mined["counts"]["kept"])
     n_eval = int((mined.get("splits") or {}).get("eval", 0))
     result["mine"] = {"run_id": mined["run_id"], "out": mined["out"], "version": mined["version"], "kept": kept,

@@ -96,6 +96,13 @@ def _pages(client, experiment_id: str, flt: str | None, page_size: int, meta: di
             return
 
 
+def has_new(source: str, cfg: MineConfig, since_ms: int | None) -> bool:
+    """Whether `source` (`mlflow-traces:<experiment>`) holds a trace newer than `since_ms` under the filter and
+    the time window: the loop's "new logs?" check, which reads at most one trace."""
+    stream = trace_input(source[len(PREFIX):], cfg, since_ms, page_size=1)
+    return next(iter(stream.batches), None) is not None
+
+
 def resolve_inputs(inputs: list, cfg: MineConfig, since: dict[str, int] | None = None) -> list:
     """`mine`'s inputs with each `mlflow-traces:<experiment>` argument as its StreamInput; `since`: per source
     name, only traces newer than this (ms), as the loop passes it."""

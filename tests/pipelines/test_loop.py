@@ -282,3 +282,95 @@ def test_a_gate_error_keeps_the_batch_and_a_retry_gates_the_same_slice(mlflow_st
     state = json.loads((tmp_path / "work" / "state.json").read_text())
     assert state["pending"] == [] and [r["status"] for r in state["runs"]] == ["error", retried["status"]]
     assert run_loop(cfg)["status"] == "no_new_logs"
+
+
+# -- mlflow-traces:<experiment> inputs --------------------------------------------------------------------------
+
+def _log_chats(uri: str, start: int, n: int, experiment: str = "app") -> None:
+    """`n` rated conversations logged as traces the way an application does."""
+    from flywheel.pipelines.applog import ChatLogger
+
+    log = ChatLogger(experiment=experiment, tracking_uri=uri)
+    for i in range(start, start + n):
+        q = f"Question {i}: how much protein is in {['lentils', 'tofu', 'oats', 'eggs'][i % 4]}, portion {i}?"
+        log.interaction(messages=[{"role": "user", "content": q}], session_id=f"c{i}", rating=4 + i % 2,
+                        answer=f"Answer {i}: about {i % 9 + 5} g of protein per portion {i}; pair it with "
+                               "vegetables and whole grains for a balanced meal.")
+
+
+def _trace_input(res: dict) -> dict:
+    manifest = json.loads((Path(res["mine"]["out"]) / "manifest.json").read_text())
+    return next(i for i in manifest["inputs"] if i["path"] == "mlflow-traces:app")
+
+
+@pytest.mark.slow  # traces in sqlite: ~0.2 s each
+def test_traces_are_new_logs_until_mined_and_pending_until_decided(mlflow_store, tmp_path):
+    """Beside a log file: new traces are new logs; mined but undecided (skipped) ones are mined again with the
+    next ones, yet alone they are not new logs."""
+    logs = _logs(tmp_path, n=10)
+    _log_chats(mlflow_store, 0, 6)
+    cfg = LoopConfig(inputs=[str(logs), "mlflow-traces:app"], work_dir=str(tmp_path / "work"),
+                     min_new_records=1000, mine={"workers": 1, "progress": False})
+    first = run_loop(cfg)
+    assert first["status"] == "skipped" and _trace_input(first)["read"] == 6
+    said: list[str] = []
+    again = run_loop(cfg, log=said.append)
+    assert again["status"] == "no_new_logs" and "1 trace experiment(s)" in said[-1]
+    _log_chats(mlflow_store, 6, 2)  # only traces arrive: new logs; the skipped batch's traces come along
+    third = run_loop(cfg)
+    assert third["status"] == "skipped" and _trace_input(third)["read"] == 8
+    marks = json.loads((tmp_path / "work" / "state.json").read_text())["traces"]["mlflow-traces:app"]
+    assert marks["consumed_ms"] is None and marks["mined_ms"] == _trace_input(third)["newest_trace_ms"]
+    assert run_loop(cfg)["status"] == "no_new_logs"
+    from flywheel.foundation.errors import InputError
+
+    with pytest.raises(InputError, match="mlflow-traces:nope: no such experiment"):
+        run_loop(cfg.model_copy(update={"inputs": ["mlflow-traces:nope"]}))
+
+
+@pytest.mark.slow
+def test_trace_watermark_moves_only_on_a_gate_decision(mlflow_store, tmp_path, monkeypatch):
+    """A gate error keeps the traces' watermark: the next batch mines them again with the new ones. After a
+    decision, the next batch mines only the traces logged since."""
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines import tracking
+
+    monkeypatch.chdir(tmp_path)
+    _log_chats(mlflow_store, 0, 40)
+    adapter = tmp_path / "fake-adapter"  # an unreadable champion: registered, then its artifacts deleted
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "flywheel_adapter.json").write_text(json.dumps({"base_model": "smollm2-135m-instruct"}))
+    with tracking.start_run("train") as run:
+        mlflow.log_artifacts(str(adapter), "adapter")
+    registry.promote("flywheel-demo", registry.register_adapter("flywheel-demo",
+                                                                registry.resolve_model(run.info.run_id)), None)
+    shutil.rmtree(MlflowClient().get_run(run.info.run_id).info.artifact_uri.replace("file://", ""))
+
+    cfg = demo_loop_config("mlflow-traces:app", tmp_path / "work", train={"max_steps": 1}, publish=False,
+                           min_new_records=20, mine={"eval_fraction": 0.25, "dedupe": {"near": False}},
+                           gate={"min_cases": 4, "eval": {"limit": 4, "variants": ["concise"]},
+                                 "sample_generations": {"n_cases": 0}})
+    first = run_loop(cfg)
+    assert first["status"] == "error" and _trace_input(first)["read"] == 40
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert state["traces"]["mlflow-traces:app"]["consumed_ms"] is None  # nothing decided: nothing consumed
+
+    MlflowClient().delete_registered_model("flywheel-demo")  # fixed: the base is the baseline
+    _log_chats(mlflow_store, 40, 3)
+    decided = run_loop(cfg)
+    assert decided["status"] in ("pass", "fail"), decided.get("gate")
+    assert _trace_input(decided)["read"] == 43  # the errored batch's traces again, with the new ones
+    newest = _trace_input(decided)["newest_trace_ms"]
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert state["traces"]["mlflow-traces:app"]["consumed_ms"] == newest
+
+    assert run_loop(cfg)["status"] == "no_new_logs"
+    _log_chats(mlflow_store, 43, 4)
+    later = run_loop(cfg.model_copy(update={"min_new_records": 1000}))
+    assert later["status"] == "skipped" and _trace_input(later)["read"] == 4  # only the traces since
+    assert _trace_input(later)["since_ms"] == newest
