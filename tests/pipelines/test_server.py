@@ -311,3 +311,50 @@ def test_config_file_first_line_is_its_command():
         "# Run with: flywheel server start --config configs/server.yaml")
     cfg = load_config(server.ServerConfig, ROOT / "configs/server.yaml")
     assert cfg == server.ServerConfig()  # the file documents the defaults, it does not change them
+
+
+# -- traces: an application logs through the server, `flywheel mine` reads them back -------------------------
+
+APP = """
+import json
+from flywheel.pipelines import applog
+
+ids = []
+for i in range(12):
+    tid = applog.log_interaction(
+        messages=[{"role": "user", "content": f"Question {i}: is {['kale', 'rice', 'tofu'][i % 3]} good at breakfast?"}],
+        answer=f"Answer {i}: yes, a portion of it makes a balanced breakfast with fruit and some protein.",
+        user_id=f"user-{i}", prompt_variant="v2" if i % 2 else "v1", context=["Breakfast guide."] if i % 2 else None,
+        latency_ms=300, tokens=40, model="m-1", rating=5 if i % 4 == 0 else None)  # rated at once: async export
+    ids.append(tid)
+for i, tid in enumerate(ids):  # ratings arriving later
+    if i % 4 == 1:
+        applog.log_rating(tid, False)
+    elif i % 4 == 2:
+        applog.log_rating(tid, 4)
+print(json.dumps(ids))
+"""
+
+
+@pytest.mark.slow
+def test_traces_logged_by_an_application_through_the_server_are_mined(team, tmp_path):
+    env = client_env(team["url"], tmp_path / "home")
+    # MLflow's default async trace export, as in an application: the helper's experiment is `assistant`
+    app = subprocess.run([sys.executable, "-c", APP], cwd=ROOT, env={**env, "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "true"},
+                         capture_output=True, text=True, timeout=300)
+    assert app.returncode == 0, app.stderr[-2000:]
+    ids = json.loads(app.stdout.strip().splitlines()[-1])
+    out = flywheel(env, "mine", "mlflow-traces:assistant", "--out", str(tmp_path / "ds"), "workers=1",
+                   "dedupe.near=false")  # the answers differ only in their numbers
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    (inp,) = m["inputs"]
+    # every trace accounted for: 3 rated 5 and 3 rated 4 kept, 3 thumbs down, 3 never rated
+    assert inp["read"] == 12 == inp["kept"] + inp["rejected"] + sum(inp["filtered"].values())
+    assert inp["kept"] == 6 and inp["filtered"] == {"low_rating": 3, "no_rating": 3}
+    rows = [json.loads(x) for name in ("train.jsonl", "eval.jsonl")
+            for x in (tmp_path / "ds" / name).read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(t for i, t in enumerate(ids) if i % 4 in (0, 2))
+    runs = _client(team["url"]).search_runs([_client(team["url"]).get_experiment_by_name("flywheel/mine")
+                                             .experiment_id], f"tags.`flywheel.dataset_version` = '{m['version']}'")
+    assert len(runs) == 1  # the mine run is on the server too
