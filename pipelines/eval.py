@@ -12,7 +12,8 @@ Recipe:
 3. Generate (batched, greedy by default, cached on disk), score, build cells (mean + CI) and paired comparisons.
 4. Write `out/results.json` (what the gate reads), `out/cases.jsonl` (per-case table), `out/config.yaml`; log
    the parent run (experiment `flywheel/prompts`, artifact `results.json`) and one child run per variant x target
-   (params variant/target/prompt_version, metrics = cell means, `cases.json` table).
+   (params variant/target/prompt_version, metrics = cell means, `cases.json` table); with `log_traces`, each
+   generation as a trace with its scores as assessments (`flywheel.pipelines.eval_traces`).
 
 Python entry: `run_eval(cfg: EvalConfig) -> {"run_id", "results_path", "results", "out"}`.
 """
@@ -130,6 +131,9 @@ class EvalConfig(StageConfig):
     cache: bool = True
     cache_dir: Optional[str] = None         # default: <FLYWHEEL_HOME>/cache/eval
     register_prompts: bool = True
+    log_traces: bool = Field(False, description=(
+        "record each generation as an MLflow trace (messages in, answer out; tags target, variant, case_id) with "
+        "its scores as assessments, linked to the eval run (flywheel.pipelines.eval_traces)"))
     device: str = "cpu"
     tracking_uri: Optional[str] = None
     run_name: Optional[str] = None
@@ -521,6 +525,10 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True, fail_on_failures: b
             matrix = _generate(cfg, plan, targets, show_progress)
             results = _results(cfg, plan, parent.info.run_id, targets, matrix, prompt_versions, inputs)
             _write(cfg, plan, results, matrix["rows"])
+            if cfg.log_traces:
+                from flywheel.pipelines.eval_traces import log_generation_traces
+
+                log_generation_traces(matrix["rows"], parent.info.run_id, parent.info.experiment_id, cfg.judge.model)
     res = {"run_id": results["run_id"], "results_path": str(plan.out_dir / "results.json"), "results": results,
            "out": str(plan.out_dir)}
     if fail_on_failures:

@@ -301,3 +301,34 @@ def test_greedy_outputs_of_peft_and_a_llama_cpp_server_agree(mlflow_store, tmp_p
     same = sum(by[(v, c, "peft")] == by[(v, c, "gguf")] for v, c in keys)
     assert rows["failures"]["gguf/concise"]["failed"] == 0
     assert same >= len(keys) - 1, f"{same}/{len(keys)} greedy outputs equal"
+
+
+def test_log_traces_one_trace_per_generation_with_scores(mlflow_store, tmp_path):
+    """`log_traces: true`: each generated cell row is a trace of the eval run, its scores as assessments (the
+    judge's as LLM_JUDGE, the rest as CODE)."""
+    from mlflow import MlflowClient
+
+    with StubServer(Behaviour(prefix="Protein: 9 g. ", judge_reply="Score: 3")) as srv:
+        res = run_eval(_ep_cfg(tmp_path, srv.url, judge={"endpoint": srv.url, "model": "judge-m"}, log_traces=True),
+                       show_progress=False)
+    client = MlflowClient()
+    run = client.get_run(res["run_id"])
+    traces = client.search_traces(locations=[run.info.experiment_id], max_results=100)
+    rows = [json.loads(x) for x in (Path(res["out"]) / "cases.jsonl").read_text().splitlines()]
+    assert len(traces) == len(rows) == 6  # 3 cases x 2 variants x 1 target
+    assert {(t.info.tags["target"], t.info.tags["variant"], t.info.tags["case_id"]) for t in traces} == {
+        (r["target"], r["variant"], r["case_id"]) for r in rows}
+    assert all(t.info.trace_metadata["mlflow.sourceRun"] == res["run_id"] for t in traces)
+    by_key = {(r["variant"], r["case_id"]): r for r in rows}
+    for t in traces:
+        row = by_key[(t.info.tags["variant"], t.info.tags["case_id"])]
+        root = t.data.spans[0]
+        assert root.inputs["messages"] == row["prompt"]
+        assert root.outputs["choices"][0]["message"]["content"] == row["output"]
+        scores = {a.name: a for a in t.info.assessments}
+        expected = {k for k, v in row["metrics"].items() if v is not None}
+        assert set(scores) == expected and "judge_score" in expected and "rouge_l" in expected
+        assert scores["judge_score"].value == 3.0 and scores["judge_score"].source.source_type == "LLM_JUDGE"
+        assert scores["judge_score"].source.source_id == "judge-m"
+        assert scores["rouge_l"].value == pytest.approx(row["metrics"]["rouge_l"])
+        assert scores["rouge_l"].source.source_type == "CODE"
