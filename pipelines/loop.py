@@ -331,8 +331,9 @@ def _cut_batch(work: Path, state: dict, slices: list[dict], batch: str, result: 
     state.setdefault("sources", {}).update({w: s for w, s in zip(written, slices)})
     save_state(work, state)
     new_bytes = sum(s["end"] - s["start"] for s in slices)
-    say(f"{len(slices)} file(s) with new logs ({new_bytes} bytes); mining {len(pending)} slice(s)"
-        + (f" ({len(pending) - len(written)} pending from earlier runs)" if len(pending) > len(written) else ""))
+    if pending:  # a loop on traces alone has no files to talk about
+        say(f"{len(slices)} file(s) with new logs ({new_bytes} bytes); mining {len(pending)} slice(s)"
+            + (f" ({len(pending) - len(written)} pending from earlier runs)" if len(pending) > len(written) else ""))
     result["batch"] = batch
     result["sources"] = [state["sources"][p] for p in pending if p in state["sources"]]
     return new_bytes
