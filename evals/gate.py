@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 from pydantic import Field
 
 from flywheel.evals import markdown as md
+from flywheel.evals.ab.multiple import CorrectionMethod
 from flywheel.evals.prompts import results as rs
 from flywheel.foundation.config import StageConfig
 
@@ -38,7 +39,6 @@ EXIT_CODES = {PASS: 0, FAIL: 1, ERROR: 2}
 ZERO_BASELINE_EPS = 1e-10  # MLflow's fallback when the baseline is exactly 0
 
 
-CorrectionMethod = Literal["holm", "bonferroni", "bh", "fdr_bh", "by", "fdr_by", "hommel", "none"]
 # metrics computed from the reference (or a preference pair's two answers), not from generated text
 TEACHER_FORCED = frozenset({"nll", "preference_accuracy"})
 

@@ -25,114 +25,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel.evals.prompts.results import RESULTS_SCHEMA, build_results  # noqa: F401 (RESULTS_SCHEMA: callers)
-from flywheel.evals.prompts.scorers import default_metrics
-from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.evals.prompts.config import DEFAULT_BASE, EvalConfig, TargetSpec
+from flywheel.evals.prompts.results import build_results
+from flywheel.pipelines.config import load_config
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.pipelines import tags as T
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CASES = str(ROOT / "evals" / "prompts" / "demo_cases.yaml")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class TargetSpec(_Section):
-    name: str
-    base: Optional[str] = None       # catalog name or HF dir; default: the adapter's recorded base, else smollm2
-    adapter: Optional[str] = None    # adapter dir | runs:/<id>/adapter | models:/<name>@<alias>
-    endpoint: Optional[str] = None   # OpenAI-compatible base URL (e.g. http://localhost:11434/v1): no local model
-    model: Optional[str] = None      # the endpoint's model name
-    api_key_env: Optional[str] = None  # env var holding the endpoint's key (never the key itself in a config)
-    revision: Optional[str] = Field(None, description=(
-        "endpoint: what identifies the served weights when the server reports nothing (e.g. the GGUF's sha256); "
-        "part of the cache key. Without it and without a server fingerprint, endpoint answers are not cached"))
-    extra_body: dict[str, Any] = Field(default_factory=dict, description=(
-        "endpoint: extra request fields merged over the sampling fields Flywheel sends (a null drops one, e.g. "
-        "`{top_k: null}` for a server that rejects it)"))
-
-
-class GenerationSection(_Section):
-    max_new_tokens: int = Field(48, ge=1)   # short on CPU: 48 tokens x 2 variants x 2 targets stays in minutes
-    do_sample: bool = False                 # greedy: deterministic, cache-friendly; sampling for `repeat`
-    temperature: float = Field(0.7, gt=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="sampling only: top-k (0 = off); greedy sends top_k 1")
-    min_p: float = Field(0.0, ge=0, le=1, description="sampling only: min-p (0 = off; llama.cpp defaults to 0.05)")
-    repeat_penalty: float = Field(1.0, gt=0, description=(
-        "repetition penalty, sent to every target and pinned in the published Modelfile (llama.cpp and Ollama "
-        "default to 1.1, Hugging Face to 1.0)"))
-    stop: list[str] = Field(default_factory=list, description="extra stop strings (end-of-turn tokens always stop)")
-    seed: int = 0
-    batch_size: int = Field(8, ge=1)
-    repeat: int = Field(1, ge=1)            # > 1 with do_sample: per-case consistency rate
-
-
-class EndpointSection(_Section):
-    connect_timeout_s: float = Field(5.0, gt=0, description="endpoint and judge requests: connect timeout, seconds")
-    read_timeout_s: float = Field(60.0, gt=0, description="endpoint and judge requests: read timeout, seconds")
-    max_retries: int = Field(3, ge=0, description=(
-        "retries per request on 408/409/429/5xx and connection errors, exponential backoff with jitter "
-        "(openai SDK; Retry-After honoured)"))
-    max_consecutive_failures: int = Field(5, ge=1, description=(
-        "abort the run, naming the target, after this many failed requests in a row"))
-
-
-class JudgeSection(_Section):
-    endpoint: Optional[str] = None          # OpenAI-compatible base URL; unset = judge skipped (noted in results)
-    model: Optional[str] = None
-    api_key_env: Optional[str] = None
-    rubric: Optional[str] = None            # default: flywheel.evals.prompts.scorers.DEFAULT_RUBRIC
-
-
-class ComparePair(_Section):
-    control: dict[str, str] = Field(description="the control cell: {variant, target}")
-    treatment: dict[str, str] = Field(description="the treatment cell: {variant, target}")
-
-
-class CompareSection(_Section):
-    alpha: float = Field(0.05, gt=0, lt=1, description="significance level; cell CIs are 1 - alpha")
-    correction: str = Field("holm", description="per metric, across the compared pairs "
-                            "(flywheel.evals.ab.multiple)")
-    test: str = Field("auto", description="auto | t | wilcoxon (flywheel.evals.ab.paired)")
-    pairs: Optional[list[ComparePair]] = Field(None, description="pairs to compare; default: each variant vs the "
-                                               "first, each target vs the first")
-
-
-class EvalConfig(StageConfig):
-    name: str = "eval"
-    cases: str = DEFAULT_CASES
-    limit: Optional[int] = Field(None, ge=1)
-    out: Optional[str] = None               # default: <FLYWHEEL_HOME>/eval/<name>
-    force: bool = False                     # replace an existing `out` Flywheel did not write
-    variants: list[str] = ["concise", "grounded"]
-    prompts_dir: str = "configs/prompts"    # where bare variant names are looked up (cwd, then the repo)
-    targets: list[TargetSpec] = [TargetSpec(name="base", base="smollm2-135m-instruct")]
-    candidate: Optional[str] = None         # shortcut: adds target {name: candidate, adapter: <this>}
-    metrics: list[str] = Field(default_factory=default_metrics)
-    assertions: list[dict[str, Any]] = []   # applied to every case, on top of each case's own
-    embedding_model: str = "all-MiniLM-L6-v2"
-    primary_metric: str = "nll"             # what the gate should decide on; direction is in results.json
-    generation: GenerationSection = GenerationSection()
-    judge: JudgeSection = JudgeSection()
-    compare: CompareSection = CompareSection()
-    endpoints: EndpointSection = Field(default_factory=EndpointSection, description=(
-        "timeouts, retries and abort policy for endpoint targets and the judge"))
-    max_failure_rate: float = Field(0.0, ge=0, le=1, description=(
-        "a cell whose share of failed generations is above this makes `flywheel eval` exit 2 (results are still "
-        "written); the gate refuses a primary cell with any failure"))
-    nll_batch_size: int = Field(4, ge=1)
-    nll_max_length: int = Field(384, ge=16)  # prompt + reference tokens; long references are cut at the end
-    cache: bool = True
-    cache_dir: Optional[str] = None         # default: <FLYWHEEL_HOME>/cache/eval
-    register_prompts: bool = True
-    device: str = "cpu"
-    tracking_uri: Optional[str] = None
-    run_name: Optional[str] = None
 
 
 # -- resolution (before any generation) -----------------------------------------------------------------------
@@ -197,7 +97,7 @@ def build_targets(cfg: EvalConfig, scratch: Path) -> tuple[list[Any], dict[str, 
                 lineage[f"{k}.{spec.name}" if k in lineage else k] = v
             if adapter.meta.get("train_run_id"):
                 lineage.setdefault("train_run", adapter.meta["train_run_id"])
-        base = spec.base or (adapter.meta.get("base_model") if adapter else None) or "smollm2-135m-instruct"
+        base = spec.base or (adapter.meta.get("base_model") if adapter else None) or DEFAULT_BASE
         info = resolve_base_model(base)
         targets.append(HFTarget(spec.name, info.name, info.path, info.sha256, adapter=adapter, device=cfg.device))
     return targets, lineage

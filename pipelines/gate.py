@@ -80,7 +80,7 @@ class GateConfig(GateRules):
 def _eval_config(cfg: GateConfig, baseline: dict, candidate_uri: str, out: Path):
     """The eval suite from `eval_config` + `eval`, with the two targets the gate compares."""
     from flywheel.pipelines.config import _deep_merge, read_yaml
-    from flywheel.pipelines.eval import EvalConfig
+    from flywheel.evals.prompts.config import EvalConfig
 
     path = Path(cfg.eval_config)
     if not path.exists() and (ROOT / path).exists():
@@ -167,7 +167,8 @@ def _sample_generations(cfg: GateConfig, ecfg, eval_run_id: str, out: Path, show
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from flywheel.pipelines.eval import EvalConfig, run_eval
+    from flywheel.evals.prompts.config import EvalConfig
+    from flywheel.pipelines.eval import run_eval
 
     data = ecfg.model_dump()
     data.update(name="gate-sample", run_name="gate-sample", out=str(out), limit=min(ecfg.limit or s.n_cases,

@@ -140,7 +140,8 @@ def test_unreachable_endpoint_fails_before_generation(tmp_path):
 
 
 def test_judge_scores_and_counts_unparseable_and_failed_judgements(tmp_path):
-    from flywheel.pipelines.eval import EvalConfig, _judge
+    from flywheel.evals.prompts.config import EvalConfig
+    from flywheel.pipelines.eval import _judge
 
     with StubServer() as srv:
         cfg = EvalConfig(judge={"endpoint": srv.url, "model": "stub"}, endpoints={"max_retries": 0})
