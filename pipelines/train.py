@@ -16,6 +16,10 @@ The recipe, top to bottom (`run_train`):
 6. save the adapter atomically with `flywheel_adapter.json` (method, base model name + weight hash, dataset
    version, run ids, chat template, eos tokens; for DPO beta and the reference) and log it with the audit,
    resolved config and a base-vs-adapter generations table.
+
+The phases themselves are plain functions in the training core (`flywheel.training.recipe`; torchrun in
+`flywheel.training.launch`, the `--resume` state in `flywheel.training.checkpoints`); this module adds the MLflow
+run and lookups, the callbacks that log to it, progress and the command.
 """
 
 from __future__ import annotations
