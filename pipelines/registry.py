@@ -30,6 +30,7 @@ import typer
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.foundation.io import read_json
 from flywheel.pipelines import tags as T
+from flywheel.training.promotions import close_interval, open_interval, spans
 
 CHAMPION = "champion"
 TAG_SINCE = T.CHAMPION_SINCE
@@ -323,15 +324,6 @@ def _check_expected(name: str, expected: Any) -> Any:
     return prev
 
 
-def _open_interval(spans_json: str | None, since: str, gate_run: str | None) -> str:
-    try:
-        spans = json.loads(spans_json or "[]")
-    except json.JSONDecodeError:
-        spans = []
-    spans.append({"since": since, "until": None, "gate_run": gate_run})
-    return json.dumps(spans)
-
-
 def _move(name: str, version: str, prev, when: str, guard, *, created: bool) -> dict:
     """Under the guard: the alias moves to `version` and the previous holder's interval closes."""
     client = _client()
@@ -360,7 +352,7 @@ def promote_new(name: str, model: ResolvedModel, *, expected: Any, gate_run_id: 
         when = now_iso()
         vtags = _version_tags(model, tags)
         vtags.update({TAG_SINCE: when, TAG_BY_GATE: gate_run_id or "",
-                      TAG_PROMOTIONS: _open_interval(None, when, gate_run_id)})
+                      TAG_PROMOTIONS: open_interval(None, when, gate_run_id)})
         version = _create_version(name, model, vtags, description)
         try:
             return _move(name, version, prev, when, guard, created=True)
@@ -393,21 +385,12 @@ def promote(name: str, version: str, gate_run_id: str | None, *, expected: Any =
 
 def _append_interval(client, name: str, version: str, *, since: str | None = None, until: str | None = None,
                      gate_run: str | None = None) -> None:
-    mv = client.get_model_version(name, version)
-    tags = mv.tags or {}
-    if since is not None:
-        client.set_model_version_tag(name, version, TAG_PROMOTIONS,
-                                     _open_interval(tags.get(TAG_PROMOTIONS), since, gate_run))
-        return
-    try:
-        spans = json.loads(tags.get(TAG_PROMOTIONS, "[]"))
-    except json.JSONDecodeError:
-        spans = []
-    if spans and spans[-1].get("until") is None:
-        spans[-1]["until"] = until
-    else:  # a champion set by hand, outside Flywheel: record what we can
-        spans.append({"since": tags.get(TAG_SINCE), "until": until, "gate_run": None})
-    client.set_model_version_tag(name, version, TAG_PROMOTIONS, json.dumps(spans))
+    """Open (`since`) or close (`until`) the version's champion interval in its promotions tag."""
+    tags = client.get_model_version(name, version).tags or {}
+    raw = tags.get(TAG_PROMOTIONS)
+    value = open_interval(raw, since, gate_run) if since is not None else close_interval(raw, until,
+                                                                                          tags.get(TAG_SINCE))
+    client.set_model_version_tag(name, version, TAG_PROMOTIONS, value)
 
 
 def history(name: str) -> list[dict]:
@@ -423,13 +406,10 @@ def history(name: str) -> list[dict]:
     rows = []
     for mv in versions:
         tags = dict(mv.tags or {})
-        try:
-            spans = json.loads(tags.get(TAG_PROMOTIONS, "[]"))
-        except json.JSONDecodeError:
-            spans = []
-        if not spans and tags.get(TAG_SINCE):
-            spans = [{"since": tags[TAG_SINCE], "until": tags.get(TAG_UNTIL), "gate_run": tags.get(TAG_BY_GATE)}]
-        for s in spans:
+        intervals = spans(tags.get(TAG_PROMOTIONS))
+        if not intervals and tags.get(TAG_SINCE):
+            intervals = [{"since": tags[TAG_SINCE], "until": tags.get(TAG_UNTIL), "gate_run": tags.get(TAG_BY_GATE)}]
+        for s in intervals:
             rows.append({"version": str(mv.version), "since": s.get("since"), "until": s.get("until"),
                          "gate_run": s.get("gate_run"),
                          "current": current is not None and str(current.version) == str(mv.version)
