@@ -27,6 +27,11 @@ Stages:
 5. write: the events reach the driver block by block, in order, through the local engine's `Router` with a
    `PlannedDeduper` (the local `Deduper`, near decisions taken from step 4; winner = best rating, then earliest),
    then the local `write_splits`, `write_preferences`, `build_manifest` and `finish` inside `atomic_dir`.
+With an earlier batches' index (`prior`, the loop's), its keys go to the workers in one `ray.put`: a candidate
+whose text an earlier batch kept is no node (it joins their cluster as an exact copy); its signatures join the
+nodes of step 3 with negative `ord` (always the earlier side, in the index's order as the local engine's cluster
+order), so a near copy joins one of them and is dropped as `duplicate_earlier_batch`; the returned index is the
+prior plus this batch's keys and representatives, as the local engine's.
 The driver holds what the local engine holds (a key per distinct text, a row per cluster) plus the near pairs;
 the records stay in Ray's object store and pass the driver one block at a time on their way into the files.
 A task whose worker dies runs again (Ray Data's default `max_retries=-1` for system failures;
@@ -188,7 +193,8 @@ def band_rows(nodes: Any, bands: int, rows: int) -> Any:
 
 def bucket_pairs(group: Any, threshold: float) -> Any:
     """One LSH bucket -> the pairs (later, earlier) whose estimated Jaccard (share of equal signature values, the
-    local engine's test, in the same float arithmetic) is >= threshold."""
+    local engine's test, in the same float arithmetic) is >= threshold. Earlier batches' representatives
+    (negative `ord`) are only ever the earlier side: their clusters exist before this batch's first record."""
     import numpy as np
     import pyarrow as pa
 
@@ -200,6 +206,8 @@ def bucket_pairs(group: Any, threshold: float) -> Any:
         ords, keys = g["ord"].to_pylist(), g["key"].to_pylist()
         sigs = np.stack([np.frombuffer(s, dtype=np.uint32) for s in g["sig"].to_pylist()])
         for a in range(1, len(ords)):
+            if ords[a] < 0:
+                continue
             js = (sigs[:a] == sigs[a]).mean(axis=1)
             for v in np.nonzero(js >= threshold)[0]:
                 out["u_ord"].append(ords[a])
@@ -208,6 +216,38 @@ def bucket_pairs(group: Any, threshold: float) -> Any:
                 out["v_key"].append(keys[v])
                 out["j"].append(float(js[v]))
     return pa.table(out, schema=schema)
+
+
+def prior_key(n: int) -> bytes:
+    """The node key of the prior index's n-th signature: 14 bytes, so never a 12-byte text key."""
+    return b"prior:" + n.to_bytes(8, "big")
+
+
+def prior_nodes(prior: DedupeIndex, n_blocks: int) -> list[Any]:
+    """The earlier batches' representatives as band-stage nodes, in blocks: ord -len..-1 keeps their order (the
+    local engine's cluster order, which breaks Jaccard ties) and puts them before every record of this batch."""
+    import numpy as np
+    import pyarrow as pa
+
+    n, step = len(prior.sigs), max(1, -(-len(prior.sigs) // max(1, n_blocks)))
+    return [pa.table({"key": pa.array([prior_key(i) for i in range(a, min(n, a + step))], pa.binary()),
+                      "ord": pa.array(range(a - n, min(n, a + step) - n), pa.int64()),
+                      "sig": pa.array([np.asarray(s, dtype=np.uint32).tobytes() for s in prior.sigs[a:a + step]],
+                                      pa.binary())})
+            for a in range(0, n, step)]
+
+
+def new_candidates(t: Any, prior_keys: Any) -> Any:
+    """The candidates' (key, ord, sig), less those whose text an earlier batch kept: those join the earlier
+    batches' cluster as exact copies and never enter the LSH. `prior_keys`: an ObjectRef (put once) of the keys."""
+    import pyarrow.compute as pc
+
+    t = t.filter(pc.equal(t["kind"], "cand")).select(["key", "ord", "sig"])
+    if prior_keys is None:
+        return t
+    import ray
+
+    return t.filter(pc.invert(pc.is_in(t["key"], value_set=ray.get(prior_keys))))
 
 
 # ------------------------------------------------------------------------------------------ 4. the clusters
@@ -227,17 +267,24 @@ def plan_near(pairs: Iterator[dict]) -> dict[bytes, bytes]:
 
 
 class PlannedDeduper(Deduper):
-    """The local `Deduper` (exact keys, winners, reasons) with the near decisions taken from `plan_near`."""
+    """The local `Deduper` (exact keys, winners, reasons) with the near decisions taken from `plan_near`; with a
+    prior index, its clusters as the local one builds them (all keys in cluster 0, a cluster per signature)."""
 
-    def __init__(self, rep_of: dict[bytes, bytes], cfg: MineConfig):
-        super().__init__(near=False, threshold=cfg.dedupe.threshold, num_perm=cfg.dedupe.num_perm)
+    def __init__(self, rep_of: dict[bytes, bytes], cfg: MineConfig, prior: DedupeIndex | None = None):
+        super().__init__(near=False, threshold=cfg.dedupe.threshold, num_perm=cfg.dedupe.num_perm, prior=prior)
         self.rep_of = rep_of
         self.rep_sigs: list[bytes] = []
+        self.prior_cluster: dict[bytes, int] = {}
+        if prior is not None and cfg.dedupe.near:
+            for n in range(len(prior.sigs)):
+                self.prior_cluster[prior_key(n)] = self._new_cluster(-1, b"", None, 1 << 30, "", "")
+            self.n_prior = len(self.best_seq)
 
     def _find(self, key: bytes, sig: Any) -> tuple[int | None, str, None]:
         c = self.by_key.get(key)
         if c is None and key in self.rep_of:
-            c = self.by_key[self.rep_of[key]]  # the representative came earlier, so it has its cluster
+            rep = self.rep_of[key]  # the representative came earlier, so it has its cluster
+            c = self.prior_cluster[rep] if rep in self.prior_cluster else self.by_key[rep]
             self.by_key[key] = c
             return c, "near", None
         if c is None:
@@ -248,7 +295,7 @@ class PlannedDeduper(Deduper):
         import numpy as np
 
         sigs = [np.frombuffer(s, dtype=np.uint32).copy() for s in self.rep_sigs if s]
-        return DedupeIndex(self.num_perm, shingle, list(self.by_key), sigs)
+        return DedupeIndex(self.num_perm, shingle, list(self.by_key), self._prior_sigs + sigs)
 
 
 # ------------------------------------------------------------------------------------------ 5. route + write
@@ -319,9 +366,11 @@ def ray_session(rc: RayConfig) -> Iterator[Any]:
         ray.shutdown()
 
 
-def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig) -> tuple[Any, dict[bytes, bytes]]:
-    """Stages 1-4: the materialised events and the near plan."""
-    import pyarrow.compute as pc
+def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig,
+              prior: DedupeIndex | None = None) -> tuple[Any, dict[bytes, bytes]]:
+    """Stages 1-4: the materialised events and the near plan. The prior index reaches the workers once: its keys
+    in one `ray.put` (every candidate block filters on them), its signatures as blocks of the band stage."""
+    import pyarrow as pa
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the events come back in input order
@@ -333,9 +382,12 @@ def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig) -> tuple[Any, dict[b
     if not cfg.dedupe.near:
         return events, {}
     bands, rows = lsh_bands(cfg.dedupe.threshold, cfg.dedupe.num_perm)
-    nodes = (events.map_batches(lambda t: t.filter(pc.equal(t["kind"], "cand")).select(["key", "ord", "sig"]),
-                                batch_format="pyarrow", batch_size=None)
+    prior_keys = ray.put(pa.array(prior.keys, pa.binary())) if prior is not None and prior.keys else None
+    nodes = (events.map_batches(new_candidates, fn_kwargs={"prior_keys": prior_keys}, batch_format="pyarrow",
+                                batch_size=None)
              .groupby("key", num_partitions=len(tasks)).map_groups(first_occurrence, batch_format="pyarrow"))
+    if prior is not None and prior.sigs:
+        nodes = nodes.union(ray.data.from_arrow(prior_nodes(prior, len(tasks))))
     pairs = (nodes.map_batches(band_rows, fn_kwargs={"bands": bands, "rows": rows}, batch_format="pyarrow",
                                batch_size=None)
              .groupby("bucket", num_partitions=len(tasks)).map_groups(bucket_pairs, fn_kwargs={"threshold": cfg.dedupe.threshold},
@@ -348,18 +400,19 @@ def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool
     """Write the dataset dir for `inputs` atomically with Ray; the same bytes as `engine.mine`."""
     progress = progress or engine._no_progress
     if prior is not None:
-        raise InputError("engine=ray does not take an earlier batches' dedupe index yet; use engine=local")
+        prior.check(cfg.dedupe.num_perm, cfg.dedupe.shingle)
     plan = engine.plan_inputs(inputs, cfg)
     with ray_session(cfg.ray) as ray, atomic_dir(out, force=force, inputs=inputs, stage="mine") as tmp:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         tasks = plan_blocks(plan, cfg.ray.blocks or 4 * cpus)
-        events, rep_of = _datasets(ray, tasks, cfg)
+        events, rep_of = _datasets(ray, tasks, cfg, prior)
         work_dir = tmp / ".work"
         work_dir.mkdir()
         router = engine.Router(tmp, work_dir, cfg)
-        router.dedup = PlannedDeduper(rep_of, cfg)
+        router.dedup = PlannedDeduper(rep_of, cfg, prior)
+        router.rep_file = [-1] * len(router.dedup)
         rss = route_all(events, router, plan, len(tasks), progress)
-        manifest = engine.write_outputs(tmp, router, plan, cfg, progress)
+        manifest = engine.write_outputs(tmp, router, plan, cfg, progress, prior)
         workers = [v / 2**20 for _, v in sorted(rss.items())]
         stats = {"params": {"ray.cluster_address": cfg.ray.address or "local", "ray.cluster_cpus": cpus,
                             "ray.cluster_nodes": len([n for n in ray.nodes() if n.get("Alive")]),
