@@ -45,6 +45,7 @@ import json
 import os
 import resource
 import signal
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -366,10 +367,11 @@ def ray_session(rc: RayConfig) -> Iterator[Any]:
         ray.shutdown()
 
 
-def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig,
-              prior: DedupeIndex | None = None) -> tuple[Any, dict[bytes, bytes]]:
-    """Stages 1-4: the materialised events and the near plan. The prior index reaches the workers once: its keys
-    in one `ray.put` (every candidate block filters on them), its signatures as blocks of the band stage."""
+def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig, prior: DedupeIndex | None,
+              clock: dict[str, float]) -> tuple[Any, dict[bytes, bytes]]:
+    """Stages 1-4: the materialised events and the near plan; `clock` gets each stage's seconds and sizes. The
+    prior index reaches the workers once: its keys in one `ray.put` (every candidate block filters on them), its
+    signatures as blocks of the band stage."""
     import pyarrow as pa
 
     ctx = ray.data.DataContext.get_current()
@@ -379,20 +381,36 @@ def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig,
               .map_batches(curate_block, batch_size=1, fn_kwargs={"cfg_json": cfg.model_dump_json()},
                            batch_format="numpy")
               .materialize())
+    _lap(clock, "curate")
     if not cfg.dedupe.near:
         return events, {}
     bands, rows = lsh_bands(cfg.dedupe.threshold, cfg.dedupe.num_perm)
     prior_keys = ray.put(pa.array(prior.keys, pa.binary())) if prior is not None and prior.keys else None
     nodes = (events.map_batches(new_candidates, fn_kwargs={"prior_keys": prior_keys}, batch_format="pyarrow",
                                 batch_size=None)
-             .groupby("key", num_partitions=len(tasks)).map_groups(first_occurrence, batch_format="pyarrow"))
+             .groupby("key", num_partitions=len(tasks)).map_groups(first_occurrence, batch_format="pyarrow")
+             .materialize())
+    clock["nodes"] = nodes.count()
+    _lap(clock, "exact_groups")
     if prior is not None and prior.sigs:
         nodes = nodes.union(ray.data.from_arrow(prior_nodes(prior, len(tasks))))
     pairs = (nodes.map_batches(band_rows, fn_kwargs={"bands": bands, "rows": rows}, batch_format="pyarrow",
                                batch_size=None)
              .groupby("bucket", num_partitions=len(tasks)).map_groups(bucket_pairs, fn_kwargs={"threshold": cfg.dedupe.threshold},
-                                           batch_format="pyarrow"))
-    return events, plan_near(pairs.iter_rows())
+                                           batch_format="pyarrow")
+             .materialize())
+    clock["near_pairs"] = pairs.count()
+    _lap(clock, "band_pairs")
+    rep_of = plan_near(pairs.iter_rows())
+    _lap(clock, "plan_near")
+    return events, rep_of
+
+
+def _lap(clock: dict[str, float], stage: str) -> None:
+    """Seconds since the last lap under `seconds.<stage>`."""
+    now = time.perf_counter()
+    clock[f"seconds.{stage}"] = now - clock.get("_t", now)
+    clock["_t"] = now
 
 
 def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False,
@@ -405,19 +423,24 @@ def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool
     with ray_session(cfg.ray) as ray, atomic_dir(out, force=force, inputs=inputs, stage="mine") as tmp:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         tasks = plan_blocks(plan, cfg.ray.blocks or 4 * cpus)
-        events, rep_of = _datasets(ray, tasks, cfg, prior)
+        clock = {"_t": time.perf_counter()}
+        events, rep_of = _datasets(ray, tasks, cfg, prior, clock)
         work_dir = tmp / ".work"
         work_dir.mkdir()
         router = engine.Router(tmp, work_dir, cfg)
         router.dedup = PlannedDeduper(rep_of, cfg, prior)
         router.rep_file = [-1] * len(router.dedup)
         rss = route_all(events, router, plan, len(tasks), progress)
+        _lap(clock, "route")
         manifest = engine.write_outputs(tmp, router, plan, cfg, progress, prior)
+        _lap(clock, "write")
+        clock.pop("_t")
         workers = [v / 2**20 for _, v in sorted(rss.items())]
         stats = {"params": {"ray.cluster_address": cfg.ray.address or "local", "ray.cluster_cpus": cpus,
                             "ray.cluster_nodes": len([n for n in ray.nodes() if n.get("Alive")]),
                             "ray.block_tasks": len(tasks), "ray.workers": len(workers)},
                  "metrics": {"ray.near_joins": len(rep_of), "ray.worker_peak_rss_mb.max": max(workers, default=0),
                              "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                             **{f"ray.{k}": v for k, v in clock.items()},
                              **{f"ray.worker_peak_rss_mb.{n}": v for n, v in enumerate(workers)}}}
     return engine.Mined(manifest, router.dedup.index(cfg.dedupe.shingle), stats)
