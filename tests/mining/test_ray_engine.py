@@ -147,3 +147,14 @@ def test_the_loop_mines_on_ray_against_its_index(ray_local, batches, mlflow_stor
     assert res["status"] == "skipped"
     manifest = json.loads((d / "work" / "datasets" / res["batch"] / "manifest.json").read_text())
     assert manifest["counts"]["filtered"]["duplicate_earlier_batch"] == 6
+
+
+def test_default_blocks_stay_under_the_byte_cap(tmp_path):
+    """Worker memory follows block size: a big input gets more blocks than 4 per CPU, each under the cap."""
+    write_demo_logs(tmp_path / "in.jsonl", n=400)
+    plan = engine.plan_inputs([tmp_path / "in.jsonl"], MineConfig())
+    size = (tmp_path / "in.jsonl").stat().st_size
+    assert len(ray_engine.plan_blocks(plan, 2)) == 2
+    capped = ray_engine.plan_blocks(plan, 2, max_bytes=size // 10)
+    n_lines = len((tmp_path / "in.jsonl").read_bytes().splitlines())
+    assert len(capped) >= 10 and sum(t["lines"] for t in capped) == n_lines
