@@ -106,15 +106,17 @@ def _maybe_die_once() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def block_events(task: dict, cfg: MineConfig) -> tuple[list[tuple], Counter]:
-    """The local engine's `work` over one block, in input order."""
+def block_events(task: dict, cfg: MineConfig, ratings: dict | None = None) -> tuple[list[tuple], Counter]:
+    """The local engine's `work` over one block, in input order. `ratings`: the file's rating lines (a chat log
+    may rate a conversation on a later line, in another block), as the local engine reads them."""
     s = engine.settings(cfg)
     path = Path(task["path"])
     if task["lines"] < 0:
         tasks: Iterator[tuple] = engine.file_tasks(path, task["fmt"], cfg, s, lambda n: None)
     else:
         raw = readers.iter_raw_lines(path, cfg.max_line_bytes, task["start"], task["first"], task["lines"])
-        tasks = (("lines", task["fmt"], b, s) for b in engine.batches(raw, cfg.batch_size))
+        tasks = (("lines", task["fmt"], b, {**s, "ratings": readers.batch_ratings(ratings, b)} if ratings else s)
+                 for b in engine.batches(raw, cfg.batch_size))
     events: list[tuple] = []
     pii: Counter = Counter()
     for t in tasks:
@@ -142,10 +144,12 @@ def _row(o: int, ev: tuple) -> dict:
     return r
 
 
-def curate_block(batch: dict, cfg_json: str) -> Any:
+def curate_block(batch: dict, cfg_json: str, ratings: dict[int, Any] | None = None) -> Any:
     """map_batches function (one task row per call): the block's events as rows, then one "block" row with its
-    PII counts and the worker's pid and peak RSS; an input error becomes one "error" row."""
+    PII counts and the worker's pid and peak RSS; an input error becomes one "error" row. `ratings`: {file index:
+    ObjectRef of its rating lines}, put once per file."""
     import pyarrow as pa
+    import ray
 
     _maybe_die_once()
     cfg = MineConfig.model_validate_json(cfg_json)
@@ -154,7 +158,8 @@ def curate_block(batch: dict, cfg_json: str) -> Any:
         task = {key: (v[k].item() if hasattr(v[k], "item") else v[k]) for key, v in batch.items()}
         base = task["file"] << (_BLOCK_BITS + _POS_BITS) | task["block"] << _POS_BITS
         try:
-            events, pii = block_events(task, cfg)
+            ref = (ratings or {}).get(task["file"])
+            events, pii = block_events(task, cfg, ray.get(ref) if ref is not None else None)
         except InputError as e:
             rows.append(_row(base, Filtered("error", 0, str(e))))
             continue
@@ -384,7 +389,8 @@ def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig, prior: DedupeIndex |
     ctx.execution_options.preserve_order = True  # the events come back in input order
     ctx.enable_progress_bars = False
     events = (ray.data.from_items(tasks, override_num_blocks=len(tasks))
-              .map_batches(curate_block, batch_size=1, fn_kwargs={"cfg_json": cfg.model_dump_json()},
+              .map_batches(curate_block, batch_size=1, fn_kwargs={"cfg_json": cfg.model_dump_json(),
+                                                                  "ratings": _rating_refs(ray, tasks)},
                            batch_format="numpy")
               .materialize())
     _lap(clock, "curate")
@@ -410,6 +416,13 @@ def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig, prior: DedupeIndex |
     rep_of = plan_near(pairs.iter_rows())
     _lap(clock, "plan_near")
     return events, rep_of
+
+
+def _rating_refs(ray: Any, tasks: list[dict]) -> dict[int, Any]:
+    """{file index: ObjectRef of `readers.rating_lines`} of the chat-log files that hold rating lines."""
+    files = {t["file"]: Path(t["path"]) for t in tasks if t["fmt"] == "chatlog" and t["lines"] >= 0}
+    found = {i: readers.rating_lines(p) for i, p in files.items()}
+    return {i: ray.put(r) for i, r in found.items() if r}
 
 
 def _lap(clock: dict[str, float], stage: str) -> None:

@@ -158,3 +158,13 @@ def test_default_blocks_stay_under_the_byte_cap(tmp_path):
     capped = ray_engine.plan_blocks(plan, 2, max_bytes=size // 10)
     n_lines = len((tmp_path / "in.jsonl").read_bytes().splitlines())
     assert len(capped) >= 10 and sum(t["lines"] for t in capped) == n_lines
+
+
+def test_rating_lines_in_another_block_byte_identical(ray_local, tmp_path):
+    """A chat log may rate a conversation on a later line: the block holding the conversation must see it."""
+    write_demo_logs(tmp_path / "in.jsonl", n=200, dirty=False)
+    ids = [json.loads(x)["conversation_id"] for x in (tmp_path / "in.jsonl").read_text().splitlines()]
+    with open(tmp_path / "in.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({"rating_for": i, "rating": 1}) + "\n" for i in ids[:60])
+    local, ray = _both([tmp_path / "in.jsonl"], tmp_path)
+    assert local.manifest["counts"]["filtered"]["low_rating"] >= 60
