@@ -24,7 +24,7 @@ Stages:
 3. bands: each first occurrence -> its LSH band keys; group by band key -> pairs (earlier, later) whose estimated
    Jaccard >= threshold.
 4. driver: `plan_near` replays the rule over the pairs -> {key: key of the representative it joins}.
-5. write: the events reach the driver block by block, in order, through the local engine's `Router` with a
+5. write: the events reach the driver in ROUTE_ROWS batches, in order, through the local engine's `Router` with a
    `PlannedDeduper` (the local `Deduper`, near decisions taken from step 4; winner = best rating, then earliest),
    then the local `write_splits`, `write_preferences`, `build_manifest` and `finish` inside `atomic_dir`.
 With an earlier batches' index (`prior`, the loop's), its keys go to the workers in one `ray.put`: a candidate
@@ -33,7 +33,7 @@ nodes of step 3 with negative `ord` (always the earlier side, in the index's ord
 order), so a near copy joins one of them and is dropped as `duplicate_earlier_batch`; the returned index is the
 prior plus this batch's keys and representatives, as the local engine's.
 The driver holds what the local engine holds (a key per distinct text, a row per cluster) plus the near pairs;
-the records stay in Ray's object store and pass the driver one block at a time on their way into the files.
+the records stay in Ray's object store and pass the driver a batch at a time on their way into the files.
 A task whose worker dies runs again (Ray Data's default `max_retries=-1` for system failures;
 user exceptions are not retried); an input error comes back as a row and is raised as the
 local engine's one-line `InputError` naming file and line.
@@ -326,7 +326,7 @@ def _event(r: dict) -> tuple:
 
 def route_all(events: Any, router: engine.Router, plan: list[engine.InputFile], n_blocks: int,
               progress: engine.ProgressFn) -> dict[int, int]:
-    """Stream the events, block by block in input order, through the local `Router`; returns {worker pid: peak
+    """Stream the events, in batches in input order, through the local `Router`; returns {worker pid: peak
     RSS bytes}."""
     last, done, rss = -1, 0, {}
     progress("ray: route", 0, n_blocks)
