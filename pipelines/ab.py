@@ -24,9 +24,7 @@ import tempfile
 from pathlib import Path
 import typer
 
-# The settings live in the core; imported here for the stage's callers (demo, tests).
-from flywheel.evals.ab.config import (DEFAULT_METRICS, AbConfig, MetricConfig, SequentialConfig,  # noqa: F401
-                                      SrmConfig, engine_inputs)
+from flywheel.evals.ab.config import AbConfig, MetricConfig
 from flywheel.pipelines.config import flatten, load_config, split_args
 from flywheel.pipelines import tags as T
 
@@ -36,10 +34,9 @@ def analyze_logs(logs: list[str | Path], cfg: AbConfig) -> dict:
     from flywheel.evals.ab.data import load_table
     from flywheel.evals.ab.engine import analyze
 
-    metrics, s = engine_inputs(cfg)
-    cols = [cfg.variant, cfg.unit] + [m.column for m in metrics] + [m.covariate for m in metrics]
+    cols = [cfg.variant, cfg.unit] + [m.source_column for m in cfg.metrics] + [m.covariate for m in cfg.metrics]
     df, problems = load_table(logs, [c for c in cols if c])
-    report = analyze(df, metrics, s, problems=problems)
+    report = analyze(df, cfg, problems=problems)
     report["inputs"] = [str(Path(p).resolve()) for p in logs]
     return report
 

@@ -1,7 +1,7 @@
 """`flywheel ab analyze` settings: the experiment's columns, the metrics and how they are tested.
 
 Run with: flywheel ab analyze LOGS... --config configs/ab.yaml [key=value ...]
-The engine (`flywheel.evals.ab.engine.analyze`) takes its inputs from this model through `engine_inputs`.
+The engine (`flywheel.evals.ab.engine.analyze`) takes this model as it is: one default per setting, here.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ class MetricConfig(StageConfig):
     margin: float = Field(GUARDRAIL_MARGIN, ge=0, description="guardrail margin")
     margin_relative: bool = Field(True, description="margin as a fraction of the control mean (else absolute)")
     covariate: str | None = Field(None, description="CUPED: pre-period column of the same unit")
+
+    @property
+    def source_column(self) -> str:
+        """The log column the metric reads: `column`, else the metric's name."""
+        return self.column or self.name
 
 
 class SrmConfig(StageConfig):
@@ -105,14 +110,3 @@ class AbConfig(StageConfig):
     @classmethod
     def _str_allocation(cls, v):
         return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v
-
-
-def engine_inputs(cfg: AbConfig):
-    """(metrics, settings) for `engine.analyze`: the engine's flat internal form of this config."""
-    from flywheel.evals.ab.engine import Metric, Settings
-
-    metrics = [Metric(**{**m.model_dump(), "column": m.column or m.name}) for m in cfg.metrics]
-    plain = cfg.model_dump(exclude={"metrics", "srm", "sequential", "out", "force", "tracking_uri", "log_mlflow"})
-    s = Settings(**plain, srm_warning_p=cfg.srm.warning_p, srm_alert_p=cfg.srm.alert_p,
-                 sequential=cfg.sequential.enabled, sequential_tuning_n=cfg.sequential.tuning_n)
-    return metrics, s

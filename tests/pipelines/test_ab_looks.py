@@ -7,7 +7,8 @@ import pytest
 from flywheel.evals.ab.sequential import across_looks
 from flywheel.pipelines import store_read
 from flywheel.pipelines import tags as T
-from flywheel.pipelines.ab import AbConfig, run_ab
+from flywheel.evals.ab.config import AbConfig
+from flywheel.pipelines.ab import run_ab
 
 
 def test_across_looks_running_min_and_intersection():
