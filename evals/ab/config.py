@@ -110,3 +110,34 @@ class AbConfig(StageConfig):
     @classmethod
     def _str_allocation(cls, v):
         return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v
+
+
+def with_flags(cfg: AbConfig, *, unit=None, variant=None, metric=(), control=None, paired=False, alpha=None,
+                out=None) -> AbConfig:
+    """Command-line flags over the config. `--metric X` picks configured metric X, or adds column X (auto kind)."""
+    upd: dict = {}
+    if unit is not None:
+        upd["unit"] = None if unit.lower() in ("none", "null", "") else unit
+    if variant is not None:
+        upd["variant"] = variant
+    if control is not None:
+        upd["control"] = control
+    if paired:
+        upd["paired"] = True
+    if alpha is not None:
+        upd["alpha"] = alpha
+    if out is not None:
+        upd["out"] = str(out)
+    if metric:
+        known = {m.name: m for m in cfg.metrics}
+        upd["metrics"] = [known.get(name) or MetricConfig(name=name, column=name) for name in metric]
+        if cfg.primary and cfg.primary not in metric:
+            upd["primary"] = None
+    if variant is not None and variant != cfg.variant and control is None:
+        # a different variant column makes the configured names meaningless
+        upd["variants"], upd["allocation"], upd["control"] = None, None, None
+    data = cfg.model_dump()
+    data.update({k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in upd.items()})
+    if "metrics" in upd:
+        data["metrics"] = [m.model_dump() for m in upd["metrics"]]
+    return AbConfig.model_validate(data)
