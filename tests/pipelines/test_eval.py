@@ -244,7 +244,7 @@ def test_a_target_that_dies_mid_run_is_an_error_with_counted_failures(mlflow_sto
 
 def test_published_parameters_are_the_evaluated_sampling():
     """`flywheel publish` pins exactly what `flywheel eval` sent: no server default (repeat_penalty 1.1) slips in."""
-    from flywheel.pipelines.eval import gen_params
+    from flywheel.evals.prompts.suite import gen_params
     from flywheel.pipelines.publish import PublishConfig, _eval_sampling
 
     evaluated = gen_params(EvalConfig()).modelfile_parameters()
