@@ -410,9 +410,11 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
     staging_root = (Path(cfg.out).parent if cfg.out else tracking.flywheel_home() / "gate")
     staging_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".gate-eval-", dir=staging_root))
-    ev = _gather_evidence(cfg, candidate, promote, staging, show_progress)
-    gate, out, variant = _decide(cfg, candidate, promote, ev, staging)
-    shutil.rmtree(staging, ignore_errors=True)
+    try:  # also when the tracking server goes away mid-gate: the staging folder is ours to remove
+        ev = _gather_evidence(cfg, candidate, promote, staging, show_progress)
+        gate, out, variant = _decide(cfg, candidate, promote, ev, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {"decision": gate["decision"], "exit_code": gate["exit_code"], "run_id": gate["gate_run_id"],
             "report_path": str(out / "gate_report.md"), "gate_path": str(out / "gate.json"), "gate": gate,
             "promoted_version": gate["promoted_version"], "eval_run_id": ev.eval_run_id,
