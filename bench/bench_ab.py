@@ -25,12 +25,13 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flywheel.evals.ab.engine import Metric, Settings, analyze  # noqa: E402
+from flywheel.evals.ab.config import AbConfig, MetricConfig  # noqa: E402
+from flywheel.evals.ab.engine import analyze  # noqa: E402
 
 METRICS = [
-    Metric("rating", "rating", kind="ordinal", min=1, max=5),
-    Metric("success", "rating", kind="rate", threshold=4, min=1, max=5),
-    Metric("latency_ms", "latency_ms", kind="mean", guardrail=True, higher_is_better=False, margin=0.1, min=0),
+    MetricConfig(name="rating", kind="ordinal", min=1, max=5),
+    MetricConfig(name="success", column="rating", kind="rate", threshold=4, min=1, max=5),
+    MetricConfig(name="latency_ms", kind="mean", guardrail=True, higher_is_better=False, margin=0.1, min=0),
 ]
 
 
@@ -50,7 +51,7 @@ def floor(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def engine(df: pd.DataFrame) -> dict:
-    return analyze(df, METRICS, Settings(unit=None, control="v1"))
+    return analyze(df, AbConfig(metrics=METRICS, unit=None, control="v1"))
 
 
 def best(fn, df, repeat: int) -> tuple[float, object]:

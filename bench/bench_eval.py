@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _run(tmp: Path, tag: str, cache_dir: Path, batch_size: int, n: int, max_new_tokens: int) -> dict:
-    from flywheel.pipelines.eval import EvalConfig, run_eval
+    from flywheel.evals.prompts.config import EvalConfig
+    from flywheel.pipelines.eval import run_eval
 
     home = tmp / f"home-{tag}"
     os.environ["FLYWHEEL_HOME"] = str(home)

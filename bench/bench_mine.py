@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -146,7 +147,10 @@ def main_ray(args: argparse.Namespace) -> None:
         for n in args.sizes:
             log = Path(tmp) / f"log-{n}.jsonl"
             build_log(log, n)
-            row = {e: mine(log, Path(tmp) / f"out-{n}-{e}", True, args.workers, e) for e in ("local", "ray")}
+            row = {}
+            for e in ("local", "ray"):
+                row[e] = mine(log, Path(tmp) / f"out-{n}-{e}", True, args.workers, e)
+                row[e]["load_avg_after"] = os.getloadavg()  # the machine is shared: how busy it was
             row["identical_outputs"] = all(filecmp.cmp(Path(tmp) / f"out-{n}-local" / f, Path(tmp) / f"out-{n}-ray" / f,
                                                        shallow=False)
                                            for f in ("train.jsonl", "eval.jsonl", "preferences.jsonl",
@@ -155,6 +159,8 @@ def main_ray(args: argparse.Namespace) -> None:
                   f"rec/s, identical {row['identical_outputs']}", flush=True)
             results["sizes"][str(n)] = row
             log.unlink()
+            shutil.rmtree(Path(tmp) / f"out-{n}-local")
+            shutil.rmtree(Path(tmp) / f"out-{n}-ray")
     results["machine"]["load_avg_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

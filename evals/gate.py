@@ -25,20 +25,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from pydantic import Field
 
 from flywheel.evals import markdown as md
+from flywheel.evals.ab.multiple import CorrectionMethod
 from flywheel.evals.prompts import results as rs
 from flywheel.foundation.config import StageConfig
+from flywheel.foundation.errors import FlywheelError, InputError
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
 EXIT_CODES = {PASS: 0, FAIL: 1, ERROR: 2}
 ZERO_BASELINE_EPS = 1e-10  # MLflow's fallback when the baseline is exactly 0
 
 
-CorrectionMethod = Literal["holm", "bonferroni", "bh", "fdr_bh", "by", "fdr_by", "hommel", "none"]
 # metrics computed from the reference (or a preference pair's two answers), not from generated text
 TEACHER_FORCED = frozenset({"nll", "preference_accuracy"})
 
@@ -426,3 +428,94 @@ def decision_metrics(gate: dict) -> dict[str, Any]:
     return {"exit_code": gate["exit_code"], "primary.baseline": primary.get("baseline"),
             "primary.candidate": primary.get("candidate"), "primary.difference": primary.get("difference"),
             "primary.p_adjusted": primary.get("p_adjusted")}
+
+
+# -- the gate stage's evidence and decision (plain data; the shell resolves models and logs the run) ------------
+
+ROOT = Path(__file__).resolve().parents[1]  # the Flywheel checkout: prompt sources may be relative to it
+
+
+@dataclass
+class Evidence:
+    """What the gate found before deciding, filled in as it is found: a crash part-way keeps what was already
+    known (the candidate, the champion version) for the decision and its report."""
+
+    candidate_label: str
+    baseline_target: str
+    candidate_target: str
+    baseline_label: str = "?"
+    problems: list[str] = field(default_factory=list)
+    results: Optional[dict] = None
+    eval_run_id: Optional[str] = None
+    sample_run_id: Optional[str] = None
+    cand: Any = None
+    champ_version: Optional[str] = None
+
+
+def default_baseline_target(results: dict, candidate_target: str) -> str:
+    names = [t.get("name") if isinstance(t, dict) else t for t in results.get("targets") or []]
+    if "champion" in names:
+        return "champion"
+    return next((n for n in names if n and n != candidate_target), "champion")
+
+
+def system_prompt_for(results: dict, variant: str | None) -> str | None:
+    """The variant's system text, its `{{ fields }}` filled with the template's defaults (for SYSTEM)."""
+    if not variant:
+        return None
+    src = next((v.get("source") for v in results.get("variants", []) if v.get("name") == variant), None)
+    if src and not Path(src).exists() and (ROOT / src).exists():
+        src = str(ROOT / src)  # a path relative to the repo, read from another working directory
+    if not src or not Path(src).exists():
+        return None
+    from flywheel.evals.prompts.templates import VAR_RE, load_template
+
+    t = load_template(src)
+    return VAR_RE.sub(lambda m: t.defaults.get(m.group(1), ""), t.system).strip() or None
+
+
+def shipped_variant(results: dict | None, variant: str | None, primary_metric: str,
+                    candidate_target: str) -> tuple[str | None, list[str], str | None]:
+    """(variant, the family it was picked from, its system prompt). The gate picks when no variant is fixed,
+    and then corrects for the choice."""
+    family: list[str] = []
+    if results is not None and variant is None:
+        variant, family = pick_variant(results, primary_metric, candidate_target)
+    system_prompt = None
+    if results is not None:
+        try:
+            system_prompt = system_prompt_for(results, variant)
+        except FlywheelError:
+            system_prompt = None
+    return variant, family, system_prompt
+
+
+def candidate_dataset(path: str | None, meta: dict, label: str) -> str:
+    """`eval.cases: candidate`: the mined dataset dir `path` (from the candidate's lineage), only while it still
+    holds the version the candidate was trained on."""
+    from flywheel.mining.dataset import open_dataset
+
+    if not path:
+        raise InputError(f"eval.cases=candidate: {label} records no mined dataset that can be found "
+                         "(flywheel_adapter.json: mine_run_id / dataset_version); set eval.cases=<dir or file>")
+    try:
+        ds = open_dataset(path)
+    except InputError:
+        ds = None
+    if ds is None or ds.manifest is None:
+        raise InputError(f"eval.cases=candidate: {Path(path) / 'manifest.json'}: missing or unreadable (the "
+                         "candidate's dataset)")
+    found = ds.version
+    if meta.get("dataset_version") and found != meta["dataset_version"]:
+        raise InputError(f"eval.cases=candidate: {path} holds dataset version {found}, not {meta['dataset_version']} "
+                         "that the candidate was trained on (re-mined since?); set eval.cases")
+    return str(path)
+
+
+def decision_report(gate: dict, ev: Evidence, model_name: str) -> str:
+    """gate_report.md: the rules' report, plus the promotion when there was one."""
+    report = report_markdown(gate, baseline_label=ev.baseline_label, candidate_label=ev.candidate_label)
+    promoted = gate["promoted_version"]
+    if promoted:
+        report += f"\nPromoted: {md.code(f'models:/{model_name}/{promoted}')} is now `@champion`.\n"
+    return report

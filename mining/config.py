@@ -50,7 +50,7 @@ class RayConfig(StageConfig):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray started when `address` is unset; "
                                                          "unset = the machine's")
     blocks: int = Field(0, ge=0, description="input blocks (Ray tasks) for parse + curate; 0 = 4 per CPU of "
-                                             "the cluster")
+                                             "the cluster, more where a block would exceed 32 MiB of input")
 
 
 class TracesConfig(StageConfig):

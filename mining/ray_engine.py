@@ -24,11 +24,16 @@ Stages:
 3. bands: each first occurrence -> its LSH band keys; group by band key -> pairs (earlier, later) whose estimated
    Jaccard >= threshold.
 4. driver: `plan_near` replays the rule over the pairs -> {key: key of the representative it joins}.
-5. write: the events reach the driver block by block, in order, through the local engine's `Router` with a
+5. write: the events reach the driver in ROUTE_ROWS batches, in order, through the local engine's `Router` with a
    `PlannedDeduper` (the local `Deduper`, near decisions taken from step 4; winner = best rating, then earliest),
    then the local `write_splits`, `write_preferences`, `build_manifest` and `finish` inside `atomic_dir`.
+With an earlier batches' index (`prior`, the loop's), its keys go to the workers in one `ray.put`: a candidate
+whose text an earlier batch kept is no node (it joins their cluster as an exact copy); its signatures join the
+nodes of step 3 with negative `ord` (always the earlier side, in the index's order as the local engine's cluster
+order), so a near copy joins one of them and is dropped as `duplicate_earlier_batch`; the returned index is the
+prior plus this batch's keys and representatives, as the local engine's.
 The driver holds what the local engine holds (a key per distinct text, a row per cluster) plus the near pairs;
-the records stay in Ray's object store and pass the driver one block at a time on their way into the files.
+the records stay in Ray's object store and pass the driver a batch at a time on their way into the files.
 A task whose worker dies runs again (Ray Data's default `max_retries=-1` for system failures;
 user exceptions are not retried); an input error comes back as a row and is raised as the
 local engine's one-line `InputError` naming file and line.
@@ -40,6 +45,7 @@ import json
 import os
 import resource
 import signal
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,18 +62,24 @@ from flywheel.mining.dedupe import DedupeIndex, Deduper, lsh_bands
 # (SIGKILL), so a test can show that Ray's retry of the task gives the same output.
 KILL_ONCE_ENV = "FLYWHEEL_TEST_RAY_KILL_ONCE"
 _POS_BITS, _BLOCK_BITS = 24, 20  # ord = file << 44 | block << 24 | position in the block
+# A worker holds its block's events ~10x the block's input bytes (measured: 125 MB blocks, 1.5 GB workers), so
+# the default block count grows with the input; the driver routes the events in batches of ROUTE_ROWS, not blocks.
+MAX_BLOCK_BYTES = 32 << 20
+ROUTE_ROWS = 8192
 
 COLUMNS = ("ord", "kind", "line", "key", "sig", "rating", "rid", "grp", "record", "gap_key", "gap_line",
            "reason", "raw", "pref_id", "pref_json")
 
 
 # ------------------------------------------------------------------------------------------ 1. curate the blocks
-def plan_blocks(plan: list[engine.InputFile], n_blocks: int) -> list[dict]:
-    """Ray tasks: line ranges of about total/n_blocks bytes of the line-based files; CSV, Parquet and oasst1
-    (threads need the whole file) are one block each."""
+def plan_blocks(plan: list[engine.InputFile], n_blocks: int, max_bytes: int = 0) -> list[dict]:
+    """Ray tasks: line ranges of about total/n_blocks bytes (at most `max_bytes` when given) of the line-based
+    files; CSV, Parquet and oasst1 (threads need the whole file) are one block each."""
     line_files = [(i, p) for i, p in enumerate(plan) if p.fmt != "empty" and _by_lines(p)]
     total = sum(p.path.stat().st_size for _, p in line_files)
     block_bytes = max(1, total // max(1, n_blocks))
+    if max_bytes:
+        block_bytes = min(block_bytes, max_bytes)
     tasks = []
     for i, p in enumerate(plan):
         if p.fmt == "empty":
@@ -94,15 +106,17 @@ def _maybe_die_once() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def block_events(task: dict, cfg: MineConfig) -> tuple[list[tuple], Counter]:
-    """The local engine's `work` over one block, in input order."""
+def block_events(task: dict, cfg: MineConfig, ratings: dict | None = None) -> tuple[list[tuple], Counter]:
+    """The local engine's `work` over one block, in input order. `ratings`: the file's rating lines (a chat log
+    may rate a conversation on a later line, in another block), as the local engine reads them."""
     s = engine.settings(cfg)
     path = Path(task["path"])
     if task["lines"] < 0:
         tasks: Iterator[tuple] = engine.file_tasks(path, task["fmt"], cfg, s, lambda n: None)
     else:
         raw = readers.iter_raw_lines(path, cfg.max_line_bytes, task["start"], task["first"], task["lines"])
-        tasks = (("lines", task["fmt"], b, s) for b in engine.batches(raw, cfg.batch_size))
+        tasks = (("lines", task["fmt"], b, {**s, "ratings": readers.batch_ratings(ratings, b)} if ratings else s)
+                 for b in engine.batches(raw, cfg.batch_size))
     events: list[tuple] = []
     pii: Counter = Counter()
     for t in tasks:
@@ -130,10 +144,12 @@ def _row(o: int, ev: tuple) -> dict:
     return r
 
 
-def curate_block(batch: dict, cfg_json: str) -> Any:
+def curate_block(batch: dict, cfg_json: str, ratings: dict[int, Any] | None = None) -> Any:
     """map_batches function (one task row per call): the block's events as rows, then one "block" row with its
-    PII counts and the worker's pid and peak RSS; an input error becomes one "error" row."""
+    PII counts and the worker's pid and peak RSS; an input error becomes one "error" row. `ratings`: {file index:
+    ObjectRef of its rating lines}, put once per file."""
     import pyarrow as pa
+    import ray
 
     _maybe_die_once()
     cfg = MineConfig.model_validate_json(cfg_json)
@@ -142,7 +158,8 @@ def curate_block(batch: dict, cfg_json: str) -> Any:
         task = {key: (v[k].item() if hasattr(v[k], "item") else v[k]) for key, v in batch.items()}
         base = task["file"] << (_BLOCK_BITS + _POS_BITS) | task["block"] << _POS_BITS
         try:
-            events, pii = block_events(task, cfg)
+            ref = (ratings or {}).get(task["file"])
+            events, pii = block_events(task, cfg, ray.get(ref) if ref is not None else None)
         except InputError as e:
             rows.append(_row(base, Filtered("error", 0, str(e))))
             continue
@@ -188,7 +205,8 @@ def band_rows(nodes: Any, bands: int, rows: int) -> Any:
 
 def bucket_pairs(group: Any, threshold: float) -> Any:
     """One LSH bucket -> the pairs (later, earlier) whose estimated Jaccard (share of equal signature values, the
-    local engine's test, in the same float arithmetic) is >= threshold."""
+    local engine's test, in the same float arithmetic) is >= threshold. Earlier batches' representatives
+    (negative `ord`) are only ever the earlier side: their clusters exist before this batch's first record."""
     import numpy as np
     import pyarrow as pa
 
@@ -200,6 +218,8 @@ def bucket_pairs(group: Any, threshold: float) -> Any:
         ords, keys = g["ord"].to_pylist(), g["key"].to_pylist()
         sigs = np.stack([np.frombuffer(s, dtype=np.uint32) for s in g["sig"].to_pylist()])
         for a in range(1, len(ords)):
+            if ords[a] < 0:
+                continue
             js = (sigs[:a] == sigs[a]).mean(axis=1)
             for v in np.nonzero(js >= threshold)[0]:
                 out["u_ord"].append(ords[a])
@@ -208,6 +228,38 @@ def bucket_pairs(group: Any, threshold: float) -> Any:
                 out["v_key"].append(keys[v])
                 out["j"].append(float(js[v]))
     return pa.table(out, schema=schema)
+
+
+def prior_key(n: int) -> bytes:
+    """The node key of the prior index's n-th signature: 14 bytes, so never a 12-byte text key."""
+    return b"prior:" + n.to_bytes(8, "big")
+
+
+def prior_nodes(prior: DedupeIndex, n_blocks: int) -> list[Any]:
+    """The earlier batches' representatives as band-stage nodes, in blocks: ord -len..-1 keeps their order (the
+    local engine's cluster order, which breaks Jaccard ties) and puts them before every record of this batch."""
+    import numpy as np
+    import pyarrow as pa
+
+    n, step = len(prior.sigs), max(1, -(-len(prior.sigs) // max(1, n_blocks)))
+    return [pa.table({"key": pa.array([prior_key(i) for i in range(a, min(n, a + step))], pa.binary()),
+                      "ord": pa.array(range(a - n, min(n, a + step) - n), pa.int64()),
+                      "sig": pa.array([np.asarray(s, dtype=np.uint32).tobytes() for s in prior.sigs[a:a + step]],
+                                      pa.binary())})
+            for a in range(0, n, step)]
+
+
+def new_candidates(t: Any, prior_keys: Any) -> Any:
+    """The candidates' (key, ord, sig), less those whose text an earlier batch kept: those join the earlier
+    batches' cluster as exact copies and never enter the LSH. `prior_keys`: an ObjectRef (put once) of the keys."""
+    import pyarrow.compute as pc
+
+    t = t.filter(pc.equal(t["kind"], "cand")).select(["key", "ord", "sig"])
+    if prior_keys is None:
+        return t
+    import ray
+
+    return t.filter(pc.invert(pc.is_in(t["key"], value_set=ray.get(prior_keys))))
 
 
 # ------------------------------------------------------------------------------------------ 4. the clusters
@@ -227,17 +279,24 @@ def plan_near(pairs: Iterator[dict]) -> dict[bytes, bytes]:
 
 
 class PlannedDeduper(Deduper):
-    """The local `Deduper` (exact keys, winners, reasons) with the near decisions taken from `plan_near`."""
+    """The local `Deduper` (exact keys, winners, reasons) with the near decisions taken from `plan_near`; with a
+    prior index, its clusters as the local one builds them (all keys in cluster 0, a cluster per signature)."""
 
-    def __init__(self, rep_of: dict[bytes, bytes], cfg: MineConfig):
-        super().__init__(near=False, threshold=cfg.dedupe.threshold, num_perm=cfg.dedupe.num_perm)
+    def __init__(self, rep_of: dict[bytes, bytes], cfg: MineConfig, prior: DedupeIndex | None = None):
+        super().__init__(near=False, threshold=cfg.dedupe.threshold, num_perm=cfg.dedupe.num_perm, prior=prior)
         self.rep_of = rep_of
         self.rep_sigs: list[bytes] = []
+        self.prior_cluster: dict[bytes, int] = {}
+        if prior is not None and cfg.dedupe.near:
+            for n in range(len(prior.sigs)):
+                self.prior_cluster[prior_key(n)] = self._new_cluster(-1, b"", None, 1 << 30, "", "")
+            self.n_prior = len(self.best_seq)
 
     def _find(self, key: bytes, sig: Any) -> tuple[int | None, str, None]:
         c = self.by_key.get(key)
         if c is None and key in self.rep_of:
-            c = self.by_key[self.rep_of[key]]  # the representative came earlier, so it has its cluster
+            rep = self.rep_of[key]  # the representative came earlier, so it has its cluster
+            c = self.prior_cluster[rep] if rep in self.prior_cluster else self.by_key[rep]
             self.by_key[key] = c
             return c, "near", None
         if c is None:
@@ -248,7 +307,7 @@ class PlannedDeduper(Deduper):
         import numpy as np
 
         sigs = [np.frombuffer(s, dtype=np.uint32).copy() for s in self.rep_sigs if s]
-        return DedupeIndex(self.num_perm, shingle, list(self.by_key), sigs)
+        return DedupeIndex(self.num_perm, shingle, list(self.by_key), self._prior_sigs + sigs)
 
 
 # ------------------------------------------------------------------------------------------ 5. route + write
@@ -267,11 +326,11 @@ def _event(r: dict) -> tuple:
 
 def route_all(events: Any, router: engine.Router, plan: list[engine.InputFile], n_blocks: int,
               progress: engine.ProgressFn) -> dict[int, int]:
-    """Stream the events, block by block in input order, through the local `Router`; returns {worker pid: peak
+    """Stream the events, in batches in input order, through the local `Router`; returns {worker pid: peak
     RSS bytes}."""
     last, done, rss = -1, 0, {}
     progress("ray: route", 0, n_blocks)
-    for batch in events.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in events.iter_batches(batch_format="pyarrow", batch_size=ROUTE_ROWS):
         pending: list[tuple] = []
         file_of = -1
         for r in batch.to_pylist():
@@ -319,28 +378,58 @@ def ray_session(rc: RayConfig) -> Iterator[Any]:
         ray.shutdown()
 
 
-def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig) -> tuple[Any, dict[bytes, bytes]]:
-    """Stages 1-4: the materialised events and the near plan."""
-    import pyarrow.compute as pc
+def _datasets(ray: Any, tasks: list[dict], cfg: MineConfig, prior: DedupeIndex | None,
+              clock: dict[str, float]) -> tuple[Any, dict[bytes, bytes]]:
+    """Stages 1-4: the materialised events and the near plan; `clock` gets each stage's seconds and sizes. The
+    prior index reaches the workers once: its keys in one `ray.put` (every candidate block filters on them), its
+    signatures as blocks of the band stage."""
+    import pyarrow as pa
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the events come back in input order
     ctx.enable_progress_bars = False
     events = (ray.data.from_items(tasks, override_num_blocks=len(tasks))
-              .map_batches(curate_block, batch_size=1, fn_kwargs={"cfg_json": cfg.model_dump_json()},
+              .map_batches(curate_block, batch_size=1, fn_kwargs={"cfg_json": cfg.model_dump_json(),
+                                                                  "ratings": _rating_refs(ray, tasks)},
                            batch_format="numpy")
               .materialize())
+    _lap(clock, "curate")
     if not cfg.dedupe.near:
         return events, {}
     bands, rows = lsh_bands(cfg.dedupe.threshold, cfg.dedupe.num_perm)
-    nodes = (events.map_batches(lambda t: t.filter(pc.equal(t["kind"], "cand")).select(["key", "ord", "sig"]),
-                                batch_format="pyarrow", batch_size=None)
-             .groupby("key", num_partitions=len(tasks)).map_groups(first_occurrence, batch_format="pyarrow"))
+    prior_keys = ray.put(pa.array(prior.keys, pa.binary())) if prior is not None and prior.keys else None
+    nodes = (events.map_batches(new_candidates, fn_kwargs={"prior_keys": prior_keys}, batch_format="pyarrow",
+                                batch_size=None)
+             .groupby("key", num_partitions=len(tasks)).map_groups(first_occurrence, batch_format="pyarrow")
+             .materialize())
+    clock["nodes"] = nodes.count()
+    _lap(clock, "exact_groups")
+    if prior is not None and prior.sigs:
+        nodes = nodes.union(ray.data.from_arrow(prior_nodes(prior, len(tasks))))
     pairs = (nodes.map_batches(band_rows, fn_kwargs={"bands": bands, "rows": rows}, batch_format="pyarrow",
                                batch_size=None)
              .groupby("bucket", num_partitions=len(tasks)).map_groups(bucket_pairs, fn_kwargs={"threshold": cfg.dedupe.threshold},
-                                           batch_format="pyarrow"))
-    return events, plan_near(pairs.iter_rows())
+                                           batch_format="pyarrow")
+             .materialize())
+    clock["near_pairs"] = pairs.count()
+    _lap(clock, "band_pairs")
+    rep_of = plan_near(pairs.iter_rows())
+    _lap(clock, "plan_near")
+    return events, rep_of
+
+
+def _rating_refs(ray: Any, tasks: list[dict]) -> dict[int, Any]:
+    """{file index: ObjectRef of `readers.rating_lines`} of the chat-log files that hold rating lines."""
+    files = {t["file"]: Path(t["path"]) for t in tasks if t["fmt"] == "chatlog" and t["lines"] >= 0}
+    found = {i: readers.rating_lines(p) for i, p in files.items()}
+    return {i: ray.put(r) for i, r in found.items() if r}
+
+
+def _lap(clock: dict[str, float], stage: str) -> None:
+    """Seconds since the last lap under `seconds.<stage>`."""
+    now = time.perf_counter()
+    clock[f"seconds.{stage}"] = now - clock.get("_t", now)
+    clock["_t"] = now
 
 
 def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool = False,
@@ -348,23 +437,29 @@ def mine(inputs: list[str | Path], out: str | Path, cfg: MineConfig, force: bool
     """Write the dataset dir for `inputs` atomically with Ray; the same bytes as `engine.mine`."""
     progress = progress or engine._no_progress
     if prior is not None:
-        raise InputError("engine=ray does not take an earlier batches' dedupe index yet; use engine=local")
+        prior.check(cfg.dedupe.num_perm, cfg.dedupe.shingle)
     plan = engine.plan_inputs(inputs, cfg)
     with ray_session(cfg.ray) as ray, atomic_dir(out, force=force, inputs=inputs, stage="mine") as tmp:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        tasks = plan_blocks(plan, cfg.ray.blocks or 4 * cpus)
-        events, rep_of = _datasets(ray, tasks, cfg)
+        tasks = plan_blocks(plan, cfg.ray.blocks or 4 * cpus, 0 if cfg.ray.blocks else MAX_BLOCK_BYTES)
+        clock = {"_t": time.perf_counter()}
+        events, rep_of = _datasets(ray, tasks, cfg, prior, clock)
         work_dir = tmp / ".work"
         work_dir.mkdir()
         router = engine.Router(tmp, work_dir, cfg)
-        router.dedup = PlannedDeduper(rep_of, cfg)
+        router.dedup = PlannedDeduper(rep_of, cfg, prior)
+        router.rep_file = [-1] * len(router.dedup)
         rss = route_all(events, router, plan, len(tasks), progress)
-        manifest = engine.write_outputs(tmp, router, plan, cfg, progress)
+        _lap(clock, "route")
+        manifest = engine.write_outputs(tmp, router, plan, cfg, progress, prior)
+        _lap(clock, "write")
+        clock.pop("_t")
         workers = [v / 2**20 for _, v in sorted(rss.items())]
         stats = {"params": {"ray.cluster_address": cfg.ray.address or "local", "ray.cluster_cpus": cpus,
                             "ray.cluster_nodes": len([n for n in ray.nodes() if n.get("Alive")]),
                             "ray.block_tasks": len(tasks), "ray.workers": len(workers)},
                  "metrics": {"ray.near_joins": len(rep_of), "ray.worker_peak_rss_mb.max": max(workers, default=0),
                              "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                             **{f"ray.{k}": v for k, v in clock.items()},
                              **{f"ray.worker_peak_rss_mb.{n}": v for n, v in enumerate(workers)}}}
     return engine.Mined(manifest, router.dedup.index(cfg.dedupe.shingle), stats)

@@ -24,9 +24,8 @@ import tempfile
 from pathlib import Path
 import typer
 
-# The settings live in the core; imported here for the stage's callers (demo, tests).
-from flywheel.evals.ab.config import (DEFAULT_METRICS, AbConfig, MetricConfig, SequentialConfig,  # noqa: F401
-                                      SrmConfig, engine_inputs)
+from flywheel.evals.ab import report as report_mod
+from flywheel.evals.ab.config import AbConfig, with_flags
 from flywheel.pipelines.config import flatten, load_config, split_args
 from flywheel.pipelines import tags as T
 
@@ -36,54 +35,21 @@ def analyze_logs(logs: list[str | Path], cfg: AbConfig) -> dict:
     from flywheel.evals.ab.data import load_table
     from flywheel.evals.ab.engine import analyze
 
-    metrics, s = engine_inputs(cfg)
-    cols = [cfg.variant, cfg.unit] + [m.column for m in metrics] + [m.covariate for m in metrics]
+    cols = [cfg.variant, cfg.unit] + [m.source_column for m in cfg.metrics] + [m.covariate for m in cfg.metrics]
     df, problems = load_table(logs, [c for c in cols if c])
-    report = analyze(df, metrics, s, problems=problems)
+    report = analyze(df, cfg, problems=problems)
     report["inputs"] = [str(Path(p).resolve()) for p in logs]
     return report
-
-
-def plot_metric(report: dict, metric: str, path: Path) -> Path:
-    """Mean of `metric` per variant with its CI, the control's mean as a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in report["summaries"] if r["metric"] == metric]
-    names = [r["variant"] for r in rows]
-    means = [r["mean"] for r in rows]
-    err = [[r["mean"] - (r["ci_low"] if r["ci_low"] is not None else r["mean"]) for r in rows],
-           [(r["ci_high"] if r["ci_high"] is not None else r["mean"]) - r["mean"] for r in rows]]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 2), 3.5))
-    colors = ["#888888"] + ["#1f77b4"] * (len(rows) - 1)
-    ax.errorbar(range(len(rows)), means, yerr=err, fmt="none", ecolor="black", capsize=6)
-    ax.scatter(range(len(rows)), means, c=colors, zorder=3, s=50)
-    if rows:
-        ax.axhline(means[0], color="#888888", ls="--", lw=0.8)
-    ax.set_xticks(range(len(rows)), [f"{n}\n(n={r['n']})" for n, r in zip(names, rows)], fontsize=8)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: mean by variant, {int(round((1 - report['alpha']) * 100))}% CI "
-                 f"(control {report['control']} grey)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _write_outputs(report: dict, folder: Path) -> list[Path]:
     from flywheel.foundation.io import atomic_write_text
     from flywheel.pipelines.tracking import sanitize_metric_name
 
-    files = [atomic_write_text(folder / "report.json", report_json(report))]
+    files = [atomic_write_text(folder / "report.json", report_mod.report_json(report))]
     for m in dict.fromkeys(r["metric"] for r in report["summaries"]):
-        files.append(plot_metric(report, m, folder / f"ab_{sanitize_metric_name(m).replace('/', '_')}.png"))
+        files.append(report_mod.plot_metric(report, m, folder / f"ab_{sanitize_metric_name(m).replace('/', '_')}.png"))
     return files
-
-
-def report_json(report: dict) -> str:
-    return json.dumps(report, indent=2, sort_keys=False, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def _mlflow_metrics(report: dict) -> dict[str, float]:
@@ -253,13 +219,13 @@ def analyze_cmd(
     if not paths:
         raise typer.BadParameter("give at least one LOGS file")
     cfg = load_config(AbConfig, config, extra)
-    cfg = apply_flags(cfg, unit=unit, variant=variant, metric=metric, control=control, paired=paired,
+    cfg = with_flags(cfg, unit=unit, variant=variant, metric=metric, control=control, paired=paired,
                       alpha=alpha, out=out)
     if force:
         cfg = cfg.model_copy(update={"force": True})
     res = run_ab(paths, cfg)
     if as_json:
-        typer.echo(report_json(res["report"]), nl=False)
+        typer.echo(report_mod.report_json(res["report"]), nl=False)
         return
     print_report(res["report"])
     if res["out_dir"]:
@@ -304,34 +270,3 @@ def plan_cmd(
     typer.echo("assumptions:")
     for a in r["assumptions"]:
         typer.echo(f"  - {a}")
-
-
-def apply_flags(cfg: AbConfig, *, unit=None, variant=None, metric=(), control=None, paired=False, alpha=None,
-                out=None) -> AbConfig:
-    """Command-line flags over the config. `--metric X` picks configured metric X, or adds column X (auto kind)."""
-    upd: dict = {}
-    if unit is not None:
-        upd["unit"] = None if unit.lower() in ("none", "null", "") else unit
-    if variant is not None:
-        upd["variant"] = variant
-    if control is not None:
-        upd["control"] = control
-    if paired:
-        upd["paired"] = True
-    if alpha is not None:
-        upd["alpha"] = alpha
-    if out is not None:
-        upd["out"] = str(out)
-    if metric:
-        known = {m.name: m for m in cfg.metrics}
-        upd["metrics"] = [known.get(name) or MetricConfig(name=name, column=name) for name in metric]
-        if cfg.primary and cfg.primary not in metric:
-            upd["primary"] = None
-    if variant is not None and variant != cfg.variant and control is None:
-        # a different variant column makes the configured names meaningless
-        upd["variants"], upd["allocation"], upd["control"] = None, None, None
-    data = cfg.model_dump()
-    data.update({k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in upd.items()})
-    if "metrics" in upd:
-        data["metrics"] = [m.model_dump() for m in upd["metrics"]]
-    return AbConfig.model_validate(data)

@@ -125,7 +125,8 @@ def run_demo(work_dir: str | Path | None = None, *, steps: int = 8, n_logs: int 
         result["embeddings"] = emb
         say(f"    leaderboard: {Path(emb['out']) / 'leaderboard.md'}")
     if ab:
-        from flywheel.pipelines.ab import AbConfig, run_ab
+        from flywheel.evals.ab.config import AbConfig
+        from flywheel.pipelines.ab import run_ab
 
         say("4/4 A/B analysis of the prompt variants (v1 control vs v2)")
         abr = run_ab([Path(logs["path"])], AbConfig(out=str(work / "ab")))

@@ -21,140 +21,25 @@ Python entry: `run_eval(cfg: EvalConfig) -> {"run_id", "results_path", "results"
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel.evals.prompts.results import RESULTS_SCHEMA, build_results  # noqa: F401 (RESULTS_SCHEMA: callers)
-from flywheel.evals.prompts.scorers import default_metrics
-from flywheel.pipelines.config import StageConfig, load_config
-from flywheel.foundation.errors import FlywheelError, InputError
+from flywheel.evals.prompts.config import DEFAULT_BASE, EvalConfig, TargetSpec
+from flywheel.evals.prompts import suite
+from flywheel.pipelines.config import load_config
+from flywheel.foundation.errors import InputError
 from flywheel.pipelines import tags as T
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CASES = str(ROOT / "evals" / "prompts" / "demo_cases.yaml")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class TargetSpec(_Section):
-    name: str
-    base: Optional[str] = None       # catalog name or HF dir; default: the adapter's recorded base, else smollm2
-    adapter: Optional[str] = None    # adapter dir | runs:/<id>/adapter | models:/<name>@<alias>
-    endpoint: Optional[str] = None   # OpenAI-compatible base URL (e.g. http://localhost:11434/v1): no local model
-    model: Optional[str] = None      # the endpoint's model name
-    api_key_env: Optional[str] = None  # env var holding the endpoint's key (never the key itself in a config)
-    revision: Optional[str] = Field(None, description=(
-        "endpoint: what identifies the served weights when the server reports nothing (e.g. the GGUF's sha256); "
-        "part of the cache key. Without it and without a server fingerprint, endpoint answers are not cached"))
-    extra_body: dict[str, Any] = Field(default_factory=dict, description=(
-        "endpoint: extra request fields merged over the sampling fields Flywheel sends (a null drops one, e.g. "
-        "`{top_k: null}` for a server that rejects it)"))
-
-
-class GenerationSection(_Section):
-    max_new_tokens: int = Field(48, ge=1)   # short on CPU: 48 tokens x 2 variants x 2 targets stays in minutes
-    do_sample: bool = False                 # greedy: deterministic, cache-friendly; sampling for `repeat`
-    temperature: float = Field(0.7, gt=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="sampling only: top-k (0 = off); greedy sends top_k 1")
-    min_p: float = Field(0.0, ge=0, le=1, description="sampling only: min-p (0 = off; llama.cpp defaults to 0.05)")
-    repeat_penalty: float = Field(1.0, gt=0, description=(
-        "repetition penalty, sent to every target and pinned in the published Modelfile (llama.cpp and Ollama "
-        "default to 1.1, Hugging Face to 1.0)"))
-    stop: list[str] = Field(default_factory=list, description="extra stop strings (end-of-turn tokens always stop)")
-    seed: int = 0
-    batch_size: int = Field(8, ge=1)
-    repeat: int = Field(1, ge=1)            # > 1 with do_sample: per-case consistency rate
-
-
-class EndpointSection(_Section):
-    connect_timeout_s: float = Field(5.0, gt=0, description="endpoint and judge requests: connect timeout, seconds")
-    read_timeout_s: float = Field(60.0, gt=0, description="endpoint and judge requests: read timeout, seconds")
-    max_retries: int = Field(3, ge=0, description=(
-        "retries per request on 408/409/429/5xx and connection errors, exponential backoff with jitter "
-        "(openai SDK; Retry-After honoured)"))
-    max_consecutive_failures: int = Field(5, ge=1, description=(
-        "abort the run, naming the target, after this many failed requests in a row"))
-
-
-class JudgeSection(_Section):
-    endpoint: Optional[str] = None          # OpenAI-compatible base URL; unset = judge skipped (noted in results)
-    model: Optional[str] = None
-    api_key_env: Optional[str] = None
-    rubric: Optional[str] = None            # default: flywheel.evals.prompts.scorers.DEFAULT_RUBRIC
-
-
-class ComparePair(_Section):
-    control: dict[str, str] = Field(description="the control cell: {variant, target}")
-    treatment: dict[str, str] = Field(description="the treatment cell: {variant, target}")
-
-
-class CompareSection(_Section):
-    alpha: float = Field(0.05, gt=0, lt=1, description="significance level; cell CIs are 1 - alpha")
-    correction: str = Field("holm", description="per metric, across the compared pairs "
-                            "(flywheel.evals.ab.multiple)")
-    test: str = Field("auto", description="auto | t | wilcoxon (flywheel.evals.ab.paired)")
-    pairs: Optional[list[ComparePair]] = Field(None, description="pairs to compare; default: each variant vs the "
-                                               "first, each target vs the first")
-
-
-class EvalConfig(StageConfig):
-    name: str = "eval"
-    cases: str = DEFAULT_CASES
-    limit: Optional[int] = Field(None, ge=1)
-    out: Optional[str] = None               # default: <FLYWHEEL_HOME>/eval/<name>
-    force: bool = False                     # replace an existing `out` Flywheel did not write
-    variants: list[str] = ["concise", "grounded"]
-    prompts_dir: str = "configs/prompts"    # where bare variant names are looked up (cwd, then the repo)
-    targets: list[TargetSpec] = [TargetSpec(name="base", base="smollm2-135m-instruct")]
-    candidate: Optional[str] = None         # shortcut: adds target {name: candidate, adapter: <this>}
-    metrics: list[str] = Field(default_factory=default_metrics)
-    assertions: list[dict[str, Any]] = []   # applied to every case, on top of each case's own
-    embedding_model: str = "all-MiniLM-L6-v2"
-    primary_metric: str = "nll"             # what the gate should decide on; direction is in results.json
-    generation: GenerationSection = GenerationSection()
-    judge: JudgeSection = JudgeSection()
-    compare: CompareSection = CompareSection()
-    endpoints: EndpointSection = Field(default_factory=EndpointSection, description=(
-        "timeouts, retries and abort policy for endpoint targets and the judge"))
-    max_failure_rate: float = Field(0.0, ge=0, le=1, description=(
-        "a cell whose share of failed generations is above this makes `flywheel eval` exit 2 (results are still "
-        "written); the gate refuses a primary cell with any failure"))
-    nll_batch_size: int = Field(4, ge=1)
-    nll_max_length: int = Field(384, ge=16)  # prompt + reference tokens; long references are cut at the end
-    cache: bool = True
-    cache_dir: Optional[str] = None         # default: <FLYWHEEL_HOME>/cache/eval
-    register_prompts: bool = True
-    log_traces: bool = Field(False, description=(
-        "record each generation as an MLflow trace (messages in, answer out; tags target, variant, case_id) with "
-        "its scores as assessments, linked to the eval run (flywheel.pipelines.eval_traces)"))
-    device: str = "cpu"
-    tracking_uri: Optional[str] = None
-    run_name: Optional[str] = None
 
 
 # -- resolution (before any generation) -----------------------------------------------------------------------
 
-def _prompts_dir(cfg: EvalConfig) -> Path:
-    p = Path(cfg.prompts_dir)
-    if p.is_dir() or p.is_absolute():
-        return p
-    return ROOT / p  # run from elsewhere: the repo's own configs/prompts
-
-
-def _is_uri(s: str) -> bool:
-    return "://" in s or s.startswith(("runs:/", "models:/"))
-
-
 def _fetch_adapter(spec: str, target: str, scratch: Path) -> tuple[Path, dict[str, str]]:
     """A local dir as is; an MLflow URI downloaded (mlflow resolves `models:/name@alias` to its source)."""
-    if not _is_uri(spec):
+    if not suite.is_uri(spec):
         p = Path(spec).expanduser()
         if not p.exists():
             raise InputError(f"target {target!r}: adapter {spec}: no such directory")
@@ -191,7 +76,7 @@ def build_targets(cfg: EvalConfig, scratch: Path) -> tuple[list[Any], dict[str, 
                 raise InputError(f"target {spec.name!r}: an endpoint target cannot take a local adapter")
             key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
             targets.append(EndpointTarget(spec.name, spec.endpoint, spec.model or "default", api_key=key,
-                                          options=_endpoint_options(cfg, spec.extra_body), revision=spec.revision))
+                                          options=suite.endpoint_options(cfg, spec.extra_body), revision=spec.revision))
             continue
         adapter = None
         if spec.adapter:
@@ -201,75 +86,10 @@ def build_targets(cfg: EvalConfig, scratch: Path) -> tuple[list[Any], dict[str, 
                 lineage[f"{k}.{spec.name}" if k in lineage else k] = v
             if adapter.meta.get("train_run_id"):
                 lineage.setdefault("train_run", adapter.meta["train_run_id"])
-        base = spec.base or (adapter.meta.get("base_model") if adapter else None) or "smollm2-135m-instruct"
+        base = spec.base or (adapter.meta.get("base_model") if adapter else None) or DEFAULT_BASE
         info = resolve_base_model(base)
         targets.append(HFTarget(spec.name, info.name, info.path, info.sha256, adapter=adapter, device=cfg.device))
     return targets, lineage
-
-
-class _LazyEmbedder:
-    """(outputs, references) -> cosine similarities. Loads the model (via the embeddings stage's offline loader)
-    on the first call only, so a run whose similarities are all cached never imports sentence-transformers."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self._model = None
-
-    def __call__(self, outputs, references):  # noqa: ANN001
-        from flywheel.evals.prompts.scorers import embedding_similarity
-
-        if self._model is None:
-            from flywheel.evals.embeddings.models import load_embedding_model
-
-            self._model = load_embedding_model(self.name)
-        return embedding_similarity(self._model, outputs, references)
-
-
-def _endpoint_options(cfg: EvalConfig, extra_body: dict | None = None):
-    from flywheel.evals.prompts.generate import EndpointOptions
-
-    e = cfg.endpoints
-    return EndpointOptions(connect_timeout_s=e.connect_timeout_s, read_timeout_s=e.read_timeout_s,
-                           max_retries=e.max_retries, max_consecutive_failures=e.max_consecutive_failures,
-                           extra_body=dict(extra_body or {}))
-
-
-def gen_params(cfg: EvalConfig):
-    """The one GenParams of a config: what every target gets and what results.json records."""
-    from flywheel.evals.prompts.generate import GenParams
-
-    g = cfg.generation
-    return GenParams(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature,
-                     top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, repeat_penalty=g.repeat_penalty, seed=g.seed,
-                     stop=tuple(g.stop), batch_size=g.batch_size)
-
-
-def _judge(cfg: EvalConfig):
-    """The judge: a score, or NoScore("failed") for a request that failed after retries, NoScore("unparseable")
-    for a reply without `Score: N`; both are counted per cell."""
-    import openai
-
-    from flywheel.evals.prompts.generate import GenParams, chat_completion, check_endpoint, openai_client
-    from flywheel.evals.prompts.scorers import DEFAULT_RUBRIC, NoScore, judge_messages, parse_judge_score
-
-    j = cfg.judge
-    key = os.environ.get(j.api_key_env) if j.api_key_env else None
-    check_endpoint(j.endpoint, key, timeout=cfg.endpoints.connect_timeout_s, what="judge endpoint")
-    client = openai_client(j.endpoint, key, _endpoint_options(cfg))
-    params = GenParams(max_new_tokens=64)  # greedy, no repeat penalty: the same judgement every time
-
-    def judge(question: str, answer: str, reference: str | None) -> float | None:
-        try:
-            reply = chat_completion(client, j.model or "default",
-                                    judge_messages(j.rubric or DEFAULT_RUBRIC, question, answer, reference), params)
-        except (openai.APIError, ValueError) as e:
-            raise NoScore("failed", f"{type(e).__name__}: {e}"[:200]) from None
-        score = parse_judge_score(reply.text)
-        if score is None:
-            raise NoScore("unparseable", reply.text[:80])
-        return score
-
-    return judge
 
 
 # -- prompt registry ------------------------------------------------------------------------------------------
@@ -309,14 +129,6 @@ def demo_config(cases: str | Path, candidate: str | None = None, out: str | Path
     return cfg
 
 
-def eval_cases(cfg: EvalConfig):
-    """The config's cases. Asking for preference_accuracy reads a mined dataset's preference eval split
-    (`preferences_eval.jsonl`) instead of `eval.jsonl`."""
-    from flywheel.evals.prompts.cases import load_cases
-
-    return load_cases(cfg.cases, limit=cfg.limit, preferences="preference_accuracy" in cfg.metrics)
-
-
 def _progress(bar: Any, task: Any, show: bool):
     """The bar advances per case; a failure is printed above it as it happens and counted in its label."""
     failed = [0]
@@ -334,63 +146,7 @@ def _progress(bar: Any, task: Any, show: bool):
     return update
 
 
-def check_failures(results: dict) -> None:
-    """A broken target is an error (exit 2), not a gate "fail": raise when a cell's share of failed generations
-    is above `max_failure_rate`. Called after results.json is written, so the failures can be read there."""
-    limit = results.get("max_failure_rate", 0.0)
-    bad = [(label, f) for label, f in results["failures"].items() if f["failure_rate"] > limit]
-    if bad:
-        parts = "; ".join(f"{label}: {f['failed']}/{f['rows']} failed (first: {f['first_error']})"[:300]
-                          for label, f in bad)
-        raise FlywheelError(f"eval: generations failed above max_failure_rate={limit:g}: {parts}; results in "
-                            f"{results.get('results_path', 'results.json')}")
-
-
-@dataclass
-class _Plan:
-    """What phase 1 resolved without generating anything; the later phases read it."""
-
-    caseset: Any
-    variants: list[Any]
-    params: Any
-    out_dir: Path
-    cache: Any
-    metrics: list[str]
-    judge: Any
-    pairs: Optional[list] = None  # configured compare pairs; None: harness.auto_pairs
-
-
-def _plan(cfg: EvalConfig) -> _Plan:
-    """Phase 1: everything that can be wrong, before generation (targets are resolved later, in the scratch dir)."""
-    from flywheel.evals.prompts import harness
-    from flywheel.evals.prompts.templates import load_template
-    from flywheel.foundation.cache import JsonCache
-    from flywheel.foundation.io import check_output_dir
-    from flywheel.pipelines import tracking
-
-    caseset = eval_cases(cfg)
-    variants = [load_template(v, _prompts_dir(cfg)) for v in cfg.variants]
-    if cfg.primary_metric not in cfg.metrics + ["pass_rate", "error_rate"]:
-        raise InputError(f"primary_metric {cfg.primary_metric!r} is not among metrics {cfg.metrics}")
-    target_names = [t.name for t in cfg.targets] + (["candidate"] if cfg.candidate else [])
-    harness.validate_static(caseset.cases, variants, target_names, cfg.assertions, cfg.metrics)
-    params = gen_params(cfg)
-    out_dir = Path(cfg.out) if cfg.out else tracking.flywheel_home() / "eval" / cfg.name
-    check_output_dir(out_dir, inputs=[cfg.cases], force=cfg.force)  # now, not after the generation
-    cache = JsonCache(Path(cfg.cache_dir) if cfg.cache_dir else tracking.flywheel_home() / "cache" / "eval",
-                      enabled=cfg.cache)
-    metrics = list(cfg.metrics)
-    if cfg.judge.endpoint and "judge_score" not in metrics:
-        metrics.append("judge_score")  # configuring a judge is asking for its score
-    judge = _judge(cfg) if cfg.judge.endpoint else None
-    pairs = None
-    if cfg.compare.pairs:
-        pairs = harness.configured_pairs([(p.control, p.treatment) for p in cfg.compare.pairs],
-                                         [v.name for v in variants], target_names)
-    return _Plan(caseset, variants, params, out_dir, cache, metrics, judge, pairs)
-
-
-def _register_prompts(cfg: EvalConfig, plan: _Plan, run_id: str) -> dict[str, Any]:
+def _register_prompts(cfg: EvalConfig, plan: suite.Plan, run_id: str) -> dict[str, Any]:
     """Each variant in the prompt registry, linked to the parent run. -> {variant name: prompt version}."""
     from mlflow.tracking import MlflowClient
 
@@ -403,14 +159,14 @@ def _register_prompts(cfg: EvalConfig, plan: _Plan, run_id: str) -> dict[str, An
     return prompt_versions
 
 
-def _generate(cfg: EvalConfig, plan: _Plan, targets: list[Any], show_progress: bool) -> dict:
+def _generate(cfg: EvalConfig, plan: suite.Plan, targets: list[Any], show_progress: bool) -> dict:
     """Phase 2: the matrix, under a progress bar. -> harness.run_matrix's {rows, notes}."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flywheel.evals.prompts import harness
 
     g = cfg.generation
-    embedder = _LazyEmbedder(cfg.embedding_model) if "embedding_similarity" in plan.metrics else None
+    embedder = suite.LazyEmbedder(cfg.embedding_model) if "embedding_similarity" in plan.metrics else None
     total = len(targets) * len(plan.variants) * len(plan.caseset.cases) * g.repeat
     with Progress(TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=not show_progress, transient=True) as bar:
@@ -422,7 +178,7 @@ def _generate(cfg: EvalConfig, plan: _Plan, targets: list[Any], show_progress: b
             progress=_progress(bar, task, show_progress))
 
 
-def _log_cells(plan: _Plan, targets: list[Any], rows: list[dict], cells: list[dict], prompt_versions: dict,
+def _log_cells(plan: suite.Plan, targets: list[Any], rows: list[dict], cells: list[dict], prompt_versions: dict,
                inputs: dict) -> dict[str, str]:
     """Phase 3: one child run per variant x target. -> {"target/variant": run id}."""
     import mlflow
@@ -446,41 +202,23 @@ def _log_cells(plan: _Plan, targets: list[Any], rows: list[dict], cells: list[di
                     MlflowClient().link_prompt_version_to_run(child.info.run_id, pv)
                 tracking.log_metrics({c["metric"]: c["mean"] for c in cells
                                       if c["variant"] == v.name and c["target"] == t.name})
-                mlflow.log_table(_table(cell_rows), artifact_file="cases.json")
+                mlflow.log_table(suite.cells_table(cell_rows), artifact_file="cases.json")
                 child_runs[f"{t.name}/{v.name}"] = child.info.run_id
     return child_runs
 
 
-def _results(cfg: EvalConfig, plan: _Plan, run_id: str, targets: list[Any], matrix: dict, prompt_versions: dict,
-             inputs: dict) -> dict:
+def _results(cfg: EvalConfig, plan: suite.Plan, run_id: str, targets: list[Any], matrix: dict,
+             prompt_versions: dict, inputs: dict) -> dict:
     """Cells, comparisons and child runs -> the results.json dict."""
-    from flywheel.evals.prompts import harness
-
     rows = matrix["rows"]
-    cells = harness.cells(rows, alpha=cfg.compare.alpha)
-    pairs = plan.pairs or harness.auto_pairs([v.name for v in plan.variants], [t.name for t in targets])
-    comparisons, cmp_notes = harness.compare(rows, pairs, alpha=cfg.compare.alpha,
-                                             correction=cfg.compare.correction, test=cfg.compare.test)
+    cells, comparisons, notes = suite.cells_and_comparisons(cfg, plan, rows, [t.name for t in targets])
     child_runs = _log_cells(plan, targets, rows, cells, prompt_versions, inputs)
-    g, params, cache = cfg.generation, plan.params, plan.cache
-    # What was evaluated, by identity (base/adapter sha256) and by the reference given (a registry
-    # version such as models:/name/3): the gate refuses to promote on results about other models.
-    refs = {t.name: t.adapter for t in cfg.targets} | ({"candidate": cfg.candidate} if cfg.candidate else {})
-    return build_results(
-        name=cfg.name, run_id=run_id, child_runs=child_runs, primary_metric=cfg.primary_metric,
-        caseset=plan.caseset, targets=[{**t.describe(), "adapter_ref": refs.get(t.name)} for t in targets],
-        cells=cells, comparisons=comparisons,
-        variants=[{"name": v.name, "version": v.version, "sha256": v.sha256, "source": v.source,
-                   "prompt_uri": prompt_versions[v.name].uri if v.name in prompt_versions else None}
-                  for v in plan.variants],
-        # every sampling parameter as sent (greedy spelled out: temperature 0, top_k 1): what publish pins
-        generation={**params.sampling(), "do_sample": params.do_sample, "repeat": g.repeat,
-                    "batch_size": g.batch_size},
-        cache={"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)}, rows=rows,
-        failures=harness.failures(rows), max_failure_rate=cfg.max_failure_rate, notes=matrix["notes"] + cmp_notes)
+    return suite.results(cfg, plan, run_id=run_id, targets=targets, rows=rows, cells=cells, comparisons=comparisons,
+                         notes=matrix["notes"] + notes, child_runs=child_runs,
+                         prompt_uris={name: pv.uri for name, pv in prompt_versions.items()})
 
 
-def _write(cfg: EvalConfig, plan: _Plan, results: dict, rows: list[dict]) -> None:
+def _write(cfg: EvalConfig, plan: suite.Plan, results: dict, rows: list[dict]) -> None:
     """Phase 4: results.json, cases.jsonl, config.yaml (atomically), then the parent run's artifacts and metrics."""
     import mlflow
 
@@ -511,7 +249,7 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True, fail_on_failures: b
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    plan = _plan(cfg)
+    plan = suite.plan(cfg)
     tracking.setup(cfg.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="flywheel-eval-") as scratch:
         targets, lineage = build_targets(cfg, Path(scratch))
@@ -532,28 +270,8 @@ def run_eval(cfg: EvalConfig, *, show_progress: bool = True, fail_on_failures: b
     res = {"run_id": results["run_id"], "results_path": str(plan.out_dir / "results.json"), "results": results,
            "out": str(plan.out_dir)}
     if fail_on_failures:
-        check_failures({**results, "results_path": res["results_path"]})
+        suite.check_failures({**results, "results_path": res["results_path"]})
     return res
-
-
-def _table(rows: list[dict]) -> dict[str, list]:
-    """Per-case table for mlflow.log_table: generations side by side with their scores."""
-    names = sorted({k for r in rows for k in r["metrics"]})
-    t: dict[str, list] = {"case_id": [], "question": [], "reference": [], "output": [], "error": [],
-                          "cached": [], "failed_assertions": []}
-    t.update({f"m.{n}": [] for n in names})
-    for r in rows:
-        t["case_id"].append(r["case_id"])
-        t["question"].append(r["question"])
-        t["reference"].append(r["reference"])
-        t["output"].append(r["output"])
-        t["error"].append(r["error"])
-        t["cached"].append(r["cached"])
-        t["failed_assertions"].append("; ".join(f"{a['name']}: {a['reason']}" for a in r["assertions"]
-                                                if not a["passed"]))
-        for n in names:
-            t[f"m.{n}"].append(r["metrics"].get(n))
-    return t
 
 
 def _yaml(cfg: EvalConfig) -> str:
@@ -616,4 +334,4 @@ def register(app: typer.Typer) -> None:
             _summary(res)
         else:
             typer.echo(res["results_path"])
-        check_failures({**res["results"], "results_path": res["results_path"]})
+        suite.check_failures({**res["results"], "results_path": res["results_path"]})

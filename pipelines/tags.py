@@ -75,6 +75,7 @@ CHAMPION_UNTIL = "flywheel.champion_until"
 PROMOTED_BY_GATE_RUN = "flywheel.promoted_by_gate_run"
 PROMOTIONS = "flywheel.promotions"
 PROMOTION_LEASE = "flywheel.promotion_lease"  # registered model, server stores: the optimistic promotion lease
+PROMOTION_PENDING = "flywheel.promotion_pending"  # model version: a promotion begun, not yet committed (JSON)
 # -- publish
 MODELFILE_PATH = "flywheel.modelfile_path"
 PUBLISH_GGUF_ADAPTER = "flywheel.publish.gguf_adapter"

@@ -16,6 +16,10 @@ The recipe, top to bottom (`run_train`):
 6. save the adapter atomically with `flywheel_adapter.json` (method, base model name + weight hash, dataset
    version, run ids, chat template, eos tokens; for DPO beta and the reference) and log it with the audit,
    resolved config and a base-vs-adapter generations table.
+
+The phases themselves are plain functions in the training core (`flywheel.training.recipe`; torchrun in
+`flywheel.training.launch`, the `--resume` state in `flywheel.training.checkpoints`); this module adds the MLflow
+run and lookups, the callbacks that log to it, progress and the command.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -33,6 +36,9 @@ from flywheel.pipelines.config import ConfigError
 # The config type lives with the training core; imported here for the CLI and callers.
 from flywheel.training.config import TrainConfig
 from flywheel.pipelines import tags as T
+from flywheel.training import checkpoints, recipe
+from flywheel.training.launch import check_nproc, run_torchrun
+from flywheel.training.sft import is_main_process, world_size
 
 
 STAGE = "train"
@@ -52,23 +58,6 @@ def demo_config(dataset: str | Path, output_dir: str | Path, **overrides: Any) -
     return TrainConfig.model_validate(data)
 
 
-@dataclass
-class Prepared:
-    """What the phases before training hand on: base model, data, tokenizer and the audited token rows."""
-
-    info: Any                    # flywheel.training.models.BaseModelInfo
-    dataset: Any                 # SFTDataset (sft) or PreferenceDataset (dpo)
-    mine_run_id: str | None
-    tokenizer: Any
-    inference_template: str | None
-    train_rows: list[dict]
-    eval_rows: list[dict]
-    report: dict
-    example: str = ""                                 # one training row rendered for --dry-run
-    lineage: dict = field(default_factory=dict)       # method-specific keys for flywheel_adapter.json
-    init_adapter_dir: str | None = None               # dpo: the adapter the policy starts from
-
-
 def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
               callbacks: Sequence[Any] = (), progress: bool = False) -> dict:
     """Train (or audit, with dry_run) and log to MLflow `flywheel/train`.
@@ -78,21 +67,21 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
     {dry_run: True, audit, example, ...} and no run. Raises ConfigError/InputError on bad config, data or audit.
     `callbacks`: extra transformers TrainerCallbacks (tests use one to interrupt a run).
     """
-    backend, warnings = _backend(cfg)                                  # 1.
+    backend, warnings = recipe.backend(cfg)                            # 1.
     ds, mine_run_id = _dataset(cfg)  # 2. first: a re-mined dataset version fails before any weights resolve
-    info = _base_model(cfg)                                            # 3.
-    prep = (_prepare_dpo if cfg.method == "dpo" else _prepare_sft)(cfg, info, ds, mine_run_id)  # 4.
+    info = recipe.base_model(cfg)                                      # 3.
+    prep = _prepare(cfg, info, ds, mine_run_id)                        # 4.
     base = {"audit": prep.report, "example": prep.example, "base_model": info.to_dict(),
             "dataset_version": ds.version, "dataset_path": str(ds.path), "mine_run_id": mine_run_id,
             "backend": backend.name, "device": backend.device, "warnings": warnings, "method": cfg.method}
     if dry_run:
         return {"dry_run": True, **base}
-    _check_report(cfg, prep.report)
-    launch = cfg.nproc > 1 and _world_size() == 1
+    recipe.check_report(cfg.method, prep.report)
+    launch = cfg.nproc > 1 and world_size() == 1
     if launch:
         check_nproc(cfg.nproc, backend.device)
     out_dir = Path(cfg.output_dir)
-    ckpt = _last_checkpoint(out_dir) if resume else None
+    ckpt = checkpoints.resume_checkpoint(out_dir) if resume else None
     with _train_run(cfg, ds.version, mine_run_id, _tags(cfg, info, backend, launch, ckpt), prep.report, ckpt,
                     out_dir) as run_id:
         if launch:                                                     # 5. as DDP ranks
@@ -102,7 +91,7 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
             # Stopped early by a callback (control.should_training_stop): leave checkpoints for --resume, no adapter.
             _set_status("interrupted")
             return {"run_id": run_id, "adapter_dir": None, "interrupted": True, **base, **stats}
-        if not _is_main():  # the other ranks are done: rank 0 alone writes the adapter and the run's artifacts
+        if not is_main_process():  # the other ranks are done: rank 0 alone writes the adapter and the run's artifacts
             return {"run_id": run_id, "adapter_dir": None, **base, **stats}
         adapter_dir = _save_adapter(cfg, trainer, prep, run_id, stats)  # 6.
         gens = _log_outputs(cfg, trainer, prep, adapter_dir, stats)
@@ -111,184 +100,51 @@ def run_train(cfg: TrainConfig, dry_run: bool = False, resume: bool = False, *,
 
 # -- the phases ----------------------------------------------------------------------------------------------
 
-def _backend(cfg: TrainConfig) -> tuple[Any, list[str]]:
-    """Offline mode, then the backend: Unsloth must be imported before transformers/trl."""
-    import os
-
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(var, "1")
-    from flywheel.training.backends import prepare_backend, select_backend
-
-    if not cfg.dataset and not cfg.dataset_version:
-        raise ConfigError("dataset: give `dataset=<flywheel mine output dir>` or `dataset_version=<version>`")
-    backend = select_backend(cfg.backend)
-    if cfg.load_in_4bit and backend.device != "cuda":
-        raise ConfigError("load_in_4bit: QLoRA (4-bit) needs a CUDA GPU; this machine trains on "
-                          f"{backend.device} (set load_in_4bit=false)")
-    if cfg.method == "dpo" and cfg.nproc > 1:
-        raise ConfigError("nproc: DPO trains in one process (multi-process training is SFT only); set nproc=1")
-    return backend, prepare_backend(backend)
-
-
-def _base_model(cfg: TrainConfig) -> Any:
-    """Base model identity and LoRA targets, before any weight loads."""
-    from flywheel.training.models import linear_module_names, resolve_base_model
-
-    info = resolve_base_model(cfg.base_model, cfg.model_cache)
-    have = linear_module_names(info.path)
-    missing = [m for m in cfg.lora.target_modules if m not in have]
-    if missing:
-        raise ConfigError(f"lora.target_modules: {missing} not in {info.name} (its Linear layers: "
-                          f"{', '.join(sorted(have))})")
-    return info
-
-
 def _dataset(cfg: TrainConfig) -> tuple[Any, str | None]:
     """The dataset the method reads (conversations or preference pairs) and the mine run that made it."""
     dataset_path, mine_run_id = resolve_dataset(cfg)
-    if cfg.method == "dpo":
-        from flywheel.training.dpo import load_preference_dataset
-
-        ds = load_preference_dataset(dataset_path, cfg.preference_eval_fraction)
-    else:
-        from flywheel.training.data import load_sft_dataset
-
-        ds = load_sft_dataset(dataset_path)
-    check_dataset_version(dataset_path, ds.version, cfg.dataset_version)  # re-mined between the two reads
+    ds = recipe.load_dataset(cfg, dataset_path)
     if mine_run_id is None:
         mine_run_id = find_mine_run(ds.version, cfg.tracking_uri)
     return ds, mine_run_id
 
 
-def _prepare_sft(cfg: TrainConfig, info: Any, ds: Any, mine_run_id: str | None) -> Prepared:
-    """Tokenize exactly as the trainer will and audit the loss masks."""
-    from transformers import AutoTokenizer
-
-    from flywheel.training.audit import audit, render_masked, tokenize_conversations, training_template
-
-    train_recs = ds.train[: cfg.max_train_examples] if cfg.max_train_examples else ds.train
-    eval_recs = ds.eval[: cfg.eval_max_examples]
-    tokenizer = AutoTokenizer.from_pretrained(str(info.path))
-    if cfg.chat_template:
-        tpath = Path(cfg.chat_template)
-        if not tpath.exists():
-            raise ConfigError(f"chat_template: {tpath} does not exist")
-        tmpl, note = tpath.read_text(encoding="utf-8"), f"chat_template file {tpath}"
-    else:
-        tmpl, note = training_template(tokenizer, [r["messages"] for r in train_recs], cfg.assistant_only_loss)
-    tok_kw = dict(chat_template=tmpl, max_length=cfg.max_length, overlong=cfg.overlong,
-                  assistant_only_loss=cfg.assistant_only_loss)
-    tok_train = tokenize_conversations(train_recs, tokenizer, **tok_kw)
-    tok_eval = tokenize_conversations(eval_recs, tokenizer, **tok_kw) if eval_recs else None
-    report = audit(tok_train, tokenizer, note, cfg.eot_token, tok_eval)
-    example = render_masked(tok_train.rows[0], tokenizer) if tok_train.rows else ""
-    return Prepared(info, ds, mine_run_id, tokenizer, tokenizer.chat_template, tok_train.rows,
-                    tok_eval.rows if tok_eval else [], report, example)
-
-
-def _prepare_dpo(cfg: TrainConfig, info: Any, ds: Any, mine_run_id: str | None) -> Prepared:
-    """The starting adapter (same base, by hash), then the pairs tokenized as the trainer takes them, audited."""
-    from transformers import AutoTokenizer
-
-    from flywheel.training.dpo import pair_audit, tokenize_pairs
-
-    init = _init_adapter(cfg, info)
-    tokenizer = AutoTokenizer.from_pretrained(str(info.path))
-    train_pairs = ds.train[: cfg.max_train_examples] if cfg.max_train_examples else ds.train
-    budgets = (cfg.max_prompt_length, cfg.max_completion_length)
-    rows, facts = tokenize_pairs(train_pairs, tokenizer, *budgets)
-    eval_rows, eval_facts = tokenize_pairs(ds.eval[: cfg.eval_max_examples], tokenizer, *budgets)
-    report = pair_audit(facts, *budgets, eval_facts, ds.eval_source)
-    example = json.dumps({k: train_pairs[0][k] for k in ("prompt", "chosen", "rejected")}, ensure_ascii=False,
-                         indent=1) if train_pairs else ""
-    lineage = {"beta": cfg.beta, "loss_type": cfg.loss_type, "reference": "base model (adapter disabled)",
-               "init_adapter": init["uri"] if init else None,
-               "init_adapter_train_run_id": init["run_id"] if init else None}
-    return Prepared(info, ds, mine_run_id, tokenizer, tokenizer.chat_template, rows, eval_rows, report, example,
-                    lineage, init["dir"] if init else None)
+def _prepare(cfg: TrainConfig, info: Any, ds: Any, mine_run_id: str | None) -> recipe.Prepared:
+    """Tokenize exactly as the trainer will and audit; DPO first resolves the adapter it starts from."""
+    if cfg.method == "dpo":
+        return recipe.prepare_dpo(cfg, info, ds, mine_run_id, _init_adapter(cfg, info))
+    return recipe.prepare_sft(cfg, info, ds, mine_run_id)
 
 
 def _init_adapter(cfg: TrainConfig, info: Any) -> dict | None:
     """Resolve `init_adapter` (path, runs:/..., models:/...) and refuse one trained on another base."""
     if not cfg.init_adapter:
         return None
-    from flywheel.foundation.errors import InputError
     from flywheel.pipelines import tracking
     from flywheel.pipelines.registry import resolve_model
 
     if cfg.init_adapter.startswith(("runs:/", "models:/")):
         tracking.setup(cfg.tracking_uri)
     m = resolve_model(cfg.init_adapter, "init_adapter")
-    if m.meta.get("base_model_sha256") != info.sha256:
-        raise InputError(f"init_adapter {cfg.init_adapter!r}: trained on {m.meta.get('base_model')} "
-                         f"({str(m.meta.get('base_model_sha256'))[:12]}), not on base_model {info.name} "
-                         f"({info.sha256[:12]}); an adapter only fits the weights it was trained on")
+    recipe.check_init_adapter(cfg.init_adapter, m.meta, info)
     return {"uri": m.uri, "dir": str(m.adapter_dir), "run_id": m.run_id}
-
-
-def _check_report(cfg: TrainConfig, report: dict) -> None:
-    if cfg.method == "dpo":
-        from flywheel.training.dpo import check_pair_audit
-
-        check_pair_audit(report)
-    else:
-        from flywheel.training.audit import check_audit
-
-        check_audit(report)
 
 
 def _tags(cfg: TrainConfig, info: Any, backend: Any, launch: bool, ckpt: Path | None) -> dict:
     return {T.BASE_MODEL: info.name, T.BASE_MODEL_SHA256: info.sha256,
             T.BACKEND: backend.name, T.DEVICE: backend.device, T.TRAIN_METHOD: cfg.method,
-            T.TRAIN_NPROC: max(cfg.nproc if launch else 1, _world_size()),
+            T.TRAIN_NPROC: max(cfg.nproc if launch else 1, world_size()),
             T.TRAIN_RESUMED_FROM_CHECKPOINT: ckpt.name if ckpt else None}
 
 
-def _fit(cfg: TrainConfig, backend: Any, prep: Prepared, callbacks: Sequence[Any], progress: bool,
+def _fit(cfg: TrainConfig, backend: Any, prep: recipe.Prepared, callbacks: Sequence[Any], progress: bool,
          resume: bool) -> tuple[Any, dict]:
-    """Build the method's trainer and run it; rank 0 alone reports to MLflow and the terminal."""
-    from flywheel.training.sft import train
-
-    cbs = ([MlflowStepCallback()] + ([RichProgressCallback()] if progress else [])) if _is_main() else []
-    cbs += list(callbacks)
-    if cfg.method == "dpo":
-        from flywheel.training.dpo import build_dpo_trainer, reward_history
-
-        trainer = build_dpo_trainer(_dpo_params(cfg, prep), backend, prep.tokenizer, prep.train_rows,
-                                    prep.eval_rows or None, cbs)
-        return trainer, {**train(trainer, resume=resume), "eval_rewards": reward_history(trainer)}
-    else:
-        from flywheel.training.sft import build_trainer
-
-        trainer = build_trainer(_sft_params(cfg, prep), backend, prep.tokenizer, prep.train_rows,
-                                prep.eval_rows or None, cbs)
-    return trainer, train(trainer, resume=resume)
+    """Run the method's trainer; rank 0 alone reports to MLflow and the terminal."""
+    cbs = ([MlflowStepCallback()] + ([RichProgressCallback()] if progress else [])) if is_main_process() else []
+    return recipe.fit(cfg, backend, prep, cbs + list(callbacks), resume)
 
 
-def _sft_params(cfg: TrainConfig, prep: Prepared) -> Any:
-    from flywheel.training.sft import SFTParams
-
-    return SFTParams(
-        model_path=str(prep.info.path), output_dir=str(Path(cfg.output_dir) / "checkpoints"), lora_r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
-        learning_rate=cfg.learning_rate, lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum, max_length=cfg.max_length, packing=cfg.packing, eval_every=cfg.eval_every,
-        save_every=cfg.save_every, save_total_limit=cfg.save_total_limit,
-        gradient_checkpointing=cfg.gradient_checkpointing, load_in_4bit=cfg.load_in_4bit, seed=cfg.seed,
-        ddp_timeout=cfg.ddp_timeout)
-
-
-def _dpo_params(cfg: TrainConfig, prep: Prepared) -> Any:
-    from flywheel.training.dpo import DPOParams
-
-    sft = _sft_params(cfg, prep)
-    return DPOParams(**{**sft.to_dict(), "packing": False}, beta=cfg.beta, loss_type=cfg.loss_type,
-                     max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
-                     init_adapter_dir=prep.init_adapter_dir)
-
-
-def _save_adapter(cfg: TrainConfig, trainer: Any, prep: Prepared, run_id: str | None, stats: dict) -> Path:
+def _save_adapter(cfg: TrainConfig, trainer: Any, prep: recipe.Prepared, run_id: str | None, stats: dict) -> Path:
     """Adapter + lineage file, atomically, then into the run's artifacts."""
     import mlflow
 
@@ -304,7 +160,7 @@ def _save_adapter(cfg: TrainConfig, trainer: Any, prep: Prepared, run_id: str | 
     return adapter_dir
 
 
-def _log_outputs(cfg: TrainConfig, trainer: Any, prep: Prepared, adapter_dir: Path, stats: dict) -> list[dict]:
+def _log_outputs(cfg: TrainConfig, trainer: Any, prep: recipe.Prepared, adapter_dir: Path, stats: dict) -> list[dict]:
     """The base-vs-adapter generations table and the run's summary metrics; marks the run finished."""
     import mlflow
 
@@ -328,28 +184,10 @@ def _log_outputs(cfg: TrainConfig, trainer: Any, prep: Prepared, adapter_dir: Pa
 
 
 def _set_status(status: str) -> None:
-    if _is_main():
+    if is_main_process():
         import mlflow
 
         mlflow.set_tag(T.TRAIN_STATUS, status)
-
-
-def _is_main() -> bool:
-    from flywheel.training.sft import is_main_process
-
-    return is_main_process()
-
-
-def _world_size() -> int:
-    from flywheel.training.sft import world_size
-
-    return world_size()
-
-
-def _last_checkpoint(out_dir: Path) -> Path | None:
-    from flywheel.training.sft import last_checkpoint
-
-    return last_checkpoint(out_dir / "checkpoints")
 
 
 # -- the run and the ranks ---------------------------------------------------------------------------------
@@ -368,8 +206,6 @@ def _train_run(cfg: TrainConfig, dataset_version: str, mine_run_id: str | None, 
     """The MLflow run this training logs into; yields its id (None on a rank > 0 of a self-launched job)."""
     import os
 
-    from flywheel.training.sft import is_main_process
-
     attach = os.environ.get(RUN_ID_ENV)
     if not is_main_process():
         yield attach
@@ -384,52 +220,22 @@ def _train_run(cfg: TrainConfig, dataset_version: str, mine_run_id: str | None, 
         with mlflow.start_run(run_id=attach):
             yield attach
         return
-    previous = _read_state(out_dir) if ckpt else {}
+    previous = checkpoints.read_state(out_dir) if ckpt else {}
     tags = {**tags, T.TRAIN_RESUMED_FROM_RUN: previous.get("run_id")}
     with tracking.start_run(STAGE, cfg.run_name, inputs={T.IN_DATASET_VERSION: dataset_version, T.IN_MINE_RUN: mine_run_id},
                             tags=tags, params=flatten(cfg.model_dump()), configured_uri=cfg.tracking_uri) as run:
         run_id = run.info.run_id
         if previous.get("run_id"):
             _close_killed_run(previous["run_id"])
-        _write_state(out_dir, {"run_id": run_id, "config": cfg.model_dump()})
+        checkpoints.write_state(out_dir, {"run_id": run_id, "config": cfg.model_dump()})
         mlflow.log_dict(report, "audit.json")
         mlflow.log_text(_config_yaml(cfg), "config.yaml")
         yield run_id
 
 
-def available_workers(device: str) -> tuple[int, str]:
-    """How many DDP ranks this machine can host: one per GPU, or one per CPU core this process may use."""
-    import os
-
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.device_count(), "CUDA devices"
-    try:
-        return len(os.sched_getaffinity(0)), "CPU cores"
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1, "CPU cores"
-
-
-def check_nproc(nproc: int, device: str) -> None:
-    if device == "mps":
-        raise ConfigError("nproc: multi-process training needs CPU (gloo) or CUDA (nccl); MPS has no DDP backend")
-    have, what = available_workers(device)
-    if nproc > have:
-        raise ConfigError(f"nproc: {nproc} processes but this machine has {have} {what}; use nproc<={have}, or "
-                          "run torchrun on several nodes (README, Stage: train)")
-
-
 def launch_ranks(cfg: TrainConfig, run_id: str, *, resume: bool, progress: bool) -> dict:
-    """Run the recipe as `cfg.nproc` DDP ranks under torchrun; return rank 0's result.
-
-    torchrun rather than `accelerate launch`: it ships with torch (no config file to keep in sync), its agent
-    stops every rank as soon as one fails, and the Trainer reads the env it sets. The child stays in our process
-    group (Ctrl-C reaches every rank), gets SIGTERM if we die, and SIGTERM/SIGHUP sent to us are forwarded.
-    """
+    """Run the recipe as `cfg.nproc` DDP ranks under torchrun (`flywheel.training.launch`); return rank 0's result."""
     import os
-    import subprocess
-    import sys
     import tempfile
 
     from flywheel.pipelines import tracking
@@ -438,27 +244,10 @@ def launch_ranks(cfg: TrainConfig, run_id: str, *, resume: bool, progress: bool)
     with tempfile.TemporaryDirectory(prefix="flywheel-ddp-") as tmp:
         cfg_path, result_path = Path(tmp) / "config.yaml", Path(tmp) / "result.json"
         cfg_path.write_text(_config_yaml(cfg), encoding="utf-8")
-        # Ranks run with this interpreter and environment, so they import this very installed `flywheel`.
         env = {**os.environ, RUN_ID_ENV: run_id, RESULT_ENV: str(result_path),
                "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg.tracking_uri)}
-        # One core per rank by default: N ranks x all cores each would oversubscribe the CPU.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, available_workers("cpu")[0] // cfg.nproc)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-               "--nproc-per-node", str(cfg.nproc), "-m", "flywheel.pipelines.train_worker", "--config", str(cfg_path)]
-        cmd += (["--resume"] if resume else []) + (["--progress"] if progress else [])
-        proc = subprocess.Popen(cmd, env=env, start_new_session=False, preexec_fn=_die_with_parent)
-        previous = _forward_signals(proc)
-        try:
-            rc = proc.wait()
-        finally:
-            _restore_signals(previous)
-            if proc.poll() is None:
-                proc.terminate()  # torchrun stops its ranks on SIGTERM
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        args = ["--config", str(cfg_path)] + (["--resume"] if resume else []) + (["--progress"] if progress else [])
+        rc = run_torchrun(cfg.nproc, "flywheel.pipelines.train_worker", args, env)
         if rc != 0:
             raise FlywheelError(f"train: a rank failed under torchrun (exit code {rc}, its error is above); the "
                                 f"other ranks were stopped and no adapter was written; checkpoints in "
@@ -466,33 +255,6 @@ def launch_ranks(cfg: TrainConfig, run_id: str, *, resume: bool, progress: bool)
         if not result_path.exists():
             raise FlywheelError("train: torchrun exited 0 but rank 0 reported no result")
         return json.loads(result_path.read_text(encoding="utf-8"))
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG), so no orphan ranks."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))
-    except (OSError, AttributeError):
-        pass
-
-
-def _forward_signals(proc: Any) -> dict:
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in (signal.SIGTERM, signal.SIGHUP)}
-
-
-def _restore_signals(previous: dict) -> None:
-    import signal
-
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 # -- dataset lookup ------------------------------------------------------------------------------------------
@@ -503,7 +265,7 @@ def resolve_dataset(cfg: TrainConfig) -> tuple[str, str | None]:
 
     if cfg.dataset:
         if Path(cfg.dataset).is_dir():  # a single file has no manifest: its content hash is checked after loading
-            check_dataset_version(cfg.dataset, _manifest_version(cfg.dataset), cfg.dataset_version)
+            recipe.check_dataset_version(cfg.dataset, recipe.manifest_version(cfg.dataset), cfg.dataset_version)
         return cfg.dataset, None
     if not cfg.dataset_version:
         raise ConfigError("dataset: give `dataset=<flywheel mine output dir>` or `dataset_version=<version>`")
@@ -514,30 +276,8 @@ def resolve_dataset(cfg: TrainConfig) -> tuple[str, str | None]:
     path = run.data.tags.get(T.DATASET_PATH)
     if not path:
         raise InputError(f"dataset_version: mine run {run.info.run_id} has no flywheel.dataset_path tag")
-    check_dataset_version(path, _manifest_version(path), cfg.dataset_version)
+    recipe.check_dataset_version(path, recipe.manifest_version(path), cfg.dataset_version)
     return path, run.info.run_id
-
-
-def _manifest_version(path: str | Path) -> str | None:
-    """The mined dataset's version, or None where there is no readable manifest (the check then says so)."""
-    from flywheel.foundation.errors import InputError
-    from flywheel.mining.dataset import open_dataset
-
-    try:
-        version = open_dataset(path).version
-    except InputError:
-        return None
-    return None if version is None else str(version)
-
-
-def check_dataset_version(path: str | Path, found: str | None, wanted: str | None) -> None:
-    """The directory a version points at can be mined again into another version: training on it would give an
-    adapter whose lineage tags name one dataset and whose weights learned another."""
-    from flywheel.foundation.errors import InputError
-
-    if wanted and found != wanted:
-        raise InputError(f"dataset_version: {path} holds dataset version {found or '(no manifest.json)'}, not "
-                         f"{wanted} (mined again since?); mine {wanted} again or train on dataset={path}")
 
 
 def find_mine_run(version: str, tracking_uri: str | None = None) -> str | None:
@@ -654,23 +394,6 @@ def _close_killed_run(run_id: str) -> None:
         pass
 
 
-def _state_file(out_dir: Path) -> Path:
-    return out_dir / "flywheel_train_state.json"
-
-
-def _read_state(out_dir: Path) -> dict:
-    try:
-        return json.loads(_state_file(out_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_state(out_dir: Path, state: dict) -> None:
-    from flywheel.foundation.io import write_json
-
-    write_json(_state_file(out_dir), state)
-
-
 # -- CLI -----------------------------------------------------------------------------------------------------
 
 def register(app: typer.Typer) -> None:
@@ -691,7 +414,7 @@ def register(app: typer.Typer) -> None:
         result = run_train(cfg, dry_run=dry_run, resume=resume, progress=not dry_run)
         _print_summary(result)
         if dry_run and not result["audit"]["ok"]:
-            _check_report(cfg, result["audit"])
+            recipe.check_report(cfg.method, result["audit"])
 
 
 SFT_AUDIT_ROWS = ("template", "examples", "examples_used", "tokens_total", "tokens_trained", "trained_fraction",

@@ -18,15 +18,20 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flywheel.foundation.errors import InputError
+
+if TYPE_CHECKING:  # the merge child (`python -m flywheel.training.export merge`) needs no pydantic
+    from flywheel.training.export_config import PublishConfig
 
 # What llama.cpp's convert_hf_to_gguf.py writes itself (`--outtype`). Everything else needs llama-quantize.
 CONVERTER_TYPES = ("f16", "bf16", "q8_0")
@@ -499,6 +504,232 @@ def check_modelfile(text: str, folder: Path, mode: str) -> None:
         ref = mf.get(key)
         if ref and ref.startswith("./") and not (folder / ref).exists():
             raise InputError(f"Modelfile: {key.upper()} {ref} does not exist in the published folder")
+
+
+# ---------------------------------------------------------------------------------------- writing the folder
+# The steps of `flywheel publish` between resolving the model (the shell: registry, MLflow) and logging the run.
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+@dataclass
+class Source:
+    """What publish resolved before anything is written."""
+
+    model: Any                             # the registry's resolved model: uri, adapter_dir, meta, tags
+    name: str
+    out_dir: Path
+    info: Any                              # the base model, checked by hash
+    tok_dir: Path
+    chat: Any                              # ChatFormat: TEMPLATE and stops
+    chat_template: str
+    system_text: str | None
+    request_system: tuple[str, str] | None
+    llama_cpp: Path | None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Weights:
+    """What the weights step wrote into the folder, and how the Modelfile refers to it."""
+
+    files: dict[str, str | None]
+    base_ref: str
+    base_is_path: bool
+    adapter_ref: str | None
+    export: dict[str, Any] = field(default_factory=dict)
+    model_gguf: Path | None = None
+    gguf_adapter: Path | None = None
+    base_gguf: Path | None = None
+
+
+def ollama_name(name: str) -> str:
+    """`name` if Ollama takes it as a model name, else a one-line InputError (a shell-safe `ollama create`
+    line is only half the fix: `-rf` or `a b` would still fail, or mean something else, in Ollama)."""
+    from flywheel.training.modelfile import ModelfileError, check_model_name
+
+    try:
+        return check_model_name(name)
+    except ModelfileError as e:
+        raise InputError(f"{e}; choose one with `name=<ollama name>`") from None
+
+
+def verified_base(model: Any, cfg: PublishConfig) -> Any:
+    """The base, by hash: an adapter on the wrong base loads fine and produces gibberish."""
+    from flywheel.training.models import resolve_base_model
+
+    meta = model.meta
+    base_name, recorded = meta.get("base_model"), meta.get("base_model_sha256")
+    if not base_name or not recorded:
+        raise InputError(f"{model.adapter_dir}/flywheel_adapter.json: base_model / base_model_sha256 missing; "
+                         "cannot prove which base this adapter belongs to")
+    info = resolve_base_model(base_name, cfg.model_cache)
+    if info.sha256 != recorded:
+        raise InputError(f"adapter {model.label} was trained on {base_name} sha256 {recorded[:12]}…, but "
+                         f"{info.path} has sha256 {info.sha256[:12]}…: refusing to publish on another base")
+    return info
+
+
+def chat_format_from_tokenizer(tok_dir: Path, meta: dict):
+    """ChatFormat from the tokenizer the adapter was trained with (its chat template and special tokens)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    from flywheel.training.modelfile import derive_chat_format
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    if meta.get("chat_template"):
+        tok.chat_template = meta["chat_template"]  # the inference template training recorded
+    if not tok.chat_template:
+        raise InputError(f"{tok_dir}: tokenizer has no chat template; cannot write a TEMPLATE")
+
+    def render(messages, gen):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+    specials = list(tok.all_special_tokens) + list(tok.get_added_vocab().keys())
+    eos = list(meta.get("eos_tokens") or []) + ([tok.eos_token] if tok.eos_token else [])
+    return derive_chat_format(render, specials, eos), tok.chat_template
+
+
+def check_converters(cfg: PublishConfig, warnings: list[str]) -> Path | None:
+    """Merged mode cannot do without llama.cpp's converters, so fail before anything is written."""
+    llama_cpp = converters_dir(cfg.llama_cpp_dir)
+    if cfg.mode == "merged":
+        if cfg.base != "gguf":
+            raise InputError("base=ollama applies to mode=adapter only: a merged model carries its own weights")
+        if llama_cpp is None or not (llama_cpp / "convert_hf_to_gguf.py").exists():
+            raise InputError("mode=merged needs llama.cpp's convert_hf_to_gguf.py: run `make llama-cpp-converters` "
+                             "or set FLYWHEEL_LLAMA_CPP (or publish mode=adapter)")
+    else:
+        warnings.append(ADAPTER_CAVEAT)
+    return llama_cpp
+
+
+def write_weights(tmp: Path, src: Source, cfg: PublishConfig) -> Weights:
+    """The merged model.gguf, or the adapter pair (mode=adapter)."""
+    info = src.info
+    if cfg.mode == "merged":
+        export = export_merged(src.model.adapter_dir, info.path, src.tok_dir, src.chat_template,
+                               list(src.chat.stop), tmp / "model.gguf", src.llama_cpp, cfg.quantize,
+                               cfg.convert_timeout_s)
+        files: dict[str, str | None] = {
+            "Modelfile": "Ollama Modelfile (no ADAPTER line)",
+            "model.gguf": f"{info.name} + LoRA merged (PEFT merge_and_unload), GGUF {cfg.quantize} "
+                          f"({export['check']['tensors']} tensors)"}
+        return Weights(files, "./model.gguf", True, None, export=export, model_gguf=tmp / "model.gguf")
+    files, base_ref, base_is_path, adapter_ref, gguf_adapter, base_gguf = write_adapter_pair(
+        tmp, src.model.adapter_dir, info, src.llama_cpp, cfg, src.warnings)
+    return Weights(files, base_ref, base_is_path, adapter_ref, gguf_adapter=gguf_adapter, base_gguf=base_gguf)
+
+
+def export_merged(adapter_dir: Path, base_dir: Path, tok_dir: Path, chat_template: str, stops: list[str],
+                  dest: Path, llama_cpp: Path, quantize: str, timeout: int) -> dict:
+    """Merge (child process), convert (child process), check; the merged HF copy lives only beside `dest`."""
+    work = dest.parent / ".merged-hf"
+    try:
+        merged = merge_in_subprocess(base_dir, adapter_dir, work, tokenizer_dir=tok_dir, chat_template=chat_template,
+                                     timeout=timeout)
+        conv = convert_hf(work, dest, llama_cpp, quantize, timeout)
+        check = check_merged_gguf(dest, hf_tensors=merged["tensors"], outtype=quantize, chat_template=chat_template,
+                                  stops=stops, llama_cpp=llama_cpp)
+    except ExportError as e:
+        raise InputError(str(e)) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"check": check, "merge_s": merged["seconds"], "convert_s": conv["seconds"],
+            "peak_rss_merge": merged["peak_rss_bytes"], "peak_rss_convert": conv["peak_rss_bytes"]}
+
+
+def write_adapter_pair(tmp: Path, adapter_dir: Path, info: Any, llama_cpp: Path | None, cfg: PublishConfig,
+                       warnings: list[str]) -> tuple[dict, str, bool, str, Path | None, Path | None]:
+    """mode=adapter: adapter/ (safetensors), adapter.gguf and base.gguf when the converters are installed.
+
+    Returns (files, FROM, FROM is a path, ADAPTER, adapter.gguf or None, base.gguf or None).
+    """
+    files: dict[str, str | None] = {"Modelfile": "Ollama Modelfile", "adapter/": "PEFT safetensors adapter"}
+    (tmp / "adapter").mkdir()
+    for f in ADAPTER_FILES:
+        src = adapter_dir / f
+        if not src.exists():
+            raise InputError(f"{adapter_dir}: {f} missing")
+        shutil.copyfile(src, tmp / "adapter" / f)
+    gguf_adapter = base_gguf = None
+    if cfg.gguf_adapter:
+        if llama_cpp is None:
+            warnings.append("GGUF adapter NOT produced: llama.cpp's converters are not installed "
+                            "(run `make llama-cpp-converters` or set FLYWHEEL_LLAMA_CPP); the Modelfile "
+                            "uses the safetensors adapter")
+        else:
+            gguf_adapter = convert_adapter(tmp / "adapter", info.path, tmp / "adapter.gguf", llama_cpp,
+                                           cfg.quantize, cfg.convert_timeout_s)
+    files["adapter.gguf"] = "GGUF LoRA adapter (llama.cpp convert_lora_to_gguf.py)" if gguf_adapter else None
+    base_ref, base_is_path = cfg.ollama_base, False
+    if cfg.base == "gguf":
+        if llama_cpp is None:
+            warnings.append(f"base.gguf NOT produced (no llama.cpp converters): FROM {cfg.ollama_base}, "
+                            "Ollama's own weights, which may differ slightly from the evaluated base")
+        else:
+            cached = cached_base_gguf(info.path, info.sha256, llama_cpp, cfg.quantize, cfg.convert_timeout_s)
+            link_or_copy(cached, tmp / "base.gguf")
+            base_gguf = tmp / "base.gguf"
+            base_ref, base_is_path = "./base.gguf", True
+    files["base.gguf"] = f"{info.name} converted to GGUF ({cfg.quantize})" if base_gguf else None
+    return files, base_ref, base_is_path, "./adapter.gguf" if gguf_adapter else "./adapter", gguf_adapter, base_gguf
+
+
+def cached_base_gguf(base_dir: Path, sha256: str, llama_cpp: Path, outtype: str, timeout: int) -> Path:
+    """Converting the base takes ~10 s and 270 MB: do it once per base hash, then hard-link into folders."""
+    from flywheel.foundation.io import flywheel_home
+
+    cache = flywheel_home() / "cache" / "gguf" / f"{sha256[:16]}-{outtype}.gguf"
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".tmp-{os.getpid()}-{cache.name}")
+        try:
+            convert_base(base_dir, tmp, llama_cpp, outtype, timeout)
+            os.replace(tmp, cache)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return cache
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_docs(tmp: Path, src: Source, w: Weights, cfg: PublishConfig, parameters: dict, lin: dict) -> str:
+    """Modelfile, README.md, lineage.json and .gitignore, each checked before it is written. `lin`: the model's
+    lineage (updated with mode, quantization and the GGUF check). -> the `ollama create` command."""
+    from flywheel.foundation.io import write_json
+    from flywheel.training.modelfile import ModelfileSpec, create_command, write
+
+    model, info, warnings = src.model, src.info, src.warnings
+    header = [f"Published by flywheel publish from {model.uri} (mode {cfg.mode}, {cfg.quantize})",
+              f"base {info.name} sha256 {info.sha256}",
+              f"dataset {lin.get('dataset_version')} | train run {lin.get('train_run')} | "
+              f"gate run {lin.get('gate_run')} ({lin.get('gate_decision')})"]
+    spec = ModelfileSpec(base=w.base_ref, base_is_path=w.base_is_path, chat=src.chat, adapter=w.adapter_ref,
+                         system=src.system_text, parameters=parameters, license=cfg.license, header=header)
+    text, mf_warnings = write(spec)
+    warnings += mf_warnings
+    check_modelfile(text, tmp, cfg.mode)
+    (tmp / "Modelfile").write_text(text, encoding="utf-8")
+    create_cmd = create_command(src.name, src.out_dir.resolve() / "Modelfile")
+    final_system = src.system_text if src.system_text is not None else src.chat.default_system
+    readme_text = readme(lin, name=src.name, files=w.files, warnings=warnings, system=final_system,
+                         create_cmd=create_cmd, mode=cfg.mode, quantize=cfg.quantize,
+                         request_system=src.request_system)
+    check_readme(readme_text, lin, cfg.quantize)
+    (tmp / "README.md").write_text(readme_text, encoding="utf-8")
+    lin.update(mode=cfg.mode, quantize=cfg.quantize, gguf_check=w.export.get("check"))
+    write_json(tmp / "lineage.json", {**lin, "files": w.files, "warnings": warnings})
+    # GGUFs are large and rebuilt by `flywheel publish`: keep them out of git if the folder is in a repo.
+    (tmp / ".gitignore").write_text("# written by flywheel publish: GGUF files are rebuilt, not versioned\n"
+                                    "*.gguf\n", encoding="utf-8")
+    return create_cmd
 
 
 # ---------------------------------------------------------------------------------------------- CLI (merge)

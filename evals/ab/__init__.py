@@ -13,6 +13,9 @@ Layout, one concern per file:
   sequential.py  always-valid p-values and confidence sequences (normal-mixture mSPRT)
   power.py       sample size / MDE via statsmodels power
   verdict.py     ship / don't ship / keep running / invalid, with reasons in words
+  config.py      AbConfig / MetricConfig: the settings, which the engine takes as they are
   engine.py      the analysis: per-variant aggregates -> comparisons -> report dict
-No MLflow, no config parsing, no printing here: `pipelines/ab.py` is the shell.
+  looks.py       across the looks of one experiment: running minimum p, intersected confidence sequences
+  report.py      report.json text and the per-metric plots
+No MLflow, no YAML loading, no printing here: `pipelines/ab.py` is the shell.
 """

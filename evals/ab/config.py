@@ -1,7 +1,7 @@
 """`flywheel ab analyze` settings: the experiment's columns, the metrics and how they are tested.
 
 Run with: flywheel ab analyze LOGS... --config configs/ab.yaml [key=value ...]
-The engine (`flywheel.evals.ab.engine.analyze`) takes its inputs from this model through `engine_inputs`.
+The engine (`flywheel.evals.ab.engine.analyze`) takes this model as it is: one default per setting, here.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ class MetricConfig(StageConfig):
     margin: float = Field(GUARDRAIL_MARGIN, ge=0, description="guardrail margin")
     margin_relative: bool = Field(True, description="margin as a fraction of the control mean (else absolute)")
     covariate: str | None = Field(None, description="CUPED: pre-period column of the same unit")
+
+    @property
+    def source_column(self) -> str:
+        """The log column the metric reads: `column`, else the metric's name."""
+        return self.column or self.name
 
 
 class SrmConfig(StageConfig):
@@ -107,12 +112,32 @@ class AbConfig(StageConfig):
         return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v
 
 
-def engine_inputs(cfg: AbConfig):
-    """(metrics, settings) for `engine.analyze`: the engine's flat internal form of this config."""
-    from flywheel.evals.ab.engine import Metric, Settings
-
-    metrics = [Metric(**{**m.model_dump(), "column": m.column or m.name}) for m in cfg.metrics]
-    plain = cfg.model_dump(exclude={"metrics", "srm", "sequential", "out", "force", "tracking_uri", "log_mlflow"})
-    s = Settings(**plain, srm_warning_p=cfg.srm.warning_p, srm_alert_p=cfg.srm.alert_p,
-                 sequential=cfg.sequential.enabled, sequential_tuning_n=cfg.sequential.tuning_n)
-    return metrics, s
+def with_flags(cfg: AbConfig, *, unit=None, variant=None, metric=(), control=None, paired=False, alpha=None,
+                out=None) -> AbConfig:
+    """Command-line flags over the config. `--metric X` picks configured metric X, or adds column X (auto kind)."""
+    upd: dict = {}
+    if unit is not None:
+        upd["unit"] = None if unit.lower() in ("none", "null", "") else unit
+    if variant is not None:
+        upd["variant"] = variant
+    if control is not None:
+        upd["control"] = control
+    if paired:
+        upd["paired"] = True
+    if alpha is not None:
+        upd["alpha"] = alpha
+    if out is not None:
+        upd["out"] = str(out)
+    if metric:
+        known = {m.name: m for m in cfg.metrics}
+        upd["metrics"] = [known.get(name) or MetricConfig(name=name, column=name) for name in metric]
+        if cfg.primary and cfg.primary not in metric:
+            upd["primary"] = None
+    if variant is not None and variant != cfg.variant and control is None:
+        # a different variant column makes the configured names meaningless
+        upd["variants"], upd["allocation"], upd["control"] = None, None, None
+    data = cfg.model_dump()
+    data.update({k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in upd.items()})
+    if "metrics" in upd:
+        data["metrics"] = [m.model_dump() for m in upd["metrics"]]
+    return AbConfig.model_validate(data)

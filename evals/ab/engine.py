@@ -20,60 +20,24 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from flywheel.evals.ab import bayes, power, sequential, stats
+from flywheel.evals.ab.config import AbConfig, MetricConfig
 from flywheel.evals.ab.cuped import cuped_adjust
 from flywheel.evals.ab.data import to_numeric
 from flywheel.evals.ab.multiple import adjust_pvalues
 from flywheel.evals.ab.paired import ORDINAL_MAX_LEVELS, compare_paired
 from flywheel.evals.ab.srm import srm_check
-from flywheel.evals.ab.verdict import GUARDRAIL_MARGIN, decide
+from flywheel.evals.ab.verdict import decide
 from flywheel.foundation.errors import InputError
 
-KINDS = ("auto", "mean", "ordinal", "rate")
-
-
-@dataclass
-class Metric:
-    name: str
-    column: str
-    kind: str = "auto"                # mean (Welch) | ordinal (Mann-Whitney) | rate (two-proportion) | auto
-    threshold: float | None = None    # rate from a score: success = value >= threshold
-    min: float | None = None          # values outside [min, max] are unusable (counted)
-    max: float | None = None
-    higher_is_better: bool = True
-    guardrail: bool = False           # tested for non-inferiority within `margin`
-    margin: float = GUARDRAIL_MARGIN  # guardrail margin, relative to the control mean unless margin_relative=False
-    margin_relative: bool = True
-    covariate: str | None = None      # CUPED pre-period column
-
-
-@dataclass
-class Settings:
-    variant: str = "prompt_variant"
-    unit: str | None = "user_id"
-    control: str | None = None
-    variants: list[str] | None = None          # allowed names; others are counted as unknown_variant
-    allocation: dict[str, float] | None = None  # SRM expectation; equal split when None
-    paired: bool = False
-    alpha: float = 0.05
-    correction: str = "holm"
-    primary: str | None = None                 # default: the first non-guardrail metric
-    mde: float = 0.05                          # planned minimum detectable effect, relative to control mean
-    mde_relative: bool = True
-    power: float = 0.8
-    srm_warning_p: float = 0.01
-    srm_alert_p: float = 0.001
-    sequential: bool = True                    # compute always-valid p-values / confidence sequences
-    sequential_tuning_n: float = 1000.0
-    decision: str = "fixed"                    # fixed | sequential: which p-values drive the verdict
-    n_boot: int = 2000
-    seed: int = 0
-    buckets: int = 1000                        # bucket bootstrap for continuous metrics
-    max_examples: int = 5
+# Internal sizes, not settings: the bootstrap's bucket count for continuous metrics and the located examples kept
+# per exclusion reason.
+BUCKETS = 1000
+MAX_EXAMPLES = 5
 
 
 class _Problems:
@@ -104,7 +68,7 @@ class _Problems:
 
 # ----------------------------------------------------------------------------------------------- cleaning
 
-def _variant_codes(df, s: Settings, probs: _Problems) -> tuple[np.ndarray, list[str]]:
+def _variant_codes(df, s: AbConfig, probs: _Problems) -> tuple[np.ndarray, list[str]]:
     import pandas as pd
 
     if s.variant not in df.columns:
@@ -145,7 +109,7 @@ def _variant_codes(df, s: Settings, probs: _Problems) -> tuple[np.ndarray, list[
     return remap[codes], order  # codes == -1 index the trailing -1
 
 
-def _unit_codes(df, s: Settings, vcodes: np.ndarray, probs: _Problems) -> tuple[np.ndarray | None, np.ndarray]:
+def _unit_codes(df, s: AbConfig, vcodes: np.ndarray, probs: _Problems) -> tuple[np.ndarray | None, np.ndarray]:
     """Unit index per row (or None: each row is a unit) and the cleaned variant codes."""
     import pandas as pd
 
@@ -181,7 +145,7 @@ def _unit_codes(df, s: Settings, vcodes: np.ndarray, probs: _Problems) -> tuple[
     return ucodes, vcodes
 
 
-def _resolve_kind(m: Metric, y: np.ndarray) -> str:
+def _resolve_kind(m: MetricConfig, y: np.ndarray) -> str:
     if m.kind != "auto":
         return m.kind
     if m.threshold is not None:
@@ -194,18 +158,19 @@ def _resolve_kind(m: Metric, y: np.ndarray) -> str:
     return "mean"
 
 
-def _metric_values(df, m: Metric, vcodes: np.ndarray, probs: _Problems,
+def _metric_values(df, m: MetricConfig, vcodes: np.ndarray, probs: _Problems,
                    cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(values, usable mask) for one metric; rates are turned into 0/1 here."""
-    if m.column not in df.columns:
-        raise InputError(f"metric {m.name}: column {m.column!r} not found; columns: "
+    column = m.source_column
+    if column not in df.columns:
+        raise InputError(f"metric {m.name}: column {column!r} not found; columns: "
                          f"{[c for c in df.columns if c[0] != '_']}")
-    y, bad = cache[m.column] if cache is not None and m.column in cache else to_numeric(df[m.column])
+    y, bad = cache[column] if cache is not None and column in cache else to_numeric(df[column])
     if cache is not None:
-        cache[m.column] = (y, bad)
+        cache[column] = (y, bad)
     active = vcodes >= 0
     if bad is not None:
-        probs.add(f"{m.name}: missing or non-numeric", bad & active, df, m.column)
+        probs.add(f"{m.name}: missing or non-numeric", bad & active, df, column)
         ok = active & ~bad
     else:
         ok = active
@@ -219,7 +184,7 @@ def _metric_values(df, m: Metric, vcodes: np.ndarray, probs: _Problems,
         out = notbin if out is None else out | notbin
     if out is not None and out.any():
         probs.add(f"{m.name}: out of range" + (f" [{m.min}, {m.max}]" if m.min is not None or m.max is not None
-                                                else " (rate needs 0/1)"), out, df, m.column)
+                                                else " (rate needs 0/1)"), out, df, column)
         ok = ok & ~out
     if m.threshold is not None:
         y = (y >= m.threshold).astype(np.int8)  # rows that are not ok are masked out downstream
@@ -302,7 +267,7 @@ def aggregate(y: np.ndarray, codes: np.ndarray, n_variants: int, *, discrete: bo
 
 # ----------------------------------------------------------------------------------------------- comparisons
 
-def _compare_independent(m: Metric, kind: str, agg: Agg, c: int, t: int, names: list[str], s: Settings,
+def _compare_independent(m: MetricConfig, kind: str, agg: Agg, c: int, t: int, names: list[str], s: AbConfig,
                          cuped_info: dict | None, max_rows_per_unit: int) -> dict:
     nc, nt = agg.n[c], agg.n[t]
     if nc < 2 or nt < 2:
@@ -356,8 +321,8 @@ def _compare_independent(m: Metric, kind: str, agg: Agg, c: int, t: int, names: 
                                               agg.bucket_counts[t], alpha=s.alpha, n_boot=s.n_boot, seed=s.seed)
     res["bootstrap_ci"] = [bl, bh]
     res["bayesian"] = bayes.chance_to_beat(est, se, higher_is_better=m.higher_is_better)
-    if s.sequential:
-        sq = sequential.msprt(est, se, (nc + nt) / 2, alpha=s.alpha, tuning_n=s.sequential_tuning_n)
+    if s.sequential.enabled:
+        sq = sequential.msprt(est, se, (nc + nt) / 2, alpha=s.alpha, tuning_n=s.sequential.tuning_n)
         res["sequential"] = {"method": "mSPRT normal mixture (always valid)", "p_value": sq["p_value"],
                              "ci_low": sq["ci_low"], "ci_high": sq["ci_high"]}
     if m.guardrail:
@@ -367,7 +332,7 @@ def _compare_independent(m: Metric, kind: str, agg: Agg, c: int, t: int, names: 
     return res
 
 
-def _noninferiority(res: dict, m: Metric, se: float, df_: float, alpha: float) -> None:
+def _noninferiority(res: dict, m: MetricConfig, se: float, df_: float, alpha: float) -> None:
     """H0: harm >= margin vs H1: harm < margin, harm = the difference in the bad direction."""
     from scipy import stats as sst
 
@@ -397,9 +362,11 @@ def _guardrail_status(res: dict, alpha: float) -> str:
 
 # ----------------------------------------------------------------------------------------------- entry point
 
-def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = None) -> dict:
-    """The report dict (see module doc). `df`: a pandas DataFrame with the variant, unit and metric columns
-    (`_file`/`_line` columns, when present, locate bad rows). `problems`: rows the loader could not read."""
+def analyze(df, s: AbConfig, *, problems: dict | None = None) -> dict:
+    """The report dict (see module doc) for the metrics and settings of `s`. `df`: a pandas DataFrame with the
+    variant, unit and metric columns (`_file`/`_line` columns, when present, locate bad rows). `problems`: rows
+    the loader could not read."""
+    metrics = s.metrics
     if not metrics:
         raise InputError("no metrics to analyse (give --metric COL or metrics in the config)")
     if not 0 < s.alpha < 1:
@@ -407,10 +374,7 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
     names_m = [m.name for m in metrics]
     if len(set(names_m)) != len(names_m):
         raise InputError(f"duplicate metric names: {names_m}")
-    for m in metrics:
-        if m.kind not in KINDS:
-            raise InputError(f"metric {m.name}: kind {m.kind!r} not one of {KINDS}")
-    probs = _Problems(s.max_examples)
+    probs = _Problems(MAX_EXAMPLES)
     if problems and problems.get("invalid_json"):
         probs.counts["invalid_json"] += problems["invalid_json"]
         probs.examples["invalid_json"] = list(problems.get("examples", []))
@@ -437,7 +401,7 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
         if v not in observed:
             observed[v] = 0
             probs.warnings.append(f"configured variant {v!r} has no usable data")
-    srm = srm_check(observed, s.allocation, warn_p=s.srm_warning_p, alert_p=s.srm_alert_p)
+    srm = srm_check(observed, s.allocation, warn_p=s.srm.warning_p, alert_p=s.srm.alert_p)
 
     comparisons, summaries, kinds = [], [], {}
     not_evaluated: list[dict] = []  # variant x metric pairs that no test could be run on, with the reason
@@ -460,7 +424,7 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
             yu, cuped_info = cuped_adjust(yu, xu)
         discrete = kind in ("ordinal", "rate") and cuped_info is None
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below and reported per arm
-            agg = aggregate(yu, vu, V, discrete=discrete, buckets=s.buckets)
+            agg = aggregate(yu, vu, V, discrete=discrete, buckets=BUCKETS)
         overflow = {names[i] for i in range(V) if agg.n[i] and not np.isfinite([agg.mean[i], agg.var[i]]).all()}
         for i, n in enumerate(names):
             if agg.n[i] == 0 or n in overflow:
@@ -493,7 +457,7 @@ def analyze(df, metrics: list[Metric], s: Settings, *, problems: dict | None = N
                    primary, units={n: int(units[i]) for i, n in enumerate(names)}, not_evaluated=not_evaluated)
 
 
-def _too_few(m: Metric, n_by_arm: dict[str, float]) -> str | None:
+def _too_few(m: MetricConfig, n_by_arm: dict[str, float]) -> str | None:
     """Why `m` cannot be tested between these arms (fewer than 2 units with usable values in one), or None."""
     short = {v: int(n) for v, n in n_by_arm.items() if n < 2}
     if not short:
@@ -502,7 +466,7 @@ def _too_few(m: Metric, n_by_arm: dict[str, float]) -> str | None:
                      ) + " (a test needs at least 2 per arm)"
 
 
-def _overflowed(m: Metric, arms: set[str]) -> str | None:
+def _overflowed(m: MetricConfig, arms: set[str]) -> str | None:
     if not arms:
         return None
     return (f"the sum or variance of {m.name} overflows double precision in {', '.join(sorted(arms))} (values near "
@@ -519,7 +483,7 @@ def _nonfinite(res: dict) -> str | None:
             "rescale the metric (e.g. to thousands) before comparing")
 
 
-def _not_evaluated(m: Metric, variant: str, reason: str) -> dict:
+def _not_evaluated(m: MetricConfig, variant: str, reason: str) -> dict:
     return {"variant": variant, "metric": m.name, "role": "guardrail" if m.guardrail else "primary/secondary",
             "reason": reason}
 
@@ -530,7 +494,7 @@ def _tq(alpha: float, df: float) -> float:
     return float(sst.t.ppf(1 - alpha / 2, df)) if df > 0 else float("nan")
 
 
-def _adjust(comparisons: list[dict], s: Settings) -> None:
+def _adjust(comparisons: list[dict], s: AbConfig) -> None:
     """Holm/BH within two families: decision metrics (variants x metrics) and guardrails."""
     for fam in ("primary/secondary", "guardrail"):
         idx = [i for i, c in enumerate(comparisons) if c["role"] == fam]
@@ -539,7 +503,7 @@ def _adjust(comparisons: list[dict], s: Settings) -> None:
         adj = adjust_pvalues([comparisons[i]["p_value"] for i in idx], s.correction)
         for i, a in zip(idx, adj):
             comparisons[i]["p_adjusted"] = a
-        if s.sequential:
+        if s.sequential.enabled:
             sq = [i for i in idx if "sequential" in comparisons[i]]
             adj = adjust_pvalues([comparisons[i]["sequential"]["p_value"] for i in sq], s.correction)
             for i, a in zip(sq, adj):
@@ -549,7 +513,7 @@ def _adjust(comparisons: list[dict], s: Settings) -> None:
             c["guardrail_status"] = _guardrail_status(c, s.alpha)
 
 
-def _plan_independent(m: Metric, kind: str, agg: Agg, names: list[str], s: Settings) -> dict:
+def _plan_independent(m: MetricConfig, kind: str, agg: Agg, names: list[str], s: AbConfig) -> dict:
     out = {}
     base = float(agg.mean[0])
     mde_abs = s.mde * abs(base) if s.mde_relative else s.mde
@@ -572,7 +536,7 @@ def _plan_independent(m: Metric, kind: str, agg: Agg, names: list[str], s: Setti
 
 # ----------------------------------------------------------------------------------------------- paired design
 
-def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, primary: str) -> dict:
+def _analyze_paired(df, metrics, s: AbConfig, vcodes, names, probs: _Problems, primary: str) -> dict:
     import pandas as pd
 
     if not s.unit or s.unit not in df.columns:
@@ -644,8 +608,8 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
             else:
                 r["relative_lift"] = {"estimate": None, "ci_low": None, "ci_high": None}
             r["bayesian"] = bayes.chance_to_beat(r["estimate"], se, higher_is_better=m.higher_is_better)
-            if s.sequential:
-                sq = sequential.msprt(r["estimate"], se, r["n"], alpha=s.alpha, tuning_n=s.sequential_tuning_n)
+            if s.sequential.enabled:
+                sq = sequential.msprt(r["estimate"], se, r["n"], alpha=s.alpha, tuning_n=s.sequential.tuning_n)
                 r["sequential"] = {"method": "mSPRT normal mixture (always valid)", "p_value": sq["p_value"],
                                    "ci_low": sq["ci_low"], "ci_high": sq["ci_high"]}
             if m.guardrail:
@@ -665,7 +629,7 @@ def _analyze_paired(df, metrics, s: Settings, vcodes, names, probs: _Problems, p
                     pass
     # In a paired design every item should be scored under every variant: a chi-square on items per variant
     # (primary metric) flags variants whose scores went missing, the paired analogue of an SRM.
-    srm = srm_check(counts[primary], None, warn_p=s.srm_warning_p, alert_p=s.srm_alert_p)
+    srm = srm_check(counts[primary], None, warn_p=s.srm.warning_p, alert_p=s.srm.alert_p)
     srm["note"] = "paired design: items scored per variant vs an equal count"
     _adjust(comparisons, s)
     verdicts = {v: decide(v, [c for c in comparisons if c["variant"] == v], srm=srm, alpha=s.alpha,
@@ -696,7 +660,8 @@ def _report(design, df, names, probs, srm, summaries, comparisons, verdicts, s, 
         "variants": names,
         "units": units,
         "primary_metric": primary,
-        "metrics": [{**asdict(m), "kind": kinds.get(m.name, m.kind)} for m in metrics],
+        "metrics": [{**m.model_dump(), "column": m.source_column, "kind": kinds.get(m.name, m.kind)}
+                    for m in metrics],
         "alpha": s.alpha,
         "correction": s.correction,
         "decision_basis": s.decision,

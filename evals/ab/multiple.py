@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+from typing import Literal
 
 from flywheel.foundation.errors import InputError
 
@@ -24,6 +25,8 @@ METHODS = {
     "hommel": "hommel",
     "none": "none",
 }
+# The names a config may give (the spellings a user is told about; adjust_pvalues also takes the aliases above).
+CorrectionMethod = Literal["holm", "bonferroni", "bh", "fdr_bh", "by", "fdr_by", "hommel", "none"]
 
 
 def adjust_pvalues(pvalues: list[float], method: str = "holm") -> list[float]:

@@ -160,7 +160,8 @@ def build_store(tmp: Path) -> dict:
     expected["embeddings"] = {"run_id": bench["run_id"], "model": "static-64", "spearman": row["spearman"]}
 
     # ---- ab: the real stage, twice on growing demo logs: two looks of the same experiment
-    from flywheel.pipelines.ab import AbConfig, run_ab
+    from flywheel.evals.ab.config import AbConfig
+    from flywheel.pipelines.ab import run_ab
 
     for n in (120, 200):
         looks = tmp / f"ab-logs-{n}.jsonl"

@@ -13,15 +13,16 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from flywheel.evals.ab.data import load_table
-from flywheel.evals.ab.engine import Metric, Settings, analyze
+from flywheel.evals.ab.config import AbConfig, MetricConfig
+from flywheel.evals.ab.engine import analyze
 from flywheel.foundation.errors import InputError
 from tests.conftest import shared_path
 
 DEMO_METRICS = [
-    Metric("rating", "rating", kind="ordinal", min=1, max=5),
-    Metric("success", "rating", kind="rate", threshold=4, min=1, max=5),
-    Metric("latency_ms", "latency_ms", kind="mean", guardrail=True, higher_is_better=False, margin=0.10, min=0),
-    Metric("tokens", "tokens", kind="mean", guardrail=True, higher_is_better=False, margin=0.10, min=0),
+    MetricConfig(name="rating", kind="ordinal", min=1, max=5),
+    MetricConfig(name="success", column="rating", kind="rate", threshold=4, min=1, max=5),
+    MetricConfig(name="latency_ms", kind="mean", guardrail=True, higher_is_better=False, margin=0.10, min=0),
+    MetricConfig(name="tokens", kind="mean", guardrail=True, higher_is_better=False, margin=0.10, min=0),
 ]
 
 
@@ -36,7 +37,7 @@ def demo_report(tmp_path_factory):
     path = tmp_path_factory.mktemp("ab") / "logs.jsonl"
     write_demo_logs(path, n=400, seed=0)
     df, probs = load_table([path], ["user_id", "prompt_variant", "rating", "latency_ms", "tokens"])
-    rep = analyze(df, DEMO_METRICS, Settings(control="v1", variants=["v1", "v2"]), problems=probs)
+    rep = analyze(df, AbConfig(metrics=DEMO_METRICS, control="v1", variants=["v1", "v2"]), problems=probs)
     return path, rep
 
 
@@ -46,7 +47,7 @@ def test_demo_logs_report(demo_report):
     assert rep["rows"]["read"] == n_lines
     assert rep["rows"]["by_reason"]["invalid_json"] >= 1                      # malformed lines counted
     assert rep["rows"]["by_reason"]["rating: missing or non-numeric"] == 1     # rating "five"
-    assert rep["rows"]["by_reason"]["rating: out of range [1, 5]"] == 1        # rating 11
+    assert rep["rows"]["by_reason"]["rating: out of range [1.0, 5.0]"] == 1        # rating 11
     assert any(":" in e for e in rep["rows"]["examples"]["invalid_json"])      # file:line given
     assert set(rep["srm"]) >= {"p_value", "status"} and rep["srm"]["status"] == "ok"
     for c in rep["comparisons"]:
@@ -97,27 +98,28 @@ def _frame(n_c, n_t, *, effect=0.0, seed=0, latency_effect=0.0):
     return pd.DataFrame({"user_id": np.arange(n_c + n_t), "prompt_variant": v, "rating": rating, "latency_ms": lat})
 
 
-METRICS2 = [Metric("rating", "rating", kind="ordinal", min=1, max=5),
-            Metric("latency_ms", "latency_ms", kind="mean", guardrail=True, higher_is_better=False, margin=0.05)]
+METRICS2 = [MetricConfig(name="rating", kind="ordinal", min=1, max=5),
+            MetricConfig(name="latency_ms", kind="mean", guardrail=True, higher_is_better=False,
+                         margin=0.05)]
 
 
 def test_verdict_ship_keep_running_dont_ship():
-    s = Settings(control="a")
-    ship = analyze(_frame(3000, 3000, effect=0.3), METRICS2, s)
+    s = AbConfig(metrics=METRICS2, control="a")
+    ship = analyze(_frame(3000, 3000, effect=0.3), s)
     assert ship["verdicts"]["b"]["decision"] == "ship"
-    early = analyze(_frame(40, 40, effect=0.0, seed=3), METRICS2, s)
+    early = analyze(_frame(40, 40, effect=0.0, seed=3), s)
     v = early["verdicts"]["b"]
     assert v["decision"] == "keep running" and v["sample_still_needed_per_arm"] > 100
-    flat = analyze(_frame(6000, 6000, effect=0.0, seed=4), METRICS2, s)
+    flat = analyze(_frame(6000, 6000, effect=0.0, seed=4), s)
     assert flat["verdicts"]["b"]["decision"] == "don't ship"
-    worse = analyze(_frame(3000, 3000, effect=0.3, latency_effect=200), METRICS2, s)
+    worse = analyze(_frame(3000, 3000, effect=0.3, latency_effect=200), s)
     assert worse["verdicts"]["b"]["decision"] == "don't ship"
 
 
 def test_srm_alert_blocks_ship():
     # 50/50 configured, 52/48 observed at n = 20000
     df = _frame(10400, 9600, effect=0.3)
-    rep = analyze(df, METRICS2, Settings(control="a", allocation={"a": 0.5, "b": 0.5}))
+    rep = analyze(df, AbConfig(metrics=METRICS2, control="a", allocation={"a": 0.5, "b": 0.5}))
     assert rep["srm"]["status"] == "alert" and rep["srm"]["p_value"] < 1e-3
     assert rep["verdicts"]["b"]["decision"] == "invalid"
     assert "sample-ratio mismatch" in rep["verdicts"]["b"]["reasons"][0]
@@ -129,7 +131,8 @@ def test_units_collapsed_and_contamination_counted():
         "prompt_variant": ["a", "a", "a", "a", "b", "b", "b", "b", "a", "b"],
         "rating": [5, 5, 2, 3, 4, 2, 4, 5, 1, 5],
     })
-    rep = analyze(df, [Metric("rating", "rating", kind="mean")], Settings(control="a", sequential=False))
+    rep = analyze(df, AbConfig(metrics=[MetricConfig(name="rating", kind="mean")], control="a",
+                                sequential={"enabled": False}))
     assert rep["rows"]["by_reason"] == {"unit_in_multiple_variants": 2}
     assert rep["units"] == {"a": 2, "b": 3}
     r = C(rep, "b", "rating")
@@ -140,30 +143,30 @@ def test_units_collapsed_and_contamination_counted():
 def test_bad_input_messages():
     df = _frame(50, 50)
     with pytest.raises(InputError, match="control variant 'zzz' has no usable data; variants with data"):
-        analyze(df, METRICS2, Settings(control="zzz"))
+        analyze(df, AbConfig(metrics=METRICS2, control="zzz"))
     with pytest.raises(InputError, match="only one variant"):
-        analyze(df[df.prompt_variant == "a"], METRICS2, Settings(control="a"))
+        analyze(df[df.prompt_variant == "a"], AbConfig(metrics=METRICS2, control="a"))
     with pytest.raises(InputError, match="column 'nope' not found"):
-        analyze(df, [Metric("x", "nope")], Settings(control="a"))
+        analyze(df, AbConfig(metrics=[MetricConfig(name="x", column="nope")], control="a"))
     with pytest.raises(InputError, match="variant column"):
-        analyze(df, METRICS2, Settings(variant="arm", control="a"))
+        analyze(df, AbConfig(metrics=METRICS2, variant="arm", control="a"))
     # unknown variant names: counted, not analysed
     df2 = df.copy()
     df2.loc[:4, "prompt_variant"] = "typo"
-    rep = analyze(df2, METRICS2, Settings(control="a", variants=["a", "b"]))
+    rep = analyze(df2, AbConfig(metrics=METRICS2, control="a", variants=["a", "b"]))
     assert rep["rows"]["by_reason"]["unknown_variant"] == 5 and rep["variants"] == ["a", "b"]
     # NaN / non-numeric / out-of-range outcomes: excluded from that metric only, counted with locations
     df3 = df.copy().astype({"rating": object})
     df3.loc[0, "rating"], df3.loc[1, "rating"], df3.loc[2, "rating"] = float("nan"), "great", 9
-    rep = analyze(df3, METRICS2, Settings(control="a"))
+    rep = analyze(df3, AbConfig(metrics=METRICS2, control="a"))
     assert rep["rows"]["by_reason"]["rating: missing or non-numeric"] == 2
-    assert rep["rows"]["by_reason"]["rating: out of range [1, 5]"] == 1
+    assert rep["rows"]["by_reason"]["rating: out of range [1.0, 5.0]"] == 1
     assert C(rep, "b", "rating")["n_control"] == 47 and C(rep, "b", "latency_ms")["n_control"] == 50
 
 
 def test_zero_variance_is_reported():
     df = pd.DataFrame({"user_id": range(20), "prompt_variant": ["a", "b"] * 10, "rating": [4] * 20})
-    rep = analyze(df, [Metric("rating", "rating", kind="mean")], Settings(control="a"))
+    rep = analyze(df, AbConfig(metrics=[MetricConfig(name="rating", kind="mean")], control="a"))
     c = C(rep, "b", "rating")
     assert "zero variance" in c["warning"] and c["p_value"] == 1.0
 
@@ -175,8 +178,9 @@ def test_cuped_in_engine_narrows_ci():
     v = np.where(np.arange(n) % 2, "b", "a")
     y = 0.9 * pre + rng.normal(0, 0.5, n) + 0.05 * (v == "b")
     df = pd.DataFrame({"user_id": range(n), "prompt_variant": v, "y": y, "pre": pre})
-    plain = C(analyze(df, [Metric("y", "y", kind="mean")], Settings(control="a")), "b", "y")
-    cup = C(analyze(df, [Metric("y", "y", kind="mean", covariate="pre")], Settings(control="a")), "b", "y")
+    plain = C(analyze(df, AbConfig(metrics=[MetricConfig(name="y", kind="mean")], control="a")), "b", "y")
+    cuped = [MetricConfig(name="y", kind="mean", covariate="pre")]
+    cup = C(analyze(df, AbConfig(metrics=cuped, control="a")), "b", "y")
     assert cup["cuped"]["variance_reduction"] > 0.6
     assert (cup["ci_high"] - cup["ci_low"]) < 0.6 * (plain["ci_high"] - plain["ci_low"])
 
@@ -185,9 +189,8 @@ def test_cuped_in_engine_narrows_ci():
 def test_topicalchat_paired_by_hand():
     path = shared_path("usr-topicalchat-human-ratings", "topical_chat.json")
     df, probs = load_table([path], ["source", "system_id", "scores.overall"])
-    rep = analyze(df, [Metric("overall", "scores.overall")],
-                  Settings(variant="system_id", unit="source", paired=True, control="Original Ground Truth"),
-                  problems=probs)
+    rep = analyze(df, AbConfig(metrics=[MetricConfig(name="overall", column="scores.overall")], variant="system_id",
+                               unit="source", paired=True, control="Original Ground Truth"), problems=probs)
     raw = pd.DataFrame([{"source": r["source"], "v": r["system_id"], "y": r["scores"]["overall"]}
                         for r in json.load(open(path))])
     wide = raw.pivot_table(index="source", columns="v", values="y")
@@ -213,9 +216,9 @@ def test_topicalchat_paired_by_hand():
 def test_persuasion_prompt_types_by_hand():
     path = shared_path("anthropic-persuasion-vegan-subset", "persuasion.csv")
     df, probs = load_table([path], ["ID", "prompt_type", "persuasiveness_metric", "rating_final", "rating_initial"])
-    metrics = [Metric("persuasiveness", "persuasiveness_metric"),
-               Metric("final", "rating_final", min=1, max=7, covariate="rating_initial")]
-    rep = analyze(df, metrics, Settings(variant="prompt_type", unit="ID", control="Compelling Case"))
+    metrics = [MetricConfig(name="persuasiveness", column="persuasiveness_metric"),
+               MetricConfig(name="final", column="rating_final", min=1, max=7, covariate="rating_initial")]
+    rep = analyze(df, AbConfig(metrics=metrics, variant="prompt_type", unit="ID", control="Compelling Case"))
     raw = pd.read_csv(path)
     assert rep["rows"]["by_reason"] == {"missing_variant": int(raw.prompt_type.isna().sum())}  # human-written
     # examples point at the file line where the record starts, although arguments span many lines
@@ -247,7 +250,7 @@ def test_persuasion_prompt_types_by_hand():
 
 def test_configured_variant_without_data_is_an_srm():
     df = _frame(500, 500)
-    rep = analyze(df, METRICS2, Settings(control="a", variants=["a", "b", "c"]))
+    rep = analyze(df, AbConfig(metrics=METRICS2, control="a", variants=["a", "b", "c"]))
     assert rep["srm"]["observed"]["c"] == 0 and rep["srm"]["status"] == "alert"
     assert any("'c' has no usable data" in w for w in rep["warnings"])
     assert rep["verdicts"]["b"]["decision"] == "invalid"
@@ -256,7 +259,7 @@ def test_configured_variant_without_data_is_an_srm():
 def test_small_rate_uses_fisher_exact():
     df = pd.DataFrame({"user_id": range(24), "prompt_variant": ["a"] * 12 + ["b"] * 12,
                        "ok": [1] + [0] * 11 + [1] * 6 + [0] * 6})
-    rep = analyze(df, [Metric("ok", "ok")], Settings(control="a"))
+    rep = analyze(df, AbConfig(metrics=[MetricConfig(name="ok")], control="a"))
     c = C(rep, "b", "ok")
     assert c["kind"] == "rate" and c["test"] == "fisher_exact"
     assert c["p_value"] == pytest.approx(stats.fisher_exact([[6, 6], [1, 11]]).pvalue, abs=1e-12)
@@ -264,8 +267,8 @@ def test_small_rate_uses_fisher_exact():
 
 def test_sequential_decision_is_more_conservative():
     df = _frame(400, 400, effect=0.25, seed=21)
-    fixed = analyze(df, METRICS2[:1], Settings(control="a"))
-    seq = analyze(df, METRICS2[:1], Settings(control="a", decision="sequential"))
+    fixed = analyze(df, AbConfig(metrics=METRICS2[:1], control="a"))
+    seq = analyze(df, AbConfig(metrics=METRICS2[:1], control="a", decision="sequential"))
     c = C(seq, "b", "rating")
     assert c["sequential"]["p_value"] >= c["welch_p_value"] or c["sequential"]["p_value"] >= c["p_value"]
     assert c["sequential"]["ci_low"] <= c["ci_low"] and c["sequential"]["ci_high"] >= c["ci_high"]
@@ -275,11 +278,11 @@ def test_sequential_decision_is_more_conservative():
 
 def test_guardrail_without_data_in_one_arm_blocks_ship():
     """A guardrail that cannot be evaluated must not vanish from the verdict: 'ship' needs it shown non-inferior."""
-    s = Settings(control="a")
+    s = AbConfig(metrics=METRICS2, control="a")
     for arm in ("b", "a"):
         df = _frame(3000, 3000, effect=0.3)
         df.loc[df.prompt_variant == arm, "latency_ms"] = np.nan
-        rep = analyze(df, METRICS2, s)
+        rep = analyze(df, s)
         v = rep["verdicts"]["b"]
         assert v["decision"] == "invalid", (arm, v)
         assert any("guardrail latency_ms cannot be evaluated" in r and f"{arm} has 0 units" in r
@@ -291,13 +294,13 @@ def test_guardrail_without_data_in_one_arm_blocks_ship():
     # one usable unit is as blind as none
     df = _frame(3000, 3000, effect=0.3)
     df.loc[(df.prompt_variant == "b") & (df.user_id != 5000), "latency_ms"] = np.nan
-    assert analyze(df, METRICS2, s)["verdicts"]["b"]["decision"] == "invalid"
+    assert analyze(df, s)["verdicts"]["b"]["decision"] == "invalid"
 
 
 def test_primary_without_data_in_one_arm_is_invalid_with_reason():
     df = _frame(300, 300, effect=0.3)
     df.loc[df.prompt_variant == "b", "rating"] = np.nan
-    v = analyze(df, METRICS2, Settings(control="a"))["verdicts"]["b"]
+    v = analyze(df, AbConfig(metrics=METRICS2, control="a"))["verdicts"]["b"]
     assert v["decision"] == "invalid"
     assert v["reasons"] == ["primary metric rating cannot be evaluated: b has 0 units with usable rating values "
                             "(a test needs at least 2 per arm)"]
@@ -310,9 +313,9 @@ def test_paired_guardrail_without_data_blocks_ship():
     score = rng.normal(3, 1, 800) + 0.5 * (arm == "b")
     lat = np.where(arm == "b", np.nan, rng.normal(1000, 50, 800))
     df = pd.DataFrame({"item": items, "arm": arm, "score": score, "lat": lat})
-    metrics = [Metric("score", "score", kind="mean"),
-               Metric("lat", "lat", kind="mean", guardrail=True, higher_is_better=False, margin=0.1)]
-    rep = analyze(df, metrics, Settings(variant="arm", unit="item", control="a", paired=True))
+    metrics = [MetricConfig(name="score", kind="mean"),
+               MetricConfig(name="lat", kind="mean", guardrail=True, higher_is_better=False, margin=0.1)]
+    rep = analyze(df, AbConfig(metrics=metrics, variant="arm", unit="item", control="a", paired=True))
     assert rep["verdicts"]["b"]["decision"] == "invalid"
     assert "guardrail lat cannot be evaluated: 0 items" in rep["verdicts"]["b"]["reasons"][0]
 
@@ -322,7 +325,7 @@ def test_overflowing_values_are_named_not_tested():
     rng = np.random.default_rng(0)
     df = pd.DataFrame({"user_id": range(200), "prompt_variant": ["a", "b"] * 100,
                        "x": rng.choice([0.5e308, 1e308, 1.5e308], 200)})
-    rep = analyze(df, [Metric("x", "x", kind="mean")], Settings(control="a"))
+    rep = analyze(df, AbConfig(metrics=[MetricConfig(name="x", kind="mean")], control="a"))
     assert rep["comparisons"] == [] and rep["summaries"] == []
     (ne,) = rep["not_evaluated"]
     assert "overflows double precision in a, b" in ne["reason"]
@@ -335,21 +338,22 @@ def test_units_in_both_variants_are_a_visible_warning():
     df = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u3", "u4", "u4", "u5", "u6"],
                        "prompt_variant": ["a", "b", "a", "a", "b", "a", "b", "b"],
                        "rating": [5, 5, 2, 3, 4, 2, 4, 5]})
-    rep = analyze(df, [Metric("rating", "rating", kind="mean")], Settings(control="a", sequential=False))
+    rep = analyze(df, AbConfig(metrics=[MetricConfig(name="rating", kind="mean")], control="a",
+                                sequential={"enabled": False}))
     assert rep["units_in_multiple_variants"] == 2
     assert any(w.startswith("2 unit(s) appear in more than one variant (4 rows excluded)") for w in rep["warnings"])
-    clean = analyze(_frame(20, 20), METRICS2, Settings(control="a"))
+    clean = analyze(_frame(20, 20), AbConfig(metrics=METRICS2, control="a"))
     assert clean["units_in_multiple_variants"] == 0 and not any("more than one variant" in w
                                                                  for w in clean["warnings"])
 
 
 def test_zero_variance_verdicts_are_determinate():
     same = pd.DataFrame({"user_id": range(40), "prompt_variant": ["a", "b"] * 20, "rating": [4] * 40})
-    v = analyze(same, [Metric("rating", "rating", kind="mean")], Settings(control="a"))["verdicts"]["b"]
+    v = analyze(same, AbConfig(metrics=[MetricConfig(name="rating", kind="mean")], control="a"))["verdicts"]["b"]
     assert v["decision"] == "don't ship" and v["sample_still_needed_per_arm"] == 0
     assert v["reasons"][0].startswith("no difference: rating is 4 for every unit in both arms (zero variance)")
     diff = same.assign(rating=np.where(same.prompt_variant == "b", 5, 4))
-    rep = analyze(diff, [Metric("rating", "rating", kind="mean")], Settings(control="a"))
+    rep = analyze(diff, AbConfig(metrics=[MetricConfig(name="rating", kind="mean")], control="a"))
     assert rep["verdicts"]["b"]["decision"] == "ship"
     assert "the difference is exact" in C(rep, "b", "rating")["warning"]
 
@@ -357,4 +361,4 @@ def test_zero_variance_verdicts_are_determinate():
 def test_empty_unit_column_is_one_clear_error():
     df = _frame(20, 20).assign(user_id=None)
     with pytest.raises(InputError, match="unit column 'user_id' is empty in every row .*--unit none"):
-        analyze(df, METRICS2, Settings(control="a"))
+        analyze(df, AbConfig(metrics=METRICS2, control="a"))

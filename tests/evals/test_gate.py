@@ -228,3 +228,29 @@ def test_identity_check_names_what_was_evaluated_instead():
     res["targets"][0]["adapter_sha256"] = None
     assert check_identities(res, candidate_sha256=cand, champion_sha256=None, **kw) == []
     assert "no adapter sha256" in check_identities({}, candidate_sha256=cand, champion_sha256=None, **kw)[0]
+
+
+def test_default_baseline_is_the_champion_else_the_first_other_target():
+    assert g.default_baseline_target({"targets": [{"name": "candidate"}, {"name": "champion"}]}, "candidate") \
+        == "champion"
+    assert g.default_baseline_target({"targets": [{"name": "candidate"}, {"name": "base"}]}, "candidate") == "base"
+    assert g.default_baseline_target({}, "candidate") == "champion"  # nothing to read: the safe name
+
+
+def test_shipped_variant_fixed_or_picked_and_its_system_prompt(tmp_path):
+    res = results()
+    tpl = tmp_path / "plain.yaml"
+    tpl.write_text("name: plain\nversion: 1\nsystem: Answer {{ style }}.\nuser: '{{ question }}'\n"
+                   "defaults: {style: briefly}\n")
+    res["variants"] = [{"name": "plain", "source": str(tpl)}]
+    assert g.shipped_variant(res, "plain", "nll", "candidate") == ("plain", [], "Answer briefly.")
+    variant, family, _ = g.shipped_variant(res, None, "nll", "candidate")
+    assert (variant, family) == g.pick_variant(res, "nll", "candidate")
+    assert g.shipped_variant(None, None, "nll", "candidate") == (None, [], None)  # no evidence: nothing ships
+
+
+def test_candidate_dataset_must_still_hold_the_trained_version(tmp_path):
+    with pytest.raises(g.InputError, match="records no mined dataset"):
+        g.candidate_dataset(None, {}, "runs:/abc")
+    with pytest.raises(g.InputError, match="manifest.json: missing or unreadable"):
+        g.candidate_dataset(str(tmp_path), {"dataset_version": "v1"}, "runs:/abc")

@@ -140,11 +140,12 @@ def test_unreachable_endpoint_fails_before_generation(tmp_path):
 
 
 def test_judge_scores_and_counts_unparseable_and_failed_judgements(tmp_path):
-    from flywheel.pipelines.eval import EvalConfig, _judge
+    from flywheel.evals.prompts.config import EvalConfig
+    from flywheel.evals.prompts.suite import make_judge
 
     with StubServer() as srv:
         cfg = EvalConfig(judge={"endpoint": srv.url, "model": "stub"}, endpoints={"max_retries": 0})
-        judge = _judge(cfg)
+        judge = make_judge(cfg)
         assert judge("Q?", "A.", "R.") == 4.0
         t = EndpointTarget("x", srv.url, "stub", options=FAST)
         srv.b.judge_reply = "I think it is quite good."  # a small model ignoring the format

@@ -32,10 +32,11 @@ def ray_local(tmp_path_factory):
     os.environ.pop(ray_engine.KILL_ONCE_ENV, None)
 
 
-def _both(inputs, tmp_path, **kw):
-    local = engine.mine(inputs, tmp_path / "local", MineConfig(progress=False, log_mlflow=False, workers=1, **kw))
+def _both(inputs, tmp_path, prior=None, **kw):
+    local = engine.mine(inputs, tmp_path / "local", MineConfig(progress=False, log_mlflow=False, workers=1, **kw),
+                        prior=prior)
     ray = ray_engine.mine(inputs, tmp_path / "ray", MineConfig(progress=False, log_mlflow=False, engine="ray",
-                                                               ray={"blocks": 5}, **kw))
+                                                               ray={"blocks": 5}, **kw), prior=prior)
     for f in FILES + ("manifest.json", "README.md"):
         assert filecmp.cmp(tmp_path / "local" / f, tmp_path / "ray" / f, shallow=False), f
     assert ray.manifest["version"] == local.manifest["version"]
@@ -96,3 +97,74 @@ def test_run_mine_logs_engine_and_memory(ray_local, tmp_path, mlflow_store):
     assert p["engine"] == "ray" and p["ray.cluster_cpus"] == "2" and p["ray.cluster_address"] == "local"
     assert m["driver_peak_rss_mb"] > 50 and m["ray.worker_peak_rss_mb.max"] > 50
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["version"] == res["version"]
+
+
+# ------------------------------------------------------------------------------------------ an earlier batches' index
+from tests.pipelines.test_mine_batches import batches  # noqa: E402,F401 (the fixture: two days, 6 repeats)
+
+
+def _same_index(a, b):
+    import numpy as np
+
+    assert a.keys == b.keys and len(a.sigs) == len(b.sigs)
+    assert all(np.array_equal(x, y) for x, y in zip(a.sigs, b.sigs))
+
+
+def test_prior_index_byte_identical_and_same_index(ray_local, batches):
+    """Against batch 1's index (through its file, as the loop reads it), batch 2 drops the 5 exact copies and
+    the one-word edit as `duplicate_earlier_batch`; then a third run against batch 2's index drops everything."""
+    from flywheel.mining.dedupe import DedupeIndex
+
+    d, first = batches
+    first["index"].save(d / "index.npz")
+    prior = DedupeIndex.load(d / "index.npz")
+    local, ray = _both([d / "day2.jsonl"], d / "two", prior=prior)
+    assert ray.manifest["counts"]["filtered"]["duplicate_earlier_batch"] == 6
+    _same_index(local.index, ray.index)
+    assert len(ray.index.sigs) > len(prior.sigs) and ray.index.keys[:len(prior.keys)] == prior.keys
+    local3, ray3 = _both([d / "day2.jsonl"], d / "three", prior=ray.index)
+    assert ray3.manifest["counts"]["kept"] == 0
+    _same_index(local3.index, ray3.index)
+
+
+def test_prior_index_exact_only_byte_identical(ray_local, batches):
+    d, first = batches
+    local, ray = _both([d / "day2.jsonl"], d / "exact", prior=first["index"], dedupe={"near": False})
+    assert ray.manifest["counts"]["filtered"]["duplicate_earlier_batch"] == 5  # the edit is not an exact copy
+    _same_index(local.index, ray.index)
+
+
+def test_the_loop_mines_on_ray_against_its_index(ray_local, batches, mlflow_store):
+    from flywheel.pipelines.loop import INDEX_FILE, LoopConfig, run_loop
+
+    d, first = batches
+    (d / "work").mkdir()
+    first["index"].save(d / "work" / INDEX_FILE)
+    (d / "logs").mkdir()
+    (d / "logs" / "day2.jsonl").write_bytes((d / "day2.jsonl").read_bytes())
+    res = run_loop(LoopConfig(inputs=[str(d / "logs")], work_dir=str(d / "work"), min_new_records=10_000,
+                              mine={"engine": "ray", "progress": False}))
+    assert res["status"] == "skipped"
+    manifest = json.loads((d / "work" / "datasets" / res["batch"] / "manifest.json").read_text())
+    assert manifest["counts"]["filtered"]["duplicate_earlier_batch"] == 6
+
+
+def test_default_blocks_stay_under_the_byte_cap(tmp_path):
+    """Worker memory follows block size: a big input gets more blocks than 4 per CPU, each under the cap."""
+    write_demo_logs(tmp_path / "in.jsonl", n=400)
+    plan = engine.plan_inputs([tmp_path / "in.jsonl"], MineConfig())
+    size = (tmp_path / "in.jsonl").stat().st_size
+    assert len(ray_engine.plan_blocks(plan, 2)) == 2
+    capped = ray_engine.plan_blocks(plan, 2, max_bytes=size // 10)
+    n_lines = len((tmp_path / "in.jsonl").read_bytes().splitlines())
+    assert len(capped) >= 10 and sum(t["lines"] for t in capped) == n_lines
+
+
+def test_rating_lines_in_another_block_byte_identical(ray_local, tmp_path):
+    """A chat log may rate a conversation on a later line: the block holding the conversation must see it."""
+    write_demo_logs(tmp_path / "in.jsonl", n=200, dirty=False)
+    ids = [json.loads(x)["conversation_id"] for x in (tmp_path / "in.jsonl").read_text().splitlines()]
+    with open(tmp_path / "in.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({"rating_for": i, "rating": 1}) + "\n" for i in ids[:60])
+    local, ray = _both([tmp_path / "in.jsonl"], tmp_path)
+    assert local.manifest["counts"]["filtered"]["low_rating"] >= 60

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel.evals.ab.sequential import across_looks
 from flywheel.pipelines import store_read
 from flywheel.pipelines import tags as T
-from flywheel.pipelines.ab import AbConfig, run_ab
-
-
-def test_across_looks_running_min_and_intersection():
-    out = across_looks([0.4, 0.1, 0.3], [-1.0, -0.2, -0.5], [2.0, 1.5, 0.9])
-    assert out["p_running_min"] == [0.4, 0.1, 0.1]
-    assert out["cs_low"] == [-1.0, -0.2, -0.2] and out["cs_high"] == [2.0, 1.5, 0.9]
-    assert not out["empty"]
-    assert across_looks([0.5, 0.5], [0.0, 2.0], [1.0, 3.0])["empty"]  # looks that contradict each other
+from flywheel.evals.ab.config import AbConfig
+from flywheel.pipelines.ab import run_ab
 
 
 @pytest.mark.slow

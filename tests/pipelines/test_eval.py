@@ -14,7 +14,8 @@ import typer
 from typer.testing import CliRunner
 
 from flywheel.foundation.errors import InputError
-from flywheel.pipelines.eval import EvalConfig, register, run_eval
+from flywheel.evals.prompts.config import EvalConfig
+from flywheel.pipelines.eval import register, run_eval
 from tests.evals.openai_stub import Behaviour, StubServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,7 +159,7 @@ def test_cli_errors_are_one_line(tmp_path, mlflow_store):
 
 def test_demo_config_and_shipped_configs_validate():
     from flywheel.pipelines.config import load_config
-    from flywheel.pipelines.eval import EvalConfig, demo_config
+    from flywheel.pipelines.eval import demo_config
 
     cfg = demo_config("/data/demo", "runs:/abc/adapter", "/tmp/out", limit=5)
     assert (cfg.cases, cfg.candidate, cfg.out, cfg.limit) == ("/data/demo", "runs:/abc/adapter", "/tmp/out", 5)
@@ -243,7 +244,7 @@ def test_a_target_that_dies_mid_run_is_an_error_with_counted_failures(mlflow_sto
 
 def test_published_parameters_are_the_evaluated_sampling():
     """`flywheel publish` pins exactly what `flywheel eval` sent: no server default (repeat_penalty 1.1) slips in."""
-    from flywheel.pipelines.eval import gen_params
+    from flywheel.evals.prompts.suite import gen_params
     from flywheel.pipelines.publish import PublishConfig, _eval_sampling
 
     evaluated = gen_params(EvalConfig()).modelfile_parameters()

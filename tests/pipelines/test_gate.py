@@ -470,7 +470,8 @@ def test_dpo_gate_eval_is_teacher_forced_on_the_preference_split(tmp_path):
 def test_dpo_gate_counts_the_preference_pairs_not_eval_jsonl(tmp_path):
     """min_cases is checked on the cases the eval will read: the preference split when it scores pairs."""
     from flywheel.pipelines.config import load_config
-    from flywheel.pipelines.gate import ROOT, _check_enough_cases, _eval_config
+    from flywheel.evals.prompts.suite import check_enough_cases
+    from flywheel.pipelines.gate import ROOT, _eval_config
     from tests.evals.test_prompts_preference import fluent_vs_shuffled, write_jsonl
 
     d = tmp_path / "mined"
@@ -479,4 +480,4 @@ def test_dpo_gate_counts_the_preference_pairs_not_eval_jsonl(tmp_path):
     pairs = [{**p, "id": f"{p['id']}-{k}"} for k in range(2) for p in fluent_vs_shuffled()]
     write_jsonl(d / "preferences_eval.jsonl", pairs)
     cfg = load_config(GateConfig, ROOT / "configs" / "gate-dpo.yaml", [f"eval.cases={d}"])
-    _check_enough_cases(_eval_config(cfg, {"name": "champion"}, "runs:/x/adapter", tmp_path), cfg.min_cases)
+    check_enough_cases(_eval_config(cfg, {"name": "champion"}, "runs:/x/adapter", tmp_path), cfg.min_cases)

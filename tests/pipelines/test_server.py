@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -302,6 +303,154 @@ def test_stopped_server_is_one_line_error_naming_the_uri(secure, tmp_path):
         assert out.stderr.strip().splitlines()[-1] == (
             f"error: cannot reach the MLflow tracking server at {url} (is it running? `flywheel server status`)")
         assert "Traceback" not in out.stderr
+
+
+# -- the server dies in the middle of a promotion ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crashy():
+    """A server of its own: these tests SIGKILL it and start it again on the same folder (same PostgreSQL data,
+    same ports, so the clients' URI stays valid)."""
+    d = _server_dir()
+    try:
+        state = _start(d)
+        yield {"dir": d, "url": state["mlflow"]["url"], "port": state["mlflow"]["port"],
+               "pg_port": state["postgres"]["port"]}
+    finally:
+        _remove(d)
+
+
+def _kill_mlflow(d: Path) -> None:
+    """SIGKILL the MLflow server's process group (it runs in its own session), as a crash or the OOM killer would."""
+    import signal
+
+    pid = server.read_state(d)["mlflow"]["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server.healthy(f"http://127.0.0.1:{server.read_state(d)['mlflow']['port']}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _server_env(monkeypatch, url: str, home: Path) -> None:
+    """This process as a client of `url`, failing fast once the server is gone."""
+    for k, v in {"MLFLOW_TRACKING_URI": url, "FLYWHEEL_HOME": str(home), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    from flywheel.pipelines import tracking
+
+    tracking.setup()
+
+
+def _lease_seen(url: str, name: str) -> bool:
+    from flywheel.pipelines import tags as T
+
+    q = urllib.parse.urlencode({"name": name})
+    try:
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/registered-models/get?{q}", timeout=5) as r:
+            model = json.load(r)["registered_model"]
+    except (urllib.error.URLError, OSError, KeyError):
+        return False
+    return any(t["key"] == T.PROMOTION_LEASE and '"owner": null' not in t["value"] for t in model.get("tags", []))
+
+
+@pytest.mark.slow
+def test_server_killed_during_gate_promote(crashy, tmp_path, monkeypatch):
+    """`flywheel gate --promote` while the server is SIGKILLed: exit 2 naming the URI, nothing half-promoted; after
+    `flywheel server start` on the same folder the same command promotes, with exactly one history entry.
+
+    The window: a promotion on a server takes the registry lease and waits SETTLE_SECONDS (1 s) before it writes
+    anything else, so killing the server as soon as the lease tag is visible lands before the version exists.
+    Kills later in the promotion (around the alias move) are made exact in the test below."""
+    from flywheel.pipelines import registry
+    from tests.pipelines.test_gate import fake_adapter_run
+
+    url, d, name = crashy["url"], crashy["dir"], "crash-gate"
+    _server_env(monkeypatch, url, tmp_path / "home")
+    run_id = fake_adapter_run(tmp_path)
+    evidence = results_file(tmp_path, targets=identities())
+    args = ["gate", "--candidate", run_id, "--results", evidence, "--promote", f"model_name={name}",
+            f"out={tmp_path / 'gate'}"]
+    env = client_env(url, tmp_path / "home")
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.pipelines", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _lease_seen(url, name):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        _kill_mlflow(d)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, out[-1500:] + err[-1500:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: cannot reach the MLflow tracking server at {url} (is it running? `flywheel server status`)")
+    assert "Traceback" not in err and not (tmp_path / "gate").exists()
+    assert not list(tmp_path.glob(".gate-eval-*"))  # its staging folder went with it
+
+    start = flywheel(dict(os.environ), "server", "start", f"dir={d}", f"port={crashy['port']}",
+                     f"pg_port={crashy['pg_port']}", "workers=2")
+    assert start.returncode == 0, start.stderr[-2000:]
+    assert registry.champion(name) is None and registry.history(name) == []  # nothing half-promoted
+
+    # The dead gate's lease names a process that no longer exists: taken over at once, not after its expiry.
+    again = flywheel(env, *args, timeout=300)
+    assert again.returncode == 0, again.stdout[-1500:] + again.stderr[-1500:]
+    rows = registry.history(name)
+    assert len(rows) == 1 and rows[0]["current"] and rows[0]["until"] is None
+    assert rows[0]["version"] == str(registry.champion(name).version)
+    assert not any(registry.TAG_PENDING in (mv.tags or {}) for mv in _client(url).search_model_versions(
+        f"name = '{name}'"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_server_killed_around_the_alias_move(crashy, tmp_path, monkeypatch, when):
+    """The kill exactly before / after the alias move (the commit point): before, the new version is pending and
+    no history shows it; after, the history shows it as champion at once. The next promotion repairs either:
+    the orphan is deleted, or the dead promotion's history is written and its interval closed."""
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.pipelines import registry
+    from tests.pipelines.test_gate import fake_adapter_run
+
+    url, d, name = crashy["url"], crashy["dir"], f"crash-{when}"
+    _server_env(monkeypatch, url, tmp_path / "home")
+    first = registry.resolve_model(fake_adapter_run(tmp_path, weights=b"\1", name="first"))
+    second = registry.resolve_model(fake_adapter_run(tmp_path, weights=b"\2", name="second"))
+    real = MlflowClient.set_registered_model_alias
+
+    def kill_around_the_move(self, *a, **kw):
+        if when == "after":
+            real(self, *a, **kw)
+        _kill_mlflow(d)
+        return real(self, *a, **kw)  # the server is gone: this raises
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", kill_around_the_move)
+    with pytest.raises(Exception) as e:
+        registry.promote_new(name, first, expected=None, gate_run_id="dead-gate")
+    assert server.connection_error(e.value, url) is not None
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    server.start(server.ServerConfig(dir=str(d), port=crashy["port"], pg_port=crashy["pg_port"], workers=2),
+                 log=lambda _m: None)
+
+    rows = registry.history(name)
+    if when == "before":
+        assert registry.champion(name) is None and rows == []
+    else:
+        assert [(r["version"], r["gate_run"], r["current"]) for r in rows] == [("1", "dead-gate", True)]
+    registry.promote_new(name, second, expected=None if when == "before" else "1", gate_run_id="next-gate")
+    versions = _client(url).search_model_versions(f"name = '{name}'")
+    assert not any(registry.TAG_PENDING in (mv.tags or {}) for mv in versions)
+    rows = registry.history(name)
+    if when == "before":
+        assert [str(mv.version) for mv in versions] == ["2"]  # the never-served v1 is gone
+        assert [(r["version"], r["gate_run"], r["current"]) for r in rows] == [("2", "next-gate", True)]
+    else:
+        assert [(r["version"], r["gate_run"], r["current"]) for r in rows] == [("1", "dead-gate", False),
+                                                                                ("2", "next-gate", True)]
+        assert rows[0]["until"] == rows[1]["since"]
 
 
 def test_config_file_first_line_is_its_command():
