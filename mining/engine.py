@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 
 from flywheel.foundation.errors import InputError
 from flywheel.foundation.io import atomic_dir, dumps, sha256_file, sha256_text, write_json
+from flywheel.foundation.procs import exit_with_parent
 from flywheel.mining import ids, readers
 from flywheel.mining.config import RUNTIME_KEYS, MineConfig, usable_cpus
 from flywheel.mining.curate import normalise
@@ -436,32 +437,9 @@ def write_outputs(tmp: Path, router: Router, plan: list[InputFile], cfg: MineCon
 
 
 # ------------------------------------------------------------------------------------------ the whole run
-def _exit_with_parent(parent_pid: int) -> None:
-    """Pool initializer: a worker must not outlive `flywheel mine` (a `kill -9` of the parent would leave it
-    running, reparented to init). The kernel signals it when the parent dies (Linux `PR_SET_PDEATHSIG`); a
-    thread polling the parent id covers other systems and a parent that died before the call."""
-    import ctypes
-    import signal
-    import threading
-    import time
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the watchdog alone
-        pass
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(1)
-
-    if os.getppid() != parent_pid:
-        os._exit(1)
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
 def open_pool(workers: int):
-    """A process pool for `work` whose workers exit when this process dies, or None to run in this process."""
+    """A process pool for `work` whose workers exit when this process dies (a `kill -9` of `flywheel mine` would
+    otherwise leave them running, reparented to init), or None to run in this process."""
     if workers <= 1:
         return None
     import multiprocessing as mp
@@ -472,7 +450,7 @@ def open_pool(workers: int):
     # runs threads (an earlier MLflow run in the same `flywheel run`) can deadlock: spawn then.
     method = "fork" if threading.active_count() == 1 and "fork" in mp.get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method),
-                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
 
 
 @dataclass

@@ -27,52 +27,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from pydantic import Field
 
-from flywheel.evals.gate import (TEACHER_FORCED, Evidence, GateRules, candidate_dataset, default_baseline_target,
+from flywheel.evals.gate import (TEACHER_FORCED, Evidence, GateConfig, candidate_dataset, default_baseline_target,
                                  shipped_variant)
 from flywheel.evals.prompts.suite import check_enough_cases
-from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.pipelines.config import load_config
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.foundation.io import read_json
 from flywheel.pipelines import tags as T
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATE_CASES = "candidate"  # eval.cases: the eval split of the candidate's own training dataset
-
-
-class SampleSection(StageConfig):
-    """Real answers on a few cases for reviewers (display only, never decides)."""
-
-    n_cases: int = Field(8, ge=0, description="cases re-evaluated with real generations; 0: no sample (the "
-                         "dashboard then says so)")
-    max_new_tokens: int = Field(64, ge=2, description="generation length of the sample")
-
-
-class GateConfig(GateRules):
-    """The rule set (primary, guardrails, alpha, correction, min_cases, ab: `flywheel.evals.gate.GateRules`) plus
-    where the evidence comes from and where the decision goes."""
-
-    model_name: str = Field("flywheel", description="registered model; the baseline is its @champion")
-    base_model: Optional[str] = Field(None, description="baseline when there is no champion; default: the "
-                                      "candidate's base model")
-    eval_config: str = Field("configs/eval/demo.yaml", description="the eval suite both sides are evaluated on")
-    eval: dict = Field(default_factory=dict, description="overrides for that suite (cases, limit, variants, ...)")
-    restrict_metrics: bool = Field(True, description="compute only the metrics the rules read (faster)")
-    variant: Optional[str] = Field(None, description="prompt variant that ships; None: the candidate's best, "
-                                   "with significance corrected across the variants it was picked from")
-    # An NLL-only gate generates one token per case; reviewers get real answers on a few cases, for display only.
-    sample_generations: SampleSection = Field(default_factory=SampleSection,
-                                              description="real answers on a few cases, for display")
-    results: Optional[str] = Field(None, description="re-gate an existing results.json (no eval run)")
-    baseline_target: Optional[str] = Field(None, description=(
-        "baseline target name inside results.json; None: `champion` when the file has it (a gate's own eval), else "
-        "the first target that is not the candidate (`base` in what `flywheel eval candidate=...` writes)"))
-    candidate_target: str = Field("candidate", description="candidate target name inside results.json")
-    out: Optional[str] = Field(None, description="output directory; default <FLYWHEEL_HOME>/gate/<run id>")
-    force: bool = Field(False, description="replace an existing `out` Flywheel did not write")
-    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default: Flywheel's store")
-    run_name: Optional[str] = Field(None, description="MLflow run name")
 
 
 # -- helpers --------------------------------------------------------------------------------------------------

@@ -164,7 +164,8 @@ def stage_configs(cfg: LoopConfig, work: Path, batch: str, dataset: str | Path) 
 
     Called once before any work (with the batch's future paths), so a typo under `train.` or `gate.` stops the
     run at once instead of after mining or a full training run; and again with the real dataset."""
-    from flywheel.pipelines.gate import GateConfig, _eval_config
+    from flywheel.evals.gate import GateConfig
+    from flywheel.pipelines.gate import _eval_config
     from flywheel.pipelines.mine import MineConfig
     from flywheel.pipelines.publish import PublishConfig
     from flywheel.pipelines.train import TrainConfig

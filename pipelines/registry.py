@@ -34,6 +34,7 @@ from typing import Any
 
 import typer
 
+from flywheel.foundation import procs
 from flywheel.foundation.errors import FlywheelError, InputError
 from flywheel.foundation.io import read_json
 from flywheel.pipelines import tags as T
@@ -279,12 +280,10 @@ class _LeaseGuard:
 def _holder() -> dict:
     """Who takes the lease: on this machine, a lease whose process is gone (killed, or its server died under it and
     it exited) is taken over at once instead of blocking every promotion for LEASE_SECONDS."""
+    import os
     import socket
 
-    import psutil
-
-    me = psutil.Process()
-    return {"host": socket.gethostname(), "pid": me.pid, "pid_started": me.create_time()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": procs.started_at(os.getpid())}
 
 
 _HELD: set[str] = set()  # lease tokens this process holds right now
@@ -293,16 +292,12 @@ _HELD: set[str] = set()  # lease tokens this process holds right now
 def _holder_gone(lease: dict) -> bool:
     import socket
 
-    import psutil
-
     if lease.get("host") != socket.gethostname() or not lease.get("pid"):
         return False  # another machine's process: only the expiry can tell
     if lease == {**lease, **_holder()}:  # this process: gone unless a promotion here still holds it
         return lease.get("owner") not in _HELD
-    try:
-        return abs(psutil.Process(lease["pid"]).create_time() - lease.get("pid_started", 0)) > 1.0
-    except psutil.Error:
-        return True
+    started = procs.started_at(lease["pid"])
+    return started is None or abs(started - lease.get("pid_started", 0)) > procs.SAME_START_S
 
 
 def registry_guard(name: str):

@@ -44,6 +44,7 @@ import typer
 from pydantic import Field
 
 from flywheel.pipelines.config import StageConfig, load_config
+from flywheel.foundation import procs
 from flywheel.foundation.errors import FlywheelError
 
 PASSWORD_ENV = "FLYWHEEL_SERVER_ADMIN_PASSWORD"
@@ -90,33 +91,9 @@ def read_state(d: str | Path) -> dict | None:
     return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
 
 
-def _started_at(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
 def alive(proc: dict | None) -> bool:
     """The recorded process is still the one we started (same PID *and* the same start time), not a zombie."""
-    import psutil
-
-    if not proc or not proc.get("pid"):
-        return False
-    try:
-        p = psutil.Process(proc["pid"])
-        return abs(p.create_time() - proc["started_at"]) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _wait_gone(proc: dict, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(proc) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not alive(proc)
+    return bool(proc) and procs.alive(proc.get("pid"), proc.get("started_at"))
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -226,7 +203,7 @@ def start_postgres(d: Path, port: int, choice: str = "auto") -> dict:
     pid = int((pg / "data" / "postmaster.pid").read_text().split()[0])
     for db in (DB_NAME, AUTH_DB_NAME):
         _create_database(port, db)
-    return {"pid": pid, "started_at": _started_at(pid), "port": port, "which": which, "bindir": str(bindir),
+    return {"pid": pid, "started_at": procs.started_at(pid), "port": port, "which": which, "bindir": str(bindir),
             "owner": owner, "data": str(pg / "data")}
 
 
@@ -248,9 +225,9 @@ def stop_postgres(pg: dict) -> None:
     subprocess.run(_as_owner([str(Path(pg["bindir"]) / "pg_ctl"), "-D", pg["data"], "-m", "fast", "-w", "stop"],
                              pg.get("owner")), capture_output=True, text=True)
     # pg_ctl returns when postmaster.pid is gone, a moment before the process itself.
-    if not _wait_gone(pg, 10.0):  # pg_ctl could not stop it: the recorded postmaster, and only it
+    if not procs.wait_gone(pg["pid"], pg["started_at"], 10.0):  # pg_ctl could not: the recorded postmaster only
         os.kill(pg["pid"], signal.SIGQUIT)
-        _wait_gone(pg, 10.0)
+        procs.wait_gone(pg["pid"], pg["started_at"], 10.0)
 
 
 # -- MLflow ---------------------------------------------------------------------------------------------------
@@ -292,7 +269,7 @@ def start_mlflow(cfg: ServerConfig, d: Path, pg_port: int) -> dict:
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     url = f"http://{host}:{port}"
-    info = {"pid": proc.pid, "started_at": _started_at(proc.pid), "port": port, "url": url,
+    info = {"pid": proc.pid, "started_at": procs.started_at(proc.pid), "port": port, "url": url,
             "artifacts": artifacts, "auth": cfg.auth, "log": str(log)}
     deadline = time.monotonic() + cfg.start_timeout_s
     try:
@@ -305,27 +282,14 @@ def start_mlflow(cfg: ServerConfig, d: Path, pg_port: int) -> dict:
             time.sleep(0.5)
     except BaseException:  # also Ctrl-C: nothing we started may outlive a failed start
         _terminate(info)
-        _kill_session(proc.pid)
+        procs.kill_session(proc.pid)
         raise
     return info
 
 
-def _kill_session(pid: int) -> None:
-    """Workers left behind by a server that died: its session (pgid == pid, started with its own session)."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _terminate(proc: dict, timeout: float = 30.0) -> None:
     """SIGTERM the recorded server (its workers follow); its whole session after `timeout` if it lingers."""
-    if not alive(proc):
-        return
-    os.kill(proc["pid"], signal.SIGTERM)
-    if not _wait_gone(proc, timeout):
-        _kill_session(proc["pid"])
-        _wait_gone(proc, 5.0)
+    procs.terminate(proc["pid"], proc.get("started_at"), timeout)
 
 
 # -- the commands ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ every rank as soon as one fails, and the Trainer reads the env it sets. The chil
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import threading
 from typing import Any, Sequence
 
 from flywheel.foundation.config import ConfigError
+from flywheel.foundation.procs import set_parent_death_signal
 
 
 def available_workers(device: str) -> tuple[int, str]:
@@ -48,7 +50,9 @@ def run_torchrun(nproc: int, module: str, args: Sequence[str], env: dict[str, st
     env.setdefault("OMP_NUM_THREADS", str(max(1, available_workers("cpu")[0] // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc-per-node", str(nproc), "-m", module, *args]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=False, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=False,
+                            # SIGTERM when we die: torchrun then stops its ranks, so none is orphaned
+                            preexec_fn=functools.partial(set_parent_death_signal, signal.SIGTERM))
     previous = _forward_signals(proc)
     try:
         return proc.wait()
@@ -61,16 +65,6 @@ def run_torchrun(nproc: int, module: str, args: Sequence[str], env: dict[str, st
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG), so no orphan ranks."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))
-    except (OSError, AttributeError):
-        pass
 
 
 def _forward_signals(proc: Any) -> dict:

@@ -188,10 +188,8 @@ def test_ab_verdict_required():
 
 
 def test_one_default_for_min_relative_change():
-    from flywheel.pipelines.gate import GateConfig
-
-    assert g.PrimaryRule().min_relative_change == GateConfig().primary.min_relative_change == 0.01
-    assert isinstance(GateConfig(), g.GateRules)  # the shell's config is the rule set, not a copy of it
+    assert g.PrimaryRule().min_relative_change == g.GateConfig().primary.min_relative_change == 0.01
+    assert isinstance(g.GateConfig(), g.GateRules)  # the gate's config is the rule set, not a copy of it
 
 
 def test_label_only_comparisons_are_understood():

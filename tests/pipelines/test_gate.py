@@ -7,8 +7,9 @@ import json
 
 import pytest
 
+from flywheel.evals.gate import GateConfig
 from flywheel.pipelines import registry, tracking
-from flywheel.pipelines.gate import GateConfig, run_gate
+from flywheel.pipelines.gate import run_gate
 
 MODEL = GateConfig().model_name  # the registered model a gate promotes into by default
 
