@@ -77,33 +77,20 @@ def run_demo(work_dir: str | Path | None = None, *, steps: int = 8, n_logs: int 
              force: bool = False, traces: bool = False, say=print) -> dict[str, Any]:
     """Run the demo; returns each stage's result. `say` receives progress lines (the CLI prints them).
     `traces`: log the conversations as MLflow traces and let the loop mine those instead of the JSONL."""
-    from flywheel.mining.demo_logs import generate_demo_records, write_demo_logs
-    from flywheel.pipelines.loop import demo_loop_config, run_loop
-
-    from flywheel.foundation.io import check_output_dir, mark_output
+    from flywheel.mining.demo_logs import write_demo_logs
     from flywheel.pipelines import tracking
+    from flywheel.pipelines.loop import demo_loop_config, run_loop
 
     work = Path(work_dir).resolve() if work_dir else tracking.flywheel_home() / "demo"
     out = Path(publish_out) if publish_out else ROOT / "Modelfiles" / "flywheel-demo"
-    # Both refused before anything is emptied: a work dir or publish folder the demo did not write stays as is.
-    check_output_dir(work, force=force)
-    check_output_dir(out, force=force)
-    if work.exists():
-        shutil.rmtree(work)  # the demo's own scratch space only; MLflow store and registry are kept
-    work.mkdir(parents=True)
-    mark_output(work, "demo")
+    _fresh_work_dir(work, out, force)
     result: dict[str, Any] = {"work_dir": str(work)}
 
     say("1/4 demo logs")
     logs = write_demo_logs(work / "logs" / "chat_logs.jsonl", n=n_logs, seed=0)
     result["logs"] = logs
     say(f"    {logs['path']}: {n_logs} conversations with planted PII, duplicates and malformed lines")
-    inputs: str | Path = work / "logs"
-    if traces:
-        n = log_demo_traces(generate_demo_records(n=n_logs, seed=0)[0])
-        inputs = f"mlflow-traces:{TRACES_EXPERIMENT}"
-        result["traces"] = {"experiment": TRACES_EXPERIMENT, "logged": n}
-        say(f"    the same conversations as {n} MLflow traces with feedback: {inputs} ({tracking.tracking_uri()})")
+    inputs = _demo_traces(n_logs, result, say) if traces else work / "logs"
 
     say("2/4 the loop: mine -> train -> eval + gate -> promote -> publish")
     # Both prompt variants x {base, fresh adapter} on the mined eval split; the gate decides on the better variant.
@@ -134,6 +121,31 @@ def run_demo(work_dir: str | Path | None = None, *, steps: int = 8, n_logs: int 
         for variant, v in (abr["report"].get("verdicts") or {}).items():
             say(f"    {variant}: {v.get('decision')} - {'; '.join(v.get('reasons', [])[:2])}")
     return result
+
+
+def _fresh_work_dir(work: Path, out: Path, force: bool) -> None:
+    """Empty the demo's scratch folder. Both folders are refused before anything is emptied: a work dir or publish
+    folder the demo did not write stays as is."""
+    from flywheel.foundation.io import check_output_dir, mark_output
+
+    check_output_dir(work, force=force)
+    check_output_dir(out, force=force)
+    if work.exists():
+        shutil.rmtree(work)  # the demo's own scratch space only; MLflow store and registry are kept
+    work.mkdir(parents=True)
+    mark_output(work, "demo")
+
+
+def _demo_traces(n_logs: int, result: dict[str, Any], say) -> str:
+    """Log the same demo conversations as MLflow traces with feedback; the loop mines them from there."""
+    from flywheel.mining.demo_logs import generate_demo_records
+    from flywheel.pipelines import tracking
+
+    n = log_demo_traces(generate_demo_records(n=n_logs, seed=0)[0])
+    inputs = f"mlflow-traces:{TRACES_EXPERIMENT}"
+    result["traces"] = {"experiment": TRACES_EXPERIMENT, "logged": n}
+    say(f"    the same conversations as {n} MLflow traces with feedback: {inputs} ({tracking.tracking_uri()})")
+    return inputs
 
 
 def exit_code(result: dict[str, Any]) -> int:

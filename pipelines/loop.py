@@ -276,11 +276,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
         msg = _nothing_to_do(cfg, files, state, sources)
         say(msg)
         return {**result, "status": "no_new_logs", "message": msg}
-    publish_out = cfg.publish_out or str(Path("Modelfiles") / cfg.model_name)
-    if cfg.publish:  # a publish folder Flywheel may not replace must stop the loop now, not after training
-        from flywheel.foundation.io import check_output_dir
-
-        check_output_dir(publish_out, force=bool(cfg.publish_config.get("force", False)))
+    publish_out = _publish_out(cfg)
 
     # 1. cut the new bytes into a batch; they stay pending until a gate reaches a decision on them
     batch += f"-{len(state.get('runs', [])):04d}"
@@ -291,12 +287,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     kept = result["mine"]["kept"]
     short = _too_little(cfg, plan, kept, result["mine"]["eval"])
     if short:
-        say(short)
-        result.update(status="skipped", message=short)
-        _summary_run(cfg, result, summary, new_bytes, kept)
-        state.setdefault("runs", []).append({"batch": batch, "status": "skipped", "kept": kept})
-        save_state(work, state)
-        return result
+        return _skip(cfg, work, state, batch, short, result, summary, new_bytes, say)
 
     # 3. train, 4. gate (runs the eval) and promote
     plan = stage_configs(cfg, work, batch, mined["out"])
@@ -318,6 +309,27 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
     _summary_run(cfg, result, summary, new_bytes, kept)
     while mlflow.active_run():
         mlflow.end_run()
+    return result
+
+
+def _publish_out(cfg: LoopConfig) -> str:
+    """The publish folder; one Flywheel may not replace stops the loop now, not after training."""
+    publish_out = cfg.publish_out or str(Path("Modelfiles") / cfg.model_name)
+    if cfg.publish:
+        from flywheel.foundation.io import check_output_dir
+
+        check_output_dir(publish_out, force=bool(cfg.publish_config.get("force", False)))
+    return publish_out
+
+
+def _skip(cfg: LoopConfig, work: Path, state: dict, batch: str, why: str, result: dict, summary: dict,
+          new_bytes: int, say) -> dict:
+    """Too little data to train on: the batch stays pending (its slices and traces are mined again next time)."""
+    say(why)
+    result.update(status="skipped", message=why)
+    _summary_run(cfg, result, summary, new_bytes, result["mine"]["kept"])
+    state.setdefault("runs", []).append({"batch": batch, "status": "skipped", "kept": result["mine"]["kept"]})
+    save_state(work, state)
     return result
 
 
