@@ -104,7 +104,7 @@ def log_sources(tracking: str, mine: dict | None) -> list[str]:
     except json.JSONDecodeError:
         sources = []
     if sources:
-        return [f"{s['path']} (bytes {s['start']}-{s['end']})" for s in sources if isinstance(s, dict)]
+        return [_source_label(s) for s in sources if isinstance(s, dict)]
     logs = [x for x in (_input(mine, T.IN_LOGS) or "").split(",") if x]
     if logs:
         return logs
@@ -115,6 +115,14 @@ def log_sources(tracking: str, mine: dict | None) -> list[str]:
         manifest = {}
     inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
     return [str(i.get("path", i)) if isinstance(i, dict) else str(i) for i in inputs or []]
+
+
+def _source_label(s: dict) -> str:
+    """A loop source: a byte slice of a log file, or a window of an experiment's traces."""
+    if "traces" in s:
+        after = f"after {s['after_ms']} ms" if s.get("after_ms") is not None else "all"
+        return f"{s['traces']} (traces {after}, newest {s.get('newest_ms')} ms)"
+    return f"{s['path']} (bytes {s['start']}-{s['end']})"
 
 
 def publish_run(tracking: str, gate: dict | None, name: str | None, version: str | None) -> dict | None:

@@ -367,6 +367,10 @@ def _mine(cfg: LoopConfig, mine_cfg, work: Path, batch: str, state: dict, source
     mined = run_mine(inputs, work / "datasets" / batch, mine_cfg, prior_index=load_index(work))
     _mark_traces(state, mined["manifest"], "mined_ms")
     save_state(work, state)
+    # Lineage names the trace windows beside the file slices: which traces of which experiment were mined.
+    result["sources"] = result.get("sources", []) + [
+        {"traces": i["path"], "after_ms": since.get(i["path"]), "newest_ms": i.get("newest_trace_ms")}
+        for i in mined["manifest"]["inputs"] if i["path"] in since]
     kept = int(mined["counts"]["kept"])
     n_eval = int((mined.get("splits") or {}).get("eval", 0))
     result["mine"] = {"run_id": mined["run_id"], "out": mined["out"], "version": mined["version"], "kept": kept,

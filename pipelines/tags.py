@@ -81,7 +81,7 @@ MODELFILE_PATH = "flywheel.modelfile_path"
 PUBLISH_GGUF_ADAPTER = "flywheel.publish.gguf_adapter"
 PUBLISH_MODE = "flywheel.publish.mode"
 # -- flywheel run (the loop)
-LOOP_SOURCES = "flywheel.loop.sources"        # JSON [{path, start, end}]: the byte slices of the real logs mined
+LOOP_SOURCES = "flywheel.loop.sources"        # JSON: the file slices and trace windows the loop mined
 RUN_STATUS = "flywheel.run.status"
 
 MLFLOW_PARENT_RUN = "mlflow.parentRunId"      # MLflow's own: nested runs

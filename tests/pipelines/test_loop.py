@@ -368,6 +368,12 @@ def test_trace_watermark_moves_only_on_a_gate_decision(mlflow_store, tmp_path, m
     newest = _trace_input(decided)["newest_trace_ms"]
     state = json.loads((tmp_path / "work" / "state.json").read_text())
     assert state["traces"]["mlflow-traces:app"]["consumed_ms"] == newest
+    # Lineage names the trace window that was mined (what a published model's README lists as its logs).
+    from flywheel.pipelines import lineage
+
+    mine_run = MlflowClient().get_run(decided["mine"]["run_id"])
+    logs = lineage.log_sources(mlflow_store, {"run_id": mine_run.info.run_id, "tags": mine_run.data.tags})
+    assert logs == [f"mlflow-traces:app (traces all, newest {newest} ms)"]
 
     assert run_loop(cfg)["status"] == "no_new_logs"
     _log_chats(mlflow_store, 43, 4)
