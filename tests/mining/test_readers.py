@@ -142,3 +142,20 @@ def test_whole_file_errors(tmp_path):
     d.mkdir()
     with pytest.raises(InputError, match="no .jsonl"):
         readers.expand_inputs([d])
+
+
+def test_rating_line_scan_finds_the_marker_across_read_chunks(tmp_path):
+    """The rating-line probe reads in chunks (not mmap, which counts the whole file in RSS): a marker cut by a chunk
+    boundary is still found, and a file without one is not."""
+    from flywheel.mining.readers import RATING_LINE, _contains
+
+    path = tmp_path / "log.jsonl"
+    for offset in (0, 5, 60, 64 - len(RATING_LINE) + 1, 64, 190):
+        data = bytearray(b"x" * 256)
+        data[offset:offset + len(RATING_LINE)] = RATING_LINE
+        path.write_bytes(bytes(data))
+        assert _contains(path, RATING_LINE, chunk=64), offset
+    path.write_bytes(b"x" * 256)
+    assert not _contains(path, RATING_LINE, chunk=64)
+    path.write_bytes(b"")
+    assert not _contains(path, RATING_LINE, chunk=64)
