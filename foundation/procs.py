@@ -123,11 +123,27 @@ def kill_session(pid: int) -> None:
 
 
 def terminate(pid: int, started: float | None, timeout: float = 30.0) -> None:
-    """SIGTERM the recorded process (a session leader: its children follow it); SIGKILL its whole session after
-    `timeout` s if it lingers. Nothing when it is no longer the recorded process."""
+    """SIGTERM the recorded process (a session leader), then the rest of its session: children that do not follow
+    their leader (the job consumers `mlflow server` starts) must not outlive it. SIGKILL whatever lingers after
+    `timeout` s. Nothing when it is no longer the recorded process."""
     if not alive(pid, started):
         return
     os.kill(pid, signal.SIGTERM)
     if not wait_gone(pid, started, timeout):
         kill_session(pid)
         wait_gone(pid, started, 5.0)
+        return
+    # The leader is gone; its group id cannot be reused while members are left, so this reaches only them.
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.1)
+    kill_session(pid)
+

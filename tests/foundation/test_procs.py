@@ -121,6 +121,27 @@ def test_terminate_ends_a_session_that_ignores_sigterm():
             leader.wait(10)
 
 
+def test_terminate_ends_the_children_a_leader_leaves_behind():
+    """A leader that exits on SIGTERM without taking its children along (as `mlflow server` leaves its job
+    consumers): terminate ends the rest of its session too."""
+    code = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            "print(c.pid, flush=True); time.sleep(120)")
+    leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        kid = int(leader.stdout.readline())
+        kid_started = procs.started_at(kid)
+        procs.terminate(leader.pid, procs.started_at(leader.pid), timeout=5.0)
+        assert leader.wait(5) == -signal.SIGTERM
+        assert procs.wait_gone(kid, kid_started, 5.0)
+    finally:
+        procs.kill_session(leader.pid)
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait(10)
+
+
 def test_terminate_leaves_a_reused_pid_alone():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:

@@ -59,6 +59,10 @@ def team():
         yield {"dir": d, "url": state["mlflow"]["url"], "state": state}
     finally:
         _remove(d)
+    # `stop` ends the server's whole session: the job consumers `mlflow server` starts do not outlive it.
+    from tests.pipelines.test_server_embedded import _left_in_session
+
+    assert _left_in_session(state["mlflow"]["pid"]) == []
 
 
 def client_env(url: str, home: Path, **extra: str) -> dict[str, str]:
