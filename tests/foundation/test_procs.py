@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -100,46 +101,41 @@ def test_a_zombie_is_not_alive():
     child.wait()
 
 
-def test_terminate_ends_a_session_that_ignores_sigterm():
-    """SIGTERM first; a leader that ignores it loses its whole session (the child it started too)."""
-    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+@contextlib.contextmanager
+def _session_leader(ignore_sigterm: bool):
+    """A session leader that started one sleeping child: yields (leader Popen, child pid, child start time)."""
+    code = ("import signal, subprocess, sys, time; "
+            + ("signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignore_sigterm else "")
+            + "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
             "print(c.pid, flush=True); time.sleep(120)")
     leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
     try:
         kid = int(leader.stdout.readline())
-        kid_started = procs.started_at(kid)
-        t0 = time.monotonic()
-        procs.terminate(leader.pid, procs.started_at(leader.pid), timeout=0.5)
-        assert leader.wait(5) == -signal.SIGKILL and time.monotonic() - t0 < 5
-        assert procs.wait_gone(kid, kid_started, 5.0)
+        yield leader, kid, procs.started_at(kid)
     finally:
         procs.kill_session(leader.pid)
         if leader.poll() is None:
             leader.kill()
             leader.wait(10)
+
+
+def test_terminate_ends_a_session_that_ignores_sigterm():
+    """SIGTERM first; a leader that ignores it loses its whole session (the child it started too)."""
+    with _session_leader(ignore_sigterm=True) as (leader, kid, kid_started):
+        t0 = time.monotonic()
+        procs.terminate(leader.pid, procs.started_at(leader.pid), timeout=0.5)
+        assert leader.wait(5) == -signal.SIGKILL and time.monotonic() - t0 < 5
+        assert procs.wait_gone(kid, kid_started, 5.0)
 
 
 def test_terminate_ends_the_children_a_leader_leaves_behind():
     """A leader that exits on SIGTERM without taking its children along (as `mlflow server` leaves its job
     consumers): terminate ends the rest of its session too."""
-    code = ("import subprocess, sys, time; "
-            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
-            "print(c.pid, flush=True); time.sleep(120)")
-    leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    try:
-        kid = int(leader.stdout.readline())
-        kid_started = procs.started_at(kid)
+    with _session_leader(ignore_sigterm=False) as (leader, kid, kid_started):
         procs.terminate(leader.pid, procs.started_at(leader.pid), timeout=5.0)
         assert leader.wait(5) == -signal.SIGTERM
         assert procs.wait_gone(kid, kid_started, 5.0)
-    finally:
-        procs.kill_session(leader.pid)
-        if leader.poll() is None:
-            leader.kill()
-            leader.wait(10)
 
 
 def test_terminate_leaves_a_reused_pid_alone():
