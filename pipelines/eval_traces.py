@@ -7,8 +7,8 @@ parent run (the trace's source run), so MLflow's trace view lists what each prom
 a CHAT_MODEL span with the rendered prompt messages as inputs and the answer in OpenAI `choices` as outputs
 (status ERROR with the error message when the generation failed), tags `target`, `variant`, `case_id`. Each
 metric of the row with a value is a feedback assessment named after the metric (`mlflow.log_feedback`): source
-LLM_JUDGE for the judge's score, CODE for the rest. What the gate decides on stays `results.json`; the traces are
-for reading the answers.
+LLM_JUDGE for the metrics the scorer registry marks `judged`, CODE for the rest. What the gate decides on stays
+`results.json`; the traces are for reading the answers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-JUDGE_METRICS = frozenset({"judge_score"})  # scores an LLM judge gave; every other metric is computed by code
 CODE_SOURCE = "flywheel-eval"
 
 
@@ -54,9 +53,12 @@ def _assess(trace_id: str, metrics: dict[str, Any], judge_model: str | None) -> 
     import mlflow
     from mlflow.entities import AssessmentSource
 
+    from flywheel.evals.prompts.scorers import METRICS
+
     for name, value in sorted(metrics.items()):
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
             continue  # no score (failed generation, metric not available): nothing to record
+        judged = name in METRICS and METRICS[name].judged  # the registry says which scores a judge gave
         source = AssessmentSource(source_type="LLM_JUDGE", source_id=judge_model or "judge") \
-            if name in JUDGE_METRICS else AssessmentSource(source_type="CODE", source_id=CODE_SOURCE)
+            if judged else AssessmentSource(source_type="CODE", source_id=CODE_SOURCE)
         mlflow.log_feedback(trace_id=trace_id, name=name, value=float(value), source=source)

@@ -59,6 +59,7 @@ class MetricSpec:
     on_failure: Literal["missing", "count"] = "missing"
     default: bool = False            # part of the default metric list of `flywheel eval`
     aggregate: Literal["mean"] = "mean"  # over repeats of a case, then over cases
+    judged: bool = False             # an LLM judge gives the value (recorded as an LLM_JUDGE assessment on traces)
 
 
 METRICS: dict[str, MetricSpec] = {}
@@ -66,12 +67,13 @@ METRICS: dict[str, MetricSpec] = {}
 
 def metric(name: str, *, direction: Literal["higher", "lower", "none"], description: str, binary: bool = False,
            needs_reference: bool = False, on_failure: Literal["missing", "count"] = "missing",
-           default: bool = False):
+           default: bool = False, judged: bool = False):
     """Register `fn(Scored) -> float | None` as metric `name` (or declare a harness-computed one with fn=None)."""
     def register(fn: Callable[[Scored], float | None] | None):
         if name in METRICS:
             raise ValueError(f"metric {name!r} registered twice")
-        METRICS[name] = MetricSpec(name, direction, binary, description, fn, needs_reference, on_failure, default)
+        METRICS[name] = MetricSpec(name, direction, binary, description, fn, needs_reference, on_failure, default,
+                                   judged=judged)
         return fn
     return register
 
@@ -387,7 +389,7 @@ metric("consistency", direction="higher",
        description="share of repeats equal to the most common output (normalised), per case")(None)
 
 
-@metric("judge_score", direction="higher",
+@metric("judge_score", direction="higher", judged=True,
         description="LLM-as-judge rubric score 1-5 (unparseable and failed judgements counted per cell)")
 def _judge(o: Scored) -> float | None:
     """The judge returns a score or raises NoScore("unparseable" | "failed")."""
