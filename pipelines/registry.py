@@ -363,23 +363,24 @@ def _check_expected(name: str, expected: Any) -> Any:
     return prev
 
 
-def _move(name: str, version: str, prev, when: str, guard, *, created: bool) -> dict:
-    """Under the guard: the alias moves to `version` and the previous holder's interval closes."""
+def _move(name: str, version: str, prev, when: str, guard, *, pending: dict | None = None) -> dict:
+    """Under the guard: the alias moves to `version` and the previous holder's interval closes. `pending`: the
+    promotion record of a version created for this move (committed once the alias holds it)."""
     client = _client()
     guard.verify()
     client.set_registered_model_alias(name, CHAMPION, version)
     now = champion(name)
     if now is None or str(now.version) != str(version):  # a server-side writer outside Flywheel's lease
-        if not created:
+        if pending is None:
             _append_interval(client, name, version, until=when)
         raise ChampionMoved(f"champion moved: @champion of {name} became {_label(now and str(now.version))} while "
                             f"v{version} was being promoted")
-    if created:
-        _commit(client, name, version, json.loads(now.tags[TAG_PENDING]))
+    if pending is not None:
+        _commit(client, name, version, pending)
     elif prev is not None:
         _close(client, name, prev.version, when)
     return {"previous": str(prev.version) if prev is not None else None, "version": str(version), "since": when,
-            **({"created": True} if created else {})}
+            **({"created": True} if pending is not None else {})}
 
 
 def _close(client, name: str, version: str, when: str) -> None:
@@ -425,11 +426,12 @@ def promote_new(name: str, model: ResolvedModel, *, expected: Any, gate_run_id: 
         prev = _check_expected(name, expected)
         when = now_iso()
         vtags = _version_tags(model, tags)
-        vtags[TAG_PENDING] = json.dumps({"since": when, "gate_run": gate_run_id,
-                                         "previous": str(prev.version) if prev is not None else None})
+        pending = {"since": when, "gate_run": gate_run_id,
+                   "previous": str(prev.version) if prev is not None else None}
+        vtags[TAG_PENDING] = json.dumps(pending)
         version = _create_version(name, model, vtags, description)
         try:
-            return _move(name, version, prev, when, guard, created=True)
+            return _move(name, version, prev, when, guard, pending=pending)
         except BaseException:
             try:
                 cur = champion(name)
@@ -458,7 +460,7 @@ def promote(name: str, version: str, gate_run_id: str | None, *, expected: Any =
         except Exception:
             pass
         _append_interval(client, name, version, since=when, gate_run=gate_run_id)
-        return _move(name, str(version), prev, when, guard, created=False)
+        return _move(name, str(version), prev, when, guard)
 
 
 def _append_interval(client, name: str, version: str, *, since: str | None = None, until: str | None = None,
