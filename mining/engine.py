@@ -161,9 +161,17 @@ def file_tasks(path: Path, fmt: str, cfg: MineConfig, s: dict, advance: Callable
         advance(path.stat().st_size)
     else:
         ratings = readers.rating_lines(path) if fmt == "chatlog" else {}
-        for b in batches(readers.iter_raw_lines(path, cfg.max_line_bytes), cfg.batch_size):
-            advance(sum(len(r[2]) for r in b))
-            yield ("lines", fmt, b, {**s, "ratings": readers.batch_ratings(ratings, b)} if ratings else s)
+        yield from line_tasks(readers.iter_raw_lines(path, cfg.max_line_bytes), fmt, s, ratings, cfg.batch_size,
+                              advance)
+
+
+def line_tasks(raw: Iterable, fmt: str, s: dict, ratings: dict, batch_size: int,
+               advance: Callable[[int], None] = lambda n: None) -> Iterator[tuple]:
+    """Pool tasks over raw lines, `batch_size` at a time; each carries the file's later rating lines (`ratings`)
+    that its own conversations need, so a worker never gets the whole file's."""
+    for b in batches(raw, batch_size):
+        advance(sum(len(r[2]) for r in b))
+        yield ("lines", fmt, b, {**s, "ratings": readers.batch_ratings(ratings, b)} if ratings else s)
 
 
 # ------------------------------------------------------------------------------------------ 3. route the events

@@ -115,8 +115,7 @@ def block_events(task: dict, cfg: MineConfig, ratings: dict | None = None) -> tu
         tasks: Iterator[tuple] = engine.file_tasks(path, task["fmt"], cfg, s, lambda n: None)
     else:
         raw = readers.iter_raw_lines(path, cfg.max_line_bytes, task["start"], task["first"], task["lines"])
-        tasks = (("lines", task["fmt"], b, {**s, "ratings": readers.batch_ratings(ratings, b)} if ratings else s)
-                 for b in engine.batches(raw, cfg.batch_size))
+        tasks = engine.line_tasks(raw, task["fmt"], s, ratings or {}, cfg.batch_size)
     events: list[tuple] = []
     pii: Counter = Counter()
     for t in tasks:
